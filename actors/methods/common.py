@@ -1,0 +1,94 @@
+"""Pieces shared by the method modules: prompt-list checks, patch-logit upsampling, label maps."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+PromptLists = Sequence[Sequence[str]] | Sequence[str]
+
+
+def check_prompt_lists(prompts: PromptLists, batch: int) -> list[list[str]]:
+    """Normalise prompts to one non-empty list per image.
+
+    ``prompts`` is either one list of strings shared by all ``batch`` images or ``batch`` lists.
+    """
+    if isinstance(prompts, str):
+        raise ValueError("prompts must be a list of strings (or one list per image), not a single string")
+    prompts = list(prompts)
+    if prompts and all(isinstance(p, str) for p in prompts):
+        prompts = [prompts] * batch
+    if len(prompts) != batch:
+        raise ValueError(f"got {len(prompts)} prompt lists for {batch} images; give one list per image")
+    out = []
+    for i, plist in enumerate(prompts):
+        if isinstance(plist, str) or not all(isinstance(p, str) for p in plist):
+            raise ValueError(f"prompt list {i} must be a list of strings, got {plist!r}")
+        if not plist:
+            raise ValueError(f"prompt list {i} is empty; give at least one prompt per image")
+        out.append(list(plist))
+    return out
+
+
+def patch_logits_to_maps(logits: Tensor, grid: tuple[int, int], size: tuple[int, int]) -> Tensor:
+    """Patch scores ``[gh*gw, P]`` (row-major patches) → maps ``[P, h, w]`` by bilinear upsampling
+    (``align_corners=False``)."""
+    gh, gw = grid
+    maps = logits.T.reshape(1, -1, gh, gw)
+    if (gh, gw) != tuple(size):
+        maps = F.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=False)
+    return maps[0]
+
+
+@dataclass(frozen=True)
+class BackgroundRule:
+    """How segmentation logits become a label map with a background label.
+
+    Label 0 is background/unlabelled; vocabulary class ``c`` (0-based, among the foreground classes) gets
+    label ``c + 1``. A pixel is background when its best class is one of the ``background_names`` appended to
+    the vocabulary (MaskCLIP's demo recipe), or when ``threshold`` is set and the best class's probability
+    ``softmax(logit_scale * cosine)`` is below it. ``logit_scale=100`` is CLIP's trained scale; on cosines
+    (not min-max-normalised maps) it gives probabilities that a threshold can meaningfully cut — unlike the
+    GEM README's recipe, whose softmax over [0, 1] maps never exceeds e/(e+K-1).
+    """
+
+    num_background: int = 0
+    threshold: float | None = None
+    logit_scale: float = 100.0
+
+    def validate(self) -> None:
+        if self.num_background < 0:
+            raise ValueError("num_background must be >= 0")
+        if self.threshold is not None and not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"background threshold must be in (0, 1), got {self.threshold}")
+
+
+def label_map(logits: Tensor, rule: BackgroundRule = BackgroundRule()) -> tuple[Tensor, Tensor]:
+    """Argmax label map with a background rule.
+
+    Args:
+        logits: ``[B, K, H, W]`` cosines; the last ``rule.num_background`` classes are background names.
+        rule: :class:`BackgroundRule`.
+
+    Returns:
+        ``(labels, confidence)``: ``labels`` ``[B, H, W]`` int64 in ``[0, K - num_background]``
+        (0 = background), ``confidence`` ``[B, H, W]`` float, the winning class's probability.
+    """
+    rule.validate()
+    if logits.ndim != 4:
+        raise ValueError(f"logits must be [B, K, H, W], got {list(logits.shape)}")
+    k = logits.shape[1]
+    if rule.num_background >= k:
+        raise ValueError(f"{rule.num_background} background names leave no foreground class among {k}")
+    probs = torch.softmax(logits.float() * rule.logit_scale, dim=1)
+    confidence, best = probs.max(dim=1)
+    labels = best + 1
+    background = best >= k - rule.num_background
+    if rule.threshold is not None:
+        background |= confidence < rule.threshold
+    labels[background] = 0
+    return labels, confidence

@@ -1,0 +1,153 @@
+"""GEM — Grounding Everything (arXiv 2312.00878), batched, on the shared ViT toolkit.
+
+The last ``depth - 1`` blocks get a second, parallel path: self-self attention (q–q, k–k, v–v cosine
+attention with an inverse temperature, refined ``ss_attn_iter`` times, then assigned to the raw values),
+averaged over the three branches, projected by the block's ``out_proj`` and accumulated without MLP on top of
+the tokens entering the first modified block. The original path runs unchanged and feeds the next ``ln_1``.
+Each softmax-attention is a fused SDPA call (cosine attention = SDPA on normalised inputs, the inverse
+temperature folded into the queries, so it can differ per image). Upstream: ``gem/gem_utils.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..text import PHOTO_TEMPLATE, TextEncoder, resolve_templates
+from ..vit import VisionTower, min_max
+from .common import PromptLists, check_prompt_lists, patch_logits_to_maps
+
+
+@dataclass(frozen=True)
+class GEMParams:
+    """GEM hyper-parameters, upstream defaults (``gem.create_gem_model``).
+
+    Attributes:
+        depth: the last ``depth - 1`` blocks get the self-self attention path (7 ⇒ 6 blocks).
+        ss_attn_iter: refinement iterations of each branch before the assignment to v.
+        ss_attn_temp: fixed *inverse* temperature multiplying the cosine logits (upstream's name);
+            ``None`` uses per-image ``mean_i ||ln_1(x)_i|| / sqrt(head_dim)`` as upstream.
+        templates: prompt templates (upstream: the single ``"a photo of a {}."``).
+    """
+
+    depth: int = 7
+    ss_attn_iter: int = 1
+    ss_attn_temp: float | None = None
+    templates: tuple[str, ...] = PHOTO_TEMPLATE
+
+    def validate(self, num_layers: int) -> None:
+        if not 2 <= self.depth <= num_layers + 1:
+            raise ValueError(f"GEM depth must be in [2, {num_layers + 1}] for a {num_layers}-layer ViT, got {self.depth}")
+        if self.ss_attn_iter < 0:
+            raise ValueError(f"ss_attn_iter must be >= 0, got {self.ss_attn_iter}")
+        if self.ss_attn_temp is not None and not self.ss_attn_temp > 0:
+            raise ValueError(f"ss_attn_temp must be > 0 or None, got {self.ss_attn_temp}")
+        resolve_templates(self.templates)
+
+
+class GEM:
+    """GEM heatmaps and patch–text logits for batches of images.
+
+    Args:
+        model: an open_clip CLIP model with a ViT image tower (not modified).
+        tokenizer: its tokenizer.
+        params: :class:`GEMParams`.
+        text_encoder: a shared :class:`TextEncoder` (one is made if not given).
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, params: GEMParams = GEMParams(), *,
+                 text_encoder: TextEncoder | None = None):
+        self.tower = VisionTower(model.visual)
+        params.validate(self.tower.num_layers)
+        self.params = params
+        self.text = text_encoder or TextEncoder(model, tokenizer)
+
+    @torch.no_grad()
+    def features(self, images: Tensor, *, with_original: bool = False) -> tuple[Tensor, Tensor | None]:
+        """Token features of the GEM path (and optionally the original path).
+
+        Args:
+            images: ``[B, 3, H, W]`` normalised, H and W multiples of the patch size.
+            with_original: also return the unmodified model's tokens (upstream ``return_ori``).
+
+        Returns:
+            ``(feat_gem, feat_ori)`` each ``[B, N, D]`` after ``ln_post`` and ``proj``, not normalised
+            (``feat_ori`` is ``None`` unless asked for).
+        """
+        t = self.tower
+        x, _ = t.embed(images, antialias=True)
+        first = t.num_layers - (self.params.depth - 1)
+        x = t.blocks_forward(x, 0, first)
+        x_gem = x
+        for i in range(first, t.num_layers):
+            x, gem_out = self._modified_block(i, x)
+            x_gem = x_gem + t.blocks[i].ls_1(gem_out)
+        return t.project(x_gem), (t.project(x) if with_original else None)
+
+    def _modified_block(self, index: int, x: Tensor) -> tuple[Tensor, Tensor]:
+        t = self.tower
+        block = t.blocks[index]
+        y = block.ln_1(x)
+        q, k, v = t.qkv(index, y)
+        # original path: the standard block
+        o = F.scaled_dot_product_attention(q, k, v)
+        x_next = t.mlp_residual(index, x + block.ls_1(t.out_proj(index, t.merge_heads(o))))
+        # GEM path: the three self-self branches stacked along the batch
+        b = x.shape[0]
+        if self.params.ss_attn_temp is None:
+            inv_temp = y.norm(dim=-1).mean(dim=-1) * t.head_dim**-0.5  # [B]
+        else:
+            inv_temp = torch.full((b,), float(self.params.ss_attn_temp), device=x.device, dtype=x.dtype)
+        inv_temp = inv_temp.repeat(3).view(3 * b, 1, 1, 1)
+        s = torch.cat([q, k, v], dim=0)  # [3B, H, N, hd]
+        values = v.repeat(3, 1, 1, 1)
+        for _ in range(self.params.ss_attn_iter):
+            s = F.normalize(s, dim=-1)
+            s = F.scaled_dot_product_attention(s * inv_temp, s, s, scale=1.0)
+        s = F.normalize(s, dim=-1)
+        out = F.scaled_dot_product_attention(s * inv_temp, s, values, scale=1.0)
+        out = out.view(3, b, *out.shape[1:]).mean(dim=0)
+        return x_next, t.out_proj(index, t.merge_heads(out))
+
+    @torch.no_grad()
+    def logits(self, images: Tensor, prompts: PromptLists, *, original: bool = False,
+               output_size: tuple[int, int] | None = None) -> list[Tensor]:
+        """Cosine similarity between each patch and each prompt, upsampled bilinearly.
+
+        Args:
+            images: ``[B, 3, H, W]`` normalised.
+            prompts: one list of prompt strings per image (lengths may differ), or one list for all images.
+            original: use the unmodified model's tokens (upstream ``return_ori=True``; a baseline).
+            output_size: ``(h, w)`` of the maps; default the input size.
+
+        Returns:
+            one ``[P_i, h, w]`` float tensor of cosines in [-1, 1] per image.
+        """
+        prompts = check_prompt_lists(prompts, images.shape[0])
+        feat_gem, feat_ori = self.features(images, with_original=original)
+        feats = F.normalize((feat_ori if original else feat_gem)[:, 1:], dim=-1)  # [B, hw, D]
+        grid = self.tower.grid(*images.shape[-2:])
+        size = tuple(output_size) if output_size else tuple(images.shape[-2:])
+        out = []
+        for i, plist in enumerate(prompts):
+            text = self.text.encode(plist, self.params.templates).to(feats.dtype)
+            out.append(patch_logits_to_maps(feats[i] @ text.T, grid, size))
+        return out
+
+    def heatmaps(self, images: Tensor, prompts: PromptLists, *, original: bool = False,
+                 output_size: tuple[int, int] | None = None) -> list[Tensor]:
+        """Per-prompt heatmaps in [0, 1] (min-max of :meth:`logits` per map; constant maps give zeros).
+
+        Same arguments and shapes as :meth:`logits`.
+        """
+        return [min_max(m) for m in self.logits(images, prompts, original=original, output_size=output_size)]
+
+    def class_logits(self, images: Tensor, class_names: Sequence[str], *, original: bool = False,
+                     output_size: tuple[int, int] | None = None) -> Tensor:
+        """Patch–class cosines for a fixed vocabulary: ``[B, K, h, w]`` (for segmentation)."""
+        maps = self.logits(images, [list(class_names)] * images.shape[0], original=original, output_size=output_size)
+        return torch.stack(maps)

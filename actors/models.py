@@ -1,0 +1,166 @@
+"""Model loading in one place: open_clip names, pretrained tags, weight files and URIs.
+
+Weights are only ever read safely: safetensors, or ``torch.load(weights_only=True)``.
+The small test architectures in ``model_configs/`` are registered with open_clip on import.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+_registered = False
+
+
+def register_model_configs() -> None:
+    """Register clipmaps' own architectures (``clipmaps-tiny-vit``, ``clipmaps-tiny-rn``) with open_clip."""
+    global _registered
+    if not _registered:
+        open_clip.add_model_config(MODEL_CONFIG_DIR)
+        _registered = True
+
+
+register_model_configs()
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A CLIP model ready for inference, and where its weights came from.
+
+    Attributes:
+        model: the open_clip ``CLIP``/``CustomTextCLIP`` in eval mode, parameters frozen.
+        tokenizer: callable ``list[str] -> LongTensor [n, context_length]``.
+        name: open_clip architecture name, e.g. ``"ViT-B-16"``.
+        weights: the pretrained tag, the weight URI, or ``"random:seed=N"``; recorded in outputs.
+    """
+
+    model: nn.Module
+    tokenizer: Any
+    name: str
+    weights: str
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def list_models() -> list[str]:
+    """Every open_clip architecture name known here (including clipmaps' test configs)."""
+    return open_clip.list_models()
+
+
+def list_pretrained() -> list[tuple[str, str]]:
+    """``(architecture, pretrained tag)`` pairs that open_clip can download where a hub is reachable."""
+    return open_clip.list_pretrained()
+
+
+def load_model(
+    name: str,
+    *,
+    pretrained: str | None = None,
+    weights: str | None = None,
+    seed: int | None = None,
+    device: str | torch.device = "cpu",
+    storage_options: dict | None = None,
+) -> LoadedModel:
+    """Build an open_clip model and load its weights.
+
+    Exactly one weight source must be given:
+
+    * ``pretrained``: an open_clip pretrained tag (``"openai"``, ``"laion2b_s34b_b88k"``…), downloaded by open_clip;
+    * ``weights``: a local path or fsspec URI (``s3://bucket/ViT-B-16.safetensors``) of a state dict, read as
+      safetensors or with ``torch.load(weights_only=True)``;
+    * ``seed``: seeded random initialisation (tests, demos, benchmarks).
+
+    Returns a :class:`LoadedModel` in eval mode with ``requires_grad=False`` on every parameter, in fp32.
+    """
+    sources = [s for s in (pretrained, weights, seed) if s is not None]
+    if len(sources) != 1:
+        raise ValueError(
+            f"load_model({name!r}) needs exactly one of pretrained=, weights= or seed= "
+            f"(got pretrained={pretrained!r}, weights={weights!r}, seed={seed!r})"
+        )
+    if name not in open_clip.list_models():
+        raise ValueError(f"unknown model {name!r}; see clipmaps.actors.models.list_models() for the names on offer")
+
+    if pretrained is not None:
+        model = open_clip.create_model(name, pretrained=pretrained, device=device)
+        source = pretrained
+    else:
+        if seed is not None:
+            torch.manual_seed(seed)
+        model = open_clip.create_model(name, pretrained=None, device="cpu")
+        source = f"random:seed={seed}"
+        if weights is not None:
+            state = read_state_dict(weights, storage_options=storage_options)
+            _load_strict(model, state, weights)
+            source = weights
+        model = model.to(device)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    logger.info("loaded %s (%s) on %s", name, source, device)
+    return LoadedModel(model=model, tokenizer=open_clip.get_tokenizer(name), name=name, weights=source)
+
+
+def read_state_dict(uri: str, *, storage_options: dict | None = None) -> dict[str, torch.Tensor]:
+    """Read a state dict from a local path or fsspec URI, safely.
+
+    ``*.safetensors`` files are parsed by safetensors; anything else goes through ``torch.load`` with
+    ``weights_only=True`` (no pickled code runs). A ``{"state_dict": …}`` wrapper is unwrapped.
+    """
+    import fsspec
+    from safetensors.torch import load as load_safetensors
+
+    with fsspec.open(uri, "rb", **(storage_options or {})) as f:
+        data = f.read()
+    if uri.endswith(".safetensors"):
+        return load_safetensors(data)
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # the unpickler refuses anything but tensors and plain containers
+        raise ValueError(f"cannot read weights from {uri}: not a safetensors file or a plain state dict ({e})") from e
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"weights at {uri} hold a {type(state).__name__}, expected a state dict")
+    return state
+
+
+def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], uri: str) -> None:
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(
+            f"weights at {uri} do not fit the architecture: missing {result.missing_keys[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]} (is the model name right?)"
+        )
+
+
+def save_weights(model: nn.Module, path: str | Path) -> Path:
+    """Write ``model``'s state dict as safetensors (contiguous fp32 copies). Returns the path."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def state_dict_sha256(model: nn.Module) -> str:
+    """Hash of every tensor in sorted key order (fp32 bytes); equal hashes mean identical weights."""
+    h = hashlib.sha256()
+    for _, value in sorted(model.state_dict().items()):
+        h.update(value.detach().contiguous().float().cpu().numpy().tobytes())
+    return h.hexdigest()

@@ -1,0 +1,3 @@
+def main():
+    from clipmaps.actors import methods
+    print("ok", methods)

@@ -1,0 +1,71 @@
+"""Seeded random-init tiny models and their state_dict fingerprint.
+
+Importable from any environment that has torch + open_clip (2.24 in the reference venv, 3.x in the
+main venv), so the clipmaps-side tests can rebuild exactly the same weights:
+
+    torch.manual_seed(0); model = open_clip.create_model(name, pretrained=None)
+
+Run as a script to print the fingerprints of the current environment as JSON.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+MODEL_CONFIG_DIR = REPO / "actors" / "model_configs"
+MODEL_SEED = 0
+TINY_VIT = "clipmaps-tiny-vit"
+TINY_RN = "clipmaps-tiny-rn"
+
+
+def register_configs():
+    import open_clip
+
+    if TINY_VIT not in open_clip.list_models():
+        open_clip.add_model_config(str(MODEL_CONFIG_DIR))
+
+
+def build_model(name: str, seed: int = MODEL_SEED):
+    """fp32, CPU, eval-mode, seeded random-init open_clip model."""
+    import open_clip
+    import torch
+
+    register_configs()
+    torch.manual_seed(seed)
+    model = open_clip.create_model(name, pretrained=None)  # keyword: positional order differs across versions
+    return model.float().eval()
+
+
+def state_dict_sha256(model) -> str:
+    """sha256 over the state_dict tensors in sorted key order (fp32 bytes, keys not hashed)."""
+    h = hashlib.sha256()
+    sd = model.state_dict()
+    for key in sorted(sd):
+        h.update(sd[key].detach().cpu().contiguous().float().numpy().tobytes())
+    return h.hexdigest()
+
+
+def state_dict_keys_sha256(model) -> str:
+    """sha256 of the sorted key names joined by newlines (diagnostic only)."""
+    return hashlib.sha256("\n".join(sorted(model.state_dict())).encode()).hexdigest()
+
+
+def fingerprints() -> dict:
+    import open_clip
+    import torch
+
+    out = {"open_clip": open_clip.__version__, "torch": torch.__version__, "models": {}}
+    for name in (TINY_VIT, TINY_RN):
+        m = build_model(name)
+        out["models"][name] = {
+            "state_dict_sha256": state_dict_sha256(m),
+            "state_dict_keys_sha256": state_dict_keys_sha256(m),
+            "num_tensors": len(m.state_dict()),
+        }
+    return out
+
+
+if __name__ == "__main__":
+    print(json.dumps(fingerprints(), indent=1, sort_keys=True))
