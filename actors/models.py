@@ -140,7 +140,10 @@ def read_state_dict(uri: str, *, storage_options: dict | None = None) -> dict[st
 
 def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], uri: str) -> None:
     state = {k.removeprefix("module."): v for k, v in state.items()}
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise ValueError(f"weights at {uri} do not fit the architecture: {str(e)[:500]}") from e
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(
             f"weights at {uri} do not fit the architecture: missing {result.missing_keys[:5]}, "

@@ -1,0 +1,40 @@
+"""LeGrad's closed-form attention gradient equals autograd through an explicit forward (no upstream needed)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from clipmaps.actors.methods.legrad import LinearizedBlock
+from clipmaps.actors.vit import VisionTower
+
+
+def autograd_attention_gradient(tower: VisionTower, index: int, x_in: torch.Tensor, t: torch.Tensor):
+    """∂⟨t_p, f⟩/∂A by autograd: A is a leaf, everything downstream is recomputed from it."""
+    block = tower.blocks[index]
+    with torch.no_grad():
+        q, k, v = tower.qkv(index, block.ln_1(x_in[None]))
+        attn = torch.softmax((q * tower.head_dim**-0.5) @ k.transpose(-2, -1), dim=-1)
+    grads = []
+    for p in range(t.shape[0]):
+        a = attn.clone().requires_grad_(True)
+        y = x_in[None] + block.ls_1(tower.out_proj(index, tower.merge_heads(a @ v)))
+        x_out = tower.mlp_residual(index, y)
+        f = F.normalize(tower.project(x_out.mean(dim=1)), dim=-1)
+        (g,) = torch.autograd.grad((f[0] * t[p]).sum(), a)
+        grads.append(g[0])
+    return torch.stack(grads)
+
+
+def test_closed_form_matches_autograd(tiny_vit, images):
+    tower = VisionTower(tiny_vit.model.visual)
+    with torch.no_grad():
+        x, _ = tower.embed(images[:1], antialias=True)
+        x = tower.blocks_forward(x, 0, tower.num_layers - 1)
+    t = F.normalize(torch.randn(3, tiny_vit.model.visual.proj.shape[1]), dim=-1)
+    index = tower.num_layers - 1
+    closed = LinearizedBlock(tower, index, x[0]).attention_gradient(t)
+    reference = autograd_attention_gradient(tower, index, x[0], t)
+    rel = (closed - reference).norm() / reference.norm()
+    assert rel < 1e-5, rel
+
