@@ -82,7 +82,9 @@ class Preprocess:
             raise ValueError(f"a mask must be 2-D [H, W], got shape {mask.shape}")
         width, height = image_size
         if mask.shape != (height, width):
-            raise ValueError(f"mask of size {mask.shape[1]}x{mask.shape[0]} does not match the image ({width}x{height})")
+            raise ValueError(
+                f"mask of size {mask.shape[1]}x{mask.shape[0]} does not match the image ({width}x{height})"
+            )
         m = mask.astype(np.float32)
         if m.max(initial=0) > 1:
             m /= 255.0

@@ -41,7 +41,9 @@ class GEMParams:
 
     def validate(self, num_layers: int) -> None:
         if not 2 <= self.depth <= num_layers + 1:
-            raise ValueError(f"GEM depth must be in [2, {num_layers + 1}] for a {num_layers}-layer ViT, got {self.depth}")
+            raise ValueError(
+                f"GEM depth must be in [2, {num_layers + 1}] for a {num_layers}-layer ViT, got {self.depth}"
+            )
         if self.ss_attn_iter < 0:
             raise ValueError(f"ss_attn_iter must be >= 0, got {self.ss_attn_iter}")
         if self.ss_attn_temp is not None and not self.ss_attn_temp > 0:
