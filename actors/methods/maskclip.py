@@ -160,9 +160,8 @@ class MaskCLIP:
         if ph or pw:
             images = F.pad(images, (0, pw, 0, ph))
         logits = self.patch_logits(images, class_names)
-        if ph or pw:
-            logits = F.interpolate(logits, size=(h + ph, w + pw), mode="bilinear", align_corners=False)
-            logits = logits[..., :h, :w]
+        # as the original segmentor: first to the (padded) network input, then to the requested size
+        logits = F.interpolate(logits, size=(h + ph, w + pw), mode="bilinear", align_corners=False)[..., :h, :w]
         size = tuple(output_size) if output_size else (h, w)
         if tuple(logits.shape[-2:]) != size:
             logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)

@@ -11,6 +11,7 @@ upstream stack (torch 2.14.1, open_clip_torch 2.24.0, gem-torch 1.0.1, legrad-to
 maskinversion-torch 1.1), then re-exec this script inside it.
 Stage 2 (inside the venv): run ``reference_runner.main`` which writes ``tests/parity/fixtures/``.
 """
+
 from __future__ import annotations
 
 import logging

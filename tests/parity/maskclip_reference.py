@@ -20,9 +20,10 @@ Deliberate deviations (documented in the fixtures manifest):
   fp16 on GPU).
 * Input normalisation is the caller's business (the original pipeline used ImageNet mean/std).
 """
+
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -66,7 +67,7 @@ def class_text_embeddings(model, tokenizer, classnames: Sequence[str], templates
 # ----------------------------------------------------------------------------------------------
 # ViT backbone (value-embedding trick on the last block)
 # ----------------------------------------------------------------------------------------------
-def _layer_norm(mod: nn.LayerNorm, x: torch.Tensor, eps: Optional[float]) -> torch.Tensor:
+def _layer_norm(mod: nn.LayerNorm, x: torch.Tensor, eps: float | None) -> torch.Tensor:
     return F.layer_norm(x, mod.normalized_shape, mod.weight, mod.bias, mod.eps if eps is None else eps)
 
 
@@ -75,13 +76,13 @@ def resize_pos_embed_nonaa(pos: torch.Tensor, grid_hw, old_hw) -> torch.Tensor:
     resize of the patch positions from ``old_hw`` to ``grid_hw``.  ``pos``: [1+h*w, C] -> [1+H*W, C]."""
     c = pos.shape[-1]
     cls_pos = pos[:1]
-    grid = pos[-old_hw[0] * old_hw[1]:].reshape(1, old_hw[0], old_hw[1], c).permute(0, 3, 1, 2)
+    grid = pos[-old_hw[0] * old_hw[1] :].reshape(1, old_hw[0], old_hw[1], c).permute(0, 3, 1, 2)
     grid = F.interpolate(grid, size=tuple(grid_hw), mode="bicubic", align_corners=False)
     grid = grid.flatten(2).transpose(1, 2)[0]
     return torch.cat([cls_pos, grid], dim=0)
 
 
-def _plain_block(blk, x: torch.Tensor, eps: Optional[float]) -> torch.Tensor:
+def _plain_block(blk, x: torch.Tensor, eps: float | None) -> torch.Tensor:
     """Standard pre-norm CLIP block on batch-first x [B, N, C] (open_clip 2.24 MHA is sequence-first)."""
     y = _layer_norm(blk.ln_1, x, eps).transpose(0, 1)
     attn = blk.attn(y, y, y, need_weights=False)[0].transpose(0, 1)
@@ -91,7 +92,7 @@ def _plain_block(blk, x: torch.Tensor, eps: Optional[float]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def vit_dense_features(visual, image: torch.Tensor, ln_eps: Optional[float] = None):
+def vit_dense_features(visual, image: torch.Tensor, ln_eps: float | None = None):
     """Original MaskCLIP ViT backbone output for the decode head.
 
     Returns ``v`` [B, C_width, gh, gw] (value path after ln_post, CLS dropped), ``k`` [B, gh*gw, C_width]
@@ -175,7 +176,7 @@ def cosine_logits(feat: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
     return F.conv2d(feat, text_emb[:, :, None, None].to(feat.dtype))
 
 
-def refine_output(logits: torch.Tensor, k: Optional[torch.Tensor], pd_thresh: float = 0.0, ks_thresh: float = 0.0):
+def refine_output(logits: torch.Tensor, k: torch.Tensor | None, pd_thresh: float = 0.0, ks_thresh: float = 0.0):
     """``MaskClipHead.refine_output`` semantics, written out-of-place.
 
     * prompt denoising (pd_thresh>0): classes whose softmax(100*logits over classes) never reaches

@@ -7,6 +7,7 @@ main venv), so the clipmaps-side tests can rebuild exactly the same weights:
 
 Run as a script to print the fingerprints of the current environment as JSON.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -53,10 +54,11 @@ def state_dict_keys_sha256(model) -> str:
 
 
 def fingerprints() -> dict:
-    import open_clip
+    from importlib.metadata import version
+
     import torch
 
-    out = {"open_clip": open_clip.__version__, "torch": torch.__version__, "models": {}}
+    out = {"open_clip": version("open_clip_torch"), "torch": torch.__version__, "models": {}}
     for name in (TINY_VIT, TINY_RN):
         m = build_model(name)
         out["models"][name] = {
