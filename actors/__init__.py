@@ -1,1 +1,4 @@
-"""placeholder"""
+"""The accelerator side of clipmaps: model loading, the shared ViT toolkit, text cache and the method modules.
+
+Method modules (``clipmaps.actors.methods``) are pure torch and never import Ray.
+"""

@@ -1,1 +1,1 @@
-"""placeholder"""
+"""The ``clipmaps`` command line and what it runs."""

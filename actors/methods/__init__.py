@@ -1,1 +1,1 @@
-"""placeholder"""
+"""The four methods, one module each: ``gem``, ``maskclip``, ``legrad``, ``maskinversion``."""
