@@ -28,6 +28,50 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run(args: argparse.Namespace) -> int:
+    from clipmaps.pipeline.run import run
+    from clipmaps.pipeline.spec import SpecError, load_spec
+
+    try:
+        spec = load_spec(args.spec, overrides=args.set or ())
+    except (SpecError, OSError) as e:
+        print(f"clipmaps run: invalid job spec: {e}", file=sys.stderr)
+        return 2
+    try:
+        result = run(spec, dry_run=args.dry_run, progress=print)
+    except (ValueError, FileExistsError, FileNotFoundError) as e:
+        print(f"clipmaps run: {e}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(result.plan_text)
+        print("dry run: the spec is valid and the inputs resolve; no model was run")
+        return 0
+    print(summary_table(result))
+    if not result.ok:
+        print(f"error fraction {result.error_fraction:.2%} is above run.max_error_fraction "
+              f"{spec.run.max_error_fraction:.2%}", file=sys.stderr)
+        return 3
+    return 0
+
+
+def summary_table(result) -> str:
+    """The end-of-run table: images, outputs, errors, time."""
+    rows = [
+        ("images in manifest", result.total),
+        ("images processed", result.processed),
+        ("images with errors", result.errors),
+        ("label maps", result.counts.get("labels", 0)),
+        ("heatmaps", result.counts.get("heatmaps", 0)),
+        ("regions", result.counts.get("regions", 0)),
+        ("error rows", result.counts.get("errors", 0)),
+        ("seconds", f"{result.seconds:.1f}"),
+        ("images/s", f"{result.processed / result.seconds:.2f}" if result.seconds else "-"),
+        ("output", result.output_uri),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
 def _models(args: argparse.Namespace) -> int:
     from clipmaps.actors.models import list_models, list_pretrained
 
@@ -54,6 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--size", type=int, default=224, help="input size in pixels")
     demo.add_argument("--scenes", type=int, default=3, help="number of sample scenes")
     demo.set_defaults(func=_demo)
+    run = sub.add_parser("run", help="run a job spec (YAML) on Ray")
+    run.add_argument("spec", help="job spec YAML file")
+    run.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="override a spec field (repeatable)")
+    run.add_argument("--dry-run", action="store_true", help="validate, resolve inputs and print the plan only")
+    run.set_defaults(func=_run)
+    from .manifest import add_manifest_parser
+
+    add_manifest_parser(sub)
     models = sub.add_parser("models", help="list model architectures, the methods they support and pretrained tags")
     models.add_argument("filter", nargs="?", default=None, help="substring of the name")
     models.set_defaults(func=_models)

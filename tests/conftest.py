@@ -26,3 +26,23 @@ def tiny_rn():
 def images():
     g = torch.Generator().manual_seed(3)
     return torch.randn(2, 3, 64, 64, generator=g)
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A SeaweedFS S3 server on 127.0.0.1:8333 with an empty bucket ``clipmaps``."""
+    from tests import s3server
+
+    proc, server = s3server.start(tmp_path_factory.mktemp("seaweedfs"))
+    yield server
+    s3server.stop(proc)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """One local Ray instance per test module (real Ray; 2 CPUs so pools and decode tasks must share)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,339 @@
+"""Manifest adapters behind ``clipmaps manifest {coco,sa1b,folder} … -o OUT``.
+
+Each adapter returns a ``pa.Table`` in the ``MANIFEST`` schema (``schemas.datasets``); :func:`write_manifest`
+writes it as Parquet (``.parquet``), JSONL (``.jsonl``/``.ndjson``) or CSV (``.csv``), readable back with
+``pipeline.sources.read_manifest_table``. Adapters read whole annotation files / listings on the driver: they are
+for preparing a manifest once, not for the job's hot path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import posixpath
+import re
+import sys
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from clipmaps.pipeline.sources import (
+    ManifestError,
+    compress_rle_counts,
+    join_uri,
+    manifest_from_rows,
+    redact_uri,
+)
+from clipmaps.schemas.datasets import MANIFEST
+
+log = logging.getLogger(__name__)
+
+#: Image file extensions the folder adapter lists (case-insensitive).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+
+
+def _finish(rows: Iterable[dict]) -> pa.Table:
+    return manifest_from_rows(rows).cast(MANIFEST)
+
+
+def _load_json(uri: str, storage_options: dict | None) -> Any:
+    try:
+        with fsspec.open(uri, "rt", compression="infer", encoding="utf-8", **(storage_options or {})) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ManifestError(f"{redact_uri(uri)}: file not found") from None
+    except json.JSONDecodeError as e:
+        raise ManifestError(f"{redact_uri(uri)}: not valid JSON ({e.msg}, line {e.lineno})") from None
+
+
+def _segmentation_to_mask(seg: Any, region_id: str, where: str) -> dict:
+    """A COCO ``segmentation`` (polygons, compressed or uncompressed RLE) → a ``MASK`` dict."""
+    if isinstance(seg, list):  # polygons, original coordinates; several lists = a multi-part object
+        return {"region_id": region_id, "polygon": [[float(v) for v in poly] for poly in seg]}
+    if isinstance(seg, dict) and "counts" in seg and "size" in seg:
+        counts = seg["counts"]
+        if isinstance(counts, list):  # uncompressed (iscrowd) → COCO's compressed string
+            counts = compress_rle_counts(counts)
+        elif isinstance(counts, bytes):
+            counts = counts.decode("ascii")
+        return {"region_id": region_id, "rle": {"size": [int(s) for s in seg["size"]], "counts": counts}}
+    raise ManifestError(f"{where}: unrecognised segmentation {str(seg)[:80]!r}")
+
+
+# ---------------------------------------------------------------------------------------------- COCO
+def from_coco(instances_json_uri: str, images_root_uri: str, *, storage_options: dict | None = None) -> pa.Table:
+    """COCO instances JSON → manifest: one row per entry of ``images`` (in file order, also without annotations),
+    its annotations as masks (``region_id`` = annotation id; polygons kept in original coordinates; RLE counts as
+    COCO's compressed string, uncompressed crowd RLE converted). ``image_uri`` = ``images_root_uri``/``file_name``.
+    """
+    data = _load_json(instances_json_uri, storage_options)
+    shown = redact_uri(instances_json_uri)
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise ManifestError(f"{shown}: not a COCO instances file (no 'images' list)")
+    by_image: dict[Any, list[dict]] = {}
+    for ann in data.get("annotations") or []:
+        by_image.setdefault(ann.get("image_id"), []).append(ann)
+    known = {img.get("id") for img in data["images"]}
+    orphans = sum(len(v) for k, v in by_image.items() if k not in known)
+    if orphans:
+        log.warning("%s: %d annotation(s) refer to images not in 'images'; skipped", shown, orphans)
+
+    def rows():
+        for img in data["images"]:
+            masks = []
+            for ann in by_image.get(img.get("id"), []):
+                seg = ann.get("segmentation")
+                if seg is None or seg == []:
+                    log.warning("%s: annotation %s has no segmentation; skipped", shown, ann.get("id"))
+                    continue
+                masks.append(_segmentation_to_mask(seg, str(ann.get("id")), f"{shown} annotation {ann.get('id')}"))
+            yield {"image_id": str(img["id"]), "image_uri": join_uri(images_root_uri, img["file_name"]),
+                   "masks": masks}
+
+    return _finish(rows())
+
+
+# ---------------------------------------------------------------------------------------------- SA-1B
+def _expand(uris: str | Sequence[str], storage_options: dict | None) -> list[str]:
+    """URIs and globs → a sorted list of URIs (globs expanded with fsspec, keeping each URI's scheme)."""
+    if isinstance(uris, str):
+        uris = [uris]
+    out: list[str] = []
+    for uri in uris:
+        if any(c in uri for c in "*?["):
+            fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+            out.extend(_full_uri(fs, p) for p in sorted(fs.glob(path)))
+        else:
+            out.append(uri)
+    return out
+
+
+def _full_uri(fs, path: str) -> str:
+    """A path from ``fs`` back to a URI: plain absolute path for local files, ``scheme://…`` otherwise."""
+    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    if "file" in protocols or "local" in protocols:
+        return path
+    return fs.unstrip_protocol(path)
+
+
+def from_sa1b(json_uris: str | Sequence[str], *, storage_options: dict | None = None) -> pa.Table:
+    """SA-1B per-image JSON files (URIs or globs, e.g. ``s3://sa1b/sa_000000/*.json``) → manifest.
+
+    Each file is ``{"image": {"image_id", "file_name", …}, "annotations": [{"id", "segmentation": {"size",
+    "counts"}}, …]}``; the image lies next to its JSON (same folder, ``file_name``). ``region_id`` = annotation id.
+    """
+    uris = _expand(json_uris, storage_options)
+    if not uris:
+        raise ManifestError(f"no SA-1B JSON files match {json_uris!r}")
+
+    def rows():
+        for uri in uris:
+            data = _load_json(uri, storage_options)
+            shown = redact_uri(uri)
+            image = data.get("image") if isinstance(data, dict) else None
+            if not isinstance(image, dict) or "file_name" not in image:
+                raise ManifestError(f"{shown}: not an SA-1B file (no 'image' with 'file_name')")
+            image_id = image.get("image_id", posixpath.splitext(image["file_name"])[0])
+            folder = uri.rsplit("/", 1)[0] if "/" in uri else ""
+            masks = []
+            for ann in data.get("annotations") or []:
+                rid = str(ann.get("id"))
+                masks.append(_segmentation_to_mask(ann.get("segmentation"), rid, f"{shown} annotation {rid}"))
+            yield {"image_id": str(image_id), "image_uri": join_uri(folder, image["file_name"]), "masks": masks}
+
+    return _finish(rows())
+
+
+# ---------------------------------------------------------------------------------------------- folder
+def _mask_regex(mask_pattern: str) -> re.Pattern:
+    """``"{stem}_mask_*.png"`` → a regex with groups ``stem`` and ``rid`` over a file's base name."""
+    if mask_pattern.count("{stem}") != 1 or mask_pattern.count("*") != 1:
+        raise ValueError(f"mask_pattern needs exactly one {{stem}} and one *, got {mask_pattern!r}")
+    out = ""
+    for part in re.split(r"(\{stem\}|\*)", mask_pattern):
+        out += "(?P<stem>.+?)" if part == "{stem}" else "(?P<rid>[^/]+?)" if part == "*" else re.escape(part)
+    return re.compile(out + "$", re.IGNORECASE)
+
+
+def _natural_key(s: str) -> tuple:
+    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s))
+
+
+def from_folder(
+    glob_or_dir: str,
+    *,
+    mask_pattern: str = "{stem}_mask_*.png",
+    recursive: bool = False,
+    storage_options: dict | None = None,
+) -> pa.Table:
+    """A folder or glob of images (local or any fsspec URI, e.g. ``s3://bucket/photos/*.jpg``) → manifest.
+
+    This adapter lists files, so it is meant for small and medium folders (up to some hundred thousand files);
+    for larger collections write a manifest from an existing index instead.
+
+    Images are the files with an extension in :data:`IMAGE_EXTENSIONS`; a directory means its files (all levels
+    below with ``recursive``). Per-instance masks follow ``mask_pattern`` in the image's folder: with the default,
+    ``cat.jpg`` has masks ``cat_mask_0.png``, ``cat_mask_1.png`` (``region_id`` = the part matched by ``*``,
+    naturally sorted). Files matching the mask pattern are never listed as images. ``image_id`` = the path
+    relative to the folder (or the glob's fixed prefix), extension included, so ``a/cat.jpg`` and ``cat.png``
+    stay distinct.
+    """
+    so = storage_options or {}
+    regex = _mask_regex(mask_pattern)
+    fs, path = fsspec.core.url_to_fs(glob_or_dir, **so)
+    if any(c in path for c in "*?["):
+        root = path[: min(path.find(c) for c in "*?[" if c in path)].rsplit("/", 1)[0]
+        files = [p for p in fs.glob(path) if not fs.isdir(p)]
+    elif fs.isdir(path):
+        root = path.rstrip("/")
+        files = (fs.find(root) if recursive else [p for p in fs.ls(root, detail=False) if not fs.isdir(p)])
+    elif fs.exists(path):
+        root, files = path.rsplit("/", 1)[0], [path]
+    else:
+        raise ManifestError(f"{redact_uri(glob_or_dir)}: no such folder or file")
+
+    listings: dict[str, list[str]] = {}
+
+    def folder_files(folder: str) -> list[str]:
+        if folder not in listings:
+            listings[folder] = [p.rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False)]
+        return listings[folder]
+
+    images = []
+    for p in sorted(files):
+        name = p.rsplit("/", 1)[-1]
+        if not name.lower().endswith(IMAGE_EXTENSIONS) or regex.match(name):
+            continue
+        images.append(p)
+    if not images:
+        raise ManifestError(f"{redact_uri(glob_or_dir)}: no images ({', '.join(IMAGE_EXTENSIONS)}) found")
+
+    def rows():
+        for p in images:
+            folder, name = p.rsplit("/", 1)
+            stem = name.rsplit(".", 1)[0]
+            masks = []
+            for other in folder_files(folder):
+                m = regex.match(other)
+                if m and m.group("stem") == stem:
+                    masks.append((m.group("rid"), _full_uri(fs, folder + "/" + other)))
+            masks.sort(key=lambda rm: _natural_key(rm[0]))
+            rel = p[len(root) + 1 :] if root and p.startswith(root + "/") else name
+            yield {"image_id": rel, "image_uri": _full_uri(fs, p),
+                   "masks": [{"region_id": rid, "uri": uri} for rid, uri in masks]}
+
+    return _finish(rows())
+
+
+# ---------------------------------------------------------------------------------------------- writing
+def write_manifest(table: pa.Table, uri: str, storage_options: dict | None = None) -> None:
+    """Write a manifest table: Parquet (``.parquet``/``.pq``), JSONL (``.jsonl``/``.ndjson``; null fields omitted)
+    or CSV (``.csv``; ``masks`` and ``prompts`` as JSON strings)."""
+    so = storage_options or {}
+    lower = uri.lower()
+    if lower.endswith((".parquet", ".pq")):
+        with fsspec.open(uri, "wb", **so) as f:
+            pq.write_table(table, f)
+        return
+    if lower.endswith((".jsonl", ".ndjson", ".csv")):
+        csv_out = lower.endswith(".csv")
+        with fsspec.open(uri, "wt", encoding="utf-8", newline="", **so) as f:
+            if csv_out:
+                import csv
+
+                writer = csv.writer(f)
+                writer.writerow(table.column_names)
+            for batch in table.to_batches(max_chunksize=8192):
+                for row in batch.to_pylist():
+                    row = {k: _drop_nulls(v) for k, v in row.items()}
+                    if csv_out:
+                        writer.writerow(["" if v is None else json.dumps(v) if isinstance(v, list) else v
+                                         for v in row.values()])
+                    else:
+                        f.write(json.dumps({k: v for k, v in row.items() if v is not None}) + "\n")
+        return
+    raise ManifestError(f"cannot write manifest {redact_uri(uri)}: use a .parquet, .jsonl, .ndjson or .csv name")
+
+
+def _drop_nulls(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {k: _drop_nulls(x) for k, x in v.items() if x is not None}
+    if isinstance(v, list):
+        return [_drop_nulls(x) for x in v]
+    return v
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def _storage_options(values: list[str] | None) -> dict:
+    out: dict[str, Any] = {}
+    for item in values or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ManifestError(f"--storage-option needs KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def run_manifest_cli(args: argparse.Namespace) -> int:
+    """Run ``clipmaps manifest …`` from parsed arguments; prints a one-line summary. Returns the exit code."""
+    try:
+        so = _storage_options(args.storage_option)
+        if args.source == "coco":
+            table = from_coco(args.instances_json, args.images_root, storage_options=so)
+        elif args.source == "sa1b":
+            table = from_sa1b(args.json, storage_options=so)
+        else:
+            table = from_folder(args.path, mask_pattern=args.mask_pattern, recursive=args.recursive,
+                                storage_options=so)
+        write_manifest(table, args.output, storage_options=so)
+    except (ManifestError, ValueError, OSError) as e:
+        print(f"clipmaps manifest: error: {e}", file=sys.stderr)
+        return 2
+    n_masks = sum(len(m) for m in table["masks"].to_pylist() if m)
+    print(f"clipmaps manifest: {table.num_rows} images, {n_masks} masks -> {redact_uri(args.output)}")
+    return 0
+
+
+def add_manifest_parser(subparsers) -> argparse.ArgumentParser:
+    """Add ``manifest {coco,sa1b,folder}`` to ``subparsers`` (from ``parser.add_subparsers``); ``func`` runs it."""
+    parser = subparsers.add_parser("manifest", help="write a manifest from COCO, SA-1B or a folder of images")
+    sources = parser.add_subparsers(dest="source", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("-o", "--output", required=True, help="manifest to write (.parquet, .jsonl or .csv)")
+        p.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
+                       help="fsspec storage option (repeatable; VALUE parsed as JSON when it can be)")
+        p.set_defaults(func=run_manifest_cli)
+
+    coco = sources.add_parser("coco", help="COCO instances JSON (polygons and RLE masks)")
+    coco.add_argument("instances_json", help="instances JSON file or URI")
+    coco.add_argument("images_root", help="folder or URI prefix that holds the images' file_name")
+    common(coco)
+    sa1b = sources.add_parser("sa1b", help="SA-1B per-image JSON files (image next to each JSON)")
+    sa1b.add_argument("json", nargs="+", help="JSON files, URIs or globs")
+    common(sa1b)
+    folder = sources.add_parser("folder", help="a folder or glob of images, with per-instance PNG masks")
+    folder.add_argument("path", help="folder, file glob or URI (s3://bucket/dir/*.jpg)")
+    folder.add_argument("--mask-pattern", default="{stem}_mask_*.png",
+                        help="mask file names next to each image; * is the region id (default: %(default)s)")
+    folder.add_argument("--recursive", action="store_true", help="include sub-folders of a folder")
+    common(folder)
+    return parser
+
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "add_manifest_parser",
+    "from_coco",
+    "from_folder",
+    "from_sa1b",
+    "run_manifest_cli",
+    "write_manifest",
+]

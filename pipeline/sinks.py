@@ -1,0 +1,158 @@
+"""The sink stage: turns finished batches into rows of the output datasets and writes them as Parquet.
+
+Runs as the last ``map_batches`` stage (CPU tasks), so the driver only ever sees a small table of counts per batch.
+Each batch writes at most one file per dataset, named by a hash of the batch's image ids (the same batch content
+always maps to the same name), first to a temporary name, then moved into place, so a reader never sees a partial
+file. Every schema comes from ``clipmaps.schemas.datasets``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import posixpath
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from clipmaps.schemas import batches as cols
+from clipmaps.schemas.datasets import ERRORS, HEATMAPS, LABELS, regions_schema
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """What every result row of one method names."""
+
+    method: str
+    model: str
+    weights: str
+    params_hash: str
+    vocabulary_id: str | None = None
+
+
+@dataclass(frozen=True)
+class SinkConfig:
+    """Where and what the sink writes."""
+
+    output_uri: str
+    methods: dict[str, Provenance]
+    heatmap_encoding: str = "png8"
+    storage_options: dict = field(default_factory=dict)
+
+
+def filesystem(uri: str, storage_options: dict | None = None):
+    """``(fsspec filesystem, path)`` for ``uri``."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    return fs, path
+
+
+def write_table(table: pa.Table, fs, path: str) -> None:
+    """Write ``table`` to ``path`` atomically (temporary name, then move; S3 puts are atomic already)."""
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    tmp = posixpath.join(posixpath.dirname(path), f"_tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}")
+    with fs.open(tmp, "wb") as f:
+        pq.write_table(table, f, compression="zstd")
+    fs.mv(tmp, path)
+
+
+class SinkStage:
+    """Callable for ``map_batches``: writes the batch's rows, returns one row of counts."""
+
+    def __init__(self, config: SinkConfig):
+        self.config = config
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        cfg = self.config
+        ids = [str(i) for i in batch[cols.IMAGE_ID]]
+        token = hashlib.sha256("\n".join(ids).encode()).hexdigest()[:20]
+        tables = self.tables(batch)
+        fs, root = filesystem(cfg.output_uri, cfg.storage_options)
+        counts = {name: 0 for name in cols.STATS}
+        counts["rows"] = len(ids)
+        for name, table in tables.items():
+            if table.num_rows:
+                write_table(table, fs, posixpath.join(root, name, f"part-{token}.parquet"))
+            counts[name] = table.num_rows
+        return {k: np.array([v], dtype=np.int64) for k, v in counts.items()}
+
+    def tables(self, batch: dict) -> dict[str, pa.Table]:
+        """The batch's rows per output dataset (``labels``, ``heatmaps``, ``regions``, ``errors``)."""
+        labels, heatmaps, regions, errors = [], [], [], []
+        n = len(batch[cols.IMAGE_ID])
+        failed = cols.failed_rows(batch)
+        for i in range(n):
+            image_id = str(batch[cols.IMAGE_ID][i])
+            uri = str(batch[cols.IMAGE_URI][i]) if cols.IMAGE_URI in batch else None
+            if failed[i]:
+                errors.append(_error(image_id, uri, None, None, batch[cols.ERROR_STAGE][i], batch[cols.ERROR_TYPE][i],
+                                     batch[cols.ERROR_MESSAGE][i]))
+                continue
+            mask_errors = batch.get(cols.MASK_ERRORS)
+            if mask_errors is not None and cols.present(mask_errors[i]) and len(mask_errors[i]):
+                for e in mask_errors[i]:
+                    errors.append(_error(image_id, uri, None, e.get("region_id"), "mask", e.get("error_type"),
+                                         e.get("message")))
+            for method, prov in self.config.methods.items():
+                err = batch.get(cols.col(method, cols.ERROR))
+                if err is not None and cols.present(err[i]):
+                    etype, _, message = str(err[i]).partition(": ")
+                    errors.append(_error(image_id, uri, method, None, "model", etype, message))
+                    continue
+                self._rows(batch, i, image_id, prov, labels, heatmaps, regions, errors, uri)
+        out = {
+            "labels": pa.Table.from_pylist(labels, schema=LABELS),
+            "heatmaps": pa.Table.from_pylist(heatmaps, schema=HEATMAPS),
+            "errors": pa.Table.from_pylist(errors, schema=ERRORS),
+        }
+        if regions:
+            dim = len(regions[0]["embedding"])
+            out["regions"] = pa.Table.from_pylist(regions, schema=regions_schema(dim))
+        else:
+            out["regions"] = pa.table({})
+        return out
+
+    def _rows(self, batch, i, image_id, prov, labels, heatmaps, regions, errors, uri) -> None:
+        base = {"method": prov.method, "model": prov.model, "weights": prov.weights, "params_hash": prov.params_hash}
+        h, w = int(batch[cols.HEIGHT][i]), int(batch[cols.WIDTH][i])
+        label_col = batch.get(cols.col(prov.method, cols.LABELS))
+        if label_col is not None and cols.present(label_col[i]):
+            labels.append({"image_id": image_id, **base, "height": h, "width": w, "label_map": label_col[i],
+                           "vocabulary_id": prov.vocabulary_id or ""})
+        maps = batch.get(cols.col(prov.method, cols.HEATMAPS))
+        if maps is not None and cols.present(maps[i]):
+            prompts = batch[cols.col(prov.method, cols.HEATMAP_PROMPTS)][i]
+            mh, mw = batch[cols.col(prov.method, cols.HEATMAP_HW)][i]
+            for prompt, data in zip(prompts, maps[i]):
+                heatmaps.append({"image_id": image_id, "prompt": str(prompt), **base, "height": int(mh),
+                                 "width": int(mw), "encoding": self.config.heatmap_encoding, "heatmap": data})
+        emb = batch.get(cols.col(prov.method, cols.EMBEDDINGS))
+        if emb is not None and cols.present(emb[i]) and len(emb[i]):
+            loss = batch[cols.col(prov.method, cols.LOSS)][i]
+            expl = batch.get(cols.col(prov.method, cols.EXPL_MAPS))
+            ids, areas, boxes = batch[cols.MASK_IDS][i], batch[cols.MASK_AREA][i], batch[cols.MASK_BBOX][i]
+            for r, region_id in enumerate(ids):
+                vec = np.asarray(emb[i][r], dtype=np.float32)
+                if not np.isfinite(vec).all():
+                    errors.append(_error(image_id, uri, prov.method, str(region_id), "model", "NonFiniteEmbedding",
+                                         "the optimised embedding has NaN or inf values"))
+                    continue
+                regions.append({"image_id": image_id, "region_id": str(region_id), **base, "embedding": vec.tolist(),
+                                "area": int(areas[r]), "bbox": [int(v) for v in boxes[r]], "loss": float(loss[r]),
+                                "expl_map": expl[i][r] if expl is not None and cols.present(expl[i]) else None})
+
+
+def sink_batch(batch: dict[str, np.ndarray], config: SinkConfig) -> dict[str, np.ndarray]:
+    """Function form of :class:`SinkStage` for task-based ``map_batches``."""
+    return SinkStage(config)(batch)
+
+
+def _error(image_id, uri, method, region_id, stage, error_type, message) -> dict:
+    return {"image_id": image_id, "uri": uri, "method": method, "region_id": region_id, "stage": str(stage),
+            "error_type": str(error_type or "Error"), "message": str(message or "")}

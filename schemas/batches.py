@@ -1,0 +1,68 @@
+"""Column contract of the batches that flow between pipeline stages (numpy batch format, one entry per row).
+
+decode stage (CPU, ``clipmaps.pipeline.decode``) → method actors (``clipmaps.actors.actor``, chained, one pool per
+method) → sink stage (``clipmaps.pipeline.sinks``). Stages pass every column through except heavy inputs that no
+later stage needs.
+
+A row that failed before the methods keeps ``image_id``/``image_uri`` and sets the three ``error_*`` columns; every
+later stage skips it and the sink writes it to ``errors/``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# -- from the manifest / decode stage ---------------------------------------------------------------
+IMAGE_ID = "image_id"  # str
+IMAGE_URI = "image_uri"  # str
+HEIGHT = "height"  # int, original image height after EXIF orientation
+WIDTH = "width"  # int
+ERROR_STAGE = "error_stage"  # str | None: read | decode | mask | preprocess
+ERROR_TYPE = "error_type"  # str | None
+ERROR_MESSAGE = "error_message"  # str | None
+PROMPTS = "prompts"  # list[str] | None: the row's own prompts (manifest); None → the job's vocabulary
+PIXELS_SQUARE = "pixels_square"  # float32 [3, S, S]: GEM / LeGrad / MaskInversion input (OpenAI mean/std)
+PIXELS_MASKCLIP = "pixels_maskclip"  # float32 [3, h, w]: MaskCLIP input (keep-ratio resize)
+MASK_IDS = "mask_ids"  # list[str]: region ids of the valid masks, in order
+MASKS_SQUARE = "masks_square"  # float32 [M, S, S] in [0, 1]: masks at the square input size
+MASK_AREA = "mask_area"  # int64 [M]: pixels of each mask at the original size
+MASK_BBOX = "mask_bbox"  # int32 [M, 4]: x, y, width, height at the original size
+MASK_ERRORS = "mask_errors"  # list[dict(region_id, error_type, message)]: masks that could not be used
+
+# -- added by each method actor (``{method}`` is gem | maskclip | legrad | maskinversion) ------------------
+
+
+def col(method: str, name: str) -> str:
+    """Column ``name`` of ``method``'s outputs, e.g. ``col("gem", "labels")`` → ``"gem__labels"``."""
+    return f"{method}__{name}"
+
+
+LABELS = "labels"  # bytes | None: PNG label map at the original image size
+HEATMAPS = "heatmaps"  # list[bytes]: one encoded heatmap per prompt
+HEATMAP_PROMPTS = "heatmap_prompts"  # list[str], aligned with HEATMAPS
+HEATMAP_HW = "heatmap_hw"  # (h, w) of the encoded heatmaps
+EMBEDDINGS = "embeddings"  # float32 [M, D], L2-normalised (MaskInversion)
+LOSS = "loss"  # float32 [M]
+EXPL_MAPS = "expl_maps"  # list[bytes] | None (MaskInversion's final maps, PNG 8-bit)
+ERROR = "error"  # str | None: "ErrorType: message" when the method failed on this row
+
+STATS = ("rows", "errors", "labels", "heatmaps", "regions")  # the sink's per-batch count columns
+
+
+def present(value) -> bool:
+    """Whether a cell holds a value. Ray's Arrow round trip turns an all-``None`` column into float NaN and lists
+    into numpy arrays, so ``is None`` is not enough."""
+    if value is None:
+        return False
+    if isinstance(value, (float, np.floating)) and value != value:  # NaN
+        return False
+    return not (isinstance(value, str) and value == "")
+
+
+def failed_rows(batch) -> list[bool]:
+    """Per row: did it fail before the methods (``error_stage`` set)?"""
+    stages = batch.get(ERROR_STAGE)
+    n = len(batch[IMAGE_ID])
+    if stages is None:
+        return [False] * n
+    return [isinstance(v, str) and v != "" for v in stages]

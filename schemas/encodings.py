@@ -1,0 +1,162 @@
+"""Encodings of the binary columns: PNG label maps, heatmaps (8-bit PNG or float16), COCO RLE masks, polygons.
+
+Numpy and Pillow only. Each ``encode_*`` has a ``decode_*`` that inverts it (exactly, except the 8-bit heatmap
+quantisation, which is within 1/510).
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+
+# ---------------------------------------------------------------------------------------------- label maps
+def encode_label_map(labels: np.ndarray) -> bytes:
+    """Integer label map ``[H, W]`` (values ≥ 0) → PNG bytes: 8-bit when the largest label is ≤ 255, else 16-bit."""
+    if labels.ndim != 2:
+        raise ValueError(f"a label map must be 2-D [H, W], got shape {labels.shape}")
+    if labels.size and (labels.min() < 0 or labels.max() > 65535):
+        raise ValueError("labels must be in [0, 65535]")
+    high = int(labels.max()) if labels.size else 0
+    arr = labels.astype(np.uint8 if high <= 255 else np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG", optimize=False, compress_level=6)
+    return buf.getvalue()
+
+
+def decode_label_map(data: bytes) -> np.ndarray:
+    """PNG bytes → ``uint8`` or ``uint16`` array ``[H, W]``."""
+    with Image.open(io.BytesIO(data)) as im:
+        arr = np.asarray(im)
+    return arr.astype(np.uint16) if arr.dtype.itemsize > 1 else arr.astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------- heatmaps
+HEATMAP_ENCODINGS = ("png8", "float16")
+
+
+def encode_heatmap(heatmap: np.ndarray, encoding: str = "png8") -> bytes:
+    """Heatmap ``[H, W]`` → bytes. ``png8``: values in [0, 1] as ``round(255·v)`` grey PNG; ``float16``: raw
+    little-endian float16 (any range), row-major."""
+    if heatmap.ndim != 2:
+        raise ValueError(f"a heatmap must be 2-D [H, W], got shape {heatmap.shape}")
+    if encoding == "png8":
+        q = np.clip(np.rint(np.nan_to_num(heatmap, nan=0.0) * 255.0), 0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(q).save(buf, format="PNG")
+        return buf.getvalue()
+    if encoding == "float16":
+        return np.ascontiguousarray(heatmap, dtype="<f2").tobytes()
+    raise ValueError(f"heatmap encoding must be one of {HEATMAP_ENCODINGS}, got {encoding!r}")
+
+
+def decode_heatmap(data: bytes, encoding: str, height: int, width: int) -> np.ndarray:
+    """Inverse of :func:`encode_heatmap` → ``float32 [H, W]``."""
+    if encoding == "png8":
+        with Image.open(io.BytesIO(data)) as im:
+            return np.asarray(im, dtype=np.float32) / 255.0
+    if encoding == "float16":
+        return np.frombuffer(data, dtype="<f2").reshape(height, width).astype(np.float32)
+    raise ValueError(f"heatmap encoding must be one of {HEATMAP_ENCODINGS}, got {encoding!r}")
+
+
+# ---------------------------------------------------------------------------------------------- COCO RLE
+def rle_encode(mask: np.ndarray) -> dict:
+    """Binary mask ``[H, W]`` → COCO RLE ``{"size": [H, W], "counts": str}`` (column-major runs starting with 0s,
+    compressed with COCO's 6-bit LEB128-like string code)."""
+    if mask.ndim != 2:
+        raise ValueError(f"a mask must be 2-D [H, W], got shape {mask.shape}")
+    h, w = mask.shape
+    flat = np.asarray(mask, dtype=bool).flatten(order="F")
+    changes = np.flatnonzero(np.diff(flat.astype(np.int8))) + 1
+    bounds = np.concatenate([[0], changes, [flat.size]])
+    runs = np.diff(bounds).tolist()
+    if flat.size and flat[0]:
+        runs = [0, *runs]
+    return {"size": [h, w], "counts": _counts_to_string(runs)}
+
+
+def rle_decode(rle: dict) -> np.ndarray:
+    """COCO RLE (compressed string or uncompressed list of counts) → ``bool [H, W]``.
+
+    Raises ``ValueError`` naming what is wrong for malformed input (bad size, counts not summing to H·W…).
+    """
+    try:
+        h, w = (int(v) for v in rle["size"])
+        counts = rle["counts"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"malformed RLE: needs 'size' [H, W] and 'counts' ({e})") from e
+    if h < 0 or w < 0:
+        raise ValueError(f"malformed RLE: negative size {[h, w]}")
+    if isinstance(counts, bytes):
+        counts = counts.decode("ascii")
+    runs = _string_to_counts(counts) if isinstance(counts, str) else [int(c) for c in counts]
+    if any(r < 0 for r in runs):
+        raise ValueError("malformed RLE: negative run length")
+    if sum(runs) != h * w:
+        raise ValueError(f"malformed RLE: runs cover {sum(runs)} pixels, the size {h}x{w} needs {h * w}")
+    values = np.zeros(len(runs), dtype=bool)
+    values[1::2] = True
+    flat = np.repeat(values, runs)
+    return flat.reshape((w, h)).T.copy()
+
+
+def _counts_to_string(runs: list[int]) -> str:
+    out = []
+    for i, x in enumerate(runs):
+        if i > 2:
+            x -= runs[i - 2]
+        more = True
+        while more:
+            c = x & 0x1F
+            x >>= 5
+            more = x != -1 if c & 0x10 else x != 0
+            if more:
+                c |= 0x20
+            out.append(chr(c + 48))
+    return "".join(out)
+
+
+def _string_to_counts(s: str) -> list[int]:
+    runs: list[int] = []
+    p = 0
+    while p < len(s):
+        x, k, more = 0, 0, True
+        while more:
+            if p >= len(s):
+                raise ValueError("malformed RLE: counts string ends inside a number")
+            c = ord(s[p]) - 48
+            if not 0 <= c < 64:
+                raise ValueError(f"malformed RLE: character {s[p]!r} is not in the RLE alphabet")
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p += 1
+            k += 1
+            if not more and (c & 0x10):
+                x |= -1 << (5 * k)
+        if len(runs) > 2:
+            x += runs[-2]
+        runs.append(x)
+    return runs
+
+
+# ---------------------------------------------------------------------------------------------- polygons
+def polygons_to_mask(polygons: list[list[float]], height: int, width: int) -> np.ndarray:
+    """COCO polygons (each ``[x0, y0, x1, y1, …]`` in pixels) → ``bool [H, W]`` (union of all polygons)."""
+    canvas = Image.new("L", (width, height), 0)
+    draw = ImageDraw.Draw(canvas)
+    for poly in polygons:
+        if len(poly) < 6 or len(poly) % 2:
+            raise ValueError(f"a polygon needs an even number (≥ 6) of coordinates, got {len(poly)}")
+        draw.polygon([(float(poly[i]), float(poly[i + 1])) for i in range(0, len(poly), 2)], fill=1)
+    return np.asarray(canvas, dtype=bool)
+
+
+def mask_bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
+    """Tight ``(x, y, width, height)`` of a binary mask; ``(0, 0, 0, 0)`` for an empty one."""
+    ys, xs = np.nonzero(mask)
+    if ys.size == 0:
+        return 0, 0, 0, 0
+    return int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)

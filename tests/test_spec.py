@@ -1,0 +1,468 @@
+"""The job spec: loading, validation errors that name their field, --set overrides, redaction, hashes, presets."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from clipmaps.pipeline.spec import (
+    GEMSpec,
+    InputSpec,
+    JobSpec,
+    MethodsSpec,
+    ModelSpec,
+    OutputSpec,
+    PoolSpec,
+    SpecError,
+    VocabularySpec,
+    apply_overrides,
+    load_spec,
+    redact_uri,
+    uri_scheme,
+)
+from clipmaps.pipeline.vocabularies import PRESETS, parse_vocabulary_file, vocabulary_id
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "jobs" / "examples"
+
+BASE = {
+    "input": {"manifest": "data/manifest.parquet"},
+    "output": {"uri": "results"},
+    "model": {"name": "ViT-B-16", "pretrained": "openai"},
+    "vocabulary": {"names": ["cat", "dog", "sofa"], "background": ["background"]},
+    "methods": {"gem": {}, "maskclip": {}},
+}
+
+
+def spec_with(change=None, overrides=()) -> JobSpec:
+    raw = copy.deepcopy(BASE)
+    if change is not None:
+        change(raw)
+    return load_spec(raw, overrides)
+
+
+def error_of(change=None, overrides=()) -> SpecError:
+    with pytest.raises(SpecError) as info:
+        spec_with(change, overrides)
+    return info.value
+
+
+# ------------------------------------------------------------------------------------------------ valid specs
+
+
+def test_defaults_follow_the_methods_params():
+    spec = spec_with(lambda d: d["methods"].update(legrad={}, maskinversion={}))
+    gem, legrad, mi, mc = (spec.methods.gem, spec.methods.legrad, spec.methods.maskinversion, spec.methods.maskclip)
+    assert (gem.depth, gem.ss_attn_iter, gem.ss_attn_temp, gem.size) == (7, 1, None, 448)
+    assert (legrad.layers, legrad.size) == (2, 448)
+    mi_values = (mi.iterations, mi.lr, mi.alpha, mi.wd, mi.optimizer, mi.layers, mi.size)
+    assert mi_values == (10, 0.1, 0.0, 0.0, "adamw", 1, 448)
+    assert (mc.templates, mc.ks_thresh, mc.pd_thresh, mc.size) == ("ensemble85", 0.0, 0.0, 512)
+    assert spec.methods.gem.resources == PoolSpec(batch_size=8, num_gpus=0, num_cpus=0.25, min_actors=1, max_actors=1)
+    assert spec.enabled_methods() == ["maskclip", "gem", "legrad", "maskinversion"]
+    assert spec.resources.max_pixels == 89_478_485 and spec.run.ray_address is None
+    # what the actors get: *Params kwargs with templates resolved (GEM's null → the vocabulary's)
+    assert spec.method_params("gem") == {"depth": 7, "ss_attn_iter": 1, "ss_attn_temp": None, "templates": "photo"}
+    assert spec.method_params("legrad") == {"layers": 2, "templates": "raw"}
+    assert spec.method_params("maskclip")["templates"] == "ensemble85"
+    assert spec.output_options("maskinversion")["labels"] is False
+    assert spec.requires_masks and not spec.requires_manifest_prompts
+
+
+def test_round_trip_through_dict_and_yaml(tmp_path):
+    spec = spec_with(
+        lambda d: d["methods"].update(
+            legrad={"layers": 3, "templates": ["a photo of a {}.", "a {}"], "prompts": "manifest"},
+            maskinversion={"lr": 0.5, "resources": {"batch_size": 2, "max_actors": 3}},
+        )
+    )
+    assert load_spec(spec.to_dict(redact=False)) == spec
+    path = tmp_path / "job.yaml"
+    path.write_text(spec.to_yaml(redact=False))
+    again = load_spec(path)
+    assert again == spec
+    assert again.methods.legrad.templates == ("a photo of a {}.", "a {}")  # lists become tuples
+    assert again.to_dict(redact=False) == spec.to_dict(redact=False)
+    assert "legrad" in again.to_dict()["methods"] and "gem" in again.to_dict()["methods"]
+
+
+def test_python_api_validates_too():
+    spec = JobSpec(
+        input=InputSpec(manifest="m.jsonl"),
+        output=OutputSpec(uri="out"),
+        model=ModelSpec(name="clipmaps-tiny-vit", seed=0),
+        methods=MethodsSpec(maskinversion={"size": 64}),  # mappings are accepted and built
+    )
+    assert spec.methods.maskinversion.size == 64 and spec.input.manifest_format == "jsonl"
+    with pytest.raises(SpecError, match=r"^min_actors: 2 is more than max_actors \(1\)"):
+        PoolSpec(min_actors=2)
+    with pytest.raises(SpecError, match=r"^depth: expected int, got str"):
+        GEMSpec(depth="7")
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
+def test_example_specs_load(path):
+    spec = load_spec(path)
+    assert spec.enabled_methods()
+    for m in spec.enabled_methods():
+        assert len(spec.method_params_hash(m)) == 16
+
+
+def test_examples_cover_what_they_promise():
+    names = {p.name for p in EXAMPLES.glob("*.yaml")}
+    assert {"demo.yaml", "coco-gem-maskclip.yaml", "regions-maskinversion.yaml"} <= names
+    demo = load_spec(EXAMPLES / "demo.yaml")
+    assert demo.enabled_methods() == ["maskclip", "gem", "legrad", "maskinversion"]
+    assert (demo.model.name, demo.model.seed) == ("clipmaps-tiny-vit", 0)
+    assert {demo.method(m).size for m in demo.enabled_methods()} == {224}
+    coco = load_spec(EXAMPLES / "coco-gem-maskclip.yaml")
+    assert coco.vocabulary.preset == "coco80" and coco.methods.gem.resources.num_gpus == 1
+    assert uri_scheme(coco.input.manifest) == "s3" and uri_scheme(coco.output.uri) == "s3"
+    assert load_spec(EXAMPLES / "regions-maskinversion.yaml").enabled_methods() == ["maskinversion"]
+
+
+# ------------------------------------------------------------------------------------------------ errors
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        # unknown key, with a suggestion
+        (lambda d: d["methods"]["gem"].update(dept=5), "methods.gem: unknown key 'dept' (did you mean 'depth'?)"),
+        (lambda d: d.update(ouptut={}), "unknown key 'ouptut' (did you mean 'output'?)"),
+        (lambda d: d["input"].update(zzz=1), "input: unknown key 'zzz' (expected one of: manifest,"),
+        # wrong type
+        (lambda d: d["methods"]["gem"].update(depth="five"), "methods.gem.depth: expected int, got str 'five'"),
+        (lambda d: d["methods"]["gem"].update(depth=5.5), "methods.gem.depth: expected int, got float 5.5"),
+        (lambda d: d["output"].update(overwrite="yes please"), "output.overwrite: expected bool, got str"),
+        (lambda d: d["vocabulary"].update(names=["cat", 7]), "vocabulary.names[1]: expected str, got int 7"),
+        (lambda d: d["methods"].update(gem=3), "methods.gem: expected mapping or null, got int 3"),
+        (lambda d: d["output"].update(heatmap_size=[64]), "output.heatmap_size: expected list of 2 int"),
+        (lambda d: d["output"].update(heatmap_encoding="png"), "output.heatmap_encoding: expected one of 'png8'"),
+        # missing required
+        (lambda d: d.pop("output"), "output: required but missing"),
+        (lambda d: d["input"].pop("manifest"), "input.manifest: required but missing"),
+        # weight sources
+        (lambda d: d["model"].update(seed=0), "model: give exactly one of pretrained"),
+        (lambda d: d["model"].pop("pretrained"), "model: give exactly one of pretrained"),
+        # methods
+        (lambda d: d.update(methods={}), "methods: at least one method is required"),
+        (lambda d: d["methods"].update(gem=None), "methods.gem: is empty (null): write 'gem: {}'"),
+        (lambda d: d["methods"]["gem"].update(labels=False, heatmaps=False), "methods.gem.labels: labels and heatmaps"),
+        # ViT-only methods on a ResNet
+        (lambda d: d["model"].update(name="RN50"), "methods.gem: GEM needs a ViT model; model.name 'RN50' is a ResNet"),
+        (
+            lambda d: d["model"].update(name="clipmaps-tiny-rn") or d.update(methods={"legrad": {}}),
+            "methods.legrad: LeGrad needs a ViT model",
+        ),
+        # vocabulary
+        (lambda d: d.pop("vocabulary"), "vocabulary: required by methods.maskclip.labels"),
+        (lambda d: d["vocabulary"].update(names=[]), "vocabulary.names: must not be empty"),
+        (lambda d: d["vocabulary"].update(names=["cat", "dog", "cat"]), "vocabulary.names[2]: duplicate name 'cat'"),
+        (lambda d: d["vocabulary"].update(names=["cat", " "]), "vocabulary.names[1]: must be a non-empty string"),
+        (lambda d: d["vocabulary"].update(background=["dog"]), "vocabulary.background: 'dog' is both a class name"),
+        (lambda d: d["vocabulary"].update(preset="voc20"), "vocabulary: give exactly one of names, preset or file"),
+        (lambda d: d.update(vocabulary={"preset": "ade"}), "vocabulary.preset: unknown preset 'ade' (did you mean"),
+        # thresholds
+        (lambda d: d["vocabulary"].update(threshold=1.0), "vocabulary.threshold: must be in (0, 1)"),
+        (lambda d: d["vocabulary"].update(threshold=0), "vocabulary.threshold: must be in (0, 1)"),
+        (lambda d: d["methods"]["maskclip"].update(pd_thresh=1.5), "methods.maskclip.pd_thresh: must be in [0, 1]"),
+        (lambda d: d.update(run={"max_error_fraction": -0.1}), "run.max_error_fraction: must be in [0, 1]"),
+        # templates
+        (lambda d: d["vocabulary"].update(templates=["a photo of a cat"]), "vocabulary.templates[0]: template"),
+        (lambda d: d["vocabulary"].update(templates=["{} and {}"]), "vocabulary.templates[0]: template '{} and {}'"),
+        (lambda d: d["vocabulary"].update(templates=["a {0}"]), "vocabulary.templates[0]:"),
+        (lambda d: d["methods"]["maskclip"].update(templates="ensemble80"), "methods.maskclip.templates: unknown"),
+        (lambda d: d["vocabulary"].update(templates=[]), "vocabulary.templates: the template list must not be empty"),
+        # pools and devices
+        (
+            lambda d: d["methods"]["gem"].update(resources={"min_actors": 4, "max_actors": 2}),
+            "methods.gem.resources.min_actors: 4 is more than max_actors (2)",
+        ),
+        (lambda d: d["methods"]["gem"].update(resources={"batch_size": 0}), "methods.gem.resources.batch_size"),
+        (lambda d: d["model"].update(device="cuda"), "methods.maskclip.resources.num_gpus: is 0 but model.device"),
+        (lambda d: d["model"].update(precision="bf16"), "methods.maskclip.resources.num_gpus: is 0 but model.precis"),
+        # sizes, inputs and outputs
+        (
+            lambda d: d["methods"]["gem"].update(size=450),
+            "methods.gem.size: 450 is not a multiple of the patch size 16",
+        ),
+        (
+            lambda d: d["methods"].update(legrad={"size": 224}),
+            "methods.legrad.size: 224 differs from methods.gem.size (448)",
+        ),
+        (lambda d: d["output"].update(uri="data/manifest.parquet"), "output.uri: 'data/manifest.parquet' is the input"),
+        (lambda d: d["output"].update(uri="./data"), "output.uri: './data' contains the input manifest"),
+        (lambda d: d["output"].update(write_expl_maps=True), "output.write_expl_maps: only MaskInversion"),
+        (lambda d: d["input"].update(manifest="coco.json"), "input.format: cannot tell the format of 'coco.json'"),
+        (lambda d: d["input"].update(allowed_schemes=["S3"]), "input.allowed_schemes[0]: 'S3' is not a lower-case"),
+        (lambda d: d["input"].update(limit=0), "input.limit: must be >= 1"),
+    ],
+)
+def test_errors_name_the_field(change, message):
+    err = error_of(change)
+    assert str(err).startswith(message), str(err)
+    assert isinstance(err, ValueError)
+
+
+def test_error_path_and_reason_are_separate():
+    err = error_of(lambda d: d["methods"]["gem"].update(resources={"num_cpus": "two"}))
+    assert err.path == ("methods", "gem", "resources", "num_cpus")
+    assert err.field == "methods.gem.resources.num_cpus"
+    assert err.reason == "expected number, got str 'two'"
+
+
+def test_resnet_runs_maskclip():
+    spec = spec_with(lambda d: d["model"].update(name="RN50") or d.update(methods={"maskclip": {}}))
+    assert spec.enabled_methods() == ["maskclip"] and spec.model.is_resnet and spec.model.patch_size is None
+    assert ModelSpec(name="clipmaps-tiny-vit", seed=0).patch_size == 8  # read from actors/model_configs
+    assert ModelSpec(name="ViT-L-14-336", pretrained="openai").patch_size == 14
+
+
+def test_scientific_floats_and_yaml_files(tmp_path):
+    path = tmp_path / "job.yaml"
+    raw = copy.deepcopy(BASE)
+    raw["methods"]["maskinversion"] = {"lr": "1e-3"}  # PyYAML reads 1e-3 as a string
+    path.write_text(yaml.safe_dump(raw))
+    assert load_spec(path).methods.maskinversion.lr == pytest.approx(1e-3)
+    path.write_text("input: [unclosed")
+    with pytest.raises(SpecError, match="invalid YAML"):
+        load_spec(path)
+    path.write_text("")
+    with pytest.raises(SpecError, match="empty"):
+        load_spec(path)
+    path.write_text("- a\n- b\n")
+    with pytest.raises(SpecError, match="must be a mapping"):
+        load_spec(path)
+    with pytest.raises(SpecError, match="cannot read job spec"):
+        load_spec(tmp_path / "missing.yaml")
+    path.write_text("!!python/object/apply:os.system ['true']\n")  # safe_load only
+    with pytest.raises(SpecError, match="invalid YAML"):
+        load_spec(path)
+
+
+def test_manifest_checks_once_columns_are_known():
+    spec = spec_with(lambda d: d["methods"].update(maskinversion={}, legrad={"prompts": "manifest"}))
+    spec.check_manifest(has_masks=True, has_prompts=True)
+    with pytest.raises(SpecError, match=r"^methods.maskinversion: needs region masks.*no 'masks' column"):
+        spec.check_manifest(has_masks=False, has_prompts=True)
+    with pytest.raises(SpecError, match=r"^methods.legrad.prompts: LeGrad heatmaps need prompts"):
+        spec.check_manifest(has_masks=True, has_prompts=False)
+    assert spec.prompt_source("gem", manifest_has_prompts=True) == "manifest"
+    assert spec.prompt_source("gem", manifest_has_prompts=False) == "vocabulary"
+    no_vocab = load_spec(
+        {**BASE, "vocabulary": None, "methods": {"legrad": {}}},
+    )
+    assert no_vocab.requires_manifest_prompts
+    with pytest.raises(SpecError, match="has no 'prompts' column"):
+        no_vocab.check_manifest(has_masks=False, has_prompts=False)
+    with pytest.raises(SpecError, match=r"^vocabulary: required by methods.legrad.prompts"):
+        load_spec({**BASE, "vocabulary": None, "methods": {"legrad": {"prompts": "vocabulary"}}})
+
+
+# ------------------------------------------------------------------------------------------------ overrides
+
+
+def test_overrides_nested_list_and_new_sections():
+    spec = spec_with(
+        overrides=[
+            "methods.gem.depth=5",
+            "methods.gem.resources.num_gpus=0.5",
+            "vocabulary.names=[cat, dog, red car]",
+            "methods.legrad.layers=3",  # creates the section: LeGrad now runs
+            "input.storage_options.client_kwargs.endpoint_url=http://minio:9000",
+            "output.uri=s3://bucket/out",
+            "vocabulary.threshold=0.25",
+            "run.progress=false",
+        ]
+    )
+    assert spec.methods.gem.depth == 5 and spec.methods.gem.resources.num_gpus == 0.5
+    assert spec.vocabulary.names == ("cat", "dog", "red car")
+    assert spec.methods.legrad.layers == 3 and "legrad" in spec.enabled_methods()
+    assert spec.input.storage_options == {"client_kwargs": {"endpoint_url": "http://minio:9000"}}
+    assert spec.output.uri == "s3://bucket/out" and spec.vocabulary.threshold == 0.25 and spec.run.progress is False
+
+
+def test_override_switches_weight_source_and_removes_methods():
+    spec = spec_with(overrides=["model.pretrained=null", "model.seed=0", "methods.maskclip=null"])
+    assert spec.model.seed == 0 and spec.model.pretrained is None and spec.model.weights_id == "random:seed=0"
+    assert spec.enabled_methods() == ["gem"]
+    with pytest.raises(SpecError, match="at least one method"):
+        spec_with(overrides=["methods.gem=null", "methods.maskclip="])
+    assert spec_with(overrides=["methods.legrad={}"]).methods.legrad.layers == 2
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("methods.gem.dept=5", "methods.gem: --set 'methods.gem.dept=5': unknown key 'dept' (did you mean 'depth'?)"),
+        ("modle.name=RN50", "--set 'modle.name=RN50': unknown key 'modle' (did you mean 'model'?)"),
+        ("model.name.x=1", "model.name: --set 'model.name.x=1': model.name is a str, it has no keys"),
+        ("methods.gem.depth", "--set 'methods.gem.depth': expected key.path=value"),
+        ("methods..depth=1", "--set 'methods..depth=1': expected key.path=value"),
+        ("methods.gem.depth=five", "methods.gem.depth: expected int, got str 'five'"),
+        ("methods.gem.depth=[1", "methods.gem.depth: --set 'methods.gem.depth=[1': cannot parse the value as YAML"),
+    ],
+)
+def test_bad_overrides(override, message):
+    assert str(error_of(overrides=[override])).startswith(message)
+
+
+def test_apply_overrides_does_not_touch_its_input():
+    raw = copy.deepcopy(BASE)
+    out = apply_overrides(raw, ["methods.gem.depth=3", "methods.maskclip=null"])
+    assert raw == BASE and out["methods"] == {"gem": {"depth": 3}}
+
+
+# ------------------------------------------------------------------------------------------------ redaction
+
+
+def test_redaction_removes_planted_secrets():
+    secrets = ["AKIAPLANTED1", "s3cr3t/with+slash", "SESSIONTOKEN9", "hunter2pw", "credblob77", "urlpass88",
+               "sigvalue55", "raypw66", "weightspw44"]  # fmt: skip
+    raw = copy.deepcopy(BASE)
+    raw["input"] = {
+        "manifest": f"s3://AKIAPLANTED1:{secrets[1]}@bucket/m.parquet?X-Amz-Signature=sigvalue55&versionId=3",
+        "storage_options": {
+            "key": "AKIAPLANTED1",
+            "secret": secrets[1],
+            "client_kwargs": {"endpoint_url": "http://minio:9000", "aws_session_token": "SESSIONTOKEN9"},
+        },
+    }
+    raw["output"] = {"uri": "s3://user:urlpass88@bucket/out", "storage_options": {"Password": "hunter2pw"}}
+    raw["model"] = {
+        "name": "ViT-B-16",
+        "weights": "s3://u:weightspw44@models/vit.safetensors",
+        "storage_options": {"credentials": {"private": "credblob77"}},
+    }
+    raw["run"] = {"ray_address": "ray://admin:raypw66@head:10001"}
+    spec = load_spec(raw)
+    text = json.dumps(spec.to_dict()) + spec.to_yaml() + spec.model.weights_id
+    for s in secrets:
+        assert s not in text, s
+    redacted = spec.to_dict()
+    assert redacted["input"]["storage_options"]["client_kwargs"]["endpoint_url"] == "http://minio:9000"
+    assert redacted["input"]["manifest"] == "s3://***@bucket/m.parquet?X-Amz-Signature=***&versionId=3"
+    assert redacted["output"]["uri"] == "s3://***@bucket/out"
+    assert "AKIAPLANTED1" in json.dumps(spec.to_dict(redact=False))  # the runner still has them
+    # hashes do not depend on credentials in the weights URI
+    other = load_spec({**raw, "model": {**raw["model"], "weights": "s3://u:rotated@models/vit.safetensors"}})
+    assert other.method_params_hash("gem") == spec.method_params_hash("gem")
+
+
+def test_errors_do_not_echo_secrets_in_uris():
+    err = error_of(lambda d: d["input"].update(manifest="s3://AK:SECRETX@b/m.json"))
+    assert "SECRETX" not in str(err)
+    err = error_of(
+        lambda d: d["output"].update(uri="s3://AK:SECRETY@b/o") or d["input"].update(manifest="s3://b/o/m.pq")
+    )
+    assert "SECRETY" not in str(err) and "contains the input manifest" in str(err)
+
+
+def test_redact_uri_cases():
+    assert redact_uri("s3://bucket/key@v2/x") == "s3://bucket/key@v2/x"
+    assert redact_uri("s3://token@bucket/x") == "s3://***@bucket/x"
+    assert redact_uri("s3://k:p@ss@bucket/x") == "s3://***@bucket/x"
+    assert redact_uri("/local/path/a@b") == "/local/path/a@b"
+    assert redact_uri("https://h/x?token=abc&a=1") == "https://h/x?token=***&a=1"
+    assert uri_scheme("/data/x.png") == "file" and uri_scheme("S3://b/k") == "s3" and uri_scheme("file:///x") == "file"
+    assert InputSpec(manifest="m.csv").scheme_allowed("relative/x.png")
+    assert not InputSpec(manifest="m.csv").scheme_allowed("http://169.254.169.254/latest")
+
+
+# ------------------------------------------------------------------------------------------------ vocabularies
+
+
+def test_preset_counts():
+    counts = {name: len(names) for name, names in PRESETS.items()}
+    assert counts == {"voc20": 20, "context59": 59, "coco80": 80, "cocostuff171": 171, "ade150": 150}
+    for names in PRESETS.values():
+        assert len(set(names)) == len(names)
+        assert all(n == n.strip() and n for n in names)
+    assert PRESETS["cocostuff171"][:80] == PRESETS["coco80"]
+    assert PRESETS["voc20"][0] == "aeroplane" and PRESETS["ade150"][0] == "wall" and PRESETS["coco80"][0] == "person"
+
+
+def test_vocabulary_ids_and_file_vocabularies():
+    v = VocabularySpec(names=("cat", "dog"), background=("sky",))
+    assert v.vocabulary_id() == vocabulary_id(["cat", "dog"], ["sky"], "photo")
+    assert len(v.vocabulary_id()) == 16
+    assert VocabularySpec(names=("dog", "cat"), background=("sky",)).vocabulary_id() != v.vocabulary_id()
+    assert VocabularySpec(names=("cat", "dog")).vocabulary_id() != v.vocabulary_id()
+    assert VocabularySpec(names=("cat", "dog"), background=("sky",), templates="raw").vocabulary_id() != (
+        v.vocabulary_id()
+    )
+    assert VocabularySpec(preset="voc20").class_names() == PRESETS["voc20"]
+
+    spec = spec_with(lambda d: d.update(vocabulary={"file": "s3://b/classes.txt", "background": ["background"]}))
+    with pytest.raises(SpecError, match="vocabulary.file: the names of a vocabulary file are read at plan time"):
+        spec.method_params_hash("gem")
+    names = parse_vocabulary_file("# classes\ncat\n\n  dog \n")
+    assert names == ["cat", "dog"]
+    resolved = spec.with_vocabulary_names(names)
+    assert resolved.vocabulary.names == ("cat", "dog") and resolved.vocabulary.file is None
+    assert resolved.method_params_hash("gem") == spec.method_params_hash("gem", class_names=names)
+    with pytest.raises(SpecError, match=r"^vocabulary.file\[1\]: duplicate name 'cat'"):
+        spec.with_vocabulary_names(["cat", "cat"])
+    with pytest.raises(SpecError, match=r"^vocabulary.background: 'background' is both"):
+        spec.with_vocabulary_names(["cat", "background"])
+
+
+def test_method_templates_and_vocabulary_ids():
+    spec = spec_with(lambda d: d["vocabulary"].update(templates="ensemble85"))
+    assert spec.templates("gem") == "ensemble85"  # GEM's null templates follow the vocabulary
+    assert spec.templates("maskclip") == "ensemble85"
+    assert spec.vocabulary_id("gem") == spec.vocabulary_id("maskclip") == spec.vocabulary.vocabulary_id()
+    plain = spec_with()
+    assert plain.templates("gem") == "photo" and plain.vocabulary_id("gem") != plain.vocabulary_id("maskclip")
+
+
+# ------------------------------------------------------------------------------------------------ hashes
+
+
+def test_params_hash_tracks_results_not_resources():
+    base = spec_with()
+    h = base.method_params_hash("gem")
+    assert len(h) == 16 and all(c in "0123456789abcdef" for c in h)
+    assert spec_with().method_params_hash("gem") == h  # stable
+    same = [
+        "methods.gem.resources.batch_size=32",
+        "methods.gem.resources.num_gpus=1",
+        "methods.gem.resources.max_actors=8",
+        "resources.decode_cpus=4",
+        "output.rows_per_file=10",
+        "run.max_error_fraction=0.5",
+        "methods.maskclip.ks_thresh=1.0",  # another method's parameter
+        "methods.gem.heatmaps=false",  # what is written, not how it is computed
+    ]
+    for override in same:
+        assert spec_with(overrides=[override]).method_params_hash("gem") == h, override
+    different = [
+        "methods.gem.depth=5",
+        "methods.gem.ss_attn_temp=2.0",
+        "methods.gem.templates=raw",
+        "methods.gem.size=224",
+        "model.name=ViT-B-32",
+        "model.pretrained=laion2b_s34b_b79k",
+        "model.precision=bf16",
+        "vocabulary.names=[cat, dog]",
+        "vocabulary.background=[]",
+        "vocabulary.threshold=0.5",
+    ]
+    for override in different:
+        extra = ["methods.gem.resources.num_gpus=1", "methods.maskclip.resources.num_gpus=1"]
+        assert spec_with(overrides=[override, *extra]).method_params_hash("gem") != h, override
+    assert base.method_params_hash("maskclip") != h
+
+
+def test_driver_modules_import_no_torch_or_ray():
+    code = (
+        "import sys; import clipmaps.pipeline.spec, clipmaps.pipeline.vocabularies; "
+        "bad = [m for m in ('torch', 'ray', 'open_clip') if m in sys.modules]; assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
