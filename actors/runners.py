@@ -224,7 +224,8 @@ class MaskInversionRunner(Runner):
     def __init__(self, lm, params: MaskInversionParams, vocabulary, options, text):
         super().__init__(lm, params, vocabulary, options, text)
         self.maskinversion = MaskInversion(lm.model, params)
-        self.dim = int(lm.model.visual.proj.shape[1]) if lm.model.visual.proj is not None else lm.model.visual.output_dim
+        visual = lm.model.visual
+        self.dim = int(visual.proj.shape[1]) if visual.proj is not None else int(visual.output_dim)
 
     def fill_missing(self, name: str, values: list) -> list:
         empty = {cols.col(self.method, cols.EMBEDDINGS): np.zeros((0, self.dim), np.float32),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 
 # ---------------------------------------------------------------------------------------------- label maps
@@ -144,14 +144,31 @@ def _string_to_counts(s: str) -> list[int]:
 
 # ---------------------------------------------------------------------------------------------- polygons
 def polygons_to_mask(polygons: list[list[float]], height: int, width: int) -> np.ndarray:
-    """COCO polygons (each ``[x0, y0, x1, y1, …]`` in pixels) → ``bool [H, W]`` (union of all polygons)."""
-    canvas = Image.new("L", (width, height), 0)
-    draw = ImageDraw.Draw(canvas)
+    """COCO polygons (each ``[x0, y0, x1, y1, …]`` in pixels) → ``bool [H, W]`` (union of all polygons).
+
+    A pixel is inside when its centre ``(x + 0.5, y + 0.5)`` is inside the polygon (even-odd rule), so a square
+    from (2, 2) to (6, 6) covers 4 × 4 pixels, as COCO's rasteriser does (Pillow's fill would give 5 × 5).
+    """
+    mask = np.zeros((height, width), dtype=bool)
     for poly in polygons:
         if len(poly) < 6 or len(poly) % 2:
             raise ValueError(f"a polygon needs an even number (≥ 6) of coordinates, got {len(poly)}")
-        draw.polygon([(float(poly[i]), float(poly[i + 1])) for i in range(0, len(poly), 2)], fill=1)
-    return np.asarray(canvas, dtype=bool)
+        pts = np.asarray(poly, dtype=np.float64).reshape(-1, 2)
+        x0, y0 = max(0, int(np.floor(pts[:, 0].min()))), max(0, int(np.floor(pts[:, 1].min())))
+        x1, y1 = min(width, int(np.ceil(pts[:, 0].max())) + 1), min(height, int(np.ceil(pts[:, 1].max())) + 1)
+        if x0 >= x1 or y0 >= y1:
+            continue
+        cx = np.arange(x0, x1, dtype=np.float64)[None, :] + 0.5
+        cy = np.arange(y0, y1, dtype=np.float64)[:, None] + 0.5
+        inside = np.zeros((y1 - y0, x1 - x0), dtype=bool)
+        for (ax, ay), (bx, by) in zip(pts, np.roll(pts, -1, axis=0)):
+            if ay == by:
+                continue
+            crosses = (ay > cy) != (by > cy)  # the edge spans this row's centre line
+            x_at = ax + (cy - ay) * (bx - ax) / (by - ay)
+            inside ^= crosses & (cx < x_at)
+        mask[y0:y1, x0:x1] |= inside
+    return mask
 
 
 def mask_bbox(mask: np.ndarray) -> tuple[int, int, int, int]:

@@ -131,14 +131,12 @@ def test_polygons_close_to_pycocotools():
     ours = polygons_to_mask(polys, 50, 100)
     theirs = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(polys, 50, 100))).astype(bool)
     iou = (ours & theirs).sum() / (ours | theirs).sum()
-    assert iou > 0.9  # rasterisation rules differ on edges only (see the xfail below)
+    assert iou > 0.99  # same pixel-centre rule; COCO differs only on a few edge pixels
 
 
-@pytest.mark.xfail(strict=True, reason="polygons_to_mask fills Pillow-style, edges inclusive: a 4x4 COCO square "
-                   "becomes 5x5 (area 25, COCO 16); fix in schemas.encodings, then drop this mark")
 def test_polygon_square_area_matches_coco():
     m = polygons_to_mask([[2, 2, 6, 2, 6, 6, 2, 6]], 8, 8)
-    assert int(m.sum()) == 16  # pycocotools: mask.area(frPyObjects(...)) == 16
+    assert int(m.sum()) == 16  # as pycocotools: mask.area(frPyObjects(...)) == 16
 
 
 # ---------------------------------------------------------------------------------------------- polygons, bbox
@@ -148,7 +146,7 @@ def test_polygons_to_mask_union_and_errors():
     m = polygons_to_mask([square, tri], 8, 16)
     assert m.dtype == bool and m.shape == (8, 16)
     assert m[4, 4] and m[1, 12] and not m[7, 0] and not m[4, 9]
-    assert mask_bbox(m) == (2, 0, 13, 7)
+    assert mask_bbox(m) == (2, 0, 12, 6)  # pixel centres inside: x 2..13, y 0..5
     outside = polygons_to_mask([[100, 100, 120, 100, 110, 120]], 8, 16)
     assert not outside.any()
     with pytest.raises(ValueError, match=r"even number \(≥ 6\)"):
