@@ -9,23 +9,22 @@ from pathlib import Path
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import DemoConfig, run_demo
+    from .demo import HOW_TO_READ, DemoConfig, run_demo
 
-    cfg = DemoConfig(output=Path(args.output), model=args.model, pretrained=args.pretrained, weights=args.weights,
-                     size=args.size, scenes=args.scenes)
-    summary = run_demo(cfg)
-    out = cfg.output
-    print(f"clipmaps demo: {summary['scenes']} scenes, {summary['regions']} regions, "
-          f"{summary['seconds']} s, model {summary['model']} ({summary['weights']})")
-    print(f"  label maps (GEM, MaskCLIP):   {out / 'labels'}")
-    print(f"  heatmaps (GEM, LeGrad):       {out / 'heatmaps'}")
-    print(f"  region embeddings (MaskInversion): {out / 'regions.jsonl'}")
-    print(f"  summary:                      {out / 'summary.json'}")
-    if summary["random_weights"]:
-        print("NOTE: the model has random weights, so these maps are meaningless noise; they show that the\n"
-              "      methods run end to end. With a real CLIP: clipmaps demo --model ViT-B-16 --pretrained openai\n"
-              "      (needs hub access) or --weights s3://bucket/ViT-B-16.safetensors.")
-    return 0
+    cfg = DemoConfig(folder=Path(args.output), scenes=args.scenes, model=args.model, pretrained=args.pretrained,
+                     weights=args.weights, size=args.size)
+    spec, result = run_demo(cfg, progress=print)
+    out = Path(spec.output.uri)
+    print(summary_table(result))
+    print(f"\noutputs under {out}:")
+    for name in ("labels", "heatmaps", "regions", "errors", "vocabulary", "_job.json"):
+        print(f"  {out / name}")
+    print(HOW_TO_READ.format(out=out))
+    if cfg.random_weights:
+        print("\nNOTE: the model has random weights, so these maps are meaningless noise; they only show that the\n"
+              "      pipeline runs end to end. With a real CLIP: clipmaps demo --model ViT-B-16 --pretrained openai\n"
+              "      (needs hub access) or --weights s3://bucket/ViT-B-16.safetensors (or a local file).")
+    return 0 if result.ok else 3
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -90,13 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clipmaps", description="Dense open-vocabulary annotations with CLIP.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run the four methods on generated sample scenes")
-    demo.add_argument("--output", default="clipmaps-demo-output", help="output folder")
+    demo = sub.add_parser("demo", help="run the whole pipeline (local Ray, all four methods) on sample scenes")
+    demo.add_argument("--output", default="clipmaps-demo", help="folder for the generated inputs and the outputs")
     demo.add_argument("--model", default="clipmaps-tiny-vit", help="open_clip model name")
     demo.add_argument("--pretrained", default=None, help="open_clip pretrained tag (needs hub access)")
     demo.add_argument("--weights", default=None, help="weights file or URI (safetensors or a torch state dict)")
-    demo.add_argument("--size", type=int, default=224, help="input size in pixels")
-    demo.add_argument("--scenes", type=int, default=3, help="number of sample scenes")
+    demo.add_argument("--size", type=int, default=None, help="input size in pixels (default: the demo spec's)")
+    demo.add_argument("--scenes", type=int, default=6, help="number of sample scenes")
     demo.set_defaults(func=_demo)
     run = sub.add_parser("run", help="run a job spec (YAML) on Ray")
     run.add_argument("spec", help="job spec YAML file")

@@ -92,15 +92,16 @@ def run(spec: JobSpec, *, dry_run: bool = False, progress: Callable[[str], None]
         ray.init(address=spec.run.ray_address, include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
     try:
+        quiet_ray_data()
         plan.notes.extend(check_resources(spec, ray.cluster_resources()))
         text = plan.describe()
         say(text)
         fs, root = filesystem(spec.output.uri, dict(spec.output.storage_options))
         prepare_output(spec, fs, root)
         write_vocabulary(plan, fs, root)
-        if plan.refused:
-            write_table(pa.Table.from_pylist([_refused_row(r) for r in plan.refused], schema=ERRORS), fs,
-                        posixpath.join(root, "errors", "part-manifest.parquet"))
+        # the errors dataset always exists (readers of an empty run see its schema); refused rows go in first
+        write_table(pa.Table.from_pylist([_refused_row(r) for r in plan.refused], schema=ERRORS), fs,
+                    posixpath.join(root, "errors", "part-manifest.parquet"))
         counts = {name: 0 for name in cols.STATS}
         counts["errors"] = len(plan.refused)
         t0 = time.time()
@@ -122,6 +123,18 @@ def run(spec: JobSpec, *, dry_run: bool = False, progress: Callable[[str], None]
     finally:
         if own_ray:
             ray.shutdown()
+
+
+def quiet_ray_data() -> None:
+    """clipmaps prints its own progress line; Ray Data's progress bars and per-stage logs would repeat it."""
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    if hasattr(ctx, "enable_rich_progress_bars"):
+        ctx.enable_rich_progress_bars = False
+    if not logger.isEnabledFor(logging.DEBUG):
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 def prepare_output(spec: JobSpec, fs, root: str) -> None:

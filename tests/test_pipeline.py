@@ -1,0 +1,114 @@
+"""The pipeline end to end on real local Ray: manifest → decode → four actor pools → Parquet datasets."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pytest
+
+from clipmaps.jobs.demo import DEMO_SPEC, write_scenes
+from clipmaps.pipeline.run import run
+from clipmaps.pipeline.spec import load_spec
+from clipmaps.schemas.datasets import ERRORS, HEATMAPS, LABELS
+from clipmaps.schemas.encodings import decode_heatmap, decode_label_map, rle_encode
+
+SCENES = 4
+
+
+def _manifest_with_bad_rows(folder):
+    """The demo scenes plus rows that must end as error rows: missing file, corrupt bytes, a mask of the wrong size."""
+    manifest = write_scenes(folder, SCENES)
+    (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    wrong = dict(rows[0], image_id="wrong-mask",
+                 masks=[{"region_id": "too-small", "rle": rle_encode(np.ones((5, 5), bool))}])
+    rows += [{"image_id": "missing", "image_uri": str(folder / "nope.jpg")},
+             {"image_id": "corrupt", "image_uri": str(folder / "corrupt.jpg")}, wrong]
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return manifest
+
+
+@pytest.fixture(scope="module")
+def finished_job(ray_local, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("job")
+    manifest = _manifest_with_bad_rows(folder / "input")
+    spec = load_spec(DEMO_SPEC, overrides=[f"input.manifest={manifest}", f"output.uri={folder / 'out'}",
+                                           "output.overwrite=false", "run.max_error_fraction=0.5"])
+    lines = []
+    result = run(spec, progress=lines.append)
+    return spec, result, folder / "out", lines
+
+
+def _read(out, name):
+    return pads.dataset(out / name, format="parquet").to_table()
+
+
+def test_every_input_ends_as_outputs_or_errors(finished_job):
+    spec, result, out, lines = finished_job
+    good = [f"scene-{i:03d}" for i in range(SCENES)]
+    assert result.total == SCENES + 3 and result.processed == SCENES + 3
+    labels, heatmaps, regions, errors = (_read(out, n) for n in ("labels", "heatmaps", "regions", "errors"))
+    # GEM and MaskCLIP label every good image (and the wrong-mask image, whose picture is fine)
+    assert sorted(labels.column("image_id").to_pylist()) == sorted((good + ["wrong-mask"]) * 2)
+    assert heatmaps.num_rows == (SCENES + 1) * 3 * 2  # 3 prompts per scene, GEM + LeGrad
+    assert regions.num_rows == SCENES * 3
+    by_id = {}
+    for row in errors.to_pylist():
+        by_id.setdefault(row["image_id"], []).append(row)
+    assert by_id["missing"][0]["stage"] == "read" and "nope.jpg" in by_id["missing"][0]["message"]
+    assert by_id["corrupt"][0]["stage"] == "decode"
+    mask_errors = [r for r in by_id["wrong-mask"] if r["stage"] == "mask"]
+    assert mask_errors and mask_errors[0]["region_id"] == "too-small"
+    assert {r["error_type"] for r in by_id["wrong-mask"]} >= {"MaskSizeMismatch", "NoMasks"}
+    assert result.errors == 3 and result.ok  # 3 of 7 images had an error, under the 0.5 threshold
+    assert any(line.startswith("progress") for line in lines)
+
+
+def test_outputs_follow_the_schemas_and_decode(finished_job):
+    spec, _, out, _ = finished_job
+    labels, heatmaps, regions = (_read(out, n) for n in ("labels", "heatmaps", "regions"))
+    for table, schema in ((labels, LABELS), (heatmaps, HEATMAPS), (_read(out, "errors"), ERRORS)):
+        assert table.schema.remove_metadata().equals(schema, check_metadata=False)
+    row = labels.to_pylist()[0]
+    lm = decode_label_map(row["label_map"])
+    assert lm.shape == (row["height"], row["width"]) == (240, 320)
+    assert lm.max() <= 18
+    hm = heatmaps.to_pylist()[0]
+    assert decode_heatmap(hm["heatmap"], hm["encoding"], hm["height"], hm["width"]).shape == (240, 320)
+    assert regions.schema.field("embedding").type == pa.list_(pa.float32(), 32)
+    emb = np.stack(regions.column("embedding").to_numpy(zero_copy_only=False))
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
+    assert set(regions.column("params_hash").to_pylist()) == {spec.method_params_hash("maskinversion")}
+    assert set(labels.column("weights").to_pylist()) == {"random:seed=0"}
+    vocab = _read(out, "vocabulary").to_pylist()
+    assert {v["vocabulary_id"] for v in vocab} >= set(labels.column("vocabulary_id").to_pylist())
+    job = json.loads((out / "_job.json").read_text())
+    assert job["counts"]["images"] == SCENES + 3 and job["spec"]["model"]["name"] == "clipmaps-tiny-vit"
+
+
+def test_outputs_open_with_pandas_and_duckdb(finished_job):
+    _, _, out, _ = finished_job
+    import duckdb
+    import pandas as pd
+
+    regions = pd.read_parquet(out / "regions")
+    assert len(regions) == SCENES * 3 and regions["embedding"].iloc[0].shape == (32,)
+    counts = dict(duckdb.sql(f"SELECT method, count(*) FROM '{out}/heatmaps/*.parquet' GROUP BY method").fetchall())
+    assert counts == {"gem": (SCENES + 1) * 3, "legrad": (SCENES + 1) * 3}
+
+
+def test_a_second_run_into_the_same_output_is_refused(finished_job):
+    spec, _, out, _ = finished_job
+    with pytest.raises(FileExistsError, match="already holds a job's output"):
+        run(spec)
+
+
+def test_dry_run_resolves_without_running(tmp_path):
+    manifest = write_scenes(tmp_path / "input", 2)
+    spec = load_spec(DEMO_SPEC, overrides=[f"input.manifest={manifest}", f"output.uri={tmp_path / 'out'}"])
+    result = run(spec, dry_run=True)
+    assert "2 images to process" in result.plan_text and "maskinversion" in result.plan_text
+    assert not (tmp_path / "out").exists()
