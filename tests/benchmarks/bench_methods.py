@@ -111,15 +111,19 @@ def run_worker(args, side: str, method: str, save: str | None) -> dict:
     env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads), PYTHONUNBUFFERED="1")
     env.pop("PYTHONPATH", None)  # each side sees only its own venv
     cmd = worker_cmd(args, side, method, save)
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
+    load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_RESULT ")]
     if not lines:
         tail = (proc.stdout[-2000:] + "\n" + proc.stderr[-4000:]).strip()
         return {"side": side, "method": method, "error": f"worker exited {proc.returncode} without a result:\n{tail}"}
     res = json.loads(lines[-1][len("BENCH_RESULT "):])
     res["process_wall_seconds"] = wall
+    # 1-minute load average around the worker: > threads means something else competed for the cores
+    res["loadavg_1min"] = [load_before, load_after]
     if "seconds" in res and res.get("items"):
         res["throughput"] = res["items"] / res["seconds"]
     if "bf16_seconds" in res and res.get("items"):
@@ -290,6 +294,8 @@ def main(argv=None) -> int:
                               if "seconds" in res else "ERROR")
                     if "bf16_seconds" in res:
                         status += f"; bf16 {res['bf16_seconds']:.2f} s"
+                    if res.get("loadavg_1min") and res["loadavg_1min"][1] is not None:
+                        status += f"  (load {res['loadavg_1min'][1]:.1f})"
                     print(f"[{time.perf_counter() - t_start:7.1f} s] repeat {rep + 1}/{args.repeats} {m:13s} "
                           f"{side:8s} {status}", flush=True)
                 if all(saves.values()) and all("error" not in results[m][s][-1] for s in saves):
@@ -322,6 +328,13 @@ def main(argv=None) -> int:
     print_report(args, info, versions, summary, checks)
     for p in sorted(set(problems)):
         print(f"WARNING: {p}")
+    loads = [r["loadavg_1min"][1] for m in args.methods for side in ("upstream", "clipmaps")
+             for r in results[m][side] if r.get("loadavg_1min") and r["loadavg_1min"][1] is not None]
+    if loads and args.device == "cpu":
+        busy = max(loads) > args.threads + 0.5
+        print(f"1-min load average after the workers: median {statistics.median(loads):.1f}, max {max(loads):.1f}"
+              + (f" (> {args.threads} threads: other processes competed for the cores; timings are noisy)"
+                 if busy else ""))
     print(f"total wall time {time.perf_counter() - t_start:.0f} s")
     if args.json:
         payload = {"args": vars(args), "machine": info, "versions": versions, "summary": summary,
