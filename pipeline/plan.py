@@ -47,6 +47,8 @@ class Plan:
     vocabulary: list[str] | None
     methods: list[str]
     square_size: int | None
+    manifest_digest: str = ""
+    shard_sizes: dict[int, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -104,8 +106,9 @@ def check_resources(spec: JobSpec, available: dict) -> list[str]:
     return [f"reserves {need_cpu:g}/{cpus:g} CPUs and {need_gpu:g}/{gpus:g} GPUs at minimum pool sizes"]
 
 
-def build_dataset(plan: Plan, *, blocks: int = 0):
-    """The Ray dataset of per-batch counts (``schemas.batches.STATS`` columns) for ``plan``."""
+def build_dataset(plan: Plan, table: pa.Table | None = None, *, blocks: int = 0):
+    """The Ray dataset of per-batch, per-shard counts (``shard`` and ``schemas.batches.STATS`` columns) for the
+    rows of ``table`` (default: all of the plan's manifest)."""
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -116,7 +119,7 @@ def build_dataset(plan: Plan, *, blocks: int = 0):
     from .sinks import Provenance, SinkConfig, sink_batch
 
     spec = plan.spec
-    table = plan.manifest
+    table = plan.manifest if table is None else table
     n_blocks = blocks or max(1, min(table.num_rows, 200))
     step = max(1, -(-table.num_rows // n_blocks))
     ds = ray.data.from_arrow([table.slice(i, step) for i in range(0, table.num_rows, step)])

@@ -1,9 +1,10 @@
 """The sink stage: turns finished batches into rows of the output datasets and writes them as Parquet.
 
 Runs as the last ``map_batches`` stage (CPU tasks), so the driver only ever sees a small table of counts per batch.
-Each batch writes at most one file per dataset, named by a hash of the batch's image ids (the same batch content
-always maps to the same name), first to a temporary name, then moved into place, so a reader never sees a partial
-file. Every schema comes from ``clipmaps.schemas.datasets``.
+Each batch writes at most one file per dataset and manifest shard, named by the shard and a hash of the
+batch's image ids (the same rows always map to the same name), first to a temporary name, then moved into
+place, so a reader never sees a partial file (temporary names start with ``_``, which Parquet readers skip).
+Every schema comes from ``clipmaps.schemas.datasets``.
 """
 
 from __future__ import annotations
@@ -62,6 +63,19 @@ def write_table(table: pa.Table, fs, path: str) -> None:
     fs.mv(tmp, path)
 
 
+def shard_file(shard: int, token: str) -> str:
+    """File name of one batch's rows of one shard: ``part-<shard>-<hash of its image ids>.parquet``."""
+    return f"part-{shard:07d}-{token}.parquet"
+
+
+def shard_of_file(name: str) -> int | None:
+    """The shard a result file belongs to, or None for other files (e.g. ``part-manifest.parquet``)."""
+    parts = posixpath.basename(name).split("-")
+    if len(parts) == 3 and parts[0] == "part" and parts[1].isdigit():
+        return int(parts[1])
+    return None
+
+
 class SinkStage:
     """Callable for ``map_batches``: writes the batch's rows, returns one row of counts."""
 
@@ -69,18 +83,23 @@ class SinkStage:
         self.config = config
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Write the batch's rows, one file per dataset and shard; return one row of counts per shard."""
         cfg = self.config
-        ids = [str(i) for i in batch[cols.IMAGE_ID]]
-        token = hashlib.sha256("\n".join(ids).encode()).hexdigest()[:20]
-        tables = self.tables(batch)
         fs, root = filesystem(cfg.output_uri, cfg.storage_options)
-        counts = {name: 0 for name in cols.STATS}
-        counts["rows"] = len(ids)
-        for name, table in tables.items():
-            if table.num_rows:
-                write_table(table, fs, posixpath.join(root, name, f"part-{token}.parquet"))
-            counts[name] = table.num_rows
-        return {k: np.array([v], dtype=np.int64) for k, v in counts.items()}
+        shards = batch[cols.SHARD] if cols.SHARD in batch else np.zeros(len(batch[cols.IMAGE_ID]), np.int64)
+        out: dict[str, list[int]] = {name: [] for name in (cols.SHARD, *cols.STATS)}
+        for shard in sorted({int(v) for v in shards}):
+            rows = [i for i, v in enumerate(shards) if int(v) == shard]
+            sub = {k: [v[i] for i in rows] for k, v in batch.items()}
+            ids = [str(i) for i in sub[cols.IMAGE_ID]]
+            token = hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
+            out[cols.SHARD].append(shard)
+            out["rows"].append(len(rows))
+            for name, table in self.tables(sub).items():
+                if table.num_rows:
+                    write_table(table, fs, posixpath.join(root, name, shard_file(shard, token)))
+                out[name].append(table.num_rows)
+        return {k: np.array(v, dtype=np.int64) for k, v in out.items()}
 
     def tables(self, batch: dict) -> dict[str, pa.Table]:
         """The batch's rows per output dataset (``labels``, ``heatmaps``, ``regions``, ``errors``)."""

@@ -478,7 +478,8 @@ class OutputSpec(_Spec):
         heatmap_size: ``null`` = each image's original size; ``[h, w]`` = this fixed size for every heatmap.
         write_expl_maps: also write MaskInversion's final explainability map per region.
         overwrite: delete what is at ``uri`` first (otherwise a re-run resumes).
-        rows_per_file: rows per Parquet file.
+        shard_rows: manifest rows per shard, the unit of resume: a shard's outputs are marked complete once all its
+            rows are written, and a re-run of the same job skips complete shards and redoes the others.
     """
 
     uri: str
@@ -487,14 +488,14 @@ class OutputSpec(_Spec):
     heatmap_size: tuple[int, int] | None = None
     write_expl_maps: bool = False
     overwrite: bool = False
-    rows_per_file: int = 1000
+    shard_rows: int = 64
 
     def _validate(self) -> None:
         _need(bool(self.uri.strip()), "uri", "must not be empty")
         if self.heatmap_size is not None:
             for i, v in enumerate(self.heatmap_size):
                 _need(v >= 1, ("heatmap_size", f"[{i}]"), f"must be >= 1, got {v}")
-        _need(self.rows_per_file >= 1, "rows_per_file", f"must be >= 1, got {self.rows_per_file}")
+        _need(self.shard_rows >= 1, "shard_rows", f"must be >= 1, got {self.shard_rows}")
 
 
 @functools.lru_cache(maxsize=64)

@@ -15,6 +15,7 @@ import numpy as np
 # -- from the manifest / decode stage ---------------------------------------------------------------
 IMAGE_ID = "image_id"  # str
 IMAGE_URI = "image_uri"  # str
+SHARD = "shard"  # int64: the manifest shard (unit of resume) the row belongs to
 HEIGHT = "height"  # int, original image height after EXIF orientation
 WIDTH = "width"  # int
 ERROR_STAGE = "error_stage"  # str | None: read | decode | mask | preprocess

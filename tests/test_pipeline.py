@@ -100,10 +100,17 @@ def test_outputs_open_with_pandas_and_duckdb(finished_job):
     assert counts == {"gem": (SCENES + 1) * 3, "legrad": (SCENES + 1) * 3}
 
 
-def test_a_second_run_into_the_same_output_is_refused(finished_job):
-    spec, _, out, _ = finished_job
-    with pytest.raises(FileExistsError, match="already holds a job's output"):
-        run(spec)
+def test_rerunning_the_finished_job_does_nothing_and_a_changed_job_is_refused(finished_job):
+    spec, first, out, _ = finished_job
+    files = sorted(p.name for p in (out / "labels").iterdir())
+    again = run(spec)
+    assert again.counts == first.counts and again.processed == first.processed
+    assert sorted(p.name for p in (out / "labels").iterdir()) == files
+    job = json.loads((out / "_job.json").read_text())
+    assert len(job["attempts"]) == 2 and job["attempts"][1]["todo_images"] == 0
+    changed = load_spec(spec.to_dict(redact=False) | {}, overrides=["methods.gem.depth=5"])
+    with pytest.raises(FileExistsError, match="other settings.*params"):
+        run(changed)
 
 
 def test_dry_run_resolves_without_running(tmp_path):

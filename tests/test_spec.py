@@ -435,7 +435,7 @@ def test_params_hash_tracks_results_not_resources():
         "methods.gem.resources.num_gpus=1",
         "methods.gem.resources.max_actors=8",
         "resources.decode_cpus=4",
-        "output.rows_per_file=10",
+        "output.shard_rows=10",
         "run.max_error_fraction=0.5",
         "methods.maskclip.ks_thresh=1.0",  # another method's parameter
         "methods.gem.heatmaps=false",  # what is written, not how it is computed
