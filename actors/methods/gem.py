@@ -86,18 +86,21 @@ class GEM:
         x = t.blocks_forward(x, 0, first)
         x_gem = x
         for i in range(first, t.num_layers):
-            x, gem_out = self._modified_block(i, x)
+            # the last block's original path only matters for the baseline maps
+            need_next = with_original or i < t.num_layers - 1
+            x, gem_out = self._modified_block(i, x, need_next)
             x_gem = x_gem + t.blocks[i].ls_1(gem_out)
         return t.project(x_gem), (t.project(x) if with_original else None)
 
-    def _modified_block(self, index: int, x: Tensor) -> tuple[Tensor, Tensor]:
+    def _modified_block(self, index: int, x: Tensor, need_next: bool = True) -> tuple[Tensor | None, Tensor]:
         t = self.tower
         block = t.blocks[index]
         y = block.ln_1(x)
         q, k, v = t.qkv(index, y)
-        # original path: the standard block
-        o = F.scaled_dot_product_attention(q, k, v)
-        x_next = t.mlp_residual(index, x + block.ls_1(t.out_proj(index, t.merge_heads(o))))
+        x_next = None
+        if need_next:  # original path: the standard block
+            o = F.scaled_dot_product_attention(q, k, v)
+            x_next = t.mlp_residual(index, x + block.ls_1(t.out_proj(index, t.merge_heads(o))))
         # GEM path: the three self-self branches stacked along the batch
         b = x.shape[0]
         if self.params.ss_attn_temp is None:

@@ -77,20 +77,23 @@ class MaskCLIP:
         self.text = text_encoder or TextEncoder(model, tokenizer)
 
     @torch.no_grad()
-    def dense_features(self, images: Tensor) -> tuple[Tensor, Tensor]:
+    def dense_features(self, images: Tensor, *, with_keys: bool = True) -> tuple[Tensor, Tensor | None]:
         """Per-patch joint-space features and keys.
 
         Args:
             images: ``[B, 3, H, W]`` normalised; ViT inputs must be multiples of the patch size.
 
         Returns:
-            ``(features [B, D, gh, gw]`` not normalised, ``keys [B, gh*gw, Ck])`` (keys for key smoothing).
+            ``(features [B, D, gh, gw]`` not normalised, ``keys [B, gh*gw, Ck])`` (keys for key smoothing; None
+            unless ``with_keys``).
         """
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be [B, 3, H, W], got {list(images.shape)}")
-        return self._vit_features(images) if self.tower is not None else self._resnet_features(images)
+        if self.tower is not None:
+            return self._vit_features(images, with_keys)
+        return self._resnet_features(images, with_keys)
 
-    def _vit_features(self, images: Tensor) -> tuple[Tensor, Tensor]:
+    def _vit_features(self, images: Tensor, with_keys: bool) -> tuple[Tensor, Tensor | None]:
         t = self.tower
         x, (gh, gw) = t.embed(images, antialias=False)
         last = t.num_layers - 1
@@ -104,11 +107,11 @@ class MaskCLIP:
         v = x + block.ls_1(t.out_proj(last, F.linear(y, w_v, b_v)))
         v = t.mlp_residual(last, v)
         feats = t.project(v[:, 1:])  # [B, hw, D]
-        keys = t.out_proj(last, F.linear(y[:, 1:], w_k, b_k))  # [B, hw, C]
+        keys = t.out_proj(last, F.linear(y[:, 1:], w_k, b_k)) if with_keys else None  # [B, hw, C]
         b = images.shape[0]
         return feats.transpose(1, 2).reshape(b, -1, gh, gw), keys
 
-    def _resnet_features(self, images: Tensor) -> tuple[Tensor, Tensor]:
+    def _resnet_features(self, images: Tensor, with_keys: bool) -> tuple[Tensor, Tensor | None]:
         r = self.visual
         x = r.stem(images.to(r.conv1.weight.dtype))
         x = r.layer4(r.layer3(r.layer2(r.layer1(x))))
@@ -116,7 +119,7 @@ class MaskCLIP:
         tokens = x.flatten(2).transpose(1, 2)  # [B, hw, C]
         pool = r.attnpool
         feats = pool.c_proj(pool.v_proj(tokens))
-        keys = pool.k_proj(tokens)
+        keys = pool.k_proj(tokens) if with_keys else None
         return feats.transpose(1, 2).reshape(b, -1, gh, gw), keys
 
     @torch.no_grad()
@@ -128,7 +131,7 @@ class MaskCLIP:
             class_names: the vocabulary (K names, background names included if any).
         """
         text = self.text.encode(class_names, self.params.templates)  # [K, D]
-        feats, keys = self.dense_features(images)
+        feats, keys = self.dense_features(images, with_keys=self.params.ks_thresh > 0)
         feats = F.normalize(feats, dim=1)
         logits = torch.einsum("bdhw,kd->bkhw", feats, text.to(feats.dtype))
         return self._refine(logits, keys)
