@@ -67,6 +67,7 @@ class MethodActor:
         text = TextEncoder(self.lm.model, self.lm.tokenizer)
         params = build_params(config.method, config.params)
         self.runner = RUNNERS[config.method](self.lm, params, config.vocabulary, config.options, text)
+        self.autocast = self.autocast and self.runner.autocast_ok
         self.error_column = cols.col(config.method, cols.ERROR)
         logger.info("%s actor ready on %s in %.1f s", config.method, device, time.time() - started)
 

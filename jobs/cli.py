@@ -108,6 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="list model architectures, the methods they support and pretrained tags")
     models.add_argument("filter", nargs="?", default=None, help="substring of the name")
     models.set_defaults(func=_models)
+    from .index import add_index_parser
+    from .query import add_query_parser
+    from .report import add_report_parser
+
+    add_index_parser(sub)
+    add_query_parser(sub)
+    add_report_parser(sub)
     return parser
 
 

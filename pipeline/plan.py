@@ -2,11 +2,24 @@
 
 read (driver-validated manifest, in blocks) → decode (CPU tasks) → one actor pool per method, chained →
 sink (CPU tasks, writes Parquet) → a small table of counts that the driver streams for progress.
+
+Fault tolerance is set explicitly rather than left to Ray Data's defaults (which in Ray 2.60 are
+``max_restarts=-1, max_task_retries=-1`` for pool actors: a batch that kills its worker every time would be retried
+forever):
+
+* method actors: ``max_restarts=-1`` (a dead actor is always replaced, e.g. after its node is preempted) and
+  ``max_task_retries=resources.task_retries`` (the batch it was running is re-sent to the restarted actor that
+  often; then the job fails with the actor's death as the cause).
+* decode and sink tasks: ``max_retries=resources.task_retries``. Sink tasks also retry on exceptions
+  (``retry_exceptions``: I/O errors that outlived the storage client's own retries): their writes are idempotent —
+  deterministic file names, whole-object PUTs or rename — so a re-run task replaces, never duplicates.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import importlib
 import logging
 from dataclasses import dataclass, field
 
@@ -79,6 +92,20 @@ class Plan:
         return "\n".join(lines)
 
 
+def sink_retry_exceptions() -> list[type[BaseException]]:
+    """Exceptions a sink task is re-run for: I/O failures (``OSError`` covers s3fs's translated errors, connection
+    resets and timeouts) and the storage clients' own error types when they are installed."""
+    out: list[type[BaseException]] = [OSError]
+    for module, name in (
+        ("botocore.exceptions", "BotoCoreError"),
+        ("botocore.exceptions", "ClientError"),
+        ("aiohttp", "ClientError"),
+    ):
+        with contextlib.suppress(ImportError, AttributeError):
+            out.append(getattr(importlib.import_module(module), name))
+    return out
+
+
 def check_resources(spec: JobSpec, available: dict) -> list[str]:
     """Refuse plans whose pools cannot all start next to the decode tasks (on 2 CPUs, pools that reserve every
     CPU starve the read and decode stages and the job hangs). Returns notes; raises ``ValueError`` if infeasible."""
@@ -91,6 +118,15 @@ def check_resources(spec: JobSpec, available: dict) -> list[str]:
         need_cpu += pool.min_actors * pool.num_cpus
         need_gpu += pool.min_actors * pool.num_gpus
     problems = []
+    for name in spec.enabled_methods():
+        pool = spec.method(name).resources
+        for res, amount in pool.custom_resources.items():
+            have = float(available.get(res, 0))
+            if amount * pool.min_actors > have:
+                problems.append(
+                    f"methods.{name}.resources.custom_resources.{res}: {pool.min_actors} actor(s) x {amount:g} "
+                    f"needs {amount * pool.min_actors:g}, the cluster has {have:g} (start nodes with that resource)"
+                )
     if need_cpu > cpus:
         problems.append(
             f"the pools' minimum actors reserve {need_cpu:g} CPUs with the decode stage, the cluster has {cpus:g}: "
@@ -134,21 +170,41 @@ def build_dataset(plan: Plan, table: pa.Table | None = None, *, blocks: int = 0)
         retries=spec.resources.retries,
     )
     first_pool = spec.method(plan.methods[0]).resources
-    ds = ds.map_batches(decode_batch, fn_kwargs={"config": decode_cfg}, batch_format="numpy",
-                        batch_size=first_pool.batch_size, num_cpus=spec.resources.decode_cpus)
+    retries = spec.resources.task_retries
+    ds = ds.map_batches(
+        decode_batch,
+        fn_kwargs={"config": decode_cfg},
+        batch_format="numpy",
+        batch_size=first_pool.batch_size,
+        num_cpus=spec.resources.decode_cpus,
+        max_retries=retries,
+    )
 
     m = spec.model
-    model = ModelSource(name=m.name, pretrained=m.pretrained, weights=m.weights, seed=m.seed,
-                        storage_options=dict(m.storage_options), device=m.device, precision=m.precision)
+    model = ModelSource(
+        name=m.name,
+        pretrained=m.pretrained,
+        weights=m.weights,
+        seed=m.seed,
+        storage_options=dict(m.storage_options),
+        device=m.device,
+        precision=m.precision,
+    )
     vocab = None
     if plan.vocabulary is not None:
         v = spec.vocabulary
         vocab = Vocabulary(names=tuple(plan.vocabulary), background=tuple(v.background), threshold=v.threshold)
     for index, name in enumerate(plan.methods):
-        later = {c for other in plan.methods[index + 1:] for c in METHOD_INPUTS[other]}
+        later = {c for other in plan.methods[index + 1 :] for c in METHOD_INPUTS[other]}
         drop = tuple(c for c in METHOD_INPUTS[name] if c not in later)
-        config = ActorConfig(method=name, model=model, params=spec.method_params(name), vocabulary=vocab,
-                             options=OutputOptions(**spec.output_options(name)), drop_columns=drop)
+        config = ActorConfig(
+            method=name,
+            model=model,
+            params=spec.method_params(name),
+            vocabulary=vocab,
+            options=OutputOptions(**spec.output_options(name)),
+            drop_columns=drop,
+        )
         pool = spec.method(name).resources
         ds = ds.map_batches(
             MethodActor,
@@ -156,13 +212,22 @@ def build_dataset(plan: Plan, table: pa.Table | None = None, *, blocks: int = 0)
             compute=ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
             num_gpus=pool.num_gpus or None,
             num_cpus=pool.num_cpus,
+            resources=dict(pool.custom_resources) or None,
             batch_size=pool.batch_size,
             batch_format="numpy",
+            max_restarts=-1,
+            max_task_retries=retries,
         )
-    provenance = {name: Provenance(method=name, model=m.name, weights=m.weights_id,
-                                   params_hash=spec.method_params_hash(name),
-                                   vocabulary_id=method_vocabulary_id(spec, name))
-                  for name in plan.methods}
+    provenance = {
+        name: Provenance(
+            method=name,
+            model=m.name,
+            weights=m.weights_id,
+            params_hash=spec.method_params_hash(name),
+            vocabulary_id=method_vocabulary_id(spec, name),
+        )
+        for name in plan.methods
+    }
     if "gem" in plan.methods and spec.method("gem").original:
         provenance[ORIGINAL_GEM] = dataclasses.replace(provenance["gem"], method=ORIGINAL_GEM)
     sink = SinkConfig(
@@ -171,5 +236,12 @@ def build_dataset(plan: Plan, table: pa.Table | None = None, *, blocks: int = 0)
         heatmap_encoding=spec.output.heatmap_encoding,
         storage_options=dict(spec.output.storage_options),
     )
-    return ds.map_batches(sink_batch, fn_kwargs={"config": sink}, batch_format="numpy", num_cpus=0.25,
-                          batch_size=None)
+    return ds.map_batches(
+        sink_batch,
+        fn_kwargs={"config": sink},
+        batch_format="numpy",
+        num_cpus=0.25,
+        batch_size=None,
+        max_retries=retries,
+        retry_exceptions=sink_retry_exceptions(),
+    )

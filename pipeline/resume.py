@@ -23,7 +23,7 @@ import posixpath
 import time
 from dataclasses import dataclass, field
 
-from .sinks import shard_of_file
+from .sinks import FILES, TMP_PREFIX, shard_of_file, write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -57,16 +57,26 @@ def fingerprint(spec, plan) -> dict:
 
 
 def read_state(fs, root: str) -> OutputState:
-    """Read ``_job.json`` and the shard markers under ``root``."""
+    """Read ``_job.json`` and the shard markers under ``root`` (never from a stale listing cache: s3fs caches
+    listings per filesystem instance, and fsspec reuses instances within a process)."""
+    fs.invalidate_cache()
     job_path = posixpath.join(root, JOB_JSON)
-    job = json.loads(fs.cat(job_path)) if fs.exists(job_path) else None
+    job = None
+    if fs.exists(job_path):
+        try:
+            job = json.loads(fs.cat(job_path))
+        except ValueError as e:  # written atomically, so only a foreign or hand-edited file gets here
+            raise FileExistsError(f"{job_path} is not valid JSON ({e}); use a new output.uri or overwrite") from None
     complete = {}
     marker_dir = posixpath.join(root, MARKERS)
     if fs.exists(marker_dir):
         for path in fs.ls(marker_dir, detail=False):
             name = posixpath.basename(path)
             if name.endswith(".json") and name[:-5].isdigit():
-                complete[int(name[:-5])] = json.loads(fs.cat(path))
+                try:
+                    complete[int(name[:-5])] = json.loads(fs.cat(path))
+                except ValueError:  # not a marker we wrote (they are atomic): the shard is redone
+                    logger.warning("ignoring unreadable shard marker %s; the shard will be recomputed", path)
     return OutputState(job=job, complete=complete)
 
 
@@ -74,14 +84,16 @@ def check_resumable(state: OutputState, expected: dict, uri: str) -> None:
     """Refuse to add results made with other parameters to an output (``output.overwrite`` clears it instead)."""
     if state.job is None:
         if state.complete:
-            raise FileExistsError(f"{uri} holds shard markers but no {JOB_JSON}; use a new output.uri or overwrite")
+            raise FileExistsError(
+                f"{uri} holds shard markers but no {JOB_JSON}; use a new output.uri, or --overwrite to replace them"
+            )
         return
     previous = state.job.get("fingerprint")
     if previous != expected:
         changed = sorted(k for k in set(previous or {}) | set(expected) if (previous or {}).get(k) != expected.get(k))
         raise FileExistsError(
             f"{uri} holds results of a job with other settings ({', '.join(changed) or 'unknown'} differ); "
-            "choose a new output.uri, or set output.overwrite to replace them"
+            "choose a new output.uri, or replace them with --overwrite (output.overwrite: true)"
         )
 
 
@@ -93,17 +105,24 @@ def clear_output(fs, root: str) -> None:
             fs.rm(path, recursive=True)
 
 
-def remove_incomplete(fs, root: str, complete: set[int]) -> int:
-    """Delete result files of shards without a completion marker (and stray temporary files); return how many."""
+def remove_incomplete(fs, root: str, complete: dict[int, dict]) -> int:
+    """Delete what is not a finished result: files of shards without a completion marker, temporary files, and files
+    of a complete shard that its marker does not list (written late by a task of a killed attempt). Returns how
+    many files were removed."""
+    fs.invalidate_cache()
     removed = 0
-    for name in RESULT_DATASETS:
+    for name in (*RESULT_DATASETS, "vocabulary", MARKERS):
         folder = posixpath.join(root, name)
         if not fs.exists(folder):
             continue
         for path in fs.ls(folder, detail=False):
             base = posixpath.basename(path)
-            shard = shard_of_file(base)
-            if base.startswith("_tmp-") or (shard is not None and shard not in complete):
+            shard = shard_of_file(base) if name in RESULT_DATASETS else None
+            stray = base.startswith(TMP_PREFIX) or (shard is not None and shard not in complete)
+            if not stray and shard is not None:
+                listed = complete[shard].get(FILES)
+                stray = listed is not None and posixpath.join(name, base) not in listed
+            if stray:
                 fs.rm(path)
                 removed += 1
     return removed
@@ -112,12 +131,9 @@ def remove_incomplete(fs, root: str, complete: set[int]) -> int:
 def write_marker(fs, root: str, shard: int, counts: dict) -> None:
     """Mark ``shard`` complete (written after all its result files are in place)."""
     path = posixpath.join(root, MARKERS, f"{shard:07d}.json")
-    fs.makedirs(posixpath.dirname(path), exist_ok=True)
-    with fs.open(path, "w") as f:
-        f.write(json.dumps({**counts, "finished_at": time.time()}))
+    write_bytes(json.dumps({**counts, "finished_at": time.time()}).encode(), fs, path)
 
 
 def write_job(fs, root: str, doc: dict) -> None:
-    path = posixpath.join(root, JOB_JSON)
-    with fs.open(path, "w") as f:
-        f.write(json.dumps(doc, indent=2))
+    """Write ``_job.json`` atomically (a driver killed while writing it leaves the previous version)."""
+    write_bytes(json.dumps(doc, indent=2).encode(), fs, posixpath.join(root, JOB_JSON))

@@ -6,10 +6,13 @@ results never pass through it.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
+import os
 import platform
 import posixpath
+import re
 import sys
 import time
 from collections import Counter
@@ -25,12 +28,17 @@ from clipmaps.schemas.datasets import ERRORS, VOCABULARY
 
 from . import resume
 from .plan import SQUARE_METHODS, Plan, build_dataset, check_resources, method_vocabulary_id
-from .sinks import filesystem, write_table
-from .sources import read_manifest_table, validate_manifest
+from .sinks import FILES, filesystem, with_io_defaults, write_table
+from .sources import read_manifest_table, uri_scheme, validate_manifest
 from .spec import JobSpec
 from .vocabularies import parse_vocabulary_file
 
 logger = logging.getLogger(__name__)
+
+
+class JobFailed(RuntimeError):
+    """The run stopped before every shard was written (a stage failed for good, or nothing progressed for
+    ``run.stall_timeout_s``). What was finished is kept: re-running the same job resumes it."""
 
 
 @dataclass
@@ -64,11 +72,33 @@ def resolve_vocabulary(spec: JobSpec) -> JobSpec:
     return spec.with_vocabulary_names(names)
 
 
+def with_io_defaults_spec(spec: JobSpec) -> JobSpec:
+    """``spec`` with ``resources.io_retries`` / ``read_timeout_s`` merged into the ``storage_options`` of every part
+    that may touch ``s3://`` (input: when the manifest is on S3 or S3 URIs are allowed; output; weights), unless the
+    user set them (see :func:`clipmaps.pipeline.sinks.with_io_defaults`)."""
+    r = spec.resources
+
+    def merged(options, *uris: str | None) -> dict:
+        if not any(u and uri_scheme(u) in ("s3", "s3a") for u in uris):
+            return dict(options)
+        return with_io_defaults(dict(options), attempts=r.io_retries, timeout_s=r.read_timeout_s)
+
+    i, o, m = spec.input, spec.output, spec.model
+    image_s3 = "s3://x" if {"s3", "s3a"} & set(i.allowed_schemes) else None
+    return dataclasses.replace(
+        spec,
+        input=dataclasses.replace(i, storage_options=merged(i.storage_options, i.manifest, image_s3)),
+        output=dataclasses.replace(o, storage_options=merged(o.storage_options, o.uri)),
+        model=dataclasses.replace(m, storage_options=merged(m.storage_options, m.weights)),
+    )
+
+
 def make_plan(spec: JobSpec) -> Plan:
     """Read and validate the manifest, resolve the vocabulary: everything up to running models."""
-    spec = resolve_vocabulary(spec)
-    table = read_manifest_table(spec.input.manifest, storage_options=dict(spec.input.storage_options),
-                                limit=spec.input.limit)
+    spec = resolve_vocabulary(with_io_defaults_spec(spec))
+    table = read_manifest_table(
+        spec.input.manifest, storage_options=dict(spec.input.storage_options), limit=spec.input.limit
+    )
     valid, refused = validate_manifest(table, allowed_schemes=tuple(spec.input.allowed_schemes))
     has_masks = "masks" in valid.column_names and any(valid.column("masks").to_pylist())
     has_prompts = "prompts" in valid.column_names and valid.column("prompts").null_count < valid.num_rows
@@ -81,9 +111,16 @@ def make_plan(spec: JobSpec) -> Plan:
     digest = hashlib.sha256()
     for image_id, uri in zip(valid.column("image_id").to_pylist(), valid.column("image_uri").to_pylist()):
         digest.update(f"{image_id}\t{uri}\n".encode())
-    return Plan(spec=spec, manifest=valid, refused=refused, vocabulary=vocabulary, methods=methods,
-                square_size=square[0] if square else None, manifest_digest=digest.hexdigest()[:32],
-                shard_sizes=dict(Counter(shards.tolist())))
+    return Plan(
+        spec=spec,
+        manifest=valid,
+        refused=refused,
+        vocabulary=vocabulary,
+        methods=methods,
+        square_size=square[0] if square else None,
+        manifest_digest=digest.hexdigest()[:32],
+        shard_sizes=dict(Counter(shards.tolist())),
+    )
 
 
 def run(spec: JobSpec, *, dry_run: bool = False, progress: Callable[[str], None] | None = None) -> RunResult:
@@ -103,10 +140,9 @@ def run(spec: JobSpec, *, dry_run: bool = False, progress: Callable[[str], None]
 
     own_ray = not ray.is_initialized()
     if own_ray:
-        ray.init(address=spec.run.ray_address, include_dashboard=False, log_to_driver=False,
-                 configure_logging=False)
+        ray.init(address=ray_address(spec), include_dashboard=False, log_to_driver=False, configure_logging=False)
+    restore = configure_ray_data(spec)
     try:
-        quiet_ray_data()
         plan.notes.extend(check_resources(spec, ray.cluster_resources()))
         fs, root = filesystem(spec.output.uri, dict(spec.output.storage_options))
         state, todo = prepare_output(plan, fs, root)
@@ -114,52 +150,96 @@ def run(spec: JobSpec, *, dry_run: bool = False, progress: Callable[[str], None]
             plan.notes.append(f"resuming: {len(state.complete)} of {len(plan.shard_sizes)} shards already complete")
         text = plan.describe()
         say(text)
-        attempt = {"started_at": _now(), "resumed_shards": len(state.complete), "todo_images": todo.num_rows}
-        doc = {"spec": spec.to_dict(redact=True), "fingerprint": resume.fingerprint(spec, plan), "status": "running",
-               "attempts": [*state.attempts, attempt]}
+        attempt = {
+            "started_at": _now(),
+            "status": "running",
+            "resumed_shards": len(state.complete),
+            "todo_images": todo.num_rows,
+            "pid": os.getpid(),
+        }
+        doc = {
+            "spec": spec.to_dict(redact=True),
+            "fingerprint": resume.fingerprint(spec, plan),
+            "status": "running",
+            "attempts": [*_previous_attempts(state), attempt],
+        }
         resume.write_job(fs, root, {**doc, "versions": versions()})
         write_vocabulary(plan, fs, root)
         # the errors dataset always exists (readers of an empty run see its schema); refused rows go in first
-        write_table(pa.Table.from_pylist([_refused_row(r) for r in plan.refused], schema=ERRORS), fs,
-                    posixpath.join(root, "errors", "part-manifest.parquet"))
+        write_table(
+            pa.Table.from_pylist([_refused_row(r) for r in plan.refused], schema=ERRORS),
+            fs,
+            posixpath.join(root, "errors", "part-manifest.parquet"),
+        )
         t0 = time.time()
         complete = dict(state.complete)
         if todo.num_rows:
-            complete.update(execute(plan, todo, fs, root, say))
+            try:
+                complete.update(execute(plan, todo, fs, root, say, done=complete))
+            except BaseException as e:
+                raise _failed(e, plan, fs, root, doc, attempt, complete, t0) from e
+            strays = resume.remove_incomplete(fs, root, complete)
+            if strays:  # written after this run's start by a task of an earlier, killed attempt
+                logger.warning("removed %d result files not written by this run", strays)
+                attempt["removed_strays"] = strays
         counts = {name: sum(int(c.get(name, 0)) for c in complete.values()) for name in cols.STATS}
         counts["errors"] += len(plan.refused)
-        attempt.update(finished_at=_now(), processed_images=sum(int(c.get("rows", 0)) for c in complete.values())
-                       - sum(int(c.get("rows", 0)) for c in state.complete.values()),
-                       execute_s=round(time.time() - t0, 3))
+        attempt.update(
+            status="finished",
+            finished_at=_now(),
+            processed_images=sum(int(c.get("rows", 0)) for c in complete.values())
+            - sum(int(c.get("rows", 0)) for c in state.complete.values()),
+            execute_s=round(time.time() - t0, 3),
+        )
         failed_images = _failed_images(fs, root) if counts["errors"] else 0
-        result = RunResult(spec.output.uri, plan.total, counts["rows"] + len(plan.refused), failed_images, counts,
-                           time.time() - started, ok=True, plan_text=text, timings={"execute_s": time.time() - t0})
+        result = RunResult(
+            spec.output.uri,
+            plan.total,
+            counts["rows"] + len(plan.refused),
+            failed_images,
+            counts,
+            time.time() - started,
+            ok=True,
+            plan_text=text,
+            timings={"execute_s": time.time() - t0},
+        )
         result.ok = result.error_fraction <= spec.run.max_error_fraction
-        doc.update(status="finished", ok=result.ok, versions=versions(), counts=_job_counts(result),
-                   timings={"total_s": round(result.seconds, 3), "execute_s": round(time.time() - t0, 3)})
+        doc.update(
+            status="finished",
+            ok=result.ok,
+            versions=versions(),
+            counts=_job_counts(result),
+            timings={"total_s": round(result.seconds, 3), "execute_s": round(time.time() - t0, 3)},
+        )
         resume.write_job(fs, root, doc)
         return result
     finally:
+        restore()
         if own_ray:
             ray.shutdown()
 
 
-def execute(plan: Plan, todo: pa.Table, fs, root: str, say: Callable[[str], None]) -> dict[int, dict]:
-    """Run the pipeline on ``todo``; write each shard's marker as soon as all its rows are written."""
+def execute(
+    plan: Plan, todo: pa.Table, fs, root: str, say: Callable[[str], None], done: dict[int, dict] | None = None
+) -> dict[int, dict]:
+    """Run the pipeline on ``todo``; write each shard's marker as soon as all its rows are written, and add it to
+    ``done`` (so a caller sees the shards finished before a failure)."""
     remaining = {int(k): v for k, v in Counter(todo.column(cols.SHARD).to_pylist()).items()}
     per_shard: dict[int, dict] = {}
-    done: dict[int, dict] = {}
+    done = {} if done is None else done
     rows = errors = 0
     t0 = time.time()
     for batch in build_dataset(plan, todo).iter_batches(batch_format="numpy", batch_size=None):
         for j, shard in enumerate(batch[cols.SHARD]):
             shard = int(shard)
-            c = per_shard.setdefault(shard, dict.fromkeys(cols.STATS, 0))
+            c = per_shard.setdefault(shard, {**dict.fromkeys(cols.STATS, 0), FILES: []})
             for name in cols.STATS:
                 c[name] += int(batch[name][j])
+            c[FILES].extend(f for f in str(batch[FILES][j]).split("\n") if f)
             rows += int(batch["rows"][j])
             errors += int(batch["errors"][j])
             if c["rows"] == remaining[shard]:
+                c[FILES] = sorted(set(c[FILES]))
                 resume.write_marker(fs, root, shard, c)
                 done[shard] = per_shard.pop(shard)
         if plan.spec.run.progress:
@@ -176,13 +256,45 @@ def prepare_output(plan: Plan, fs, root: str) -> tuple[resume.OutputState, pa.Ta
         resume.clear_output(fs, root)
         state = resume.OutputState(job=None)
     resume.check_resumable(state, resume.fingerprint(spec, plan), spec.output.uri)
-    removed = resume.remove_incomplete(fs, root, set(state.complete))
+    removed = resume.remove_incomplete(fs, root, state.complete)
     if removed:
         logger.info("removed %d result files of unfinished shards", removed)
     fs.makedirs(root, exist_ok=True)
     shard = plan.manifest.column(cols.SHARD)
     todo = plan.manifest.filter(pc.invert(pc.is_in(shard, pa.array(sorted(state.complete), pa.int64()))))
     return state, todo
+
+
+def ray_address(spec: JobSpec) -> str | None:
+    """The address for ``ray.init``: ``run.ray_address``; else ``RAY_ADDRESS`` (KubeRay sets it); else ``"local"``
+    — a new in-process instance. (``ray.init()`` with no address would join whatever Ray cluster was last started
+    on this host, e.g. another user's.)"""
+    if spec.run.ray_address:
+        return spec.run.ray_address
+    return None if os.environ.get("RAY_ADDRESS") else "local"
+
+
+def configure_ray_data(spec: JobSpec) -> Callable[[], None]:
+    """The driver's Ray Data settings for this job: quiet progress, and the no-progress timeout. Returns a function
+    that puts the job-specific setting back (the context is per process, and a process may run several jobs)."""
+    import ray
+
+    quiet_ray_data()
+    ctx = ray.data.DataContext.get_current()
+    before = ctx.execution_no_progress_timeout_s, ctx.actor_task_retry_on_errors
+    if spec.run.stall_timeout_s is not None:
+        ctx.execution_no_progress_timeout_s = float(spec.run.stall_timeout_s)
+    # a pool actor whose node died is "unavailable" until Ray restarts it elsewhere; its batch is pure (no side
+    # effects), so it is re-sent (bounded by resources.task_retries) instead of failing the job
+    retry_on = ctx.actor_task_retry_on_errors
+    if retry_on is not True:
+        extra = [ray.exceptions.ActorUnavailableError]
+        ctx.actor_task_retry_on_errors = [*(retry_on or []), *(e for e in extra if e not in (retry_on or []))]
+
+    def restore() -> None:
+        ctx.execution_no_progress_timeout_s, ctx.actor_task_retry_on_errors = before
+
+    return restore
 
 
 def quiet_ray_data() -> None:
@@ -209,12 +321,23 @@ def write_vocabulary(plan: Plan, fs, root: str) -> None:
             continue
         templates = spec.templates(method)
         templates = [templates] if isinstance(templates, str) else list(templates)
-        rows = [{"vocabulary_id": vid, "class_index": 0, "name": "background", "is_background": True,
-                 "templates": templates}]
-        rows += [{"vocabulary_id": vid, "class_index": i + 1, "name": n, "is_background": False,
-                  "templates": templates} for i, n in enumerate(plan.vocabulary)]
-        rows += [{"vocabulary_id": vid, "class_index": 0, "name": n, "is_background": True, "templates": templates}
-                 for n in v.background]
+        rows = [
+            {
+                "vocabulary_id": vid,
+                "class_index": 0,
+                "name": "background",
+                "is_background": True,
+                "templates": templates,
+            }
+        ]
+        rows += [
+            {"vocabulary_id": vid, "class_index": i + 1, "name": n, "is_background": False, "templates": templates}
+            for i, n in enumerate(plan.vocabulary)
+        ]
+        rows += [
+            {"vocabulary_id": vid, "class_index": 0, "name": n, "is_background": True, "templates": templates}
+            for n in v.background
+        ]
         path = posixpath.join(root, "vocabulary", f"{vid}.parquet")
         if not fs.exists(path):
             write_table(pa.Table.from_pylist(rows, schema=VOCABULARY), fs, path)
@@ -232,9 +355,76 @@ def versions() -> dict:
     return out
 
 
+def _failed(
+    error: BaseException, plan: Plan, fs, root: str, doc: dict, attempt: dict, complete: dict, t0: float
+) -> BaseException:
+    """Record a stopped run in ``_job.json`` (status ``failed`` or ``interrupted``) and return the error to raise."""
+    interrupted = isinstance(error, KeyboardInterrupt)
+    reason = _error_text(error, plan.spec)
+    attempt.update(
+        status="interrupted" if interrupted else "failed",
+        finished_at=_now(),
+        execute_s=round(time.time() - t0, 3),
+        error=reason,
+        complete_shards=len(complete),
+    )
+    doc.update(status="interrupted" if interrupted else "failed", versions=versions())
+    try:
+        resume.write_job(fs, root, doc)
+    except Exception:  # noqa: BLE001 - the original error matters more
+        logger.warning("could not record the failure in %s", resume.JOB_JSON, exc_info=True)
+    if interrupted or not isinstance(error, Exception):
+        return error
+    total = len(plan.shard_sizes)
+    return JobFailed(
+        f"the job stopped: {reason}. {len(complete)} of {total} shards are complete and kept; re-run the same "
+        "command to resume (only unfinished shards are redone)"
+    )
+
+
+def _error_text(error: BaseException, spec: JobSpec) -> str:
+    """One line naming the error, its root cause, and no secrets."""
+    from .decode import _scrub
+
+    causes, seen = [], set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen and len(causes) < 4:
+        seen.add(id(e))
+        text = " ".join(str(e).split())
+        line = f"{type(e).__name__}: {text[:400]}" if text else type(e).__name__
+        if not causes or line not in causes[-1]:
+            causes.append(line)
+        e = e.__cause__ or e.__context__
+    text = " <- ".join(causes)
+    for options in (spec.input.storage_options, spec.output.storage_options, spec.model.storage_options):
+        text = _scrub(text, options)
+    return redact_text(text)
+
+
+_USERINFO = re.compile(r"\b([A-Za-z][A-Za-z0-9+.-]*://)([^\s/@]*:[^\s@]*|[^\s/@:]+)@")
+
+
+def redact_text(text: str) -> str:
+    """``text`` with the credentials of every URI in it (``scheme://user:secret@…``) replaced by ``***``."""
+    return _USERINFO.sub(r"\1***@", text)
+
+
+def _previous_attempts(state: resume.OutputState) -> list[dict]:
+    """The earlier attempts from ``_job.json``; one still marked running ended without recording it (its driver was
+    killed or lost): it is marked ``lost``, with the shards complete when this run found the output."""
+    attempts = state.attempts
+    if attempts and attempts[-1].get("status", "running") == "running" and "finished_at" not in attempts[-1]:
+        attempts[-1] = {**attempts[-1], "status": "lost", "complete_shards": len(state.complete)}
+    return attempts
+
+
 def _job_counts(result: RunResult) -> dict:
-    return {"images": result.total, "processed": result.processed, "failed_images": result.errors,
-            **{f"rows_{k}": v for k, v in result.counts.items() if k != "rows"}}
+    return {
+        "images": result.total,
+        "processed": result.processed,
+        "failed_images": result.errors,
+        **{f"rows_{k}": v for k, v in result.counts.items() if k != "rows"},
+    }
 
 
 def _now() -> str:
@@ -253,6 +443,12 @@ def _failed_images(fs, root: str) -> int:
 
 
 def _refused_row(r: dict) -> dict:
-    return {"image_id": r.get("image_id"), "uri": r.get("uri"), "method": None, "region_id": None,
-            "stage": r.get("stage", "manifest"), "error_type": r.get("error_type", "Error"),
-            "message": r.get("message", "")}
+    return {
+        "image_id": r.get("image_id"),
+        "uri": r.get("uri"),
+        "method": None,
+        "region_id": None,
+        "stage": r.get("stage", "manifest"),
+        "error_type": r.get("error_type", "Error"),
+        "message": r.get("message", ""),
+    }

@@ -2,9 +2,15 @@
 
 Runs as the last ``map_batches`` stage (CPU tasks), so the driver only ever sees a small table of counts per batch.
 Each batch writes at most one file per dataset and manifest shard, named by the shard and a hash of the
-batch's image ids (the same rows always map to the same name), first to a temporary name, then moved into
-place, so a reader never sees a partial file (temporary names start with ``_``, which Parquet readers skip).
-Every schema comes from ``clipmaps.schemas.datasets``.
+batch's image ids (the same rows always map to the same name, so a retried task replaces its own file). A reader
+never sees a partial file: on object stores a PUT (or a completed multipart upload) is atomic, so files are written
+in place; elsewhere they are written to ``_tmp-<random>-<name>.tmp`` (a name no ``*.parquet`` glob and no Parquet
+reader picks up) and renamed. Every schema comes from ``clipmaps.schemas.datasets``.
+
+Why no temporary name on S3: fsspec's ``mv`` there is copy + delete, two requests that each may be retried; a task
+that dies between them leaves a stray temporary object, and a copy's success may be lost to a connection reset and
+the copy sent again. A single PUT of the final key has neither problem, and retrying it (botocore retries, Ray task
+retries) rewrites the same bytes under the same name.
 """
 
 from __future__ import annotations
@@ -46,6 +52,13 @@ class SinkConfig:
     storage_options: dict = field(default_factory=dict)
 
 
+#: Object stores whose writes are atomic (an object appears whole when the upload completes, or not at all).
+ATOMIC_PUT_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "abfs", "az", "adl", "oss", "r2"})
+TMP_PREFIX = "_tmp-"
+#: Column of the sink's output: per shard row, the files written (``dataset/part-….parquet``, newline-separated).
+FILES = "files"
+
+
 def filesystem(uri: str, storage_options: dict | None = None):
     """``(fsspec filesystem, path)`` for ``uri``."""
     import fsspec
@@ -54,13 +67,52 @@ def filesystem(uri: str, storage_options: dict | None = None):
     return fs, path
 
 
+def with_io_defaults(storage_options: dict | None, *, attempts: int, timeout_s: float | None) -> dict:
+    """s3fs ``storage_options`` with clipmaps' retry and timeout defaults merged in where the user set none.
+
+    ``config_kwargs.retries = {"max_attempts": attempts, "mode": "standard"}``: botocore retries 500/502/503/504,
+    ``SlowDown`` and the other throttling codes, connection resets and timeouts, with exponential back-off and jitter;
+    ``config_kwargs.connect_timeout`` / ``read_timeout`` = ``timeout_s``. s3fs retries ``SlowDown`` and dropped
+    connections again on top (its class attribute ``S3FileSystem.retries``, 5 attempts; not a constructor option).
+    Other filesystems ignore these keys. Never mutates its argument."""
+    options = dict(storage_options or {})
+    config = dict(options.get("config_kwargs") or {})
+    config.setdefault("retries", {"max_attempts": int(attempts), "mode": "standard"})
+    if timeout_s is not None:
+        config.setdefault("connect_timeout", float(timeout_s))
+        config.setdefault("read_timeout", float(timeout_s))
+    options["config_kwargs"] = config
+    return options
+
+
+def atomic_put(fs) -> bool:
+    """Whether ``fs`` writes objects atomically (so no temporary name is needed)."""
+    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    return any(p in ATOMIC_PUT_PROTOCOLS for p in protocols)
+
+
+def write_bytes(data: bytes, fs, path: str) -> None:
+    """Write ``data`` to ``path`` so that a reader sees the old file, the new one, or none — never a part."""
+    parent = posixpath.dirname(path)
+    if not atomic_put(fs):
+        fs.makedirs(parent, exist_ok=True)
+        tmp = posixpath.join(parent, f"{TMP_PREFIX}{uuid.uuid4().hex}-{posixpath.basename(path)}.tmp")
+        try:
+            with fs.open(tmp, "wb") as f:
+                f.write(data)
+            fs.mv(tmp, path)  # a rename on local and POSIX-like filesystems
+        finally:
+            if fs.exists(tmp):
+                fs.rm(tmp)
+        return
+    fs.pipe_file(path, data)
+
+
 def write_table(table: pa.Table, fs, path: str) -> None:
-    """Write ``table`` to ``path`` atomically (temporary name, then move; S3 puts are atomic already)."""
-    fs.makedirs(posixpath.dirname(path), exist_ok=True)
-    tmp = posixpath.join(posixpath.dirname(path), f"_tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}")
-    with fs.open(tmp, "wb") as f:
-        pq.write_table(table, f, compression="zstd")
-    fs.mv(tmp, path)
+    """Write ``table`` as zstd Parquet to ``path`` atomically (see :func:`write_bytes`)."""
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf, compression="zstd")
+    write_bytes(buf.getvalue().to_pybytes(), fs, path)
 
 
 def shard_file(shard: int, token: str) -> str:
@@ -77,7 +129,7 @@ def shard_of_file(name: str) -> int | None:
 
 
 class SinkStage:
-    """Callable for ``map_batches``: writes the batch's rows, returns one row of counts."""
+    """Callable for ``map_batches``: writes the batch's rows, returns one row of counts (and file names) per shard."""
 
     def __init__(self, config: SinkConfig):
         self.config = config
@@ -88,6 +140,7 @@ class SinkStage:
         fs, root = filesystem(cfg.output_uri, cfg.storage_options)
         shards = batch[cols.SHARD] if cols.SHARD in batch else np.zeros(len(batch[cols.IMAGE_ID]), np.int64)
         out: dict[str, list[int]] = {name: [] for name in (cols.SHARD, *cols.STATS)}
+        files: list[str] = []
         for shard in sorted({int(v) for v in shards}):
             rows = [i for i, v in enumerate(shards) if int(v) == shard]
             sub = {k: [v[i] for i in rows] for k, v in batch.items()}
@@ -95,11 +148,17 @@ class SinkStage:
             token = hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
             out[cols.SHARD].append(shard)
             out["rows"].append(len(rows))
+            written = []
             for name, table in self.tables(sub).items():
                 if table.num_rows:
-                    write_table(table, fs, posixpath.join(root, name, shard_file(shard, token)))
+                    relative = posixpath.join(name, shard_file(shard, token))
+                    write_table(table, fs, posixpath.join(root, relative))
+                    written.append(relative)
                 out[name].append(table.num_rows)
-        return {k: np.array(v, dtype=np.int64) for k, v in out.items()}
+            files.append("\n".join(written))
+        result = {k: np.array(v, dtype=np.int64) for k, v in out.items()}
+        result[FILES] = np.array(files, dtype=object)
+        return result
 
     def tables(self, batch: dict) -> dict[str, pa.Table]:
         """The batch's rows per output dataset (``labels``, ``heatmaps``, ``regions``, ``errors``)."""
@@ -110,14 +169,24 @@ class SinkStage:
             image_id = str(batch[cols.IMAGE_ID][i])
             uri = str(batch[cols.IMAGE_URI][i]) if cols.IMAGE_URI in batch else None
             if failed[i]:
-                errors.append(_error(image_id, uri, None, None, batch[cols.ERROR_STAGE][i], batch[cols.ERROR_TYPE][i],
-                                     batch[cols.ERROR_MESSAGE][i]))
+                errors.append(
+                    _error(
+                        image_id,
+                        uri,
+                        None,
+                        None,
+                        batch[cols.ERROR_STAGE][i],
+                        batch[cols.ERROR_TYPE][i],
+                        batch[cols.ERROR_MESSAGE][i],
+                    )
+                )
                 continue
             mask_errors = batch.get(cols.MASK_ERRORS)
             if mask_errors is not None and cols.present(mask_errors[i]) and len(mask_errors[i]):
                 for e in mask_errors[i]:
-                    errors.append(_error(image_id, uri, None, e.get("region_id"), "mask", e.get("error_type"),
-                                         e.get("message")))
+                    errors.append(
+                        _error(image_id, uri, None, e.get("region_id"), "mask", e.get("error_type"), e.get("message"))
+                    )
             for method, prov in self.config.methods.items():
                 err = batch.get(cols.col(method, cols.ERROR))
                 if err is not None and cols.present(err[i]):
@@ -142,15 +211,32 @@ class SinkStage:
         h, w = int(batch[cols.HEIGHT][i]), int(batch[cols.WIDTH][i])
         label_col = batch.get(cols.col(prov.method, cols.LABELS))
         if label_col is not None and cols.present(label_col[i]):
-            labels.append({"image_id": image_id, **base, "height": h, "width": w, "label_map": label_col[i],
-                           "vocabulary_id": prov.vocabulary_id or ""})
+            labels.append(
+                {
+                    "image_id": image_id,
+                    **base,
+                    "height": h,
+                    "width": w,
+                    "label_map": label_col[i],
+                    "vocabulary_id": prov.vocabulary_id or "",
+                }
+            )
         maps = batch.get(cols.col(prov.method, cols.HEATMAPS))
         if maps is not None and cols.present(maps[i]):
             prompts = batch[cols.col(prov.method, cols.HEATMAP_PROMPTS)][i]
             mh, mw = batch[cols.col(prov.method, cols.HEATMAP_HW)][i]
             for prompt, data in zip(prompts, maps[i]):
-                heatmaps.append({"image_id": image_id, "prompt": str(prompt), **base, "height": int(mh),
-                                 "width": int(mw), "encoding": self.config.heatmap_encoding, "heatmap": data})
+                heatmaps.append(
+                    {
+                        "image_id": image_id,
+                        "prompt": str(prompt),
+                        **base,
+                        "height": int(mh),
+                        "width": int(mw),
+                        "encoding": self.config.heatmap_encoding,
+                        "heatmap": data,
+                    }
+                )
         emb = batch.get(cols.col(prov.method, cols.EMBEDDINGS))
         if emb is not None and cols.present(emb[i]) and len(emb[i]):
             loss = batch[cols.col(prov.method, cols.LOSS)][i]
@@ -159,12 +245,30 @@ class SinkStage:
             for r, region_id in enumerate(ids):
                 vec = np.asarray(emb[i][r], dtype=np.float32)
                 if not np.isfinite(vec).all():
-                    errors.append(_error(image_id, uri, prov.method, str(region_id), "model", "NonFiniteEmbedding",
-                                         "the optimised embedding has NaN or inf values"))
+                    errors.append(
+                        _error(
+                            image_id,
+                            uri,
+                            prov.method,
+                            str(region_id),
+                            "model",
+                            "NonFiniteEmbedding",
+                            "the optimised embedding has NaN or inf values",
+                        )
+                    )
                     continue
-                regions.append({"image_id": image_id, "region_id": str(region_id), **base, "embedding": vec.tolist(),
-                                "area": int(areas[r]), "bbox": [int(v) for v in boxes[r]], "loss": float(loss[r]),
-                                "expl_map": expl[i][r] if expl is not None and cols.present(expl[i]) else None})
+                regions.append(
+                    {
+                        "image_id": image_id,
+                        "region_id": str(region_id),
+                        **base,
+                        "embedding": vec.tolist(),
+                        "area": int(areas[r]),
+                        "bbox": [int(v) for v in boxes[r]],
+                        "loss": float(loss[r]),
+                        "expl_map": expl[i][r] if expl is not None and cols.present(expl[i]) else None,
+                    }
+                )
 
 
 def sink_batch(batch: dict[str, np.ndarray], config: SinkConfig) -> dict[str, np.ndarray]:
@@ -173,5 +277,12 @@ def sink_batch(batch: dict[str, np.ndarray], config: SinkConfig) -> dict[str, np
 
 
 def _error(image_id, uri, method, region_id, stage, error_type, message) -> dict:
-    return {"image_id": image_id, "uri": uri, "method": method, "region_id": region_id, "stage": str(stage),
-            "error_type": str(error_type or "Error"), "message": str(message or "")}
+    return {
+        "image_id": image_id,
+        "uri": uri,
+        "method": method,
+        "region_id": region_id,
+        "stage": str(stage),
+        "error_type": str(error_type or "Error"),
+        "message": str(message or ""),
+    }

@@ -693,6 +693,8 @@ class PoolSpec(_Spec):
             2-core machine (pools that reserve every CPU starve the read stage and the job hangs); raise it on
             CPU-only clusters where each actor should own whole cores.
         min_actors, max_actors: pool size bounds (autoscaling between them).
+        custom_resources: Ray custom resources each actor reserves, e.g. ``{accelerator_node: 1}`` to place the
+            pool on nodes started with that resource.
     """
 
     batch_size: int = 8
@@ -700,6 +702,7 @@ class PoolSpec(_Spec):
     num_cpus: float = 0.25
     min_actors: int = 1
     max_actors: int = 1
+    custom_resources: dict[str, float] = field(default_factory=dict)
 
     def _validate(self) -> None:
         _need(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
@@ -716,6 +719,13 @@ class PoolSpec(_Spec):
             "min_actors",
             f"{self.min_actors} is more than max_actors ({self.max_actors})",
         )
+        for name, amount in self.custom_resources.items():
+            _need(
+                isinstance(amount, (int, float)) and not isinstance(amount, bool) and amount > 0,
+                ("custom_resources", name),
+                f"must be a number > 0, got {_got(amount)}",
+            )
+            _need(name not in ("CPU", "GPU", "memory"), ("custom_resources", name), "use num_cpus / num_gpus instead")
 
 
 _PROMPTS = Literal["auto", "vocabulary", "manifest"]
@@ -961,14 +971,25 @@ class ResourcesSpec(_Spec):
     Attributes:
         decode_cpus: CPUs per decode task.
         max_pixels: decompression-bomb limit (Pillow's default); larger images become error rows.
-        read_timeout_s: timeout of one read in seconds (null = none).
-        retries: retries of a failed read before the row becomes an error row.
+        read_timeout_s: timeout of one object-store request in seconds (botocore ``read_timeout`` and
+            ``connect_timeout`` of ``s3://`` storage; null = the client's default).
+        retries: retries of a failed image or mask read (after the client's own retries) before the row becomes an
+            error row.
+        io_retries: attempts of one object-store request before it fails: botocore's ``standard`` retry mode
+            (500/503, ``SlowDown``, throttling, connection errors, with back-off) and s3fs's own ``retries``. Merged
+            into the ``storage_options`` of every ``s3://`` input, output and weights URI that does not set
+            ``config_kwargs.retries`` / ``retries`` itself.
+        task_retries: how often Ray re-runs a failed decode or sink task, and a method actor's batch after its
+            worker died (``max_retries`` / ``max_task_retries``); sink writes are idempotent, so a retried write
+            replaces, never duplicates.
     """
 
     decode_cpus: float = 0.5
     max_pixels: int = 89_478_485
     read_timeout_s: float | None = 60.0
     retries: int = 3
+    io_retries: int = 10
+    task_retries: int = 4
 
     def _validate(self) -> None:
         _need(self.decode_cpus > 0, "decode_cpus", f"must be > 0, got {self.decode_cpus}")
@@ -979,6 +1000,8 @@ class ResourcesSpec(_Spec):
             f"must be > 0 or null, got {self.read_timeout_s}",
         )
         _need(self.retries >= 0, "retries", f"must be >= 0, got {self.retries}")
+        _need(self.io_retries >= 1, "io_retries", f"must be >= 1 (attempts, the first included), got {self.io_retries}")
+        _need(self.task_retries >= 0, "task_retries", f"must be >= 0, got {self.task_retries}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -989,11 +1012,15 @@ class RunSpec(_Spec):
         ray_address: Ray cluster address (``ray://…`` or ``auto``); null = a local in-process Ray.
         max_error_fraction: the job exits non-zero when more than this fraction of input rows failed.
         progress: show progress bars.
+        stall_timeout_s: fail the run when no stage has produced or consumed anything for this long (Ray Data's
+            ``execution_no_progress_timeout_s``), e.g. when the nodes a pool needs are gone; null = Ray Data's
+            default (30 minutes). A re-run resumes.
     """
 
     ray_address: str | None = None
     max_error_fraction: float = 0.0
     progress: bool = True
+    stall_timeout_s: float | None = None
 
     def _validate(self) -> None:
         _need(self.ray_address is None or bool(self.ray_address.strip()), "ray_address", "must not be empty")
@@ -1001,6 +1028,11 @@ class RunSpec(_Spec):
             0.0 <= self.max_error_fraction <= 1.0,
             "max_error_fraction",
             f"must be in [0, 1], got {self.max_error_fraction}",
+        )
+        _need(
+            self.stall_timeout_s is None or self.stall_timeout_s > 0,
+            "stall_timeout_s",
+            f"must be > 0 or null, got {self.stall_timeout_s}",
         )
 
 

@@ -11,17 +11,22 @@ It starts SeaweedFS (``tests/s3server.py``, 127.0.0.1:8333), uploads generated s
 distinct seeds, JPEG) and JSONL manifests to the bucket, then for every repeat runs, one after the other in fresh
 processes (``pipeline_worker.py``; the order alternates between repeats):
 
-* **pipeline**: ``clipmaps.pipeline.run.run(spec)``: S3 manifest → decode tasks → one GEM actor
-  (``min_actors = max_actors = 1``) → Parquet sink on S3; the driver only streams per-batch counts.
-* **loop**: the same spec's work in one process without Ray: manifest read, then per batch ``decode_batch`` →
-  ``MethodActor`` (the same runner, config and model) → ``SinkStage`` (the same Parquet files on S3).
+* **pipeline**: ``clipmaps.pipeline.run.run(spec)`` on a fresh local Ray: S3 manifest → decode tasks → one GEM
+  actor (``min_actors = max_actors = 1``) → Parquet sink tasks writing to S3; the driver streams per-batch counts.
+* **loop**: the same ``run(spec)`` in one process without Ray (``pipeline_loop.py``): the stages
+  ``plan.build_dataset`` builds (same callables and configs: ``decode_batch``, ``MethodActor``, ``sink_batch``)
+  run one batch at a time, decode → GEM → Parquet on S3; manifest read, output bookkeeping and markers are
+  ``run()``'s own code.
 
-Reported (medians over repeats): steady-state images/s (pipeline: from the first finished batch to the last, as
-the driver sees them; loop: the same, i.e. after one warm-up batch), end-to-end wall time (pipeline:
-``ray.init`` + ``run()``, whose start-up includes starting the actor and loading the model; loop: manifest read +
-model load + all batches; both without interpreter/torch import time; ``ray.shutdown`` shown apart), their ratios,
-per-stage seconds per batch, and the driver's peak RSS. Both sides get the same torch thread count through
-``OMP_NUM_THREADS`` (Ray leaves a set value alone, so the GEM actor inherits it; the actor reports what it got).
+Reported (medians over repeats): steady-state images/s (from the first finished batch to the last, a batch being
+finished when its sink has written it; so for the loop: after one warm-up batch), end-to-end wall time (pipeline:
+``ray.init`` + ``run()``, whose start-up includes starting the actor process and loading the model; loop:
+``run()``: manifest read + model load + all batches; neither counts interpreter/torch import time;
+``ray.shutdown`` is shown apart), their ratios, where the time goes (per-stage seconds per image from thin timing
+wrappers around the three stage callables, ``pipeline_trace.py``; start-up milestones; how busy the GEM actor is in
+the steady window) and the driver's peak RSS. Both sides get the same torch thread count through
+``OMP_NUM_THREADS`` (Ray leaves a set value alone, so the GEM actor inherits it; the actor reports what it got;
+``--ray-default-threads`` shows what Ray gives it otherwise: 1 thread per whole reserved CPU).
 
 Then the memory check: the pipeline on N and on ``--memory-scale`` × N images (by default with the small
 ``clipmaps-tiny-vit`` at 224 for both runs: the question is the driver's RSS, not speed), peak RSS of the driver
@@ -34,6 +39,7 @@ Before starting it waits (polling every minute, ``--wait-minutes``) while anothe
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -85,6 +91,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-trace", action="store_true", help="no per-stage timing wrappers in the pipeline")
     p.add_argument("--wait-minutes", type=float, default=40.0,
                    help="wait this long for other benchmarks on the machine to finish (default 40; 0 = don't)")
+    p.add_argument("--quiet-threshold", type=float, default=0.10,
+                   help="before each run, wait while other processes use more than this share of the cores (0.10)")
     p.add_argument("--data-dir", default=None, help="SeaweedFS data folder (default: a temporary one)")
     p.add_argument("--keep-server", action="store_true", help="leave SeaweedFS running (and its data) at the end")
     p.add_argument("--json", default=None, help="write every raw result and the summary here")
@@ -123,10 +131,8 @@ def machine_info(args) -> dict:
         except metadata.PackageNotFoundError:
             versions[dist] = None
     mem_gb = None
-    try:
+    with contextlib.suppress(ValueError, OSError):
         mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    except (ValueError, OSError):
-        pass
     return {"cpu": cpu_model(), "cores": os.cpu_count(),
             "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
             "memory_gb": mem_gb, "platform": platform.platform(), "python": sys.version.split()[0], **versions}
@@ -165,6 +171,100 @@ def wait_for_quiet_machine(minutes: float) -> dict:
         print(f"[{time.strftime('%H:%M:%S')}] waiting for another benchmark to finish "
               f"({waited / 60:.0f}/{minutes:.0f} min):\n  " + "\n  ".join(others), flush=True)
         time.sleep(60)
+
+
+class ForeignCpu:
+    """CPU seconds used during a run by processes that are not this benchmark's (this process and descendants),
+    sampled from ``/proc`` every ``interval`` s: a measure of how much something else competed for the cores."""
+
+    def __init__(self, interval: float = 1.0):
+        import threading
+
+        self.interval = interval
+        self.ticks = os.sysconf("SC_CLK_TCK")
+        self.seconds = 0.0
+        self.names: dict[str, float] = {}
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._seen: dict[tuple[int, int], int] = {}
+
+    def _snapshot(self) -> dict[tuple[int, int], tuple[int, str]]:
+        procs = {}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                raw = (entry / "stat").read_text()
+            except OSError:
+                continue
+            name = raw[raw.index("(") + 1: raw.rindex(")")]
+            f = raw[raw.rindex(")") + 2:].split()
+            procs[int(entry.name)] = (int(f[1]), int(f[11]) + int(f[12]), int(f[19]), name)  # ppid, cpu, start
+        mine = {os.getpid()}
+        changed = True
+        while changed:
+            changed = False
+            for pid, (ppid, *_rest) in procs.items():
+                if ppid in mine and pid not in mine:
+                    mine.add(pid)
+                    changed = True
+        return {(pid, v[2]): (v[1], v[3]) for pid, v in procs.items() if pid not in mine}
+
+    def _run(self) -> None:
+        self._seen = {k: v[0] for k, v in self._snapshot().items()}  # baseline
+        while not self._done.wait(self.interval):
+            self._accumulate()
+        self._accumulate()
+
+    def _accumulate(self) -> None:
+        for key, (cpu, name) in self._snapshot().items():
+            delta = cpu - self._seen.get(key, 0)
+            if delta > 0:
+                self.seconds += delta / self.ticks
+                self.names[name] = self.names.get(name, 0.0) + delta / self.ticks
+            self._seen[key] = cpu
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._done.set()
+        self._thread.join()
+
+    def top(self, n: int = 3) -> dict[str, float]:
+        return {k: round(v, 1) for k, v in sorted(self.names.items(), key=lambda kv: -kv[1])[:n] if v >= 0.5}
+
+
+def foreign_share(seconds: float = 5.0) -> tuple[float, dict]:
+    """Share of all cores that other processes used over ``seconds``, and the top users."""
+    with ForeignCpu(interval=1.0) as f:
+        time.sleep(seconds)
+    return f.seconds / (seconds * (os.cpu_count() or 1)), f.top()
+
+
+class QuietMachine:
+    """Before each run: wait while other processes use more than ``threshold`` of the cores (others' tests or
+    benchmarks), polling every 30 s; all waits together are bounded by the ``--wait-minutes`` budget."""
+
+    def __init__(self, minutes: float, threshold: float):
+        self.deadline = time.time() + minutes * 60
+        self.threshold = threshold
+        self.waited_s = 0.0
+
+    def wait(self, label: str) -> float:
+        while True:
+            share, top = foreign_share()
+            if share <= self.threshold or time.time() >= self.deadline:
+                if share > self.threshold:
+                    print(f"WARNING: {label} starts on a busy machine: other processes use {100 * share:.0f}% of the "
+                          f"cores {top}", flush=True)
+                return share
+            print(f"[{time.strftime('%H:%M:%S')}] {label}: other processes use {100 * share:.0f}% of the cores "
+                  f"{top}; waiting", flush=True)
+            t = time.time()
+            time.sleep(30)
+            self.waited_s += time.time() - t
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -211,7 +311,9 @@ def make_spec(args, server, manifest: str, out: str, model: str, size: int) -> d
             "batch_size": args.batch_size, "num_cpus": args.actor_cpus, "num_gpus": 0,
             "min_actors": 1, "max_actors": 1}}},
         "resources": {"decode_cpus": args.decode_cpus},
-        "run": {"progress": True},
+        # "local": always a fresh in-process Ray; null would join any cluster another process on this machine
+        # registered in /tmp/ray/ray_current_cluster (`ray start`, ray.cluster_utils in tests)
+        "run": {"progress": True, "ray_address": "local"},
     }
 
 
@@ -232,8 +334,9 @@ def run_worker(args, side: str, spec: dict, label: str, images: int, workdir: Pa
         env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(HERE / "pipeline_worker.py"), str(path)], cwd=REPO, env=env,
-                          capture_output=True, text=True)
+    with ForeignCpu() as foreign:
+        proc = subprocess.run([sys.executable, str(HERE / "pipeline_worker.py"), str(path)], cwd=REPO, env=env,
+                              capture_output=True, text=True)
     wall = time.perf_counter() - t0
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_RESULT ")]
     if proc.returncode or not lines:
@@ -241,6 +344,9 @@ def run_worker(args, side: str, spec: dict, label: str, images: int, workdir: Pa
         raise RuntimeError(f"{label}: worker exited {proc.returncode} without a result:\n{tail}")
     res = json.loads(lines[-1][len("BENCH_RESULT "):])
     res["process_wall_s"] = wall
+    res["foreign_cpu_s"] = foreign.seconds
+    res["foreign_cpu_share"] = foreign.seconds / (wall * (os.cpu_count() or 1))
+    res["foreign_top"] = foreign.top()
     res["loadavg_1min"] = [load_before, os.getloadavg()[0]]
     res["output_uri"] = spec["output"]["uri"]
     res.update(analyse(res))
@@ -258,12 +364,28 @@ def analyse(res: dict) -> dict:
     t_start, t_end = res["t_start"], res["t_end"]
     n = res["processed"]
     out: dict = {"e2e_s": t_end - t_start, "e2e_ips": n / (t_end - t_start) if t_end > t_start else None}
-    if progress:
-        t_first, n_first = progress[0]
-        t_last, n_last = progress[-1]
+    # a batch is finished when its sink task has written it (the trace's sink ends); the driver's progress lines
+    # can lag behind that (see driver_lag_s), so they are only the fallback without a trace
+    sinks = sorted((e for e in events if e["stage"] == "sink"), key=lambda e: e["t1"])
+    finished, done = [], 0
+    for e in sinks:
+        done += e["rows"]
+        finished.append((e["t1"], done))
+    out["finished_from"] = "sink" if finished else "driver"
+    finished = finished or [tuple(p) for p in progress]
+    if finished and progress:
+        lags = []
+        for t, rows in progress:
+            reached = [ft for ft, fr in finished if fr >= rows]
+            if reached:
+                lags.append(t - reached[0])
+        out["driver_lag_s"] = statistics.median(lags) if lags else None
+    if finished:
+        t_first, n_first = finished[0]
+        t_last, n_last = finished[-1]
         out["first_batch_s"] = t_first - t_start
         out["first_batch_rows"] = n_first
-        out["batches_seen_by_driver"] = len(progress)
+        out["batches_finished"] = len(finished)
         if t_last > t_first and n_last > n_first:
             out["steady_ips"] = (n_last - n_first) / (t_last - t_first)
             out["steady_window_s"] = t_last - t_first
@@ -273,6 +395,12 @@ def analyse(res: dict) -> dict:
             busy = {s: _overlap(v, t_first, t_last) / (t_last - t_first) for s, v in by.items()
                     if s in ("decode", "actor", "sink")}
             out["busy_in_steady_window"] = busy
+        if len(progress) >= 2 and progress[-1][0] > progress[0][0] and progress[-1][1] > progress[0][1]:
+            out["steady_ips_driver"] = (progress[-1][1] - progress[0][1]) / (progress[-1][0] - progress[0][0])
+    out["plan_ready_s"] = res.get("plan_said_s")
+    decodes = [e for e in events if e["stage"] == "decode"]
+    if decodes:
+        out["first_decode_after_s"] = min(e["t0"] for e in decodes) - t_start
     stages: dict = {}
     for stage in ("decode", "actor", "sink"):
         evs = [e for e in events if e["stage"] == stage]
@@ -288,6 +416,8 @@ def analyse(res: dict) -> dict:
         e = inits[0]
         out["actor_init_s"] = e["t1"] - e["t0"]
         out["actor_ready_after_s"] = e["t1"] - t_start
+        if e.get("process_started"):
+            out["actor_process_started_after_s"] = e["process_started"] - t_start
         out["actor_torch_threads"] = e.get("torch_threads")
         out["actor_omp_env"] = e.get("omp_env")
         out["actor_pids"] = sorted({x["pid"] for x in events if x["stage"] in ("actor", "actor_init")})
@@ -354,24 +484,30 @@ def summarise(args, runs: list[dict]) -> dict:
             "e2e_ips": median([r.get("e2e_ips") for r in rs]),
             "first_batch_s": median([r.get("first_batch_s") for r in rs]),
             "actor_init_s": median([r.get("actor_init_s") for r in rs]),
+            "plan_ready_s": median([r.get("plan_ready_s") for r in rs]),
+            "first_decode_after_s": median([r.get("first_decode_after_s") for r in rs]),
             "peak_rss_mb": median([r["rss_kb"]["peak_hwm"] / 1024 for r in rs]),
             "per_image_s": {st: median([(r["stages"].get(st) or {}).get("median_s_per_image") for r in rs])
                             for st in ("decode", "actor", "sink")},
             "steady_runs": [r.get("steady_ips") for r in rs],
             "e2e_runs": [r.get("e2e_s") for r in rs],
             "torch_threads": sorted({r.get("actor_torch_threads") for r in rs if r.get("actor_torch_threads")}),
+            "foreign_cpu_share": [round(r.get("foreign_cpu_share", 0), 3) for r in rs],
         }
     p, lp = by["pipeline"], by["loop"]
     s["pipeline"].update({
         "ray_init_s": median([r.get("ray_init_s") for r in p]),
         "shutdown_s": median([r.get("shutdown_s") for r in p]),
         "actor_ready_after_s": median([r.get("actor_ready_after_s") for r in p]),
+        "actor_process_started_after_s": median([r.get("actor_process_started_after_s") for r in p]),
         "first_actor_call_after_s": median([r.get("first_actor_call_after_s") for r in p]),
         "actor_busy": median([(r.get("busy_in_steady_window") or {}).get("actor") for r in p]),
         "decode_busy": median([(r.get("busy_in_steady_window") or {}).get("decode") for r in p]),
         "sink_busy": median([(r.get("busy_in_steady_window") or {}).get("sink") for r in p]),
         "actor_idle_between_calls_s": median([r.get("actor_idle_between_calls_s") for r in p]),
         "last_actor_end_to_done_s": median([r.get("last_actor_end_to_done_s") for r in p]),
+        "driver_lag_s": median([r.get("driver_lag_s") for r in p]),
+        "steady_ips_driver": median([r.get("steady_ips_driver") for r in p]),
     })
     s["loop"]["first_actor_call_after_s"] = median([r.get("first_actor_call_after_s") for r in lp])
     ps, ls = s["pipeline"], s["loop"]
@@ -415,7 +551,13 @@ def print_report(args, info: dict, summary: dict | None, memory: dict | None, ch
             ("  fixed cost s (e2e - N/steady)", fmt(p.get("fixed_s"), ".1f"), fmt(lp.get("fixed_s"), ".1f"), "", ""),
             ("  first batch done after s", fmt(p["first_batch_s"], ".1f"), fmt(lp["first_batch_s"], ".1f"), "", ""),
             ("  ray.init s", fmt(p["ray_init_s"], ".1f"), "-", "", ""),
-            ("  model load (actor init) s", fmt(p["actor_init_s"], ".1f"), fmt(lp["actor_init_s"], ".1f"), "", ""),
+            ("  manifest read, output prepared after s", fmt(p["plan_ready_s"], ".1f"), fmt(lp["plan_ready_s"], ".1f"),
+             "", ""),
+            ("  first decode started after s", fmt(p["first_decode_after_s"], ".1f"),
+             fmt(lp["first_decode_after_s"], ".1f"), "", ""),
+            ("  GEM actor process started after s", fmt(p["actor_process_started_after_s"], ".1f"), "-", "", ""),
+            ("  model load (actor __init__) s", fmt(p["actor_init_s"], ".1f"), fmt(lp["actor_init_s"], ".1f"), "",
+             ""),
             ("  actor ready after s", fmt(p["actor_ready_after_s"], ".1f"), "-", "", ""),
             ("  first GEM call after s", fmt(p["first_actor_call_after_s"], ".1f"),
              fmt(lp["first_actor_call_after_s"], ".1f"), "", ""),
@@ -432,10 +574,15 @@ def print_report(args, info: dict, summary: dict | None, memory: dict | None, ch
         for r in rows:
             print("  ".join(c.ljust(widths[0]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(r)))
         print()
+        print(f"CPU share taken by other processes during each run: pipeline {p['foreign_cpu_share']}, loop "
+              f"{lp['foreign_cpu_share']} (of all cores; > 0.05 means the numbers were disturbed)")
         print(f"per repeat: pipeline steady {[fmt(x, '.3f') for x in p['steady_runs']]} e2e s "
               f"{[fmt(x, '.1f') for x in p['e2e_runs']]}; loop steady {[fmt(x, '.3f') for x in lp['steady_runs']]} "
               f"e2e s {[fmt(x, '.1f') for x in lp['e2e_runs']]}")
         if p["actor_busy"] is not None:
+            print(f"pipeline: the driver saw finished batches {fmt(p['driver_lag_s'], '.1f')} s (median) after their "
+                  f"sink task ended (steady images/s from the driver's progress lines: "
+                  f"{fmt(p['steady_ips_driver'])})")
             print(f"pipeline steady window: GEM actor busy {100 * p['actor_busy']:.0f}%, decode tasks "
                   f"{100 * (p['decode_busy'] or 0):.0f}%, sink tasks {100 * (p['sink_busy'] or 0):.0f}% of the "
                   f"window (overlapping); actor idle between calls {fmt(p['actor_idle_between_calls_s'], '.1f')} s "
@@ -471,8 +618,10 @@ def main(argv=None) -> int:
     from tests import s3server
 
     info = machine_info(args)
+    started = time.time()
     if args.wait_minutes > 0:
         info["waited_for_others"] = wait_for_quiet_machine(args.wait_minutes)
+    quiet = QuietMachine(max(0.0, args.wait_minutes - (time.time() - started) / 60), args.quiet_threshold)
     if port_in_use(s3server.S3_PORT):
         print(f"port {s3server.S3_PORT} is in use on 127.0.0.1 (another S3 server / test run?); stop it first",
               file=sys.stderr)
@@ -503,7 +652,9 @@ def main(argv=None) -> int:
                     label = f"{side}-r{rep + 1}"
                     out = f"s3://{server.bucket}/bench/out-{stamp}/{label}"
                     spec = make_spec(args, server, manifest, out, args.model, args.size)
+                    before = quiet.wait(label)
                     res = run_worker(args, side, spec, label, args.images, workdir, trace=not args.no_trace)
+                    res["foreign_share_before"] = before
                     res["repeat"] = rep + 1
                     res["check"] = check_output(server, out, args.images, prompts)
                     outs_ok.append(res["check"]["ok"])
@@ -512,7 +663,8 @@ def main(argv=None) -> int:
                           f"e2e {res['e2e_s']:.1f} s ({fmt(res.get('e2e_ips'))} images/s), first batch after "
                           f"{fmt(res.get('first_batch_s'), '.1f')} s, actor threads "
                           f"{res.get('actor_torch_threads')}, driver peak {res['rss_kb']['peak_hwm'] / 1024:.0f} MB, "
-                          f"outputs {res['check']}", flush=True)
+                          f"outputs {res['check']}, other processes used {100 * res['foreign_cpu_share']:.0f}% "
+                          f"of the cores {res['foreign_top']}", flush=True)
             checks["outputs_ok"] = all(outs_ok)
             first = {r["side"]: r["output_uri"] for r in runs if r["repeat"] == 1}
             checks["same_outputs"] = compare_outputs(server, first["pipeline"], first["loop"])
@@ -529,11 +681,14 @@ def main(argv=None) -> int:
                 label = f"memory-{n}-{i + 1}"
                 out = f"s3://{server.bucket}/bench/out-{stamp}/{label}"
                 spec = make_spec(args, server, manifests[n], out, args.memory_model, args.memory_size)
+                before = quiet.wait(label)
                 res = run_worker(args, "pipeline", spec, label, n, workdir, trace=False)
+                res["foreign_share_before"] = before
                 res["check"] = check_output(server, out, n, prompts)
                 memory["runs"].setdefault(str(n), []).append(res)
                 print(f"[{time.strftime('%H:%M:%S')}] {label}: driver peak {res['rss_kb']['peak_hwm'] / 1024:.0f} MB, "
-                      f"{res['e2e_s']:.1f} s, outputs {res['check']}", flush=True)
+                      f"{res['e2e_s']:.1f} s, outputs {res['check']}, other processes used "
+                      f"{100 * res['foreign_cpu_share']:.0f}% of the cores", flush=True)
             peak = {n: median([r["rss_kb"]["peak_hwm"] for r in memory["runs"][str(n)]]) for n in (small, large)}
             memory["peak_kb"] = peak
             memory["ratio"] = peak[large] / peak[small] if peak[small] else None

@@ -38,11 +38,21 @@ def _rows(batch) -> int:
     return len(batch[cols.IMAGE_ID])
 
 
+def process_started() -> float | None:
+    """When this process started (wall clock), or None without psutil."""
+    try:
+        import psutil
+
+        return psutil.Process().create_time()
+    except Exception:  # noqa: BLE001
+        return None
+
+
 def torch_threads() -> dict:
     import torch
 
-    return {"torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads(),
-            "omp_env": os.environ.get("OMP_NUM_THREADS")}
+    return {"process_started": process_started(), "torch_threads": torch.get_num_threads(),
+            "torch_interop_threads": torch.get_num_interop_threads(), "omp_env": os.environ.get("OMP_NUM_THREADS")}
 
 
 def traced_decode_batch(batch, config):
@@ -112,11 +122,11 @@ def traced_build():
 
     original = run_mod.build_dataset
 
-    def build_dataset(plan, **kwargs):
+    def build_dataset(*args, **kwargs):
         with _patched(actor_mod, "MethodActor", TracedMethodActor), \
                 _patched(decode_mod, "decode_batch", traced_decode_batch), \
                 _patched(sinks_mod, "sink_batch", traced_sink_batch):
-            return original(plan, **kwargs)
+            return original(*args, **kwargs)
 
     with _patched(run_mod, "build_dataset", build_dataset):
         yield

@@ -56,7 +56,7 @@ def class_text_embeddings(model, tokenizer, classnames: Sequence[str], templates
     """Per class: encode every template, unit-normalise each, average, unit-normalise -> [K, D]."""
     rows = []
     for name in classnames:
-        tokens = tokenizer([tpl.format(name) for tpl in templates])
+        tokens = tokenizer([tpl.format(name) for tpl in templates]).to(next(model.parameters()).device)
         emb = model.encode_text(tokens).float()
         emb = emb / emb.norm(dim=-1, keepdim=True)
         mean = emb.mean(dim=0)

@@ -1,0 +1,650 @@
+"""``clipmaps index``: a nearest-neighbour index over the region embeddings of a job's ``regions/`` dataset.
+
+The index is built by streaming ``regions/`` (``pyarrow.dataset`` scanner batches; only one batch of rows is in
+memory besides the index itself) and written next to the datasets, under ``OUTPUT_URI/index/``:
+
+* ``regions.usearch``: the vectors (inner product on L2-normalised embeddings = cosine). Below
+  ``exact_below`` vectors (50,000 by default) the index is searched exhaustively (exact results); from there on
+  it is an HNSW graph (approximate; usearch, float32, connectivity 32, expansion 128 at build and 256 at search).
+* ``ids.parquet``: one row per vector, in vector order: ``row``, ``image_id``, ``region_id``, ``image_uri``
+  (joined from the job's manifest when it can be read, else null: ``regions/`` has no URI column), ``method``,
+  ``model``, ``weights``, ``params_hash``.
+* ``index.json`` (written last): what was indexed (model, weights, parameters hash, dimension, count, the
+  ``regions/`` files it saw), how (exact or HNSW and its parameters) and when.
+
+Embeddings from different models, weights or MaskInversion parameters live in different spaces and must not be
+mixed in one index: a ``regions/`` dataset that holds several ``params_hash`` values is refused unless
+``--params-hash`` picks one. Image-level embeddings are not indexed: no dataset holds them (MaskInversion's
+starting point, the image embedding, is not written), and a mean of region embeddings is not a CLIP image
+embedding, so it is not offered as one.
+
+Local paths and fsspec URIs (``s3://…``) work alike: the files are built in a local temporary folder and
+uploaded. Imports no torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+logger = logging.getLogger(__name__)
+
+INDEX_DIR = "index"
+META_FILE = "index.json"
+IDS_FILE = "ids.parquet"
+VECTORS_FILE = "regions.usearch"
+FORMAT_VERSION = 1
+#: Below this many vectors the index is searched exhaustively (exact); from it on, HNSW.
+EXACT_BELOW = 50_000
+#: HNSW parameters (usearch names): edges per node, candidate list size when adding and when searching.
+CONNECTIVITY = 32
+EXPANSION_ADD = 128
+EXPANSION_SEARCH = 256
+#: Rows per row group of ``ids.parquet`` (a query reads only the row groups of its hits).
+IDS_ROW_GROUP = 65_536
+PROVENANCE_COLUMNS = ("method", "model", "weights", "params_hash")
+ID_COLUMNS = ("image_id", "region_id")
+IDS_SCHEMA = pa.schema(
+    [
+        pa.field("row", pa.int64(), nullable=False),
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("region_id", pa.string(), nullable=False),
+        pa.field("image_uri", pa.string()),
+        pa.field("method", pa.string(), nullable=False),
+        pa.field("model", pa.string(), nullable=False),
+        pa.field("weights", pa.string(), nullable=False),
+        pa.field("params_hash", pa.string(), nullable=False),
+    ]
+)
+
+
+class IndexError_(ValueError):
+    """Something the user can fix: no ``regions/``, mixed models or parameters, a missing or stale index…"""
+
+
+# ---------------------------------------------------------------------------------------------- filesystems
+def parse_storage_options(values: Sequence[str] | None) -> dict:
+    """``KEY=VALUE`` strings (``--storage-option``) → fsspec options; values parsed as JSON when they can be."""
+    out: dict[str, Any] = {}
+    for item in values or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise IndexError_(f"--storage-option needs KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def filesystem(uri: str, storage_options: dict | None = None):
+    """``(fsspec filesystem, path)`` for a local path or URI."""
+    import fsspec
+
+    return fsspec.core.url_to_fs(uri, **(storage_options or {}))
+
+
+def join(root: str, *names: str) -> str:
+    """``root/name/…`` with ``/`` (keeps a URI's scheme)."""
+    return "/".join([root.rstrip("/"), *(n.strip("/") for n in names)])
+
+
+def is_local(fs) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return protocol in ("file", "local")
+
+
+def shown(uri: str) -> str:
+    """``uri`` without credentials (for messages)."""
+    from clipmaps.pipeline.sources import redact_uri
+
+    return redact_uri(uri)
+
+
+def read_job(output_uri: str, storage_options: dict | None = None) -> dict:
+    """``OUTPUT_URI/_job.json`` as a dict (``{}`` when the file is missing)."""
+    fs, root = filesystem(output_uri, storage_options)
+    path = join(root, "_job.json")
+    if not fs.exists(path):
+        return {}
+    with fs.open(path, "rb") as f:
+        return json.loads(f.read())
+
+
+def usable_options(options: dict | None) -> dict:
+    """Storage options from ``_job.json`` without the redacted (``***``) values, which would only fail."""
+    def clean(v):
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items() if x != "***"}
+        return v
+
+    return clean(dict(options or {}))
+
+
+# ---------------------------------------------------------------------------------------------- regions/
+def regions_dataset(output_uri: str, storage_options: dict | None = None) -> pads.Dataset:
+    """The ``regions/`` Parquet dataset under ``output_uri`` (refused when missing or empty)."""
+    fs, root = filesystem(output_uri, storage_options)
+    path = join(root, "regions")
+    if not fs.exists(path):
+        raise IndexError_(f"{shown(join(output_uri, 'regions'))} does not exist: the job wrote no region "
+                          "embeddings (run it with methods.maskinversion and a manifest with masks)")
+    ds = pads.dataset(path, filesystem=fs, format="parquet")
+    emb = ds.schema.field("embedding").type if "embedding" in ds.schema.names else None
+    if not (pa.types.is_fixed_size_list(emb) and pa.types.is_float32(emb.value_type)):
+        raise IndexError_(f"{shown(output_uri)}/regions has no fixed_size_list<float32, D> 'embedding' column "
+                          f"(got {emb}); is it a clipmaps regions dataset?")
+    missing = [c for c in (*ID_COLUMNS, *PROVENANCE_COLUMNS) if c not in ds.schema.names]
+    if missing:
+        raise IndexError_(f"{shown(output_uri)}/regions lacks the columns {missing}")
+    return ds
+
+
+def files_fingerprint(ds: pads.Dataset) -> list[list]:
+    """``[[file name, size in bytes], …]`` of a dataset, sorted: tells whether ``regions/`` changed since."""
+    fs = ds.filesystem
+    out = []
+    for path in ds.files:
+        try:
+            size = fs.get_file_info(path).size
+        except Exception:  # noqa: BLE001 - informative only
+            size = None
+        out.append([path.rsplit("/", 1)[-1], size])
+    return sorted(out)
+
+
+def provenance_groups(ds: pads.Dataset, batch_rows: int = 262_144) -> Counter:
+    """Rows per ``(method, model, weights, params_hash)`` in ``regions/`` (reads only those four columns)."""
+    groups: Counter = Counter()
+    for batch in ds.to_batches(columns=list(PROVENANCE_COLUMNS), batch_size=batch_rows):
+        if batch.num_rows == 0:
+            continue
+        counts = pa.Table.from_batches([batch]).group_by(list(PROVENANCE_COLUMNS)).aggregate([([], "count_all")])
+        for row in counts.to_pylist():
+            groups[tuple(row[c] for c in PROVENANCE_COLUMNS)] += row["count_all"]
+    return groups
+
+
+def describe_groups(groups: Counter) -> str:
+    return "; ".join(f"params_hash {h} ({n} rows: method {m}, model {mo}, weights {w})"
+                     for (m, mo, w, h), n in sorted(groups.items(), key=lambda kv: -kv[1]))
+
+
+def choose_group(groups: Counter, params_hash: str | None, where: str) -> tuple[str, str, str, str]:
+    """The one provenance group to index: the only one, or the one ``params_hash`` names."""
+    if not groups:
+        raise IndexError_(f"{where} holds no rows: nothing to index")
+    if params_hash is not None:
+        match = [g for g in groups if g[3] == params_hash]
+        if not match:
+            raise IndexError_(f"{where} has no rows with params_hash {params_hash!r}; it has: "
+                              f"{describe_groups(groups)}")
+        return match[0]
+    if len(groups) > 1:
+        raise IndexError_(
+            f"{where} mixes embeddings of {len(groups)} model/parameter sets, which live in different spaces and "
+            f"cannot share one index: {describe_groups(groups)}. Pick one with --params-hash.")
+    return next(iter(groups))
+
+
+def embedding_matrix(column: pa.Array | pa.ChunkedArray, dim: int) -> np.ndarray:
+    """A ``fixed_size_list<float32, dim>`` column → ``float32 [n, dim]`` L2-normalised (again: cheap, and a
+    dataset written by another tool may not be)."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if column.null_count:
+        raise IndexError_(f"{column.null_count} region embeddings are null")
+    x = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, dim)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    if not np.all(np.isfinite(norms)) or np.any(norms == 0):
+        raise IndexError_("some region embeddings are zero, NaN or infinite; they cannot be indexed")
+    return np.ascontiguousarray(x / norms, dtype=np.float32)
+
+
+# ---------------------------------------------------------------------------------------------- manifest URIs
+def manifest_uris(job: dict, storage_options: dict | None = None) -> pa.Table | None:
+    """``image_id → image_uri`` from the manifest named in ``_job.json`` (``spec.input.manifest``), or ``None``
+    when there is none or it cannot be read (then the id map's ``image_uri`` is null)."""
+    spec = job.get("spec") or {}
+    uri = (spec.get("input") or {}).get("manifest")
+    if not uri:
+        return None
+    options = {**usable_options((spec.get("input") or {}).get("storage_options")), **(storage_options or {})}
+    try:
+        table = read_manifest_columns(uri, ["image_id", "image_uri"], options)
+    except Exception as e:  # noqa: BLE001 - URIs are a convenience: index without them
+        logger.warning("image URIs left out: cannot read the manifest %s: %s", shown(uri), e)
+        return None
+    table = table.filter(pc.is_valid(table["image_id"]))
+    first = table.group_by("image_id", use_threads=False).aggregate([("image_uri", "first")])
+    return pa.table({"image_id": first["image_id"], "image_uri": first["image_uri_first"]})
+
+
+def read_manifest_columns(uri: str, columns: Sequence[str], storage_options: dict | None = None,
+                          image_ids: Sequence[str] | None = None) -> pa.Table:
+    """Some columns of a manifest (Parquet: only those columns and, with ``image_ids``, only those rows are
+    read; JSONL/CSV go through :func:`clipmaps.pipeline.sources.read_manifest_table`)."""
+    fs, path = filesystem(uri, storage_options)
+    name = path.rsplit("/", 1)[-1].lower()
+    if fs.isdir(path) or name.endswith((".parquet", ".pq")):
+        ds = pads.dataset(path, filesystem=fs, format="parquet")
+        cols = [c for c in columns if c in ds.schema.names]
+        flt = pc.field("image_id").isin(list(image_ids)) if image_ids is not None else None
+        return ds.to_table(columns=cols, filter=flt)
+    from clipmaps.pipeline.sources import read_manifest_table
+
+    table = read_manifest_table(uri, storage_options=storage_options)
+    if image_ids is not None:
+        table = table.filter(pc.is_in(table["image_id"], value_set=pa.array(list(image_ids), pa.string())))
+    return table.select([c for c in columns if c in table.column_names])
+
+
+def with_uris(batch: pa.Table, uris: pa.Table | None) -> pa.Array:
+    """``image_uri`` for every row of ``batch`` (in order; null where unknown)."""
+    if uris is None:
+        return pa.nulls(batch.num_rows, pa.string())
+    pos = pc.index_in(batch["image_id"], value_set=uris["image_id"])
+    return pc.take(uris["image_uri"], pos)
+
+
+# ---------------------------------------------------------------------------------------------- the index
+def _usearch():
+    try:
+        from usearch.index import Index
+    except ImportError as e:  # pragma: no cover - a dependency
+        raise IndexError_("the 'usearch' package is missing: pip install usearch") from e
+    return Index
+
+
+@dataclass
+class VectorIndex:
+    """The vectors of an index and how to search them.
+
+    Attributes:
+        kind: ``"exact"`` (exhaustive search) or ``"hnsw"`` (approximate).
+        dim: embedding dimension.
+        index: the usearch ``Index`` (``exact`` searches it exhaustively).
+    """
+
+    kind: str
+    dim: int
+    index: Any
+    expansion_search: int = EXPANSION_SEARCH
+
+    @classmethod
+    def new(cls, kind: str, dim: int, *, connectivity: int = CONNECTIVITY, expansion_add: int = EXPANSION_ADD,
+            expansion_search: int = EXPANSION_SEARCH) -> VectorIndex:
+        if kind not in ("exact", "hnsw"):
+            raise ValueError(f"index kind must be 'exact' or 'hnsw', got {kind!r}")
+        Index = _usearch()
+        # exact: a graph is still kept by usearch, but a minimal one (exhaustive search ignores it)
+        conn = connectivity if kind == "hnsw" else 2
+        add = expansion_add if kind == "hnsw" else 2
+        idx = Index(ndim=dim, metric="ip", dtype="f32", connectivity=conn, expansion_add=add,
+                    expansion_search=expansion_search)
+        return cls(kind, dim, idx, expansion_search)
+
+    def add(self, vectors: np.ndarray, start: int, threads: int = 0) -> None:
+        keys = np.arange(start, start + len(vectors), dtype=np.uint64)
+        self.index.add(keys, vectors, threads=threads)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def search(self, queries: np.ndarray, k: int, threads: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """``queries`` ``[Q, D]`` (unit vectors) → ``(rows int64 [Q, k'], scores float32 [Q, k'])``, best first;
+        ``k' = min(k, len)``; score = inner product = cosine."""
+        queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        if queries.shape[1] != self.dim:
+            raise IndexError_(f"query vectors have dimension {queries.shape[1]}, the index {self.dim}")
+        k = min(k, len(self))
+        if k <= 0:
+            return np.zeros((len(queries), 0), np.int64), np.zeros((len(queries), 0), np.float32)
+        m = self.index.search(queries, k, threads=threads, exact=self.kind == "exact")
+        keys = np.asarray(m.keys).reshape(len(queries), -1)[:, :k].astype(np.int64)
+        dist = np.asarray(m.distances).reshape(len(queries), -1)[:, :k]
+        counts = np.asarray(m.counts).reshape(-1) if hasattr(m, "counts") else np.asarray([len(m.keys)])
+        valid = np.arange(keys.shape[1])[None, :] < counts[:, None]
+        keys = np.where(valid, keys, -1)
+        return keys, np.where(valid, 1.0 - dist, np.nan).astype(np.float32)  # usearch "ip" distance = 1 - ip
+
+    def save(self, path: str) -> None:
+        self.index.save(path)
+
+    @classmethod
+    def load(cls, path: str, kind: str, dim: int, expansion_search: int = EXPANSION_SEARCH) -> VectorIndex:
+        Index = _usearch()
+        idx = Index.restore(path)
+        if idx is None:
+            raise IndexError_(f"{path} is not a usearch index")
+        idx.expansion_search = expansion_search
+        return cls(kind, dim, idx, expansion_search)
+
+
+# ---------------------------------------------------------------------------------------------- building
+@dataclass
+class BuildResult:
+    """What :func:`build_index` wrote: the ``index.json`` content and where."""
+
+    meta: dict
+    uri: str
+    seconds: float = 0.0
+    files: list[str] = field(default_factory=list)
+
+
+def build_index(
+    output_uri: str,
+    *,
+    storage_options: dict | None = None,
+    params_hash: str | None = None,
+    exact_below: int = EXACT_BELOW,
+    kind: str = "auto",
+    batch_rows: int = 16_384,
+    image_uris: bool = True,
+    connectivity: int = CONNECTIVITY,
+    expansion_add: int = EXPANSION_ADD,
+    expansion_search: int = EXPANSION_SEARCH,
+    threads: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> BuildResult:
+    """Build ``OUTPUT_URI/index/`` from ``OUTPUT_URI/regions/`` (see the module docstring).
+
+    Args:
+        output_uri: the job's output URI (local path or fsspec URI).
+        storage_options: fsspec options for ``output_uri`` (and the manifest).
+        params_hash: index only the rows with this ``params_hash`` (needed when ``regions/`` mixes several).
+        exact_below: with ``kind="auto"``, exhaustive search below this many vectors, HNSW from it on.
+        kind: ``"auto"``, ``"exact"`` or ``"hnsw"``.
+        batch_rows: rows per scanner batch (the memory held besides the index).
+        image_uris: join ``image_uri`` from the manifest of ``_job.json`` into the id map.
+        connectivity, expansion_add, expansion_search: HNSW parameters.
+        threads: threads for adding vectors (0 = all cores).
+        progress: called with a line of text now and then.
+    """
+    say = progress or (lambda s: None)
+    t0 = time.perf_counter()
+    ds = regions_dataset(output_uri, storage_options)
+    where = f"{shown(output_uri)}/regions"
+    dim = ds.schema.field("embedding").type.list_size
+    groups = provenance_groups(ds)
+    method, model, weights, phash = choose_group(groups, params_hash, where)
+    count = groups[(method, model, weights, phash)]
+    flt = pc.field("params_hash") == phash
+    if kind == "auto":
+        kind = "exact" if count < exact_below else "hnsw"
+    job = read_job(output_uri, storage_options)
+    uris = manifest_uris(job, storage_options) if image_uris else None
+    say(f"indexing {count} regions ({dim}-d, model {model}, weights {weights}, params_hash {phash}) "
+        f"as {'an exact' if kind == 'exact' else 'an HNSW'} index")
+    vindex = VectorIndex.new(kind, dim, connectivity=connectivity, expansion_add=expansion_add,
+                             expansion_search=expansion_search)
+    tmp = tempfile.mkdtemp(prefix="clipmaps-index-")
+    try:
+        ids_path = os.path.join(tmp, IDS_FILE)
+        writer = pq.ParquetWriter(ids_path, IDS_SCHEMA, compression="zstd")
+        n = 0
+        pending: list[pa.Table] = []
+        pending_rows = 0
+        for batch in _scan(ds, flt, batch_rows):
+            vectors = embedding_matrix(batch["embedding"], dim)
+            vindex.add(vectors, n, threads=threads)
+            ids = pa.table({
+                "row": pa.array(np.arange(n, n + batch.num_rows, dtype=np.int64)),
+                "image_id": batch["image_id"], "region_id": batch["region_id"], "image_uri": with_uris(batch, uris),
+                **{c: batch[c] for c in PROVENANCE_COLUMNS},
+            }).cast(IDS_SCHEMA)
+            pending.append(ids)
+            pending_rows += ids.num_rows
+            while pending_rows >= IDS_ROW_GROUP:  # fixed-size row groups: row r is in group r // IDS_ROW_GROUP
+                whole = pa.concat_tables(pending)
+                writer.write_table(whole.slice(0, IDS_ROW_GROUP), row_group_size=IDS_ROW_GROUP)
+                rest = whole.slice(IDS_ROW_GROUP)
+                pending, pending_rows = [rest], rest.num_rows
+            n += batch.num_rows
+            if n and n % (batch_rows * 16) < batch.num_rows:
+                say(f"  {n}/{count} vectors added ({time.perf_counter() - t0:.0f} s)")
+        if pending_rows:
+            writer.write_table(pa.concat_tables(pending), row_group_size=IDS_ROW_GROUP)
+        writer.close()
+        if n != count:
+            raise IndexError_(f"{where} changed while it was indexed ({count} rows counted, {n} read); run again")
+        vindex.save(os.path.join(tmp, VECTORS_FILE))
+        seconds = time.perf_counter() - t0
+        meta = {
+            "format": FORMAT_VERSION,
+            "library": "usearch",
+            "library_version": _version("usearch"),
+            "kind": kind,
+            "metric": "inner_product",
+            "dim": dim,
+            "count": n,
+            "files": {"vectors": VECTORS_FILE, "ids": IDS_FILE},
+            "ids_row_group": IDS_ROW_GROUP,
+            "hnsw": {"connectivity": connectivity, "expansion_add": expansion_add,
+                     "expansion_search": expansion_search} if kind == "hnsw" else None,
+            "exact_below": exact_below,
+            "source": {
+                "dataset": "regions",
+                "method": method,
+                "model": model,
+                "weights": weights,
+                "params_hash": phash,
+                "groups_in_dataset": len(groups),
+                "rows_in_dataset": sum(groups.values()),
+                "files": files_fingerprint(ds),
+            },
+            "image_uris": "manifest" if uris is not None else None,
+            "image_level": None,  # no image-level embeddings exist to index (see the module docstring)
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "build_s": round(seconds, 3),
+        }
+        with open(os.path.join(tmp, META_FILE), "w") as f:
+            json.dump(meta, f, indent=2)
+        dest = _publish(tmp, output_uri, storage_options)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return BuildResult(meta=meta, uri=dest, seconds=time.perf_counter() - t0,
+                       files=[VECTORS_FILE, IDS_FILE, META_FILE])
+
+
+def _scan(ds: pads.Dataset, flt, batch_rows: int) -> Iterator[pa.Table]:
+    cols = [*ID_COLUMNS, *PROVENANCE_COLUMNS, "embedding"]
+    for batch in ds.scanner(columns=cols, filter=flt, batch_size=batch_rows).to_batches():
+        if batch.num_rows:
+            yield pa.Table.from_batches([batch])
+
+
+def _publish(tmp: str, output_uri: str, storage_options: dict | None) -> str:
+    """Move the built files to ``OUTPUT_URI/index/``: ``index.json`` last (it marks a complete index); the old
+    ``index.json`` is removed first so that a half-replaced index is never taken for a complete one."""
+    fs, root = filesystem(output_uri, storage_options)
+    dest = join(root, INDEX_DIR)
+    meta = join(dest, META_FILE)
+    if fs.exists(meta):
+        fs.rm(meta)
+    fs.makedirs(dest, exist_ok=True)
+    for name in (VECTORS_FILE, IDS_FILE, META_FILE):
+        src = os.path.join(tmp, name)
+        if is_local(fs):
+            part = join(dest, f".{name}.part")
+            shutil.copyfile(src, part)
+            os.replace(part, join(dest, name))
+        else:
+            fs.put_file(src, join(dest, name))
+    return join(output_uri, INDEX_DIR)
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------- loading
+@dataclass
+class LoadedIndex:
+    """An index read back: :meth:`search` and :meth:`lookup`."""
+
+    meta: dict
+    vectors: VectorIndex
+    ids_uri: str
+    storage_options: dict
+    _ids: pa.Table | None = None
+
+    @property
+    def source(self) -> dict:
+        return self.meta["source"]
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.vectors.search(queries, k)
+
+    def lookup(self, rows: Sequence[int]) -> list[dict]:
+        """The id-map rows (dicts) of ``rows`` (vector numbers), in that order; reads only their row groups."""
+        rows = [int(r) for r in rows]
+        wanted = sorted({r // self.meta["ids_row_group"] for r in rows if r >= 0})
+        found: dict[int, dict] = {}
+        if wanted:
+            fs, path = filesystem(self.ids_uri, self.storage_options)
+            with fs.open(path, "rb") as f:
+                pf = pq.ParquetFile(f)
+                table = pf.read_row_groups(wanted)
+            keep = table.filter(pc.is_in(table["row"], value_set=pa.array(rows, pa.int64())))
+            found = {r["row"]: r for r in keep.to_pylist()}
+        return [found.get(r, {"row": r}) for r in rows]
+
+
+def index_uri(output_uri: str) -> str:
+    return join(output_uri, INDEX_DIR)
+
+
+def load_index(output_uri: str, *, storage_options: dict | None = None, expansion_search: int | None = None,
+               check_stale: bool = True) -> LoadedIndex:
+    """Read ``OUTPUT_URI/index/`` (downloading the vectors file from object storage to a temporary file)."""
+    fs, root = filesystem(output_uri, storage_options)
+    meta_path = join(root, INDEX_DIR, META_FILE)
+    if not fs.exists(meta_path):
+        raise IndexError_(f"no index at {shown(index_uri(output_uri))}: build it with "
+                          f"`clipmaps index {shown(output_uri)}`")
+    with fs.open(meta_path, "rb") as f:
+        meta = json.loads(f.read())
+    if meta.get("format") != FORMAT_VERSION or meta.get("library") != "usearch":
+        raise IndexError_(f"the index at {shown(index_uri(output_uri))} has format {meta.get('format')} "
+                          f"({meta.get('library')}); this clipmaps reads format {FORMAT_VERSION}: rebuild it")
+    src = meta.get("source") or {}
+    if len({src.get("model"), src.get("weights"), src.get("params_hash")} - {None}) != 3 or \
+            src.get("groups_in_dataset", 1) < 1:
+        raise IndexError_(f"the index at {shown(index_uri(output_uri))} does not name one model, weights and "
+                          "params_hash; rebuild it")
+    if check_stale:
+        _warn_if_stale(output_uri, storage_options, meta)
+    vec_path = join(root, INDEX_DIR, meta["files"]["vectors"])
+    ef = expansion_search or (meta.get("hnsw") or {}).get("expansion_search") or EXPANSION_SEARCH
+    if is_local(fs):
+        vectors = VectorIndex.load(vec_path, meta["kind"], meta["dim"], ef)
+    else:
+        with tempfile.TemporaryDirectory(prefix="clipmaps-index-") as tmp:
+            local = os.path.join(tmp, VECTORS_FILE)
+            fs.get_file(vec_path, local)
+            vectors = VectorIndex.load(local, meta["kind"], meta["dim"], ef)
+    check_homogeneous(join(root, INDEX_DIR, meta["files"]["ids"]), fs, meta, shown(index_uri(output_uri)))
+    if len(vectors) != meta["count"]:
+        raise IndexError_(f"the index at {shown(index_uri(output_uri))} holds {len(vectors)} vectors, its "
+                          f"index.json says {meta['count']}: rebuild it")
+    return LoadedIndex(meta=meta, vectors=vectors, ids_uri=join(output_uri, INDEX_DIR, meta["files"]["ids"]),
+                       storage_options=dict(storage_options or {}))
+
+
+def check_homogeneous(ids_path: str, fs, meta: dict, where: str) -> None:
+    """Refuse an index whose id map holds more than one model, weights or params_hash (or another one than its
+    ``index.json`` names). Reads the Parquet statistics (min = max in every row group), or the three columns
+    where a row group has none."""
+    src = meta["source"]
+    found: dict[str, set] = {c: set() for c in ("model", "weights", "params_hash")}
+    with fs.open(ids_path, "rb") as f:
+        pf = pq.ParquetFile(f)
+        md = pf.metadata
+        names = md.schema.to_arrow_schema().names
+        for g in range(md.num_row_groups):
+            rg = md.row_group(g)
+            for c in found:
+                st = rg.column(names.index(c)).statistics
+                if st is not None and st.has_min_max:
+                    found[c].update({st.min, st.max})
+                else:
+                    found[c].update(pc.unique(pf.read_row_group(g, columns=[c]).column(0)).to_pylist())
+    for c, values in found.items():
+        if values - {src[c]}:
+            raise IndexError_(f"the index at {where} mixes several {c} values ({sorted(map(str, values))}); "
+                              f"embeddings of different models or parameters cannot be searched together: rebuild "
+                              f"it with `clipmaps index --params-hash …` for one of them")
+
+
+def _warn_if_stale(output_uri: str, storage_options: dict | None, meta: dict) -> None:
+    try:
+        now = files_fingerprint(regions_dataset(output_uri, storage_options))
+    except Exception:  # noqa: BLE001 - the index can be used without its source
+        return
+    if now != meta["source"].get("files"):
+        print(f"warning: {shown(output_uri)}/regions changed since the index was built "
+              f"({meta.get('created_at')}); rebuild it with `clipmaps index {shown(output_uri)}`", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def run_index_cli(args: argparse.Namespace) -> int:
+    try:
+        so = parse_storage_options(args.storage_option)
+        result = build_index(
+            args.output_uri, storage_options=so, params_hash=args.params_hash, exact_below=args.exact_below,
+            kind=args.kind, batch_rows=args.batch_rows, image_uris=not args.no_image_uris,
+            connectivity=args.connectivity, expansion_add=args.expansion_add,
+            expansion_search=args.expansion_search, progress=print)
+    except (IndexError_, OSError, ValueError) as e:
+        print(f"clipmaps index: error: {e}", file=sys.stderr)
+        return 2
+    m = result.meta
+    print(f"clipmaps index: {m['count']} regions, {m['dim']}-d, {m['kind']} "
+          f"({'exhaustive search' if m['kind'] == 'exact' else 'HNSW'}), image URIs "
+          f"{'from the manifest' if m['image_uris'] else 'not available'}, {result.seconds:.1f} s -> {result.uri}")
+    return 0
+
+
+def add_index_parser(subparsers) -> argparse.ArgumentParser:
+    """Add ``index`` to ``subparsers`` (from ``parser.add_subparsers``); ``func`` runs it."""
+    p = subparsers.add_parser("index", help="build a nearest-neighbour index over a job's regions/ embeddings")
+    p.add_argument("output_uri", help="the job's output URI (local path or s3://…)")
+    p.add_argument("--params-hash", default=None,
+                   help="index only the regions with this params_hash (needed when regions/ mixes several)")
+    p.add_argument("--kind", choices=("auto", "exact", "hnsw"), default="auto",
+                   help="exact (exhaustive) or HNSW search; auto: exact below --exact-below vectors")
+    p.add_argument("--exact-below", type=int, default=EXACT_BELOW, help="default: %(default)s")
+    p.add_argument("--batch-rows", type=int, default=16_384, help="rows per Parquet scanner batch")
+    p.add_argument("--connectivity", type=int, default=CONNECTIVITY, help="HNSW edges per node")
+    p.add_argument("--expansion-add", type=int, default=EXPANSION_ADD, help="HNSW candidates when adding")
+    p.add_argument("--expansion-search", type=int, default=EXPANSION_SEARCH, help="HNSW candidates when searching")
+    p.add_argument("--no-image-uris", action="store_true", help="do not join image URIs from the manifest")
+    p.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
+                   help="fsspec storage option for the output URI (repeatable; VALUE parsed as JSON if it can be)")
+    p.set_defaults(func=run_index_cli)
+    return p
+
+
+__all__ = ["LoadedIndex", "VectorIndex", "add_index_parser", "build_index", "load_index", "run_index_cli"]

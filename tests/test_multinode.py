@@ -1,0 +1,144 @@
+"""Scale-out: the demo job on a Ray cluster of a head and a worker node (separate processes, each with its own
+resources), as on Kubernetes where every Ray pod is a node.
+
+Every method pool is given two actors (``min_actors = max_actors = 2``); the job must place each pool's actors on
+both nodes (Ray Data spreads actors across nodes) and still write every output. The driver runs in its own process,
+joined to the cluster through ``RAY_ADDRESS`` as a RayJob's driver is; it records where each method's actors were
+built and where they ran batches with a subclass of ``MethodActor`` that calls the real one (this file, run as a
+script, is that driver).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+SCENES = 4
+METHODS = ("maskclip", "gem", "legrad", "maskinversion")
+
+
+def _driver_env(cluster) -> dict:
+    return {
+        **os.environ,
+        "RAY_ADDRESS": cluster.address,
+        "RAY_AUTH_MODE": "disabled",
+        # Ray maps 127.0.0.1 in RAY_ADDRESS to the host's network address unless told this host runs no cluster
+        # across machines; the test cluster listens on loopback only
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    }
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A head node and a worker node, 1 CPU each, as separate Ray processes on 127.0.0.1."""
+    from ray.cluster_utils import Cluster
+
+    previous = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1",
+                                                      "include_dashboard": False, "resources": {"head": 1}})
+    try:
+        c.add_node(num_cpus=1, node_ip_address="127.0.0.1", resources={"worker": 1})
+        c.wait_for_nodes()
+        yield c
+    finally:
+        c.shutdown()
+        if previous is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = previous
+
+
+def test_method_pools_place_actors_on_both_nodes(cluster, tmp_path):
+    from clipmaps.jobs.demo import DEMO_SPEC, write_scenes
+
+    manifest = write_scenes(tmp_path / "input", SCENES)
+    out = tmp_path / "out"
+    overrides = [f"input.manifest={manifest}", f"output.uri={out}", "output.overwrite=false"]
+    for m in METHODS:  # two actors per pool; 8 x 0.1 CPU + 0.5 for decode fits the 2 CPUs of the cluster
+        overrides += [f"methods.{m}.resources.min_actors=2", f"methods.{m}.resources.max_actors=2",
+                      f"methods.{m}.resources.num_cpus=0.1", f"methods.{m}.resources.batch_size=1"]
+    report = tmp_path / "report.json"
+    started = time.time()
+    result = subprocess.run([sys.executable, __file__, str(DEMO_SPEC), str(report), str(tmp_path / "actors.jsonl"),
+                             *overrides], env=_driver_env(cluster), capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    doc = json.loads(report.read_text())
+    nodes = doc["nodes"]
+    assert len(nodes) == 2 and doc["resources"]["CPU"] == 2 and {"head", "worker"} <= set(doc["resources"])
+
+    built, ran = defaultdict(set), defaultdict(set)
+    for line in (tmp_path / "actors.jsonl").read_text().splitlines():
+        event = json.loads(line)
+        assert event["node"] in nodes
+        (built if event["event"] == "init" else ran)[event["method"]].add(event["node"])
+    for m in METHODS:
+        assert built[m] == set(nodes), f"{m}: actors on {len(built[m])} of the 2 nodes"
+    assert set().union(*ran.values()) == set(nodes), "batches ran on both nodes"
+
+    # every input ends as outputs: 2 label maps (MaskCLIP, GEM), 3 prompts x 2 heatmap methods, 3 regions per scene
+    import pyarrow.dataset as pads
+
+    def rows(name):
+        return pads.dataset(out / name, format="parquet").to_table()
+
+    assert doc["processed"] == SCENES and doc["ok"] and doc["errors"] == 0
+    assert rows("labels").num_rows == 2 * SCENES
+    assert rows("heatmaps").num_rows == 3 * 2 * SCENES
+    assert rows("regions").num_rows == 3 * SCENES
+    assert rows("errors").num_rows == 0
+    assert sorted(set(rows("labels").column("image_id").to_pylist())) == [f"scene-{i:03d}" for i in range(SCENES)]
+    assert json.loads((out / "_job.json").read_text())["counts"]["images"] == SCENES
+    print(f"multi-node demo job: {time.time() - started:.1f} s; actors per method and node: "
+          f"{ {m: len(v) for m, v in built.items()} }")
+
+
+# --------------------------------------------------------------------------------------------------- the driver
+
+
+def _driver(spec_path: str, report: str, events: str, *overrides: str) -> None:
+    """Join the cluster at $RAY_ADDRESS, run the job with a MethodActor that records where it runs, report."""
+    import ray
+
+    import clipmaps.actors.actor as actor_module
+    from clipmaps.pipeline.run import run
+    from clipmaps.pipeline.spec import load_spec
+
+    base = actor_module.MethodActor
+
+    class RecordingMethodActor(base):  # defined in __main__, so Ray ships it by value to the worker processes
+        def _record(self, event: str) -> None:
+            line = json.dumps({"event": event, "method": self.config.method, "pid": os.getpid(),
+                               "node": ray.get_runtime_context().get_node_id()})
+            with open(events, "a") as f:
+                f.write(line + "\n")
+
+        def __init__(self, config):
+            super().__init__(config)
+            self._record("init")
+
+        def __call__(self, batch):
+            out = super().__call__(batch)
+            self._record("batch")
+            return out
+
+    actor_module.MethodActor = RecordingMethodActor  # plan.build_dataset imports it when it builds the pools
+    ray.init(log_to_driver=False)
+    try:
+        result = run(load_spec(spec_path, overrides=list(overrides)))
+        doc = {"nodes": [n["NodeID"] for n in ray.nodes() if n["Alive"]], "resources": ray.cluster_resources(),
+               "processed": result.processed, "errors": result.errors, "ok": result.ok}
+    finally:
+        ray.shutdown()
+    Path(report).write_text(json.dumps(doc))
+
+
+if __name__ == "__main__":
+    _driver(*sys.argv[1:])
