@@ -140,6 +140,16 @@ class Runner:
     def run(self, rows: dict) -> RunnerResult:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def heatmap_columns(self, name: str, rows: dict, prompts: list[list[str]], maps: list[torch.Tensor]) -> dict:
+        """Encoded heatmaps ``[P_i, h, w]`` per row → the heatmap output columns of ``name``."""
+        sizes = [self.heatmap_size(rows, i) for i in range(len(maps))]
+        return {
+            cols.col(name, cols.HEATMAPS): [_encode_maps(m, size, self.options.heatmap_encoding)
+                                            for m, size in zip(maps, sizes)],
+            cols.col(name, cols.HEATMAP_PROMPTS): prompts,
+            cols.col(name, cols.HEATMAP_HW): sizes,
+        }
+
     def fill_missing(self, name: str, values: list) -> list:
         """Rows the method did not produce (failed upstream or here) keep ``None``, except in array columns, where
         Ray cannot mix ``None`` with tensors: those get an empty array of the right rank."""
@@ -156,26 +166,24 @@ class GEMRunner(Runner):
 
     def run(self, rows: dict) -> RunnerResult:
         x = self.stack(rows[cols.PIXELS_SQUARE])
+        feat_gem, feat_ori = self.gem.features(x, with_original=self.options.original)  # one forward for all
         out = RunnerResult()
-        self._outputs(rows, x, self.method, False, out)
+        self._outputs(rows, x, self.method, feat_gem, out)
         if self.options.original:
-            self._outputs(rows, x, ORIGINAL_GEM, True, out)
+            self._outputs(rows, x, ORIGINAL_GEM, feat_ori, out)
         return out
 
-    def _outputs(self, rows: dict, x: torch.Tensor, name: str, original: bool, out: RunnerResult) -> None:
+    def _outputs(self, rows: dict, x: torch.Tensor, name: str, features: torch.Tensor, out: RunnerResult) -> None:
         n = x.shape[0]
         if self.options.labels and self.vocabulary is not None:
-            logits = self.gem.class_logits(x, self.vocabulary.scored, original=original)
+            logits = self.gem.class_logits(x, self.vocabulary.scored, features=features)
             out.columns[cols.col(name, cols.LABELS)] = [
                 _labels_at(logits[i], self.vocabulary.rule, int(rows[cols.HEIGHT][i]), int(rows[cols.WIDTH][i]),
                            self.options.label_logits_budget) for i in range(n)]
         if self.options.heatmaps:
             prompts = [self.prompts_for(rows, i) for i in range(n)]
-            maps = self.gem.heatmaps(x, prompts, original=original)
-            out.columns[cols.col(name, cols.HEATMAPS)] = [
-                _encode_maps(maps[i], self.heatmap_size(rows, i), self.options.heatmap_encoding) for i in range(n)]
-            out.columns[cols.col(name, cols.HEATMAP_PROMPTS)] = prompts
-            out.columns[cols.col(name, cols.HEATMAP_HW)] = [self.heatmap_size(rows, i) for i in range(n)]
+            out.columns.update(self.heatmap_columns(name, rows, prompts, self.gem.heatmaps(x, prompts,
+                                                                                        features=features)))
 
 
 class MaskCLIPRunner(Runner):
@@ -208,15 +216,8 @@ class LeGradRunner(Runner):
 
     def run(self, rows: dict) -> RunnerResult:
         x = self.stack(rows[cols.PIXELS_SQUARE])
-        n = x.shape[0]
-        prompts = [self.prompts_for(rows, i) for i in range(n)]
-        maps = self.legrad.heatmaps(x, prompts)
-        return RunnerResult({
-            cols.col(self.method, cols.HEATMAPS): [
-                _encode_maps(maps[i], self.heatmap_size(rows, i), self.options.heatmap_encoding) for i in range(n)],
-            cols.col(self.method, cols.HEATMAP_PROMPTS): prompts,
-            cols.col(self.method, cols.HEATMAP_HW): [self.heatmap_size(rows, i) for i in range(n)],
-        })
+        prompts = [self.prompts_for(rows, i) for i in range(x.shape[0])]
+        return RunnerResult(self.heatmap_columns(self.method, rows, prompts, self.legrad.heatmaps(x, prompts)))
 
 
 class MaskInversionRunner(Runner):

@@ -120,7 +120,7 @@ class GEM:
 
     @torch.no_grad()
     def logits(self, images: Tensor, prompts: PromptLists, *, original: bool = False,
-               output_size: tuple[int, int] | None = None) -> list[Tensor]:
+               output_size: tuple[int, int] | None = None, features: Tensor | None = None) -> list[Tensor]:
         """Cosine similarity between each patch and each prompt, upsampled bilinearly.
 
         Args:
@@ -128,13 +128,17 @@ class GEM:
             prompts: one list of prompt strings per image (lengths may differ), or one list for all images.
             original: use the unmodified model's tokens (upstream ``return_ori=True``; a baseline).
             output_size: ``(h, w)`` of the maps; default the input size.
+            features: the tokens of :meth:`features` for these images (the GEM path, or the original path when
+                ``original``), to reuse one forward for several calls.
 
         Returns:
             one ``[P_i, h, w]`` float tensor of cosines in [-1, 1] per image.
         """
         prompts = check_prompt_lists(prompts, images.shape[0])
-        feat_gem, feat_ori = self.features(images, with_original=original)
-        feats = F.normalize((feat_ori if original else feat_gem)[:, 1:], dim=-1)  # [B, hw, D]
+        if features is None:
+            feat_gem, feat_ori = self.features(images, with_original=original)
+            features = feat_ori if original else feat_gem
+        feats = F.normalize(features[:, 1:], dim=-1)  # [B, hw, D]
         grid = self.tower.grid(*images.shape[-2:])
         size = tuple(output_size) if output_size else tuple(images.shape[-2:])
         out = []
@@ -144,15 +148,17 @@ class GEM:
         return out
 
     def heatmaps(self, images: Tensor, prompts: PromptLists, *, original: bool = False,
-                 output_size: tuple[int, int] | None = None) -> list[Tensor]:
+                 output_size: tuple[int, int] | None = None, features: Tensor | None = None) -> list[Tensor]:
         """Per-prompt heatmaps in [0, 1] (min-max of :meth:`logits` per map; constant maps give zeros).
 
         Same arguments and shapes as :meth:`logits`.
         """
-        return [min_max(m) for m in self.logits(images, prompts, original=original, output_size=output_size)]
+        maps = self.logits(images, prompts, original=original, output_size=output_size, features=features)
+        return [min_max(m) for m in maps]
 
     def class_logits(self, images: Tensor, class_names: Sequence[str], *, original: bool = False,
-                     output_size: tuple[int, int] | None = None) -> Tensor:
+                     output_size: tuple[int, int] | None = None, features: Tensor | None = None) -> Tensor:
         """Patch–class cosines for a fixed vocabulary: ``[B, K, h, w]`` (for segmentation)."""
-        maps = self.logits(images, [list(class_names)] * images.shape[0], original=original, output_size=output_size)
+        maps = self.logits(images, [list(class_names)] * images.shape[0], original=original,
+                           output_size=output_size, features=features)
         return torch.stack(maps)
