@@ -31,8 +31,9 @@ def _run(args: argparse.Namespace) -> int:
     from clipmaps.pipeline.run import run
     from clipmaps.pipeline.spec import SpecError, load_spec
 
+    overrides = [*(args.set or ()), *(["output.overwrite=true"] if args.overwrite else [])]
     try:
-        spec = load_spec(args.spec, overrides=args.set or ())
+        spec = load_spec(args.spec, overrides=overrides)
     except (SpecError, OSError) as e:
         print(f"clipmaps run: invalid job spec: {e}", file=sys.stderr)
         return 2
@@ -101,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("spec", help="job spec YAML file")
     run.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="override a spec field (repeatable)")
     run.add_argument("--dry-run", action="store_true", help="validate, resolve inputs and print the plan only")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace what output.uri holds (same as --set output.overwrite=true); without it a re-run "
+                          "resumes, and a changed spec is refused")
     run.set_defaults(func=_run)
     from .manifest import add_manifest_parser
 

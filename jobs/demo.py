@@ -46,7 +46,8 @@ def write_scenes(folder: Path, count: int) -> Path:
             scene = make_scene(i)
             path = images / f"scene-{i:03d}.jpg"
             scene.image.save(path, quality=92)
-            masks = [{"region_id": name.replace(" ", "-"), "rle": rle_encode(m)} for name, m in zip(scene.names, scene.masks)]
+            masks = [{"region_id": name.replace(" ", "-"), "rle": rle_encode(m)}
+                     for name, m in zip(scene.names, scene.masks)]
             f.write(json.dumps({"image_id": f"scene-{i:03d}", "image_uri": str(path.resolve()), "masks": masks,
                                 "prompts": scene.names}) + "\n")
     return manifest

@@ -3,9 +3,9 @@
 The index is built by streaming ``regions/`` (``pyarrow.dataset`` scanner batches; only one batch of rows is in
 memory besides the index itself) and written next to the datasets, under ``OUTPUT_URI/index/``:
 
-* ``regions.usearch``: the vectors (inner product on L2-normalised embeddings = cosine). Below
-  ``exact_below`` vectors (50,000 by default) the index is searched exhaustively (exact results); from there on
-  it is an HNSW graph (approximate; usearch, float32, connectivity 32, expansion 128 at build and 256 at search).
+* ``regions.faiss``: a FAISS index of the vectors (inner product on L2-normalised embeddings = cosine). Below
+  ``exact_below`` vectors (50,000 by default) it is a flat index searched exhaustively (exact results); from
+  there on an HNSW graph (``IndexHNSWFlat``, float32, M 32, efConstruction 100, efSearch 128: approximate).
 * ``ids.parquet``: one row per vector, in vector order: ``row``, ``image_id``, ``region_id``, ``image_uri``
   (joined from the job's manifest when it can be read, else null: ``regions/`` has no URI column), ``method``,
   ``model``, ``weights``, ``params_hash``.
@@ -48,15 +48,15 @@ logger = logging.getLogger(__name__)
 INDEX_DIR = "index"
 META_FILE = "index.json"
 IDS_FILE = "ids.parquet"
-VECTORS_FILE = "regions.usearch"
+VECTORS_FILE = "regions.faiss"
 FORMAT_VERSION = 1
 #: Below this many vectors the index is searched exhaustively (exact); from it on, HNSW.
 EXACT_BELOW = 50_000
-#: HNSW parameters (usearch names): edges per node, candidate list size when adding and when searching.
-CONNECTIVITY = 32
-EXPANSION_ADD = 128
-EXPANSION_SEARCH = 256
-#: Rows per row group of ``ids.parquet`` (a query reads only the row groups of its hits).
+#: HNSW parameters: links per node (M), candidate list size when adding (efConstruction) and searching (efSearch).
+HNSW_M = 32
+EF_CONSTRUCTION = 100
+EF_SEARCH = 128
+#: Rows per row group of ``ids.parquet`` (a query reads only the row groups that hold its hits).
 IDS_ROW_GROUP = 65_536
 PROVENANCE_COLUMNS = ("method", "model", "weights", "params_hash")
 ID_COLUMNS = ("image_id", "region_id")
@@ -146,6 +146,8 @@ def regions_dataset(output_uri: str, storage_options: dict | None = None) -> pad
         raise IndexError_(f"{shown(join(output_uri, 'regions'))} does not exist: the job wrote no region "
                           "embeddings (run it with methods.maskinversion and a manifest with masks)")
     ds = pads.dataset(path, filesystem=fs, format="parquet")
+    if not ds.files:
+        raise IndexError_(f"{shown(join(output_uri, 'regions'))} holds no Parquet files: nothing to index")
     emb = ds.schema.field("embedding").type if "embedding" in ds.schema.names else None
     if not (pa.types.is_fixed_size_list(emb) and pa.types.is_float32(emb.value_type)):
         raise IndexError_(f"{shown(output_uri)}/regions has no fixed_size_list<float32, D> 'embedding' column "
@@ -264,77 +266,76 @@ def with_uris(batch: pa.Table, uris: pa.Table | None) -> pa.Array:
 
 
 # ---------------------------------------------------------------------------------------------- the index
-def _usearch():
+def _faiss():
     try:
-        from usearch.index import Index
+        import faiss
     except ImportError as e:  # pragma: no cover - a dependency
-        raise IndexError_("the 'usearch' package is missing: pip install usearch") from e
-    return Index
+        raise IndexError_("the 'faiss-cpu' package is missing: pip install faiss-cpu") from e
+    return faiss
 
 
 @dataclass
 class VectorIndex:
-    """The vectors of an index and how to search them.
+    """The vectors of an index and how to search them (FAISS, inner product).
 
     Attributes:
-        kind: ``"exact"`` (exhaustive search) or ``"hnsw"`` (approximate).
+        kind: ``"exact"`` (``IndexFlatIP``: exhaustive search) or ``"hnsw"`` (``IndexHNSWFlat``: approximate).
         dim: embedding dimension.
-        index: the usearch ``Index`` (``exact`` searches it exhaustively).
+        index: the FAISS index; vector ``r`` is the ``r``-th added (row ``r`` of the id map).
+        ef_search: HNSW candidate list size when searching.
     """
 
     kind: str
     dim: int
     index: Any
-    expansion_search: int = EXPANSION_SEARCH
+    ef_search: int = EF_SEARCH
 
     @classmethod
-    def new(cls, kind: str, dim: int, *, connectivity: int = CONNECTIVITY, expansion_add: int = EXPANSION_ADD,
-            expansion_search: int = EXPANSION_SEARCH) -> VectorIndex:
-        if kind not in ("exact", "hnsw"):
+    def new(cls, kind: str, dim: int, *, m: int = HNSW_M, ef_construction: int = EF_CONSTRUCTION,
+            ef_search: int = EF_SEARCH) -> VectorIndex:
+        faiss = _faiss()
+        if kind == "exact":
+            return cls(kind, dim, faiss.IndexFlatIP(dim), ef_search)
+        if kind != "hnsw":
             raise ValueError(f"index kind must be 'exact' or 'hnsw', got {kind!r}")
-        Index = _usearch()
-        # exact: a graph is still kept by usearch, but a minimal one (exhaustive search ignores it)
-        conn = connectivity if kind == "hnsw" else 2
-        add = expansion_add if kind == "hnsw" else 2
-        idx = Index(ndim=dim, metric="ip", dtype="f32", connectivity=conn, expansion_add=add,
-                    expansion_search=expansion_search)
-        return cls(kind, dim, idx, expansion_search)
+        idx = faiss.IndexHNSWFlat(dim, m, faiss.METRIC_INNER_PRODUCT)
+        idx.hnsw.efConstruction = ef_construction
+        idx.hnsw.efSearch = ef_search
+        return cls(kind, dim, idx, ef_search)
 
-    def add(self, vectors: np.ndarray, start: int, threads: int = 0) -> None:
-        keys = np.arange(start, start + len(vectors), dtype=np.uint64)
-        self.index.add(keys, vectors, threads=threads)
+    def add(self, vectors: np.ndarray) -> None:
+        self.index.add(np.ascontiguousarray(vectors, dtype=np.float32))
 
     def __len__(self) -> int:
-        return len(self.index)
+        return int(self.index.ntotal)
 
-    def search(self, queries: np.ndarray, k: int, threads: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """``queries`` ``[Q, D]`` (unit vectors) → ``(rows int64 [Q, k'], scores float32 [Q, k'])``, best first;
-        ``k' = min(k, len)``; score = inner product = cosine."""
+        ``k' = min(k, len)``; score = inner product = cosine; row -1 where HNSW found fewer than ``k'``."""
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         if queries.shape[1] != self.dim:
             raise IndexError_(f"query vectors have dimension {queries.shape[1]}, the index {self.dim}")
         k = min(k, len(self))
         if k <= 0:
             return np.zeros((len(queries), 0), np.int64), np.zeros((len(queries), 0), np.float32)
-        m = self.index.search(queries, k, threads=threads, exact=self.kind == "exact")
-        keys = np.asarray(m.keys).reshape(len(queries), -1)[:, :k].astype(np.int64)
-        dist = np.asarray(m.distances).reshape(len(queries), -1)[:, :k]
-        counts = np.asarray(m.counts).reshape(-1) if hasattr(m, "counts") else np.asarray([len(m.keys)])
-        valid = np.arange(keys.shape[1])[None, :] < counts[:, None]
-        keys = np.where(valid, keys, -1)
-        return keys, np.where(valid, 1.0 - dist, np.nan).astype(np.float32)  # usearch "ip" distance = 1 - ip
+        if self.kind == "hnsw":
+            self.index.hnsw.efSearch = max(self.ef_search, k)
+        scores, rows = self.index.search(queries, k)
+        return rows.astype(np.int64), scores.astype(np.float32)
 
     def save(self, path: str) -> None:
-        self.index.save(path)
+        _faiss().write_index(self.index, path)
 
     @classmethod
-    def load(cls, path: str, kind: str, dim: int, expansion_search: int = EXPANSION_SEARCH) -> VectorIndex:
-        Index = _usearch()
-        idx = Index.restore(path)
-        if idx is None:
-            raise IndexError_(f"{path} is not a usearch index")
-        idx.expansion_search = expansion_search
-        return cls(kind, dim, idx, expansion_search)
+    def load(cls, path: str, kind: str, dim: int, ef_search: int = EF_SEARCH) -> VectorIndex:
+        faiss = _faiss()
+        try:
+            idx = faiss.read_index(path)
+        except RuntimeError as e:
+            raise IndexError_(f"cannot read the FAISS index {path}: {e}") from e
+        if idx.d != dim:
+            raise IndexError_(f"the FAISS index {path} has dimension {idx.d}, index.json says {dim}")
+        return cls(kind, dim, idx, ef_search)
 
 
 # ---------------------------------------------------------------------------------------------- building
@@ -357,10 +358,9 @@ def build_index(
     kind: str = "auto",
     batch_rows: int = 16_384,
     image_uris: bool = True,
-    connectivity: int = CONNECTIVITY,
-    expansion_add: int = EXPANSION_ADD,
-    expansion_search: int = EXPANSION_SEARCH,
-    threads: int = 0,
+    m: int = HNSW_M,
+    ef_construction: int = EF_CONSTRUCTION,
+    ef_search: int = EF_SEARCH,
     progress: Callable[[str], None] | None = None,
 ) -> BuildResult:
     """Build ``OUTPUT_URI/index/`` from ``OUTPUT_URI/regions/`` (see the module docstring).
@@ -373,8 +373,7 @@ def build_index(
         kind: ``"auto"``, ``"exact"`` or ``"hnsw"``.
         batch_rows: rows per scanner batch (the memory held besides the index).
         image_uris: join ``image_uri`` from the manifest of ``_job.json`` into the id map.
-        connectivity, expansion_add, expansion_search: HNSW parameters.
-        threads: threads for adding vectors (0 = all cores).
+        m, ef_construction, ef_search: HNSW parameters (FAISS names; ``ef_search`` is stored as the default).
         progress: called with a line of text now and then.
     """
     say = progress or (lambda s: None)
@@ -392,8 +391,7 @@ def build_index(
     uris = manifest_uris(job, storage_options) if image_uris else None
     say(f"indexing {count} regions ({dim}-d, model {model}, weights {weights}, params_hash {phash}) "
         f"as {'an exact' if kind == 'exact' else 'an HNSW'} index")
-    vindex = VectorIndex.new(kind, dim, connectivity=connectivity, expansion_add=expansion_add,
-                             expansion_search=expansion_search)
+    vindex = VectorIndex.new(kind, dim, m=m, ef_construction=ef_construction, ef_search=ef_search)
     tmp = tempfile.mkdtemp(prefix="clipmaps-index-")
     try:
         ids_path = os.path.join(tmp, IDS_FILE)
@@ -403,7 +401,7 @@ def build_index(
         pending_rows = 0
         for batch in _scan(ds, flt, batch_rows):
             vectors = embedding_matrix(batch["embedding"], dim)
-            vindex.add(vectors, n, threads=threads)
+            vindex.add(vectors)
             ids = pa.table({
                 "row": pa.array(np.arange(n, n + batch.num_rows, dtype=np.int64)),
                 "image_id": batch["image_id"], "region_id": batch["region_id"], "image_uri": with_uris(batch, uris),
@@ -428,16 +426,16 @@ def build_index(
         seconds = time.perf_counter() - t0
         meta = {
             "format": FORMAT_VERSION,
-            "library": "usearch",
-            "library_version": _version("usearch"),
+            "library": "faiss",
+            "library_version": _version("faiss-cpu") or getattr(_faiss(), "__version__", None),
+            "faiss_index": type(vindex.index).__name__,
             "kind": kind,
             "metric": "inner_product",
             "dim": dim,
             "count": n,
             "files": {"vectors": VECTORS_FILE, "ids": IDS_FILE},
             "ids_row_group": IDS_ROW_GROUP,
-            "hnsw": {"connectivity": connectivity, "expansion_add": expansion_add,
-                     "expansion_search": expansion_search} if kind == "hnsw" else None,
+            "hnsw": {"m": m, "ef_construction": ef_construction, "ef_search": ef_search} if kind == "hnsw" else None,
             "exact_below": exact_below,
             "source": {
                 "dataset": "regions",
@@ -465,7 +463,9 @@ def build_index(
 
 def _scan(ds: pads.Dataset, flt, batch_rows: int) -> Iterator[pa.Table]:
     cols = [*ID_COLUMNS, *PROVENANCE_COLUMNS, "embedding"]
-    for batch in ds.scanner(columns=cols, filter=flt, batch_size=batch_rows).to_batches():
+    # little read-ahead: the memory held besides the index stays a couple of batches, not a file's worth
+    scanner = ds.scanner(columns=cols, filter=flt, batch_size=batch_rows, batch_readahead=1, fragment_readahead=1)
+    for batch in scanner.to_batches():
         if batch.num_rows:
             yield pa.Table.from_batches([batch])
 
@@ -520,13 +520,15 @@ class LoadedIndex:
     def lookup(self, rows: Sequence[int]) -> list[dict]:
         """The id-map rows (dicts) of ``rows`` (vector numbers), in that order; reads only their row groups."""
         rows = [int(r) for r in rows]
-        wanted = sorted({r // self.meta["ids_row_group"] for r in rows if r >= 0})
         found: dict[int, dict] = {}
-        if wanted:
+        if any(r >= 0 for r in rows):
             fs, path = filesystem(self.ids_uri, self.storage_options)
             with fs.open(path, "rb") as f:
                 pf = pq.ParquetFile(f)
-                table = pf.read_row_groups(wanted)
+                md = pf.metadata
+                starts = np.cumsum([0] + [md.row_group(g).num_rows for g in range(md.num_row_groups)])
+                wanted = sorted({int(np.searchsorted(starts, r, side="right")) - 1 for r in rows if r >= 0})
+                table = pf.read_row_groups([g for g in wanted if 0 <= g < md.num_row_groups])
             keep = table.filter(pc.is_in(table["row"], value_set=pa.array(rows, pa.int64())))
             found = {r["row"]: r for r in keep.to_pylist()}
         return [found.get(r, {"row": r}) for r in rows]
@@ -536,7 +538,7 @@ def index_uri(output_uri: str) -> str:
     return join(output_uri, INDEX_DIR)
 
 
-def load_index(output_uri: str, *, storage_options: dict | None = None, expansion_search: int | None = None,
+def load_index(output_uri: str, *, storage_options: dict | None = None, ef_search: int | None = None,
                check_stale: bool = True) -> LoadedIndex:
     """Read ``OUTPUT_URI/index/`` (downloading the vectors file from object storage to a temporary file)."""
     fs, root = filesystem(output_uri, storage_options)
@@ -546,7 +548,7 @@ def load_index(output_uri: str, *, storage_options: dict | None = None, expansio
                           f"`clipmaps index {shown(output_uri)}`")
     with fs.open(meta_path, "rb") as f:
         meta = json.loads(f.read())
-    if meta.get("format") != FORMAT_VERSION or meta.get("library") != "usearch":
+    if meta.get("format") != FORMAT_VERSION or meta.get("library") != "faiss":
         raise IndexError_(f"the index at {shown(index_uri(output_uri))} has format {meta.get('format')} "
                           f"({meta.get('library')}); this clipmaps reads format {FORMAT_VERSION}: rebuild it")
     src = meta.get("source") or {}
@@ -557,7 +559,7 @@ def load_index(output_uri: str, *, storage_options: dict | None = None, expansio
     if check_stale:
         _warn_if_stale(output_uri, storage_options, meta)
     vec_path = join(root, INDEX_DIR, meta["files"]["vectors"])
-    ef = expansion_search or (meta.get("hnsw") or {}).get("expansion_search") or EXPANSION_SEARCH
+    ef = ef_search or (meta.get("hnsw") or {}).get("ef_search") or EF_SEARCH
     if is_local(fs):
         vectors = VectorIndex.load(vec_path, meta["kind"], meta["dim"], ef)
     else:
@@ -615,8 +617,7 @@ def run_index_cli(args: argparse.Namespace) -> int:
         result = build_index(
             args.output_uri, storage_options=so, params_hash=args.params_hash, exact_below=args.exact_below,
             kind=args.kind, batch_rows=args.batch_rows, image_uris=not args.no_image_uris,
-            connectivity=args.connectivity, expansion_add=args.expansion_add,
-            expansion_search=args.expansion_search, progress=print)
+            m=args.m, ef_construction=args.ef_construction, ef_search=args.ef_search, progress=print)
     except (IndexError_, OSError, ValueError) as e:
         print(f"clipmaps index: error: {e}", file=sys.stderr)
         return 2
@@ -637,9 +638,11 @@ def add_index_parser(subparsers) -> argparse.ArgumentParser:
                    help="exact (exhaustive) or HNSW search; auto: exact below --exact-below vectors")
     p.add_argument("--exact-below", type=int, default=EXACT_BELOW, help="default: %(default)s")
     p.add_argument("--batch-rows", type=int, default=16_384, help="rows per Parquet scanner batch")
-    p.add_argument("--connectivity", type=int, default=CONNECTIVITY, help="HNSW edges per node")
-    p.add_argument("--expansion-add", type=int, default=EXPANSION_ADD, help="HNSW candidates when adding")
-    p.add_argument("--expansion-search", type=int, default=EXPANSION_SEARCH, help="HNSW candidates when searching")
+    p.add_argument("--m", type=int, default=HNSW_M, help="HNSW links per node (default: %(default)s)")
+    p.add_argument("--ef-construction", type=int, default=EF_CONSTRUCTION,
+                   help="HNSW candidates when adding (default: %(default)s)")
+    p.add_argument("--ef-search", type=int, default=EF_SEARCH,
+                   help="HNSW candidates when searching, stored as the index's default (default: %(default)s)")
     p.add_argument("--no-image-uris", action="store_true", help="do not join image URIs from the manifest")
     p.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
                    help="fsspec storage option for the output URI (repeatable; VALUE parsed as JSON if it can be)")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -89,11 +90,20 @@ def load_job_model(model: dict, device: str = "cpu", storage_options: dict | Non
     from clipmaps.actors.models import load_model
 
     so = {**usable_options(model.get("storage_options")), **(storage_options or {})}
+    quiet = _QuietRandomInit()
+    logging.getLogger().addFilter(quiet)  # open_clip warns that a seeded model has random weights: it is meant to
     try:
         return load_model(model["name"], pretrained=model.get("pretrained"), weights=model.get("weights"),
                           seed=model.get("seed"), device=device, storage_options=so or None)
     except Exception as e:  # noqa: BLE001 - hub unreachable, weights unreadable…
         raise QueryError(f"cannot load {model['name']} ({weights_id(model)}): {type(e).__name__}: {e}") from e
+    finally:
+        logging.getLogger().removeFilter(quiet)
+
+
+class _QuietRandomInit(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
 
 
 # ---------------------------------------------------------------------------------------------- embeddings

@@ -367,7 +367,7 @@ def build_report(
         data.seconds = time.perf_counter() - t0
         (tmp / "index.html").write_text(render(data), encoding="utf-8")
         dest = out_dir or join(output_uri, "report")
-        publish(tmp, dest, so if out_dir is None else {})
+        publish(tmp, dest, so)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
@@ -528,7 +528,8 @@ header .sub{opacity:.8}main{padding:8px 28px 40px}section{margin:22px 0}
 h2{font-size:18px;border-bottom:2px solid #d0d4da;padding-bottom:4px}h3{font-size:15px;margin:10px 0 6px}
 table{border-collapse:collapse;background:#fff;margin:6px 0}td,th{border:1px solid #dde;padding:3px 8px;
 text-align:left;vertical-align:top}th{background:#eef1f5}td.num{text-align:right;font-variant-numeric:tabular-nums}
-.grid{display:flex;flex-wrap:wrap;gap:10px}.kv{display:grid;grid-template-columns:max-content auto;gap:2px 14px}
+.grid{display:flex;flex-wrap:wrap;gap:10px;align-items:flex-start}
+.kv{display:grid;grid-template-columns:max-content auto;gap:2px 14px}
 .card{background:#fff;border:1px solid #d8dbe0;border-radius:8px;padding:12px;margin:14px 0}
 .card h3{margin-top:0}figure{margin:0;display:inline-block;vertical-align:top}figure img{display:block;
 border-radius:4px;background:#ddd}figcaption{font-size:12px;color:#444;max-width:320px;margin-top:3px}
@@ -740,8 +741,8 @@ def run_report_cli(args: argparse.Namespace) -> int:
         print(f"clipmaps report: error: {e}", file=sys.stderr)
         return 2
     page = join(dest, "index.html")
-    fs, _ = filesystem(dest)
-    shown_page = f"file://{os.path.abspath(page)}" if is_local(fs) else shown(page)
+    fs, _ = filesystem(dest, so)
+    shown_page = Path(page).resolve().as_uri() if is_local(fs) else shown(page)
     print(f"clipmaps report: {shown_page}")
     return 0
 

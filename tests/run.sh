@@ -8,5 +8,9 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e '.[test]'
+# Debian's chromium for the report's browser test (the test skips, saying why, where it cannot be installed)
+if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null || true
+fi
 .venv/bin/ruff check actors pipeline schemas jobs tests
 .venv/bin/python -m pytest "$@"
