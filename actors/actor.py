@@ -32,6 +32,7 @@ class ModelSource:
     name: str
     pretrained: str | None = None
     weights: str | None = None
+    weights_sha256: str | None = None
     seed: int | None = None
     storage_options: dict = field(default_factory=dict)
     device: str = "auto"  # auto | cpu | cuda
@@ -62,7 +63,8 @@ class MethodActor:
         m = config.model
         device = m.device if m.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         self.lm = load_model(m.name, pretrained=m.pretrained, weights=m.weights, seed=m.seed, device=device,
-                             storage_options=m.storage_options or None)
+                             storage_options=m.storage_options or None,
+                             weights_sha256=m.weights_sha256)
         self.autocast = m.precision == "bf16" and device.startswith("cuda")
         text = TextEncoder(self.lm.model, self.lm.tokenizer)
         params = build_params(config.method, config.params)

@@ -73,6 +73,7 @@ def load_model(
     seed: int | None = None,
     device: str | torch.device = "cpu",
     storage_options: dict | None = None,
+    weights_sha256: str | None = None,
 ) -> LoadedModel:
     """Build an open_clip model and load its weights.
 
@@ -80,7 +81,9 @@ def load_model(
 
     * ``pretrained``: an open_clip pretrained tag (``"openai"``, ``"laion2b_s34b_b88k"``…), downloaded by open_clip;
     * ``weights``: a local path or fsspec URI (``s3://bucket/ViT-B-16.safetensors``) of a state dict, read as
-      safetensors or with ``torch.load(weights_only=True)``;
+      safetensors or with ``torch.load(weights_only=True)``; URIs are downloaded once per node into the weights
+      cache (``clipmaps.actors.weights_cache``) and checked against ``weights_sha256`` or a ``<uri>.sha256``
+      sidecar;
     * ``seed``: seeded random initialisation (tests, demos, benchmarks).
 
     Returns a :class:`LoadedModel` in eval mode with ``requires_grad=False`` on every parameter, in fp32.
@@ -103,7 +106,7 @@ def load_model(
         model = open_clip.create_model(name, pretrained=None, device="cpu")
         source = f"random:seed={seed}"
         if weights is not None:
-            state = read_state_dict(weights, storage_options=storage_options)
+            state = read_state_dict(weights, storage_options=storage_options, sha256=weights_sha256)
             _load_strict(model, state, weights)
             source = weights
         model = model.to(device)
@@ -114,17 +117,21 @@ def load_model(
     return LoadedModel(model=model, tokenizer=open_clip.get_tokenizer(name), name=name, weights=source)
 
 
-def read_state_dict(uri: str, *, storage_options: dict | None = None) -> dict[str, torch.Tensor]:
+def read_state_dict(
+    uri: str, *, storage_options: dict | None = None, sha256: str | None = None
+) -> dict[str, torch.Tensor]:
     """Read a state dict from a local path or fsspec URI, safely.
 
-    ``*.safetensors`` files are parsed by safetensors; anything else goes through ``torch.load`` with
-    ``weights_only=True`` (no pickled code runs). A ``{"state_dict": …}`` wrapper is unwrapped.
+    A URI (``s3://…``) is fetched through the per-node weights cache (``cached_weights``: one download per node,
+    verified against ``sha256`` or a ``<uri>.sha256`` sidecar); a local path is read in place (and verified the
+    same way when a digest is known). ``*.safetensors`` files are parsed by safetensors; anything else goes through
+    ``torch.load`` with ``weights_only=True`` (no pickled code runs). A ``{"state_dict": …}`` wrapper is unwrapped.
     """
-    import fsspec
     from safetensors.torch import load as load_safetensors
 
-    with fsspec.open(uri, "rb", **(storage_options or {})) as f:
-        data = f.read()
+    from .weights_cache import cached_weights
+
+    data = cached_weights(uri, sha256=sha256, storage_options=storage_options).read_bytes()
     if uri.endswith(".safetensors"):
         return load_safetensors(data)
     try:

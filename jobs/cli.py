@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .manifest import add_manifest_parser
 
     add_manifest_parser(sub)
+    from .k8s import add_k8s_parser
+
+    add_k8s_parser(sub)
     models = sub.add_parser("models", help="list model architectures, the methods they support and pretrained tags")
     models.add_argument("filter", nargs="?", default=None, help="substring of the name")
     models.set_defaults(func=_models)

@@ -1,7 +1,7 @@
 """``clipmaps k8s``: KubeRay manifests for a job spec, and sample input for a smoke test on a cluster.
 
 ``clipmaps k8s render JOB.yaml`` writes three Kubernetes objects that run ``clipmaps run`` on the job spec as a KubeRay
-``RayJob`` (``ray.io/v1``, KubeRay ≥ 1.3; checked against the CRDs of v1.7.0):
+``RayJob`` (``ray.io/v1``, KubeRay ≥ 1.2, whose RayJob has backoffLimit; checked against the CRDs of v1.7.0):
 
 * a ``ServiceAccount`` for the Ray pods (KubeRay binds the autoscaler's Role to it; annotate it for IRSA / GKE
   workload identity instead of using a credentials Secret);
@@ -41,7 +41,7 @@ from typing import Any
 import yaml
 
 #: Ray version of the image built by ``k8s/Dockerfile`` (its base image tag) and the RayCluster's ``rayVersion``.
-RAY_VERSION = "2.52.0"
+RAY_VERSION = "2.58.0"
 #: Image name used when ``--image`` is not given (replace with your registry's).
 DEFAULT_IMAGE = "registry.example.com/clipmaps:0.1.0"
 #: Name of the Secret with object-storage credentials (keys named like the AWS variables).

@@ -8,7 +8,7 @@ Offline checks, no cluster:
 * every object validates: RayJobs (and the RayCluster spec inside) against the ``openAPIV3Schema`` of KubeRay v1.7.0's
   CRDs in ``../shared/kuberay`` with unknown fields refused (as ``kubectl apply``'s strict field validation does),
   the rules KubeRay's operator checks beyond the schema, and the built-in kinds (and every pod template, as a Pod)
-  with ``kubernetes-validate``'s bundled schemas for Kubernetes 1.25 and 1.37;
+  with ``kubernetes-validate``'s bundled schemas for Kubernetes 1.25 and the newest it bundles;
 * retries resume: the same command, the same ConfigMap, the same output, never ``overwrite``;
 * the Dockerfile parses (BuildKit's parser), is pinned, non-root, installs this repository with a CUDA torch.
 
@@ -42,7 +42,7 @@ K8S = ROOT / "k8s"
 KUBERAY = ROOT.parent / "shared" / "kuberay"  # CI has shared/ beside the checkout
 KUSTOMIZATIONS = [K8S / "base", *sorted(p for p in (K8S / "overlays").iterdir() if p.is_dir())]
 PLACEHOLDER_BUCKET = "my-bucket"
-K8S_VERSIONS = ("1.25", "1.37")
+K8S_OLDEST = "1.25"  # and the newest version kubernetes-validate bundles
 
 
 def _ids(p: Path) -> str:
@@ -351,8 +351,9 @@ def builtin_errors(obj: dict) -> list[str]:
         docs += [{"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "template", **t.get("metadata", {})},
                   "spec": t["spec"]} for t in templates]
     errors = []
+    versions = (K8S_OLDEST, kv.utils.major_minor(kv.utils.latest_version()))
     for doc in docs:
-        for version in K8S_VERSIONS:
+        for version in versions:
             try:
                 kv.validate(doc, version, strict=True)
             except kv.ValidationError as e:
@@ -386,12 +387,12 @@ def test_real_kustomize_agrees(root):
     assert _by_key(list(yaml.safe_load_all(out))) == _by_key(list(built(root)))
 
 
-def _all_manifests(tmp_path_factory) -> list[tuple[str, dict]]:
+def _all_manifests() -> list[tuple[str, dict]]:
     objects = [(f"{_ids(root)}", o) for root in KUSTOMIZATIONS for o in built(root)]
     spec = (K8S / "base" / "job.yaml").read_text()
     variants = {
         "render-namespaced-8gpu": RenderOptions(name="coco-val-2017", namespace="ml-batch", gpus_per_worker=8,
-                                                min_workers=0 + 1, max_workers=16),
+                                                min_workers=1, max_workers=16),
         "render-no-secret": RenderOptions(secret=None, max_workers=1, min_workers=1),
     }
     for label, options in variants.items():
@@ -402,8 +403,9 @@ def _all_manifests(tmp_path_factory) -> list[tuple[str, dict]]:
 
 
 @pytest.fixture(scope="module")
-def manifests(tmp_path_factory):
-    return _all_manifests(tmp_path_factory)
+def manifests():
+    """Every object: each kustomization built, two more `render` variants, and the example Secret."""
+    return _all_manifests()
 
 
 def test_rayjobs_match_the_kuberay_crds(manifests):
@@ -443,8 +445,11 @@ def test_the_validators_catch_mistakes():
     bad["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["minReplicas"] = 9
     assert kuberay_operator_errors(bad)
     assert head["rayStartParams"] == {"num-cpus": "0"}
-    pod = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x"}, "data": {"a": 1}}
-    assert builtin_errors(pod)
+    config_map = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x"}, "data": {"a": 1}}
+    assert builtin_errors(config_map)  # data values must be strings
+    pod_typo = copy.deepcopy(job)
+    pod_typo["spec"]["submitterPodTemplate"]["spec"]["serviceAcountName"] = "clipmaps"
+    assert any("serviceAcountName" in e for e in builtin_errors(pod_typo))
 
 
 def test_rayjobs_retry_into_the_same_output(manifests):
@@ -606,11 +611,13 @@ def test_dockerfile_is_pinned_non_root_and_installs_this_repo():
     by = {}
     for c in commands:
         by.setdefault(c.cmd.upper(), []).append(c)
-    args = dict(a.value[0].split("=", 1) for a in by["ARG"])
+    args = dict(a.value[0].split("=", 1) for a in by["ARG"] if "=" in a.value[0])
     base = by["FROM"][0].value[0].replace("${RAY_IMAGE}", args["RAY_IMAGE"])
+    base = base.replace("${RAY_VERSION}", args["RAY_VERSION"])
     m = re.match(r"^rayproject/ray:(\d+\.\d+\.\d+)-py(\d)(\d+)-cu(\d+)$", base)
     assert m, f"base image {base!r} must be an official rayproject/ray tag pinned to a version, Python and CUDA"
     assert m.group(1) == k8s.RAY_VERSION, "the image's Ray must equal the RayJob's rayVersion"
+    assert "ray.__version__ == '${RAY_VERSION}'" in " ".join(" ".join(c.value) for c in by["RUN"])
     try:
         import tomllib
     except ImportError:  # Python 3.10
@@ -676,22 +683,6 @@ def test_sample_input_is_idempotent(tmp_path):
     assert k8s.write_sample_input(spec, scenes=2) == (uri, False) and Path(uri).stat().st_mtime_ns == before
 
 
-@pytest.fixture
-def ray_cluster(monkeypatch):
-    """A head and one worker node as separate Ray processes on 127.0.0.1 (ray.cluster_utils.Cluster)."""
-    from ray.cluster_utils import Cluster
-
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1",
-                                                            "include_dashboard": False})
-    try:
-        cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
-        cluster.wait_for_nodes()
-        yield cluster
-    finally:
-        cluster.shutdown()
-
-
 def driver_env(cluster) -> dict:
     """Environment of a driver joining ``cluster`` as a Ray job's driver does (RAY_ADDRESS set by the job)."""
     return {
@@ -719,37 +710,74 @@ def pod_env(container: dict, secret_data: dict, overrides: dict) -> dict:
     return env
 
 
-def test_cpu_smoke_entrypoint_runs_on_a_ray_cluster(s3, tmp_path, monkeypatch, request):
-    """The cpu-smoke RayJob's own entrypoint, ConfigMap and pod environment, against a local Ray cluster and S3."""
+@pytest.fixture(scope="module")
+def smoke(s3, tmp_path_factory):
+    """The cpu-smoke RayJob's own entrypoint, ConfigMap and pod environment, run once against a local Ray cluster
+    (a head and a worker node as separate processes on 127.0.0.1, ``ray.cluster_utils.Cluster``) and S3."""
     if not _cli_has_k8s():
         pytest.skip("jobs/cli.py does not register `clipmaps k8s` yet (add_k8s_parser), which the entrypoint calls")
+    from ray.cluster_utils import Cluster
+
+    tmp = tmp_path_factory.mktemp("cpu-smoke")
     objects = _by_key(list(built(K8S / "overlays" / "cpu-smoke")))
     job = objects[("RayJob", "clipmaps-cpu-smoke")]
     spec_text = objects[("ConfigMap", "clipmaps-cpu-smoke")]["data"][k8s.SPEC_KEY]
     prefix = f"{s3.bucket}/k8s-smoke-{uuid.uuid4().hex[:8]}"
-    spec_file = tmp_path / "etc-clipmaps" / k8s.SPEC_KEY  # stands for the ConfigMap mounted at /etc/clipmaps
+    spec_file = tmp / "etc-clipmaps" / k8s.SPEC_KEY  # stands for the ConfigMap mounted at /etc/clipmaps
     spec_file.parent.mkdir()
     spec_file.write_text(spec_text.replace(f"s3://{PLACEHOLDER_BUCKET}/clipmaps", f"s3://{prefix}"))
     secret = {"AWS_ACCESS_KEY_ID": s3.key, "AWS_SECRET_ACCESS_KEY": s3.secret, "AWS_ENDPOINT_URL": s3.endpoint,
               "AWS_DEFAULT_REGION": "us-east-1"}
     head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
-    env = pod_env(head, secret, {"CLIPMAPS_CACHE": str(tmp_path / "cache")})
+    env = pod_env(head, secret, {"CLIPMAPS_CACHE": str(tmp / "cache")})
     assert set(env) >= {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "CLIPMAPS_CACHE"}
-    for name, value in env.items():  # the worker pods get the same variables: the Ray nodes inherit them
-        monkeypatch.setenv(name, value)
-    cluster = request.getfixturevalue("ray_cluster")
     entrypoint = job["spec"]["entrypoint"].replace(k8s.SPEC_PATH, shlex.quote(str(spec_file)))
-    result = subprocess.run(["bash", "-c", entrypoint], env={**os.environ, **env, **driver_env(cluster)},
-                            capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "wrote sample input" in result.stdout and "images processed    6" in result.stdout
-    fs = s3.filesystem()
-    out = f"{prefix}/smoke/output"
-    for name in ("labels", "heatmaps", "regions", "errors", "vocabulary", "_job.json"):
-        assert fs.exists(f"{out}/{name}"), name
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in {**env, "RAY_AUTH_MODE": "disabled"}.items():
+            mp.setenv(name, value)  # the worker pods get the same variables: the Ray nodes inherit them
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1",
+                                                                "include_dashboard": False})
+        try:
+            cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+            cluster.wait_for_nodes()
+
+            def attempt() -> subprocess.CompletedProcess:
+                return subprocess.run(["bash", "-c", entrypoint], env={**os.environ, **driver_env(cluster)},
+                                      capture_output=True, text=True, timeout=600, cwd=tmp)
+
+            yield {"attempt": attempt, "first": attempt(), "output": f"{prefix}/smoke/output", "fs": s3.filesystem()}
+        finally:
+            cluster.shutdown()
+
+
+def _table(fs, path):
     import pyarrow.dataset as pads
 
-    labels = pads.dataset(f"{out}/labels", filesystem=fs, format="parquet").to_table()
+    return pads.dataset(path, filesystem=fs, format="parquet").to_table()
+
+
+def test_cpu_smoke_entrypoint_runs_on_a_ray_cluster(smoke):
+    result, fs, out = smoke["first"], smoke["fs"], smoke["output"]
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "wrote sample input" in result.stdout and "images processed    6" in result.stdout
+    for name in ("labels", "heatmaps", "regions", "errors", "vocabulary", "_job.json"):
+        assert fs.exists(f"{out}/{name}"), name
+    labels = _table(fs, f"{out}/labels")
     assert sorted(set(labels.column("image_id").to_pylist())) == [f"scene-{i:03d}" for i in range(6)]
     assert labels.num_rows == 12  # MaskCLIP and GEM
-    assert pads.dataset(f"{out}/errors", filesystem=fs, format="parquet").to_table().num_rows == 0
+    assert _table(fs, f"{out}/regions").num_rows == 18  # 3 regions per scene
+    assert _table(fs, f"{out}/errors").num_rows == 0
+
+
+def test_a_retry_reruns_the_same_command_on_the_same_output(smoke):
+    """What KubeRay does after a failed attempt: the same entrypoint, the same ConfigMap, the same output.uri. The
+    sample input is kept, and the run continues in the existing output without writing anything twice."""
+    assert smoke["first"].returncode == 0
+    fs, out = smoke["fs"], smoke["output"]
+    before = {name: _table(fs, f"{out}/{name}").num_rows for name in ("labels", "heatmaps", "regions")}
+    again = smoke["attempt"]()
+    if again.returncode != 0 and "already holds a job's output" in again.stderr:
+        pytest.xfail("re-running a spec on the same output (resume) has not landed in pipeline/run.py yet")
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "kept the existing sample input" in again.stdout
+    assert {name: _table(fs, f"{out}/{name}").num_rows for name in before} == before
