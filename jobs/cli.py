@@ -37,8 +37,13 @@ def _run(args: argparse.Namespace) -> int:
     except (SpecError, OSError) as e:
         print(f"clipmaps run: invalid job spec: {e}", file=sys.stderr)
         return 2
+    from clipmaps.pipeline.run import JobFailed
+
     try:
         result = run(spec, dry_run=args.dry_run, progress=print)
+    except JobFailed as e:  # what is complete is kept: re-running the same command resumes
+        print(f"clipmaps run: {e}", file=sys.stderr)
+        return 4
     except (ValueError, FileExistsError, FileNotFoundError) as e:
         print(f"clipmaps run: {e}", file=sys.stderr)
         return 2

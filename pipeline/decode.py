@@ -76,7 +76,8 @@ import pyarrow as pa
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from clipmaps.actors.preprocess import Preprocess
-from clipmaps.pipeline.sources import DEFAULT_ALLOWED_SCHEMES, redact_uri, uri_scheme
+from clipmaps.pipeline.sources import DEFAULT_ALLOWED_SCHEMES, uri_scheme
+from clipmaps.pipeline.spec import redact_uri as _redact_uri
 from clipmaps.schemas import batches as B
 from clipmaps.schemas.encodings import mask_bbox, polygons_to_mask, rle_decode
 
@@ -89,8 +90,19 @@ DEFAULT_FORMATS: tuple[str, ...] = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF",
 
 #: Every column the stage can add, in order (:func:`output_columns` gives those of one config).
 OUTPUT_COLUMNS = (
-    B.HEIGHT, B.WIDTH, B.ERROR_STAGE, B.ERROR_TYPE, B.ERROR_MESSAGE, B.PROMPTS, B.PIXELS_SQUARE,
-    B.PIXELS_MASKCLIP, B.MASK_IDS, B.MASKS_SQUARE, B.MASK_AREA, B.MASK_BBOX, B.MASK_ERRORS,
+    B.HEIGHT,
+    B.WIDTH,
+    B.ERROR_STAGE,
+    B.ERROR_TYPE,
+    B.ERROR_MESSAGE,
+    B.PROMPTS,
+    B.PIXELS_SQUARE,
+    B.PIXELS_MASKCLIP,
+    B.MASK_IDS,
+    B.MASKS_SQUARE,
+    B.MASK_AREA,
+    B.MASK_BBOX,
+    B.MASK_ERRORS,
 )
 _MESSAGE_CHARS = 300
 
@@ -148,13 +160,32 @@ class RowError(Exception):
 
 # ------------------------------------------------------------------------------------------------ fetching
 _TRANSIENT_ERRNOS = {
-    errno.ECONNRESET, errno.ECONNABORTED, errno.ECONNREFUSED, errno.ETIMEDOUT, errno.EAGAIN, errno.EPIPE,
-    errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN, errno.ENETRESET,
+    errno.ECONNRESET,
+    errno.ECONNABORTED,
+    errno.ECONNREFUSED,
+    errno.ETIMEDOUT,
+    errno.EAGAIN,
+    errno.EPIPE,
+    errno.EHOSTUNREACH,
+    errno.ENETUNREACH,
+    errno.ENETDOWN,
+    errno.ENETRESET,
 }
 _TRANSIENT_NAMES = {  # by name, so that no client library needs importing (aiohttp, botocore, urllib3, gcsfs…)
-    "ClientConnectionError", "ClientOSError", "ServerDisconnectedError", "ServerTimeoutError", "ClientPayloadError",
-    "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
-    "IncompleteReadError", "ResponseStreamingError", "ProtocolError", "HttpError", "TransportError",
+    "ClientConnectionError",
+    "ClientOSError",
+    "ServerDisconnectedError",
+    "ServerTimeoutError",
+    "ClientPayloadError",
+    "EndpointConnectionError",
+    "ConnectTimeoutError",
+    "ReadTimeoutError",
+    "ConnectionClosedError",
+    "IncompleteReadError",
+    "ResponseStreamingError",
+    "ProtocolError",
+    "HttpError",
+    "TransportError",
 }
 _TRANSIENT_TEXT = re.compile(
     r"\b(500|502|503|504|429)\b|slow ?down|throttl|service unavailable|internal ?(server )?error|timed? ?out|"
@@ -187,8 +218,11 @@ def fetch_bytes(uri: str, config: DecodeConfig, *, what: str = "image") -> bytes
         raise RowError("read", "MissingImageUri", f"{what} URI is missing or empty")
     scheme = uri_scheme(uri)
     if scheme not in config.allowed_schemes:
-        raise RowError("read", "UnsupportedScheme",
-                       f"{shown}: scheme {scheme!r} is not allowed (allowed: {', '.join(config.allowed_schemes)})")
+        raise RowError(
+            "read",
+            "UnsupportedScheme",
+            f"{shown}: scheme {scheme!r} is not allowed (allowed: {', '.join(config.allowed_schemes)})",
+        )
     attempts = config.retries + 1
     for attempt in range(attempts):
         try:
@@ -200,11 +234,11 @@ def fetch_bytes(uri: str, config: DecodeConfig, *, what: str = "image") -> bytes
                 log.debug("transient error reading %s (%s); retrying in %.2f s", shown, type(e).__name__, delay)
                 time.sleep(delay)
                 continue
-            raise _read_error(e, shown, attempt + 1, config) from None
+            raise _read_error(e, shown, attempt + 1, config, uri) from None
     raise AssertionError("unreachable")
 
 
-def _read_error(e: BaseException, shown: str, attempts: int, config: DecodeConfig) -> RowError:
+def _read_error(e: BaseException, shown: str, attempts: int, config: DecodeConfig, uri: str | None = None) -> RowError:
     if isinstance(e, RowError):
         return e
     if isinstance(e, FileNotFoundError):
@@ -213,7 +247,7 @@ def _read_error(e: BaseException, shown: str, attempts: int, config: DecodeConfi
         return RowError("read", "PermissionError", f"{shown}: permission denied")
     if isinstance(e, IsADirectoryError):
         return RowError("read", "IsADirectoryError", f"{shown}: is a directory, not a file")
-    detail = _scrub(str(e) or type(e).__name__, config.storage_options)
+    detail = _scrub(str(e) or type(e).__name__, config.storage_options, uri)
     tries = f" (after {attempts} attempts)" if attempts > 1 else ""
     return RowError("read", type(e).__name__, f"{shown}: {detail}{tries}")
 
@@ -231,9 +265,37 @@ def _secrets(options: Any, key: str = "") -> list[str]:
     return []
 
 
-def _scrub(message: str, storage_options: Mapping) -> str:
-    """``message`` with any secret-looking storage option value replaced by ``***``."""
-    for s in _secrets(storage_options):
+def redact_uri(uri: Any) -> Any:
+    """``uri`` without credentials (``user:secret@`` and secret-looking query values); non-strings unchanged."""
+    return _redact_uri(uri) if isinstance(uri, str) else uri
+
+
+_URI_HEAD = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def _uri_secrets(uri: Any) -> list[str]:
+    """The credentials inside ``uri``: its userinfo (and the password part), secret-looking query values. Client
+    errors quote them without the scheme (e.g. botocore: ``Invalid bucket name "user:secret@bucket"``)."""
+    if not isinstance(uri, str) or not (m := _URI_HEAD.match(uri)):
+        return []
+    rest, out = uri[m.end() :], []
+    authority = rest.split("/", 1)[0] if "@" in rest.split("/", 1)[0] else rest
+    if "@" in authority:
+        userinfo = authority[: authority.rindex("@")]
+        if ":" in userinfo or "/" not in userinfo:
+            out += [userinfo, userinfo.partition(":")[2]]
+    for item in rest.partition("?")[2].split("&"):
+        k, eq, v = item.partition("=")
+        if eq and _SECRET_KEY.search(k):
+            out.append(v)
+    return [s for s in out if len(s) >= 4]
+
+
+def _scrub(message: str, storage_options: Mapping, *uris: Any) -> str:
+    """``message`` with every secret-looking storage option value, and the credentials of ``uris``, replaced by
+    ``***``."""
+    secrets = _secrets(storage_options) + [s for u in uris for s in _uri_secrets(u)]
+    for s in sorted(set(secrets), key=len, reverse=True):
         message = message.replace(s, "***")
     return message
 
@@ -245,7 +307,10 @@ def _short(s: str, n: int = _MESSAGE_CHARS) -> str:
 
 # ------------------------------------------------------------------------------------------------ decoding
 def load_image(
-    data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, formats: Sequence[str] | None = DEFAULT_FORMATS,
+    data: bytes,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    formats: Sequence[str] | None = DEFAULT_FORMATS,
     uri: str = "image",
 ) -> Image.Image:
     """Image bytes → an RGB PIL image in display orientation (EXIF applied). Raises :class:`RowError` (stage
@@ -260,14 +325,18 @@ def load_image(
         raise RowError("decode", "DecompressionBomb", f"{shown}: {e}") from None
     except UnidentifiedImageError:
         allowed = f" (accepted formats: {', '.join(formats)})" if formats else ""
-        raise RowError("decode", "UnidentifiedImageError",
-                       f"{shown}: not a recognised image ({len(data)} bytes){allowed}") from None
+        raise RowError(
+            "decode", "UnidentifiedImageError", f"{shown}: not a recognised image ({len(data)} bytes){allowed}"
+        ) from None
     except Exception as e:  # noqa: BLE001
         raise RowError("decode", type(e).__name__, f"{shown}: cannot open image: {e}") from None
     width, height = img.size
     if width * height > max_pixels:
-        raise RowError("decode", "DecompressionBomb",
-                       f"{shown}: {width}x{height} = {width * height} pixels exceeds max_pixels {max_pixels}")
+        raise RowError(
+            "decode",
+            "DecompressionBomb",
+            f"{shown}: {width}x{height} = {width * height} pixels exceeds max_pixels {max_pixels}",
+        )
     if width < 1 or height < 1:
         raise RowError("decode", "EmptyImage", f"{shown}: image has size {width}x{height}")
     try:
@@ -352,9 +421,10 @@ def _mask_from_image_bytes(data: bytes, height: int, width: int, shown: str) -> 
     except (UnidentifiedImageError, Image.DecompressionBombError) as e:
         raise _MaskError("MalformedMaskImage", f"{shown}: not a readable image ({type(e).__name__})") from None
     if img.size != (width, height):
-        raise _MaskError("MaskSizeMismatch",
-                         f"{shown}: mask is {img.size[0]}x{img.size[1]}, the image is {width}x{height} "
-                         "(after EXIF orientation)")
+        raise _MaskError(
+            "MaskSizeMismatch",
+            f"{shown}: mask is {img.size[0]}x{img.size[1]}, the image is {width}x{height} (after EXIF orientation)",
+        )
     try:
         img.load()
     except Exception as e:  # noqa: BLE001
@@ -379,8 +449,11 @@ def decode_mask(mask: Any, height: int, width: int, *, fetched: bytes | RowError
     rle, uri, polygon = _get(mask, "rle"), _get(mask, "uri"), _get(mask, "polygon")
     set_fields = [n for n, v in (("rle", rle), ("uri", uri), ("polygon", polygon)) if v is not None]
     if len(set_fields) != 1:
-        raise _MaskError("MalformedMask", "a mask needs exactly one of rle, uri, polygon; it has "
-                         + (", ".join(set_fields) if set_fields else "none"))
+        raise _MaskError(
+            "MalformedMask",
+            "a mask needs exactly one of rle, uri, polygon; it has "
+            + (", ".join(set_fields) if set_fields else "none"),
+        )
     if rle is not None:
         try:
             size = _as_list(_get(rle, "size"))
@@ -392,8 +465,10 @@ def decode_mask(mask: Any, height: int, width: int, *, fetched: bytes | RowError
         except Exception as e:  # noqa: BLE001
             raise _MaskError("MalformedRLE", f"malformed RLE: {type(e).__name__}: {e}") from None
         if m.shape != (height, width):
-            raise _MaskError("MaskSizeMismatch", f"RLE mask is {m.shape[1]}x{m.shape[0]}, the image is "
-                             f"{width}x{height} (after EXIF orientation)")
+            raise _MaskError(
+                "MaskSizeMismatch",
+                f"RLE mask is {m.shape[1]}x{m.shape[0]}, the image is {width}x{height} (after EXIF orientation)",
+            )
         return m
     if polygon is not None:
         try:
@@ -504,8 +579,11 @@ class DecodeStage:
     def _mask_uris(self, masks: Any) -> dict[int, str]:
         if not self.config.need_masks or masks is None:
             return {}
-        return {k: _get(m, "uri") for k, m in enumerate(masks)
-                if _get(m, "uri") is not None and _get(m, "rle") is None and _get(m, "polygon") is None}
+        return {
+            k: _get(m, "uri")
+            for k, m in enumerate(masks)
+            if _get(m, "uri") is not None and _get(m, "rle") is None and _get(m, "polygon") is None
+        }
 
     def _fetch(self, uri: str, mask_uris: dict[int, str]) -> _Fetched:
         res = _Fetched()
@@ -515,7 +593,7 @@ class DecodeStage:
             res.error = e
             return res
         except Exception as e:  # noqa: BLE001 — never let one row kill the batch
-            detail = _scrub(str(e), self.config.storage_options)
+            detail = _scrub(str(e), self.config.storage_options, uri)
             res.error = RowError("read", type(e).__name__, f"{redact_uri(uri)}: {detail}")
             return res
         for k, mask_uri in mask_uris.items():
@@ -524,7 +602,7 @@ class DecodeStage:
             except RowError as e:
                 res.masks[k] = e
             except Exception as e:  # noqa: BLE001
-                detail = _scrub(str(e), self.config.storage_options)
+                detail = _scrub(str(e), self.config.storage_options, mask_uri)
                 res.masks[k] = RowError("read", type(e).__name__, f"{redact_uri(mask_uri)}: {detail}")
         return res
 
@@ -544,8 +622,11 @@ class DecodeStage:
                 if cfg.maskclip is not None:
                     row[B.PIXELS_MASKCLIP] = cfg.maskclip.image(img)
             except Exception as e:  # noqa: BLE001
-                raise RowError("preprocess", type(e).__name__,
-                               f"{redact_uri(uri)}: preprocessing the {width}x{height} image failed: {e}") from None
+                raise RowError(
+                    "preprocess",
+                    type(e).__name__,
+                    f"{redact_uri(uri)}: preprocessing the {width}x{height} image failed: {e}",
+                ) from None
             if cfg.need_masks:
                 try:
                     row.update(self._masks(masks, height, width, fetched.masks))
@@ -592,8 +673,9 @@ class DecodeStage:
             B.MASK_ERRORS: errors,
         }
         if size:
-            out[B.MASKS_SQUARE] = (np.stack(squares).astype(np.float32, copy=False) if squares
-                                   else np.zeros((0, size, size), np.float32))
+            out[B.MASKS_SQUARE] = (
+                np.stack(squares).astype(np.float32, copy=False) if squares else np.zeros((0, size, size), np.float32)
+            )
         return out
 
 

@@ -1,14 +1,21 @@
 """Resume and exactly-once outputs: the state of a job's output URI.
 
 The validated manifest is cut into shards of ``output.shard_rows`` rows, in manifest order. Result files are named
-``part-<shard>-<hash of their image ids>.parquet`` and are written atomically. When the driver has seen every row
-of a shard written, it writes the shard's completion marker ``_shards/<shard>.json`` (with the shard's counts).
-A re-run of the same job on the same output:
+``part-<shard>-<hash of their image ids>.parquet`` and are written atomically (see :mod:`clipmaps.pipeline.sinks`).
+When the driver has seen every row of a shard written, it writes the shard's completion marker
+``_shards/<shard>.json`` with the shard's counts and the list of its files. A re-run of the same job on the same
+output:
 
-1. refuses if ``_job.json`` says the results were made with other parameters (unless ``output.overwrite``);
-2. keeps the shards that have a marker, deletes every result file of the shards that have none (partial work of
-   the interrupted attempt), and processes only those shards — so no (image, method, prompt/region) is written twice;
-3. appends an entry to ``_job.json``'s ``attempts``.
+1. refuses if ``_job.json`` says the results were made with other parameters (unless ``output.overwrite``, the
+   CLI's ``--overwrite``);
+2. keeps the shards that have a marker and deletes everything else a job writes: result files of shards without a
+   marker (work of the interrupted attempt), temporary files, and files of a complete shard that its marker does
+   not list — and runs the same cleanup once more at its end, against files written late by tasks of a killed
+   attempt; so no (image, method, prompt/region) is ever there twice;
+3. processes only the shards without a marker, and appends an entry to ``_job.json``'s ``attempts`` (an attempt
+   still marked ``running`` that a re-run finds is marked ``lost``: its driver died without recording an end).
+
+Markers and ``_job.json`` are written atomically too, so a driver killed while writing one leaves the old state.
 
 Why not Ray Data's ``CheckpointConfig``: it is beta, checkpoints the *read* side by row id and assumes one output
 dataset per pipeline, while a clipmaps job writes five datasets from one sink stage; markers per manifest shard give

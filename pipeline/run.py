@@ -177,7 +177,10 @@ def run(spec: JobSpec, *, dry_run: bool = False, progress: Callable[[str], None]
             try:
                 complete.update(execute(plan, todo, fs, root, say, done=complete))
             except BaseException as e:
-                raise _failed(e, plan, fs, root, doc, attempt, complete, t0) from e
+                failure = _failed(e, plan, fs, root, doc, attempt, complete, t0)
+                if failure is e:
+                    raise
+                raise failure from e
             strays = resume.remove_incomplete(fs, root, complete)
             if strays:  # written after this run's start by a task of an earlier, killed attempt
                 logger.warning("removed %d result files not written by this run", strays)
@@ -245,6 +248,13 @@ def execute(
         if plan.spec.run.progress:
             rate = rows / max(time.time() - t0, 1e-9)
             say(f"progress  {rows}/{todo.num_rows} images, {rate:.2f} images/s, {errors} errors")
+    unfinished = sorted(set(remaining) - set(done))
+    if unfinished:  # never report success with rows missing (or counted twice): the re-run redoes these shards
+        counted = {s: per_shard.get(s, {}).get("rows", 0) for s in unfinished[:5]}
+        raise RuntimeError(
+            f"{len(unfinished)} shard(s) were not written exactly once (rows counted per shard, expected "
+            f"{ {s: remaining[s] for s in unfinished[:5]} }: {counted})"
+        )
     return done
 
 
@@ -281,18 +291,12 @@ def configure_ray_data(spec: JobSpec) -> Callable[[], None]:
 
     quiet_ray_data()
     ctx = ray.data.DataContext.get_current()
-    before = ctx.execution_no_progress_timeout_s, ctx.actor_task_retry_on_errors
+    before = ctx.execution_no_progress_timeout_s
     if spec.run.stall_timeout_s is not None:
         ctx.execution_no_progress_timeout_s = float(spec.run.stall_timeout_s)
-    # a pool actor whose node died is "unavailable" until Ray restarts it elsewhere; its batch is pure (no side
-    # effects), so it is re-sent (bounded by resources.task_retries) instead of failing the job
-    retry_on = ctx.actor_task_retry_on_errors
-    if retry_on is not True:
-        extra = [ray.exceptions.ActorUnavailableError]
-        ctx.actor_task_retry_on_errors = [*(retry_on or []), *(e for e in extra if e not in (retry_on or []))]
 
     def restore() -> None:
-        ctx.execution_no_progress_timeout_s, ctx.actor_task_retry_on_errors = before
+        ctx.execution_no_progress_timeout_s = before
 
     return restore
 
@@ -383,22 +387,41 @@ def _failed(
 
 
 def _error_text(error: BaseException, spec: JobSpec) -> str:
-    """One line naming the error, its root cause, and no secrets."""
+    """One line naming the error and its causes (for errors raised in a Ray worker, the worker's exception, not
+    its traceback), without secrets."""
     from .decode import _scrub
 
     causes, seen = [], set()
     e: BaseException | None = error
     while e is not None and id(e) not in seen and len(causes) < 4:
         seen.add(id(e))
-        text = " ".join(str(e).split())
-        line = f"{type(e).__name__}: {text[:400]}" if text else type(e).__name__
-        if not causes or line not in causes[-1]:
+        line = _describe_error(e)
+        if line and not any(line in c for c in causes):
             causes.append(line)
         e = e.__cause__ or e.__context__
-    text = " <- ".join(causes)
+    text = " <- ".join(causes)[:1500]
+    uris = (spec.input.manifest, spec.output.uri, spec.model.weights, spec.vocabulary.file if spec.vocabulary else None)
     for options in (spec.input.storage_options, spec.output.storage_options, spec.model.storage_options):
-        text = _scrub(text, options)
+        text = _scrub(text, options, *uris)
     return redact_text(text)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_EXCEPTION_LINE = re.compile(r"^\s*((?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception|Exit|Interrupt)):(?: |$)", re.M)
+
+
+def _describe_error(e: BaseException) -> str:
+    """``Type: message``; a message that carries a traceback (Ray's errors from workers) is cut to its last
+    exception line and what follows it (the exception's own, possibly multi-line, message)."""
+    text = _ANSI.sub("", str(e))
+    if "Traceback (most recent call last)" in text or '  File "' in text:
+        found = list(_EXCEPTION_LINE.finditer(text))
+        if found:
+            text = text[found[-1].start() :]
+    text = " ".join(text.split())
+    if not text:
+        return ""
+    return f"{type(e).__name__}: {text[:700]}"
 
 
 _USERINFO = re.compile(r"\b([A-Za-z][A-Za-z0-9+.-]*://)([^\s/@]*:[^\s@]*|[^\s/@:]+)@")

@@ -28,6 +28,8 @@ import pyarrow.parquet as pq
 from clipmaps.schemas import batches as cols
 from clipmaps.schemas.datasets import ERRORS, HEATMAPS, LABELS, regions_schema
 
+from .spec import redact_uri
+
 logger = logging.getLogger(__name__)
 
 
@@ -167,7 +169,7 @@ class SinkStage:
         failed = cols.failed_rows(batch)
         for i in range(n):
             image_id = str(batch[cols.IMAGE_ID][i])
-            uri = str(batch[cols.IMAGE_URI][i]) if cols.IMAGE_URI in batch else None
+            uri = redact_uri(str(batch[cols.IMAGE_URI][i])) if cols.IMAGE_URI in batch else None
             if failed[i]:
                 errors.append(
                     _error(

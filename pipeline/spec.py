@@ -518,7 +518,9 @@ class ModelSpec(_Spec):
     Attributes:
         name: open_clip architecture (``clipmaps models`` lists them), e.g. ``ViT-B-16``, ``RN50``.
         pretrained: open_clip pretrained tag (``openai``…), downloaded by open_clip (needs hub access).
-        weights: path or URI of a state dict (safetensors, or a plain ``torch.save`` state dict).
+        weights: path or URI of a state dict (safetensors, or a plain ``torch.save`` state dict). URIs are downloaded
+            once per node (``$CLIPMAPS_CACHE``) and verified against ``weights_sha256`` or a ``<uri>.sha256`` file.
+        weights_sha256: expected sha256 (64 hex digits) of the ``weights`` file; a mismatch fails the actor.
         seed: seeded random initialisation (demos and tests: the maps are noise).
         storage_options: fsspec options for reading ``weights``. Redacted in :meth:`JobSpec.to_dict`.
         precision: ``"fp32"``, or ``"bf16"`` (autocast on the GPU; every pool must then reserve a GPU).
@@ -528,6 +530,7 @@ class ModelSpec(_Spec):
     name: str = "ViT-B-16"
     pretrained: str | None = None
     weights: str | None = None
+    weights_sha256: str | None = None
     seed: int | None = None
     storage_options: dict[str, Any] = field(default_factory=dict)
     precision: Literal["fp32", "bf16"] = "fp32"
@@ -545,6 +548,13 @@ class ModelSpec(_Spec):
             )
         _need(self.pretrained is None or bool(self.pretrained.strip()), "pretrained", "must not be empty")
         _need(self.weights is None or bool(self.weights.strip()), "weights", "must not be empty")
+        if self.weights_sha256 is not None:
+            _need(self.weights is not None, "weights_sha256", "is only used with weights (a path or URI)")
+            _need(
+                bool(re.fullmatch(r"[0-9a-fA-F]{64}", self.weights_sha256)),
+                "weights_sha256",
+                f"must be 64 hexadecimal digits (a sha256), got {self.weights_sha256!r}",
+            )
         _need(self.seed is None or self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
         _need(
             not (self.precision == "bf16" and self.device == "cpu"),
@@ -979,9 +989,10 @@ class ResourcesSpec(_Spec):
             (500/503, ``SlowDown``, throttling, connection errors, with back-off) and s3fs's own ``retries``. Merged
             into the ``storage_options`` of every ``s3://`` input, output and weights URI that does not set
             ``config_kwargs.retries`` / ``retries`` itself.
-        task_retries: how often Ray re-runs a failed decode or sink task, and a method actor's batch after its
-            worker died (``max_retries`` / ``max_task_retries``); sink writes are idempotent, so a retried write
-            replaces, never duplicates.
+        task_retries: how often Ray re-runs a decode or sink task that failed (worker or node lost, or, for the
+            sink, an I/O error): ``max_retries`` (+ ``retry_exceptions`` for the sink). Sink writes are idempotent,
+            so a re-run replaces, never duplicates. (A method actor's batch is re-sent until the actor is back; the
+            bound there is ``run.stall_timeout_s``.)
     """
 
     decode_cpus: float = 0.5
@@ -1009,7 +1020,8 @@ class RunSpec(_Spec):
     """How the job runs.
 
     Attributes:
-        ray_address: Ray cluster address (``ray://…`` or ``auto``); null = a local in-process Ray.
+        ray_address: Ray cluster address (``ray://…`` or ``auto``); null = ``RAY_ADDRESS`` when set (KubeRay sets
+            it), else a new local in-process Ray (never a Ray that happens to run on the host already).
         max_error_fraction: the job exits non-zero when more than this fraction of input rows failed.
         progress: show progress bars.
         stall_timeout_s: fail the run when no stage has produced or consumed anything for this long (Ray Data's

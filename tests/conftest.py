@@ -43,6 +43,7 @@ def ray_local():
     """One local Ray instance per test module (real Ray; 2 CPUs so pools and decode tasks must share)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # address="local": never join another Ray cluster that happens to run on the host
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from collections import Counter
 from pathlib import Path
 
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 import pytest
 
 from clipmaps.jobs.demo import DEMO_SPEC
@@ -101,6 +103,17 @@ def assert_exactly_once(tables: dict, count: int) -> None:
     assert tables["errors"].num_rows == 0, tables["errors"].to_pylist()[:3]
 
 
+def assert_files_match_markers(out: Path) -> None:
+    """Every result file belongs to a complete shard and is listed in its marker; no temporary file is left."""
+    listed = set()
+    for marker in (out / "_shards").glob("*.json"):
+        listed |= set(json.loads(marker.read_text())["files"])
+    present = {f"{p.parent.name}/{p.name}" for d in ("labels", "heatmaps", "regions", "errors")
+               for p in (out / d).iterdir() if p.name != "part-manifest.parquet"}  # fmt: skip
+    assert present == listed, (sorted(present - listed)[:5], sorted(listed - present)[:5])
+    assert not [p for p in out.rglob("_tmp-*")]
+
+
 def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.2):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -118,9 +131,10 @@ def markers(out: Path) -> set[int]:
     return {int(p.name[:-5]) for p in folder.iterdir() if p.name.endswith(".json") and p.name[:-5].isdigit()}
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def local_ray():
-    """A fresh in-process local Ray with 2 CPUs (``address="local"``: never joins another Ray on this host)."""
+    """An in-process local Ray with 2 CPUs for this module (``address="local"``: never joins another Ray that runs
+    on this host, as ``ray.init()`` without an address would)."""
     import ray
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
@@ -128,15 +142,17 @@ def local_ray():
     ray.shutdown()
 
 
-def method_actors() -> list[dict]:
-    """Alive pool actors of the connected cluster, from the GCS actor table (``Pid`` is the worker's process)."""
+def method_actors(since: float = 0.0) -> list[dict]:
+    """Alive pool actors of the connected cluster started after ``since`` (epoch seconds), from the GCS actor table
+    (``Pid`` is the actor's worker process)."""
     from ray._private.state import state
 
     return [
         a
         for a in state.actor_table(None).values()
         if "MethodActor" in a["ActorClassName"] and a["State"] == "ALIVE" and a.get("Pid")
-    ]
+        and a.get("StartTime", 0) >= since * 1000
+    ]  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ actor SIGKILL
@@ -145,16 +161,17 @@ def test_sigkill_of_method_actors_mid_job_loses_and_duplicates_nothing(local_ray
     (``max_task_retries=resources.task_retries``): the job finishes with every row exactly once."""
     from clipmaps.pipeline.run import run
 
-    count = 120
+    count = 80
     manifest = write_inputs(tmp_path / "in", count)
     out = tmp_path / "out"
     spec = load_spec(DEMO_SPEC, overrides=job_overrides(manifest, out))
     killed: dict = {}
+    since = time.time()
 
     def killer():
         try:
             wait_for(lambda: len(markers(out)) >= 2, 180, "two finished shards")
-            actors = wait_for(lambda: len(method_actors()) == 2 and method_actors(), 30, "both pool actors")
+            actors = wait_for(lambda: len(method_actors(since)) == 2 and method_actors(since), 30, "both pool actors")
             killed["markers"] = len(markers(out))
             killed["actors"] = {a["ActorID"]: a["Pid"] for a in actors}
             for a in actors:  # both pools: the GEM and the MaskInversion actor
@@ -181,6 +198,7 @@ def test_sigkill_of_method_actors_mid_job_loses_and_duplicates_nothing(local_ray
     assert result.ok and result.processed == count and result.errors == 0
     assert_exactly_once(read_outputs(str(out)), count)
     assert len(markers(out)) == count // 2
+    assert_files_match_markers(out)
 
 
 # ------------------------------------------------------------------------------------------------ driver SIGKILL
@@ -228,7 +246,7 @@ def _cli(job: Path, log: Path) -> subprocess.Popen:
 def test_sigkill_of_the_driver_then_rerun_resumes_exactly_once(tmp_path):
     """``clipmaps run`` is killed (SIGKILL) once shards start to complete; the same command again finishes, keeps
     the complete shards, redoes only the others and leaves no duplicate; ``_job.json`` records both attempts."""
-    count = 120
+    count = 80
     manifest = write_inputs(tmp_path / "in", count)
     out = tmp_path / "out"
     job = tmp_path / "job.yaml"
@@ -254,6 +272,14 @@ def test_sigkill_of_the_driver_then_rerun_resumes_exactly_once(tmp_path):
         if shard not in complete_at_kill:
             labels_at_kill[shard] += pads.dataset(p, format="parquet").count_rows()
     unmarked_finished = sorted(s for s, n in labels_at_kill.items() if n == 2)
+    # a result file is whole or absent (written to a temporary name, then renamed): every one present reads
+    for p in out.glob("*/part-*.parquet"):
+        pq.read_metadata(p)
+    # what a writer killed mid-write would leave: a temporary file, and a result file of an unfinished shard
+    unfinished = min(set(range(total_shards)) - complete_at_kill)
+    (out / "labels" / f"_tmp-{'0' * 32}-part-{unfinished:07d}-deadbeef.parquet.tmp").write_bytes(b"PAR1 partial")
+    planted = out / "heatmaps" / f"part-{unfinished:07d}-0123456789abcdef.parquet"
+    shutil.copy(next(out.glob("heatmaps/part-*.parquet")), planted)
 
     # the killed driver's processes: Ray fate-shares raylet and GCS with the driver, workers die with the raylet; the
     # dashboard and runtime-env agents notice the raylet's death but wait for the (dead) GCS before exiting
@@ -300,6 +326,8 @@ def test_sigkill_of_the_driver_then_rerun_resumes_exactly_once(tmp_path):
     assert len(unmarked_finished) <= 4, "more finished work lost than about one block per stage"
     assert_exactly_once(read_outputs(str(out)), count)
     assert len(markers(out)) == total_shards
+    assert not planted.exists()
+    assert_files_match_markers(out)
 
 
 # ------------------------------------------------------------------------------------------------ flaky S3
@@ -318,7 +346,8 @@ def run_through_fault_proxy(server, tmp_path: Path, *extra: str, count: int = 40
     weights = save_weights(load_model("clipmaps-tiny-vit", seed=0).model, tmp_path / "tiny.safetensors")
     fs.put(str(weights), f"{prefix}/tiny.safetensors")
     with FaultProxy(server.endpoint, **proxy_args) as proxy:
-        opts = json.dumps({"key": server.key, "secret": server.secret, "client_kwargs": {"endpoint_url": proxy.endpoint}})
+        client = {"endpoint_url": proxy.endpoint}
+        opts = json.dumps({"key": server.key, "secret": server.secret, "client_kwargs": client})
         spec = load_spec(DEMO_SPEC, overrides=job_overrides(
             manifest, f"{prefix}/out",
             f"input.storage_options={opts}", f"output.storage_options={opts}", f"model.storage_options={opts}",
@@ -367,3 +396,135 @@ def test_failed_sink_writes_are_retried_by_ray_and_rewrite_the_same_files(local_
     assert result.ok and result.processed == count
     assert_exactly_once(tables, count)
     assert proxy.counts["http500"] >= 3 and sent_again == broken
+
+
+# ------------------------------------------------------------------------------------------------ node loss
+def test_worker_node_lost_mid_job(tmp_path):
+    """A head and a worker node (separate raylets, ``ray.cluster_utils.Cluster``); both pools need the custom
+    resource ``clipmaps_pool`` that only worker nodes have, so their actors run there.
+
+    1. The worker node is killed mid-job and nothing replaces it: the pools cannot be placed anywhere, and the
+       driver stops with a clear ``JobFailed`` after ``run.stall_timeout_s`` (bounded, no hang), keeping the
+       finished shards. A re-run is refused at once while no node has the resource.
+    2. A node joins and the re-run resumes; its node is killed mid-run too, and a replacement joins (a preemptible
+       node pool with an autoscaler): the actors restart there, their batches are re-sent, and the *same run*
+       completes, with every row exactly once.
+
+    The scenario runs in a fresh interpreter: ``RAY_AUTH_MODE=disabled`` must be set before Ray starts in a process,
+    and ``Cluster`` calls need the main thread.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1")
+    code = f"from tests.test_faults import node_loss_scenario; node_loss_scenario({str(tmp_path)!r})"
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, timeout=420)
+    except subprocess.TimeoutExpired as e:
+        raise AssertionError(f"the node-loss scenario did not finish in 420 s: {(e.stderr or b'')[-3000:]}") from None
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-4000:]
+    print("\n" + (tmp_path / "figures.txt").read_text())
+
+
+def node_loss_scenario(folder: str) -> None:
+    """The body of :func:`test_worker_node_lost_mid_job` (run in its own process; raises on failure)."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from clipmaps.pipeline.run import JobFailed, run
+
+    tmp_path = Path(folder)
+    count, stall_s, shards = 24, 15, 12
+    manifest = write_inputs(tmp_path / "in", count)
+    out = tmp_path / "out"
+    pool = "{clipmaps_pool: 1}"
+    extra = [f"methods.{m}.resources.custom_resources={pool}" for m in ("gem", "maskinversion")]
+    # the stall timeout is not part of the job's fingerprint: a re-run may change it. To ride out a node loss it
+    # must outlast bringing a node up and starting its actors (~20-30 s here)
+    failing, riding = (
+        load_spec(DEMO_SPEC, overrides=job_overrides(manifest, out, f"run.stall_timeout_s={t}", *extra))
+        for t in (stall_s, 120)
+    )
+    figures = []
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        worker = cluster.add_node(num_cpus=1, resources={"clipmaps_pool": 2})
+        ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
+
+        def start(spec) -> tuple[threading.Thread, dict]:
+            outcome: dict = {}
+
+            def job():
+                try:
+                    outcome["result"] = run(spec)
+                except BaseException as e:  # noqa: BLE001 - checked by the test
+                    outcome["error"] = e
+                outcome["end"] = time.monotonic()
+
+            t = threading.Thread(target=job, daemon=True)
+            t.start()
+            return t, outcome
+
+        # 1. the node is lost for good: the pools cannot be placed; bounded failure with a clear error
+        t, outcome = start(failing)
+        wait_for(lambda: len(markers(out)) >= 2 or "end" in outcome, 180, "two finished shards")
+        at_kill = len(markers(out))
+        cluster.remove_node(worker, allow_graceful=False)  # Cluster calls must come from the main thread
+        killed = time.monotonic()
+        t.join(stall_s + 120)
+        assert not t.is_alive(), "the driver hung after losing the only node its pools can use"
+        error = outcome.get("error")
+        assert isinstance(error, JobFailed), error
+        assert "ExecutionTimeoutError" in str(error) and "re-run" in str(error)
+        kept = len(markers(out))
+        failed_after = outcome["end"] - killed
+        figures.append(f"not replaced: {at_kill}/{shards} shards at the kill, JobFailed {failed_after:.0f} s after "
+                       f"it ({kept} shards kept)")  # fmt: skip
+        job = json.loads((out / "_job.json").read_text())
+        assert job["status"] == "failed" and job["attempts"][0]["status"] == "failed"
+        # while no node has the resource, a re-run is refused at once (the plan check), without touching the output
+        wait_for(lambda: ray.cluster_resources().get("clipmaps_pool", 0) == 0, 60, "the dead node to be dropped")
+        with pytest.raises(ValueError, match="custom_resources.clipmaps_pool"):
+            run(riding)
+
+        # 2. a node joins; the re-run resumes; its node is lost too, a replacement joins: the same run completes
+        worker = cluster.add_node(num_cpus=1, resources={"clipmaps_pool": 2})
+        t, outcome = start(riding)
+        wait_for(lambda: len(markers(out)) >= kept + 2 or "end" in outcome, 180, "two more finished shards")
+        at_kill = len(markers(out))
+        cluster.remove_node(worker, allow_graceful=False)
+        killed = time.monotonic()
+        cluster.add_node(num_cpus=1, resources={"clipmaps_pool": 2})
+        t.join(240)
+        assert "result" in outcome, outcome.get("error")
+        assert at_kill < shards and outcome["result"].ok
+        figures.append(f"replaced: {at_kill}/{shards} shards at the kill, the same run done "
+                       f"{outcome['end'] - killed:.0f} s after it")  # fmt: skip
+        job = json.loads((out / "_job.json").read_text())
+        assert [a["status"] for a in job["attempts"]] == ["failed", "finished"]
+        assert job["attempts"][1]["resumed_shards"] == kept
+        assert_exactly_once(read_outputs(str(out)), count)
+        assert_files_match_markers(out)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    (tmp_path / "figures.txt").write_text("FIGURES node-loss: " + "; ".join(figures))
+
+
+def test_io_retry_defaults_merge_into_s3_storage_options():
+    """``resources.io_retries`` / ``read_timeout_s`` reach every S3 storage_options unless the user set them."""
+    from clipmaps.pipeline.run import with_io_defaults_spec
+
+    user = "{config_kwargs: {retries: {max_attempts: 2, mode: adaptive}}, key: k}"
+    spec = load_spec(DEMO_SPEC, overrides=[
+        "input.manifest=s3://b/m.jsonl", "output.uri=s3://b/out", f"output.storage_options={user}",
+        "model.seed=null", "model.weights=s3://b/w.safetensors", "resources.io_retries=7", "resources.read_timeout_s=9",
+    ])  # fmt: skip
+    merged = with_io_defaults_spec(spec)
+    config = merged.input.storage_options["config_kwargs"]
+    assert config == {"retries": {"max_attempts": 7, "mode": "standard"}, "connect_timeout": 9.0, "read_timeout": 9.0}
+    assert merged.model.storage_options["config_kwargs"]["retries"]["max_attempts"] == 7
+    assert merged.output.storage_options["config_kwargs"]["retries"] == {"max_attempts": 2, "mode": "adaptive"}
+    assert merged.output.storage_options["key"] == "k" and spec.output.storage_options["config_kwargs"].keys() == {
+        "retries"
+    }
+    local = load_spec(DEMO_SPEC, overrides=["input.manifest=m.jsonl", "output.uri=out", "input.allowed_schemes=[file]"])
+    assert with_io_defaults_spec(local).input.storage_options == {}

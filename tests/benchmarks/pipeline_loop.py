@@ -117,8 +117,20 @@ class _Strict(types.ModuleType):
                              "update tests/benchmarks/pipeline_loop.py to the driver's new use of Ray")
 
 
+class _Exceptions(types.ModuleType):
+    """``ray.exceptions.<Name>``: a distinct exception class per name (nothing raises them in process)."""
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        cls = type(name, (Exception,), {"__module__": "ray.exceptions"})
+        setattr(self, name, cls)
+        return cls
+
+
 def _stand_in(cpus: float):
     ray = _Strict("ray")
+    ray.exceptions = _Exceptions("ray.exceptions")
     data = _Strict("ray.data")
     data.from_arrow = LocalDataset
     data.ActorPoolStrategy = ActorPoolStrategy
@@ -137,10 +149,10 @@ def in_process(cpus: float | None = None):
         raise RuntimeError("ray is already imported in this process; the in-process loop needs a fresh process")
     cpus = cpus or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     ray, data = _stand_in(cpus)
-    sys.modules["ray"] = ray
-    sys.modules["ray.data"] = data
+    stand_ins = {"ray": ray, "ray.data": data, "ray.exceptions": ray.exceptions}
+    sys.modules.update(stand_ins)
     try:
         yield
     finally:
-        sys.modules.pop("ray", None)
-        sys.modules.pop("ray.data", None)
+        for name in stand_ins:
+            sys.modules.pop(name, None)

@@ -95,9 +95,10 @@ class TracedMethodActor(_method_actor_base()):
                **torch_threads()})
 
     def __call__(self, batch):
-        t0 = time.time()
+        t0, c0 = time.time(), time.process_time()
         out = super().__call__(batch)
-        _emit({"stage": "actor", "pid": os.getpid(), "t0": t0, "t1": time.time(), "rows": _rows(out)})
+        _emit({"stage": "actor", "pid": os.getpid(), "t0": t0, "t1": time.time(), "rows": _rows(out),
+               "cpu_s": time.process_time() - c0})
         return out
 
 
