@@ -742,9 +742,24 @@ def main(argv=None) -> int:
     data_dir = Path(args.data_dir) if args.data_dir else Path(tempfile.mkdtemp(prefix="clipmaps-bench-s3-"))
     data_dir.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="clipmaps-bench-pipeline-"))
+    import signal
+
+    runs: list[dict] = []
+
+    def on_term(signum, frame):  # e.g. someone else's cleanup: stop the server and keep what has been measured
+        raise SystemExit(f"terminated by signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGHUP, on_term)
+
+    def save(summary=None, memory=None, checks=None) -> None:
+        if args.json:
+            Path(args.json).write_text(json.dumps({"args": dict(vars(args)), "machine": info, "summary": summary,
+                                                   "memory": memory, "checks": checks or {}, "runs": runs},
+                                                  indent=1, default=str))
+
     proc, server = s3server.start(data_dir)
     print(f"SeaweedFS S3 at {server.endpoint} (data {data_dir}), work files {workdir}", flush=True)
-    runs: list[dict] = []
     memory = None
     summary = None
     checks: dict = {}
@@ -769,6 +784,7 @@ def main(argv=None) -> int:
                     res["repeat"] = rep + 1
                     outs_ok.append(res["check"]["ok"])
                     runs.append(res)
+                    save()
             checks["outputs_ok"] = all(outs_ok)
             first = {r["side"]: r["output_uri"] for r in runs if r["repeat"] == 1}
             checks["same_outputs"] = compare_outputs(server, first["pipeline"], first["loop"])
@@ -787,6 +803,7 @@ def main(argv=None) -> int:
                               lambda out, n=n: make_spec(args, server, manifests[n], out, args.memory_model,
                                                          args.memory_size), n, prompts)
                 memory["runs"].setdefault(str(n), []).append(res)
+                save(summary, memory, checks)
             peak = {n: median([r["rss_kb"]["peak_hwm"] for r in memory["runs"][str(n)]]) for n in (small, large)}
             memory["peak_kb"] = peak
             memory["ratio"] = peak[large] / peak[small] if peak[small] else None
@@ -797,10 +814,7 @@ def main(argv=None) -> int:
             s3server.stop(proc)
             if not args.data_dir:
                 shutil.rmtree(data_dir, ignore_errors=True)
-        if args.json:  # also what an interrupted run had finished
-            Path(args.json).write_text(json.dumps({"args": {k: v for k, v in vars(args).items()}, "machine": info,
-                                                   "summary": summary, "memory": memory, "checks": checks,
-                                                   "runs": runs}, indent=1, default=str))
+        save(summary, memory, checks)  # also what an interrupted run had finished
         shutil.rmtree(workdir, ignore_errors=True)
     print_report(args, info, summary, memory, checks)
     if args.json:

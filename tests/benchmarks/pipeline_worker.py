@@ -9,8 +9,9 @@ driver's progress callback records (time, images done).
 ``side: loop`` — the same ``run(spec)`` in this process without Ray (``pipeline_loop.in_process``): the stages
 ``plan.build_dataset`` builds run one batch at a time, decode → GEM actor → sink, in this process.
 
-Both sides: the driver's RSS is sampled every 20 ms from ``/proc/self/status`` and its kernel peak (``VmHWM``) is
-read at the end. Torch threads come from ``OMP_NUM_THREADS`` in the environment the orchestrator sets.
+Both sides: the driver's RSS is sampled every 100 ms from ``/proc/self/status`` and its kernel peak (``VmHWM``) is
+read at the end (VmHWM is exact; the sampled max is a cross-check). Torch threads come from ``OMP_NUM_THREADS`` in
+the environment the orchestrator sets.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def _status_kb(field: str) -> int:
 class RssSampler(threading.Thread):
     """Samples this process's RSS (``VmRSS``) every ``interval`` s; keeps the max and a coarse time series."""
 
-    def __init__(self, interval: float = 0.02):
+    def __init__(self, interval: float = 0.1):
         super().__init__(daemon=True)
         self.interval = interval
         self.max_kb = 0
