@@ -232,7 +232,7 @@ def execute(
     done = {} if done is None else done
     rows = errors = 0
     t0 = time.time()
-    for batch in build_dataset(plan, todo).iter_batches(batch_format="numpy", batch_size=None):
+    for batch in build_dataset(plan, todo).iter_batches(batch_format="numpy", batch_size=None, prefetch_batches=0):
         for j, shard in enumerate(batch[cols.SHARD]):
             shard = int(shard)
             c = per_shard.setdefault(shard, {**dict.fromkeys(cols.STATS, 0), FILES: []})

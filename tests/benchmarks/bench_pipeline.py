@@ -205,6 +205,7 @@ class ForeignCpu:
         self.seconds = 0.0
         self.names: dict[str, float] = {}
         self.mine: dict[str, float] = {}
+        self.series: list[tuple[float, str, float]] = []  # (sample time, group, CPU s since the last sample)
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._seen: dict[tuple[int, int], int] = {}
@@ -248,6 +249,7 @@ class ForeignCpu:
         self._accumulate()
 
     def _accumulate(self) -> None:
+        now = time.time()
         for key, (cpu, name, is_mine) in self._snapshot().items():
             delta = (cpu - self._seen.get(key, 0)) / self.ticks
             self._seen[key] = cpu
@@ -256,6 +258,7 @@ class ForeignCpu:
             if is_mine:
                 group = cpu_group(name)
                 self.mine[group] = self.mine.get(group, 0.0) + delta
+                self.series.append((now, group, delta))
             else:
                 self.seconds += delta
                 self.names[name] = self.names.get(name, 0.0) + delta
@@ -384,6 +387,7 @@ def run_worker(args, side: str, spec: dict, label: str, images: int, workdir: Pa
     res["foreign_cpu_share"] = foreign.seconds / (wall * (os.cpu_count() or 1))
     res["foreign_top"] = foreign.top()
     res["cpu_s_by_part"] = {k: round(v, 2) for k, v in sorted(foreign.mine.items(), key=lambda kv: -kv[1])}
+    res["cpu_series"] = [(round(t, 2), g, round(d, 3)) for t, g, d in foreign.series]
     res["loadavg_1min"] = [load_before, os.getloadavg()[0]]
     res["output_uri"] = spec["output"]["uri"]
     res.update(analyse(res))
@@ -432,6 +436,13 @@ def analyse(res: dict) -> dict:
             busy = {s: _overlap(v, t_first, t_last) / (t_last - t_first) for s, v in by.items()
                     if s in ("decode", "actor", "sink")}
             out["busy_in_steady_window"] = busy
+            # cores each part of the run used in the window (samples are 1 s apart: a sample at t covers (t-1, t])
+            cores: dict = {}
+            for t, group, delta in res.get("cpu_series") or []:
+                if t_first + 1 <= t <= t_last:
+                    cores[group] = cores.get(group, 0.0) + delta
+            span = max(1e-9, (t_last - t_first) - 1)
+            out["cores_in_steady_window"] = {g: v / span for g, v in cores.items()}
         if len(progress) >= 2 and progress[-1][0] > progress[0][0] and progress[-1][1] > progress[0][1]:
             out["steady_ips_driver"] = (progress[-1][1] - progress[0][1]) / (progress[-1][0] - progress[0][0])
     out["plan_ready_s"] = res.get("plan_said_s")
@@ -484,23 +495,57 @@ def check_output(server, uri: str, images: int, prompts: int) -> dict:
 
 
 def compare_outputs(server, uri_a: str, uri_b: str) -> dict:
-    """Whether two runs wrote the same label maps and heatmaps (bytes), per image / (image, prompt)."""
+    """Whether two runs wrote the same label maps and heatmaps: byte-identical rows, and for the others the decoded
+    difference (label pixels that differ; heatmap max abs difference and pixels that differ)."""
+    import numpy as np
     import pyarrow.dataset as pads
+
+    from clipmaps.schemas.encodings import decode_heatmap, decode_label_map
 
     fs = server.filesystem()
 
     def load(uri, name, key):
         t = pads.dataset(f"{uri.removeprefix('s3://')}/{name}", filesystem=fs, format="parquet").to_table()
-        cols = [t.column(k).to_pylist() for k in key]
-        data = t.column("label_map" if name == "labels" else "heatmap").to_pylist()
-        return {tuple(c[i] for c in cols): data[i] for i in range(t.num_rows)}
+        return {tuple(r[k] for k in key): r for r in t.to_pylist()}
 
     out = {}
     for name, key in (("labels", ("image_id",)), ("heatmaps", ("image_id", "prompt"))):
         a, b = load(uri_a, name, key), load(uri_b, name, key)
-        out[name] = {"rows": len(a), "same_keys": set(a) == set(b),
-                     "identical": sum(1 for k in a if k in b and a[k] == b[k])}
+        field = "label_map" if name == "labels" else "heatmap"
+        same = [k for k in a if k in b and a[k][field] == b[k][field]]
+        res = {"rows": len(a), "same_keys": set(a) == set(b), "identical": len(same)}
+        diff_px = total_px = 0
+        max_abs = 0.0
+        for k in a:
+            if k not in b or k in same:
+                continue
+            if name == "labels":
+                x, y = decode_label_map(a[k][field]), decode_label_map(b[k][field])
+            else:
+                x = decode_heatmap(a[k][field], a[k]["encoding"], a[k]["height"], a[k]["width"])
+                y = decode_heatmap(b[k][field], b[k]["encoding"], b[k]["height"], b[k]["width"])
+                max_abs = max(max_abs, float(np.abs(x - y).max()))
+            diff_px += int((x != y).sum())
+            total_px += x.size
+        if total_px:
+            res["differing_pixels"] = f"{diff_px}/{total_px} in the differing rows"
+            if name == "heatmaps":
+                res["max_abs_diff"] = round(max_abs, 5)
+        out[name] = res
     return out
+
+
+def batch_compositions(runs: list[dict]) -> dict:
+    """Per side, the image ids of each sink batch (from the trace): do pipeline and loop batch the same images?"""
+    by = {}
+    for r in runs:
+        ids = [tuple(sorted(e["ids"])) for e in r.get("events") or [] if e["stage"] == "sink" and "ids" in e]
+        if ids:
+            by.setdefault(r["side"], set()).add(tuple(sorted(ids)))
+    if "pipeline" not in by or "loop" not in by:
+        return {}
+    return {"loop_runs_identical": len(by["loop"]) == 1, "pipeline_runs_identical": len(by["pipeline"]) == 1,
+            "pipeline_batches_like_loop": by["pipeline"] == by["loop"]}
 
 
 def attempt(args, quiet, server, side, label, stamp, workdir, trace, spec_for, images, prompts) -> dict:
@@ -566,6 +611,9 @@ def summarise(args, runs: list[dict]) -> dict:
             "foreign_cpu_share": [round(r.get("foreign_cpu_share", 0), 3) for r in rs],
             "cpu_s_by_part": {g: median([(r.get("cpu_s_by_part") or {}).get(g, 0.0) for r in rs])
                               for g in sorted({g for r in rs for g in (r.get("cpu_s_by_part") or {})})},
+            "cores_in_steady_window": {
+                g: median([(r.get("cores_in_steady_window") or {}).get(g, 0.0) for r in rs])
+                for g in sorted({g for r in rs for g in (r.get("cores_in_steady_window") or {})})},
         }
     p, lp = by["pipeline"], by["loop"]
     s["pipeline"].update({
@@ -667,6 +715,12 @@ def print_report(args, info: dict, summary: dict | None, memory: dict | None, ch
                 ranked = sorted(parts.items(), key=lambda kv: -kv[1])
                 print(f"CPU seconds of the {side} run by process (median; sampled from /proc each second): total "
                       f"{total:.0f} = " + ", ".join(f"{g} {v:.1f}" for g, v in ranked))
+        for side, d in (("pipeline", p), ("loop", lp)):
+            parts = d["cores_in_steady_window"]
+            if parts:
+                ranked = sorted(parts.items(), key=lambda kv: -kv[1])
+                print(f"cores used in the steady window by the {side} run's processes: total "
+                      f"{sum(parts.values()):.2f} = " + ", ".join(f"{g} {v:.2f}" for g, v in ranked))
         print(f"per repeat: pipeline steady {[fmt(x, '.3f') for x in p['steady_runs']]} e2e s "
               f"{[fmt(x, '.1f') for x in p['e2e_runs']]}; loop steady {[fmt(x, '.3f') for x in lp['steady_runs']]} "
               f"e2e s {[fmt(x, '.1f') for x in lp['e2e_runs']]}")
@@ -685,7 +739,8 @@ def print_report(args, info: dict, summary: dict | None, memory: dict | None, ch
                   + " (extrapolated from the fixed costs and steady rates above)")
         print("the target compares the steady-state ratio (Ray's fixed costs amortised); end to end at this N is shown")
     if checks:
-        print(f"outputs: {checks.get('outputs_ok')}; pipeline vs loop (repeat 1): {checks.get('same_outputs')}")
+        print(f"outputs complete in every run: {checks.get('outputs_ok')}; pipeline vs loop outputs (repeat 1): "
+              f"{checks.get('same_outputs')}; same images batched together: {checks.get('batches')}")
     if memory:
         print()
         print(f"driver memory (pipeline, {memory['model']} at {memory['size']}, batch {args.batch_size}; "
@@ -788,6 +843,7 @@ def main(argv=None) -> int:
             checks["outputs_ok"] = all(outs_ok)
             first = {r["side"]: r["output_uri"] for r in runs if r["repeat"] == 1}
             checks["same_outputs"] = compare_outputs(server, first["pipeline"], first["loop"])
+            checks["batches"] = batch_compositions(runs)
             summary = summarise(args, runs)
         if not args.skip_memory:
             small, large = args.memory_images, args.memory_images * args.memory_scale

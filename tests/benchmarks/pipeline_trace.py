@@ -72,10 +72,12 @@ def traced_decode_batch(batch, config):
 def traced_sink_batch(batch, config):
     """``pipeline.sinks.sink_batch`` (same body), timed."""
     from clipmaps.pipeline.sinks import SinkStage
+    from clipmaps.schemas import batches as cols
 
     t0 = time.time()
     out = SinkStage(config)(batch)
-    _emit({"stage": "sink", "pid": os.getpid(), "t0": t0, "t1": time.time(), "rows": int(out["rows"][0])})
+    _emit({"stage": "sink", "pid": os.getpid(), "t0": t0, "t1": time.time(), "rows": int(sum(out["rows"])),
+           "ids": [str(i) for i in batch[cols.IMAGE_ID]]})
     return out
 
 
