@@ -218,6 +218,7 @@ def build_dataset(plan: Plan, table: pa.Table | None = None, *, blocks: int = 0)
     for index, name in enumerate(plan.methods):
         later = {c for other in plan.methods[index + 1 :] for c in METHOD_INPUTS[other]}
         drop = tuple(c for c in METHOD_INPUTS[name] if c not in later)
+        pool = spec.method(name).resources
         config = ActorConfig(
             method=name,
             model=model,
@@ -225,8 +226,8 @@ def build_dataset(plan: Plan, table: pa.Table | None = None, *, blocks: int = 0)
             vocabulary=vocab,
             options=OutputOptions(**spec.output_options(name)),
             drop_columns=drop,
+            torch_threads=pool.torch_threads,
         )
-        pool = spec.method(name).resources
         ds = _map_batches(
             ds,
             MethodActor,

@@ -466,3 +466,13 @@ def test_driver_modules_import_no_torch_or_ray():
         "bad = [m for m in ('torch', 'ray', 'open_clip') if m in sys.modules]; assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_pool_torch_threads_are_validated(tmp_path):
+    from clipmaps.jobs.demo import DEMO_SPEC, write_scenes
+
+    spec = load_spec(DEMO_SPEC, overrides=[f"input.manifest={write_scenes(tmp_path, 1)}",
+                                           f"output.uri={tmp_path / 'out'}", "methods.gem.resources.torch_threads=2"])
+    assert spec.method("gem").resources.torch_threads == 2
+    with pytest.raises(SpecError, match="torch_threads"):
+        load_spec(DEMO_SPEC, overrides=["methods.gem.resources.torch_threads=0"])
