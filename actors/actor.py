@@ -92,7 +92,9 @@ class MethodActor:
             valid = [i for i in valid if row_errors[i] is None]
         if valid:
             self._run(batch, valid, outputs, row_errors)
-        out = {k: v for k, v in batch.items() if k not in self.config.drop_columns}
+        out = cols.restore_nulls({k: v for k, v in batch.items() if k not in self.config.drop_columns})
+        for name in self.runner.output_columns():
+            outputs.setdefault(name, [None] * n)
         for name, values in outputs.items():
             out[name] = _object_array(self.runner.fill_missing(name, values))
         out[self.error_column] = _object_array(row_errors)

@@ -140,6 +140,15 @@ class Runner:
     def run(self, rows: dict) -> RunnerResult:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def output_columns(self) -> tuple[str, ...]:  # pragma: no cover - interface
+        """Every column :meth:`run` writes with these options; the actor emits all of them on every batch, even one
+        where no row reached the method, so blocks from different batches share one schema."""
+        raise NotImplementedError
+
+    @staticmethod
+    def heatmap_names(name: str) -> tuple[str, ...]:
+        return tuple(cols.col(name, c) for c in (cols.HEATMAPS, cols.HEATMAP_PROMPTS, cols.HEATMAP_HW))
+
     def heatmap_columns(self, name: str, rows: dict, prompts: list[list[str]], maps: list[torch.Tensor]) -> dict:
         """Encoded heatmaps ``[P_i, h, w]`` per row → the heatmap output columns of ``name``."""
         sizes = [self.heatmap_size(rows, i) for i in range(len(maps))]
@@ -147,12 +156,14 @@ class Runner:
             cols.col(name, cols.HEATMAPS): [_encode_maps(m, size, self.options.heatmap_encoding)
                                             for m, size in zip(maps, sizes)],
             cols.col(name, cols.HEATMAP_PROMPTS): prompts,
-            cols.col(name, cols.HEATMAP_HW): sizes,
+            cols.col(name, cols.HEATMAP_HW): [np.array(size, np.int64) for size in sizes],
         }
 
     def fill_missing(self, name: str, values: list) -> list:
         """Rows the method did not produce (failed upstream or here) keep ``None``, except in array columns, where
-        Ray cannot mix ``None`` with tensors: those get an empty array of the right rank."""
+        Ray cannot mix ``None`` with tensors: those get an empty (or zero) array of the right shape."""
+        if name.endswith(f"__{cols.HEATMAP_HW}"):
+            return [np.zeros(2, np.int64) if v is None else v for v in values]
         return values
 
 
@@ -163,6 +174,15 @@ class GEMRunner(Runner):
     def __init__(self, lm, params: GEMParams, vocabulary, options, text):
         super().__init__(lm, params, vocabulary, options, text)
         self.gem = GEM(lm.model, lm.tokenizer, params, text_encoder=text)
+
+    def output_columns(self) -> tuple[str, ...]:
+        names = []
+        for name in (self.method, ORIGINAL_GEM) if self.options.original else (self.method,):
+            if self.options.labels and self.vocabulary is not None:
+                names.append(cols.col(name, cols.LABELS))
+            if self.options.heatmaps:
+                names.extend(self.heatmap_names(name))
+        return tuple(names)
 
     def run(self, rows: dict) -> RunnerResult:
         x = self.stack(rows[cols.PIXELS_SQUARE])
@@ -196,6 +216,9 @@ class MaskCLIPRunner(Runner):
         super().__init__(lm, params, vocabulary, options, text)
         self.maskclip = MaskCLIP(lm.model, lm.tokenizer, params, text_encoder=text)
 
+    def output_columns(self) -> tuple[str, ...]:
+        return (cols.col(self.method, cols.LABELS),)
+
     def run(self, rows: dict) -> RunnerResult:
         labels = []
         for i, pixels in enumerate(rows[cols.PIXELS_MASKCLIP]):  # keep-ratio inputs differ in size: one at a time
@@ -213,6 +236,9 @@ class LeGradRunner(Runner):
     def __init__(self, lm, params: LeGradParams, vocabulary, options, text):
         super().__init__(lm, params, vocabulary, options, text)
         self.legrad = LeGrad(lm.model, lm.tokenizer, params, text_encoder=text)
+
+    def output_columns(self) -> tuple[str, ...]:
+        return self.heatmap_names(self.method)
 
     def run(self, rows: dict) -> RunnerResult:
         x = self.stack(rows[cols.PIXELS_SQUARE])
@@ -232,6 +258,12 @@ class MaskInversionRunner(Runner):
         self.maskinversion = MaskInversion(lm.model, params)
         visual = lm.model.visual
         self.dim = int(visual.proj.shape[1]) if visual.proj is not None else int(visual.output_dim)
+
+    def output_columns(self) -> tuple[str, ...]:
+        names = [cols.col(self.method, cols.EMBEDDINGS), cols.col(self.method, cols.LOSS)]
+        if self.options.write_expl_maps:
+            names.append(cols.col(self.method, cols.EXPL_MAPS))
+        return tuple(names)
 
     def fill_missing(self, name: str, values: list) -> list:
         empty = {cols.col(self.method, cols.EMBEDDINGS): np.zeros((0, self.dim), np.float32),

@@ -556,7 +556,7 @@ class DecodeStage:
             if name != "masks" and name not in out:
                 result[name] = values if isinstance(values, np.ndarray) else _objects(n, values)
         result.update(out)
-        return result
+        return B.restore_nulls(result)
 
     def _failed_values(self) -> dict[str, Any]:
         """The values of a failed row's array/list columns: empty, of the same ``ndim`` as a good row's."""

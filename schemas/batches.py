@@ -41,7 +41,7 @@ def col(method: str, name: str) -> str:
 LABELS = "labels"  # bytes | None: PNG label map at the original image size
 HEATMAPS = "heatmaps"  # list[bytes]: one encoded heatmap per prompt
 HEATMAP_PROMPTS = "heatmap_prompts"  # list[str], aligned with HEATMAPS
-HEATMAP_HW = "heatmap_hw"  # (h, w) of the encoded heatmaps
+HEATMAP_HW = "heatmap_hw"  # int64 [2]: (h, w) of the encoded heatmaps; (0, 0) on rows without heatmaps
 EMBEDDINGS = "embeddings"  # float32 [M, D], L2-normalised (MaskInversion)
 LOSS = "loss"  # float32 [M]
 EXPL_MAPS = "expl_maps"  # list[bytes] | None (MaskInversion's final maps, PNG 8-bit)
@@ -67,3 +67,20 @@ def failed_rows(batch) -> list[bool]:
     if stages is None:
         return [False] * n
     return [isinstance(v, str) and v != "" for v in stages]
+
+
+def restore_nulls(batch: dict) -> dict:
+    """Turn columns that Ray handed over as all-NaN floats back into ``None`` objects, in place; returns ``batch``.
+
+    Ray Data reads a column that is ``None`` on every row of a block as Arrow ``null`` and gives it to the next numpy
+    stage as float NaN. A stage that passes it through unchanged would emit a ``double`` column, which Ray cannot
+    unify with the ``string``/``binary``/list column of a block where some row has a value ("Field … has
+    incompatible types: float vs string"), and the job stops. No column of this contract is a 1-D float column, so
+    such a column is always a lost ``None`` column. ``None`` objects go back to Arrow as ``null``, which unifies with
+    every type.
+    """
+    for name, values in batch.items():
+        lost = isinstance(values, np.ndarray) and values.ndim == 1 and values.dtype.kind == "f" and len(values) > 0
+        if lost and np.isnan(values).all():
+            batch[name] = np.full(len(values), None, dtype=object)
+    return batch

@@ -72,3 +72,17 @@ def test_maskinversion_reports_rows_without_masks(batch):
     emb = out[cols.col("maskinversion", cols.EMBEDDINGS)]
     assert emb[0].shape == (3, 32) and emb[2].shape == (0, 32)  # empty arrays, not None, for Ray's tensor columns
     np.testing.assert_allclose(np.linalg.norm(emb[0], axis=1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method, options", [("gem", {"original": True}), ("maskclip", {}), ("legrad", {}),
+                                             ("maskinversion", {"write_expl_maps": True})])
+def test_every_output_column_is_declared_and_always_written(batch, method, options):
+    actor = _actor(method, **options)
+    declared = set(actor.runner.output_columns())
+    written = set(actor(batch)) - set(batch) - {actor.error_column}
+    assert written == declared
+    all_failed = dict(batch, **{cols.ERROR_STAGE: _objects(["read"] * 3)})
+    assert set(actor(all_failed)) - set(batch) - {actor.error_column} == declared  # even when no row ran
+    hw = actor(batch).get(cols.col(method, cols.HEATMAP_HW))
+    if hw is not None:
+        assert hw[1].tolist() == [0, 0] and hw[0].tolist() == [240, 320]  # zeros, never None, on a failed row
