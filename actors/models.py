@@ -23,6 +23,22 @@ MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 _registered = False
 
 
+#: Weights shipped inside the package, by (architecture, pretrained tag): file under ``weights/`` and its sha256.
+#: ``load_model(name, pretrained=tag)`` reads these from disk instead of asking open_clip's hub.
+BUNDLED_WEIGHTS: dict[tuple[str, str], tuple[str, str]] = {
+    # `clipmaps train` with its defaults; model card: weights/clipmaps-synth-vit.md
+    ("clipmaps-synth-vit", "synth-shapes-v1"): (
+        "clipmaps-synth-vit-v1.safetensors", "1df070f89133f2d525c2f284fde1c841fbafd9b9f70792a456bf2c29db234b34"),
+}
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+
+
+def bundled_weights(name: str, tag: str | None) -> Path | None:
+    """The packaged weight file of ``(name, tag)``, or ``None`` when it is not one of clipmaps' own."""
+    entry = BUNDLED_WEIGHTS.get((name, tag)) if tag is not None else None
+    return WEIGHTS_DIR / entry[0] if entry else None
+
+
 def register_model_configs() -> None:
     """Register clipmaps' own architectures (``clipmaps-tiny-vit``, ``clipmaps-tiny-rn``) with open_clip."""
     global _registered
@@ -61,8 +77,9 @@ def list_models() -> list[str]:
 
 
 def list_pretrained() -> list[tuple[str, str]]:
-    """``(architecture, pretrained tag)`` pairs that open_clip can download where a hub is reachable."""
-    return open_clip.list_pretrained()
+    """``(architecture, pretrained tag)`` pairs: clipmaps' bundled weights (offline), then those open_clip can
+    download where a hub is reachable."""
+    return [*BUNDLED_WEIGHTS, *open_clip.list_pretrained()]
 
 
 def load_model(
@@ -79,7 +96,9 @@ def load_model(
 
     Exactly one weight source must be given:
 
-    * ``pretrained``: an open_clip pretrained tag (``"openai"``, ``"laion2b_s34b_b88k"``…), downloaded by open_clip;
+    * ``pretrained``: a pretrained tag: clipmaps' bundled weights (``BUNDLED_WEIGHTS``, e.g.
+      ``("clipmaps-synth-vit", "synth-shapes-v1")``, read from the package) or an open_clip tag (``"openai"``,
+      ``"laion2b_s34b_b88k"``…), downloaded by open_clip;
     * ``weights``: a local path or fsspec URI (``s3://bucket/ViT-B-16.safetensors``) of a state dict, read as
       safetensors or with ``torch.load(weights_only=True)``; URIs are downloaded once per node into the weights
       cache (``clipmaps.actors.weights_cache``) and checked against ``weights_sha256`` or a ``<uri>.sha256``
@@ -97,7 +116,13 @@ def load_model(
     if name not in open_clip.list_models():
         raise ValueError(f"unknown model {name!r}; see clipmaps.actors.models.list_models() for the names on offer")
 
-    if pretrained is not None:
+    bundled = bundled_weights(name, pretrained)
+    if bundled is not None:
+        model = open_clip.create_model(name, pretrained=None, device="cpu")
+        _load_strict(model, read_state_dict(str(bundled), sha256=BUNDLED_WEIGHTS[(name, pretrained)][1]), str(bundled))
+        model = model.to(device)
+        source = pretrained
+    elif pretrained is not None:
         model = open_clip.create_model(name, pretrained=pretrained, device=device)
         source = pretrained
     else:

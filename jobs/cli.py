@@ -9,10 +9,16 @@ from pathlib import Path
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import HOW_TO_READ, DemoConfig, run_demo
+    from .demo import DEMO_MODEL, DEMO_TAG, HOW_TO_READ, DemoConfig, run_demo
 
-    cfg = DemoConfig(folder=Path(args.output), scenes=args.scenes, model=args.model, pretrained=args.pretrained,
-                     weights=args.weights, size=args.size)
+    custom = args.weights is not None or args.seed is not None
+    if args.model != DEMO_MODEL and not custom and args.pretrained is None:
+        print(f"clipmaps demo: --model {args.model} needs its weights: --pretrained TAG, --weights URI or --seed N",
+              file=sys.stderr)
+        return 2
+    cfg = DemoConfig(folder=Path(args.output), scenes=args.scenes, model=args.model,
+                     pretrained=args.pretrained or (None if custom else DEMO_TAG), weights=args.weights,
+                     seed=args.seed, size=args.size)
     spec, result = run_demo(cfg, progress=print)
     out = Path(spec.output.uri)
     print(summary_table(result))
@@ -22,8 +28,17 @@ def _demo(args: argparse.Namespace) -> int:
     print(HOW_TO_READ.format(out=out))
     if cfg.random_weights:
         print("\nNOTE: the model has random weights, so these maps are meaningless noise; they only show that the\n"
-              "      pipeline runs end to end. With a real CLIP: clipmaps demo --model ViT-B-16 --pretrained openai\n"
-              "      (needs hub access) or --weights s3://bucket/ViT-B-16.safetensors (or a local file).")
+              "      pipeline runs end to end.")
+    elif cfg.pretrained == DEMO_TAG:
+        from .evaluate import evaluate, format_table
+
+        print("\nThe model is clipmaps' tiny CLIP trained on scenes like these (not a real CLIP: it knows 18\n"
+              "coloured shapes and nothing else). How well each method localises them, against baselines\n"
+              f"(clipmaps eval {out}; more scenes: clipmaps demo --scenes 100):\n")
+        print(format_table(evaluate(str(out))))
+        print(f"Pictures: clipmaps figures {out} --out figures; HTML: clipmaps report {out}\n"
+              "With a real CLIP: clipmaps demo --model ViT-B-16 --pretrained openai (needs hub access) or\n"
+              "  --weights s3://bucket/ViT-B-16.safetensors (or a local file).")
     return 0 if result.ok else 3
 
 
@@ -97,11 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run the whole pipeline (local Ray, all four methods) on sample scenes")
     demo.add_argument("--output", default="clipmaps-demo", help="folder for the generated inputs and the outputs")
-    demo.add_argument("--model", default="clipmaps-tiny-vit", help="open_clip model name")
-    demo.add_argument("--pretrained", default=None, help="open_clip pretrained tag (needs hub access)")
+    demo.add_argument("--model", default="clipmaps-synth-vit", help="open_clip model name")
+    demo.add_argument("--pretrained", default=None,
+                      help="pretrained tag: synth-shapes-v1 (the default, shipped) or an open_clip tag (needs hub "
+                           "access)")
+    demo.add_argument("--seed", type=int, default=None, help="random weights from this seed instead (noise maps)")
     demo.add_argument("--weights", default=None, help="weights file or URI (safetensors or a torch state dict)")
     demo.add_argument("--size", type=int, default=None, help="input size in pixels (default: the demo spec's)")
-    demo.add_argument("--scenes", type=int, default=6, help="number of sample scenes")
+    demo.add_argument("--scenes", type=int, default=8, help="number of sample scenes")
     demo.set_defaults(func=_demo)
     run = sub.add_parser("run", help="run a job spec (YAML) on Ray")
     run.add_argument("spec", help="job spec YAML file")
@@ -127,6 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_index_parser(sub)
     add_query_parser(sub)
     add_report_parser(sub)
+    from .evaluate import add_eval_parser, run_eval_cli
+    from .figures import add_figures_parser
+    from .train import add_train_parser
+
+    add_eval_parser(sub).set_defaults(func=run_eval_cli)
+    add_train_parser(sub)
+    add_figures_parser(sub)
     return parser
 
 

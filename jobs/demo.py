@@ -1,21 +1,23 @@
 """``clipmaps demo``: the whole pipeline on generated sample scenes, on the embedded default.
 
-Local Ray started in-process, local files, a small seeded model built at run time (or a real open_clip model),
-all four methods; the job spec is ``jobs/examples/demo.yaml`` with the paths and model filled in.
+Local Ray started in-process, local files, all four methods on generated scenes with the tiny CLIP trained on such
+scenes and shipped in the package (``clipmaps-synth-vit``, tag ``synth-shapes-v1``; see ``clipmaps train``), or a
+real open_clip model. The job spec is ``jobs/examples/demo.yaml`` with the paths and model filled in; the scenes
+come with ground truth, so ``clipmaps eval`` scores the result.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from .scenes import make_scene
+from .scene_set import write_scene_set
 
 logger = logging.getLogger(__name__)
 
 DEMO_SPEC = Path(__file__).parent / "examples" / "demo.yaml"
+DEMO_MODEL, DEMO_TAG = "clipmaps-synth-vit", "synth-shapes-v1"
 
 
 @dataclass(frozen=True)
@@ -23,33 +25,26 @@ class DemoConfig:
     """What the demo runs: where, how many scenes, which model."""
 
     folder: Path
-    scenes: int = 6
-    model: str = "clipmaps-tiny-vit"
-    pretrained: str | None = None
+    scenes: int = 8
+    model: str = DEMO_MODEL
+    pretrained: str | None = DEMO_TAG
     weights: str | None = None
+    seed: int | None = None
     size: int | None = None
+
+    def __post_init__(self):
+        if sum(v is not None for v in (self.pretrained, self.weights, self.seed)) != 1:
+            raise ValueError("the demo needs exactly one of pretrained, weights or seed")
 
     @property
     def random_weights(self) -> bool:
-        return self.pretrained is None and self.weights is None
+        return self.seed is not None
 
 
 def write_scenes(folder: Path, count: int) -> Path:
-    """Generate ``count`` scenes as JPEGs with per-object masks (COCO RLE) and captions; return the manifest path."""
-    from clipmaps.schemas.encodings import rle_encode
-
-    images = folder / "images"
-    images.mkdir(parents=True, exist_ok=True)
+    """Generate ``count`` scenes with masks, prompts and ground truth (``jobs.scene_set``); return the manifest."""
     manifest = folder / "manifest.jsonl"
-    with open(manifest, "w") as f:
-        for i in range(count):
-            scene = make_scene(i)
-            path = images / f"scene-{i:03d}.jpg"
-            scene.image.save(path, quality=92)
-            masks = [{"region_id": name.replace(" ", "-"), "rle": rle_encode(m)}
-                     for name, m in zip(scene.names, scene.masks)]
-            f.write(json.dumps({"image_id": f"scene-{i:03d}", "image_uri": str(path.resolve()), "masks": masks,
-                                "prompts": scene.names}) + "\n")
+    write_scene_set(str(manifest.resolve()), count)
     return manifest
 
 
@@ -57,11 +52,13 @@ def demo_overrides(cfg: DemoConfig, manifest: Path) -> list[str]:
     """``--set`` overrides that point the packaged demo spec at ``cfg``."""
     out = cfg.folder / "output"
     sets = [f"input.manifest={manifest.resolve()}", f"output.uri={out.resolve()}", f"model.name={cfg.model}"]
-    if not cfg.random_weights:
-        sets.append("model.seed=null")
-        sets.append(f"model.pretrained={cfg.pretrained}" if cfg.pretrained else f"model.weights={cfg.weights}")
-    if cfg.size:
-        sets += [f"methods.{m}.size={cfg.size}" for m in ("gem", "legrad", "maskinversion", "maskclip")]
+    if (cfg.pretrained, cfg.weights, cfg.seed) != (DEMO_TAG, None, None):
+        sets += ["model.pretrained=null", "model.weights=null", "model.seed=null"]
+        sets.append(f"model.pretrained={cfg.pretrained}" if cfg.pretrained else
+                    f"model.weights={cfg.weights}" if cfg.weights else f"model.seed={cfg.seed}")
+    size = cfg.size or (None if cfg.model == DEMO_MODEL else 224)  # the spec's sizes suit the 64 px tiny model
+    if size:
+        sets += [f"methods.{m}.size={size}" for m in ("gem", "legrad", "maskinversion", "maskclip")]
     return sets
 
 

@@ -28,9 +28,6 @@ Imports no torch and no Ray.
 from __future__ import annotations
 
 import argparse
-import io
-import json
-import posixpath
 import re
 import sys
 from collections.abc import Mapping, Sequence
@@ -426,36 +423,23 @@ def dump_manifests(objects: Sequence[Mapping], header: str = "") -> str:
 
 
 def write_sample_input(spec, scenes: int = 6) -> tuple[str, bool]:
-    """Write ``scenes`` generated scenes (JPEGs, masks, prompts: what ``clipmaps demo`` uses) next to
-    ``input.manifest`` and the JSON-lines manifest itself, through fsspec with ``input.storage_options``.
+    """Write ``scenes`` generated scenes (``jobs.scene_set``: JPEGs, masks, prompts, ground truth; what
+    ``clipmaps demo`` uses) next to ``input.manifest`` and the JSON-lines manifest itself, through fsspec with
+    ``input.storage_options``.
 
     Does nothing when the manifest already exists, so a retried smoke job reuses its input. Returns
     ``(manifest URI, written)``.
     """
     import fsspec
 
-    from clipmaps.schemas.encodings import rle_encode
-
-    from .scenes import make_scene
+    from .scene_set import write_scene_set
 
     if spec.input.manifest_format != "jsonl":
         raise K8sError(f"sample input is a JSON-lines manifest; input.manifest {spec.input.manifest!r} is not .jsonl")
     fs, path = fsspec.core.url_to_fs(spec.input.manifest, **dict(spec.input.storage_options))
     if fs.exists(path):
         return spec.input.manifest, False
-    folder = posixpath.join(posixpath.dirname(path), "images")
-    fs.makedirs(folder, exist_ok=True)
-    lines = []
-    for i in range(scenes):
-        scene = make_scene(i)
-        buf = io.BytesIO()
-        scene.image.save(buf, format="JPEG", quality=92)
-        image = posixpath.join(folder, f"scene-{i:03d}.jpg")
-        fs.pipe_file(image, buf.getvalue())
-        masks = [{"region_id": n.replace(" ", "-"), "rle": rle_encode(m)} for n, m in zip(scene.names, scene.masks)]
-        lines.append(json.dumps({"image_id": f"scene-{i:03d}", "image_uri": fs.unstrip_protocol(image),
-                                 "masks": masks, "prompts": scene.names}))
-    fs.pipe_file(path, ("\n".join(lines) + "\n").encode("utf-8"))  # last: its presence means the input is complete
+    write_scene_set(spec.input.manifest, scenes, storage_options=dict(spec.input.storage_options))
     return spec.input.manifest, True
 
 

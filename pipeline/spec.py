@@ -517,7 +517,8 @@ class ModelSpec(_Spec):
 
     Attributes:
         name: open_clip architecture (``clipmaps models`` lists them), e.g. ``ViT-B-16``, ``RN50``.
-        pretrained: open_clip pretrained tag (``openai``…), downloaded by open_clip (needs hub access).
+        pretrained: pretrained tag: clipmaps' own shipped weights (``synth-shapes-v1`` for ``clipmaps-synth-vit``,
+            read from the package) or an open_clip tag (``openai``…), downloaded by open_clip (needs hub access).
         weights: path or URI of a state dict (safetensors, or a plain ``torch.save`` state dict). URIs are downloaded
             once per node (``$CLIPMAPS_CACHE``) and verified against ``weights_sha256`` or a ``<uri>.sha256`` file.
         weights_sha256: expected sha256 (64 hex digits) of the ``weights`` file; a mismatch fails the actor.

@@ -83,15 +83,16 @@ def test_method_pools_place_actors_on_both_nodes(cluster, tmp_path):
         assert built[m] == set(nodes), f"{m}: actors on {len(built[m])} of the 2 nodes"
     assert set().union(*ran.values()) == set(nodes), "batches ran on both nodes"
 
-    # every input ends as outputs: 2 label maps (MaskCLIP, GEM), 3 prompts x 2 heatmap methods, 3 regions per scene
+    # every input ends as outputs: 3 label maps (MaskCLIP, GEM, gem_original), 3 prompts x 3 heatmap methods (GEM,
+    # gem_original, LeGrad), 3 regions per scene
     import pyarrow.dataset as pads
 
     def rows(name):
         return pads.dataset(out / name, format="parquet").to_table()
 
     assert doc["processed"] == SCENES and doc["ok"] and doc["errors"] == 0
-    assert rows("labels").num_rows == 2 * SCENES
-    assert rows("heatmaps").num_rows == 3 * 2 * SCENES
+    assert rows("labels").num_rows == 3 * SCENES
+    assert rows("heatmaps").num_rows == 3 * 3 * SCENES
     assert rows("regions").num_rows == 3 * SCENES
     assert rows("errors").num_rows == 0
     assert sorted(set(rows("labels").column("image_id").to_pylist())) == [f"scene-{i:03d}" for i in range(SCENES)]

@@ -51,9 +51,9 @@ def test_every_input_ends_as_outputs_or_errors(finished_job):
     good = [f"scene-{i:03d}" for i in range(SCENES)]
     assert result.total == SCENES + 3 and result.processed == SCENES + 3
     labels, heatmaps, regions, errors = (_read(out, n) for n in ("labels", "heatmaps", "regions", "errors"))
-    # GEM and MaskCLIP label every good image (and the wrong-mask image, whose picture is fine)
-    assert sorted(labels.column("image_id").to_pylist()) == sorted((good + ["wrong-mask"]) * 2)
-    assert heatmaps.num_rows == (SCENES + 1) * 3 * 2  # 3 prompts per scene, GEM + LeGrad
+    # GEM, its baseline and MaskCLIP label every good image (and the wrong-mask image, whose picture is fine)
+    assert sorted(labels.column("image_id").to_pylist()) == sorted((good + ["wrong-mask"]) * 3)
+    assert heatmaps.num_rows == (SCENES + 1) * 3 * 3  # 3 prompts per scene, GEM + gem_original + LeGrad
     assert regions.num_rows == SCENES * 3
     by_id = {}
     for row in errors.to_pylist():
