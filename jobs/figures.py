@@ -1,10 +1,10 @@
-"""``clipmaps figures OUTPUT_URI``: one PNG per method from a finished job over generated scenes (the README's
+"""``clipmaps figures OUTPUT_URI``: one JPEG per method from a finished job over generated scenes (the README's
 pictures). Rows are scenes; columns are the input and what the method wrote for it.
 
-* ``gem.png`` / ``maskclip.png``: the label map over the image (class colours as in ``clipmaps report``), and for GEM
+* ``gem.jpg`` / ``maskclip.jpg``: the label map over the image (class colours as in ``clipmaps report``), and for GEM
   the heatmap of each object's name;
-* ``legrad.png``: the heatmap of each object's name;
-* ``maskinversion.png``: each region outlined and captioned with the class its embedding is closest to (green when
+* ``legrad.jpg``: the heatmap of each object's name;
+* ``maskinversion.jpg``: each region outlined and captioned with the class its embedding is closest to (green when
   right, red when wrong).
 """
 
@@ -49,7 +49,7 @@ def _grid(rows: list[list[Image.Image]], captions: list[str]) -> Image.Image:
 
 
 def make_figures(output_uri: str, folder: str | Path, *, images: int = 3) -> list[Path]:
-    """Write ``<method>.png`` for every method the job at ``output_uri`` ran, over its first ``images`` scenes."""
+    """Write ``<method>.jpg`` for every method the job at ``output_uri`` ran, over its first ``images`` scenes."""
     from clipmaps.schemas.encodings import decode_heatmap, decode_label_map
 
     from .evaluate import _image_uris, _load, _read_dataset
@@ -85,10 +85,10 @@ def make_figures(output_uri: str, folder: str | Path, *, images: int = 3) -> lis
                 rows.append(row)
         if rows:
             captions += ["heatmap per prompt"] * (max(map(len, rows)) - len(captions))
-            written.append(folder / f"{method}.png")
-            _grid(rows, captions).save(written[-1])
+            written.append(folder / f"{method}.jpg")
+            _grid(rows, captions).save(written[-1], quality=88)
     if tables["regions"] is not None:
-        written.append(folder / "maskinversion.png")
+        written.append(folder / "maskinversion.jpg")
         _regions_figure(job, tables["regions"], base, written[-1])
     return written
 
@@ -121,7 +121,7 @@ def _regions_figure(job: dict, regions, base: dict[str, np.ndarray], path: Path)
             draw.rectangle((xs.min(), ys.min(), xs.max(), ys.max()), outline=colour, width=3)
             draw.text((xs.min() + 2, max(0, ys.min() - 12)), guess, fill=colour)
         rows.append([_tile(pixels), _tile(np.asarray(canvas))])
-    _grid(rows, ["image", "region → nearest class"]).save(path)
+    _grid(rows, ["image", "region -> nearest class"]).save(path, quality=88)
 
 
 def add_figures_parser(subparsers) -> None:

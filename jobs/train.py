@@ -53,7 +53,7 @@ class TrainConfig:
     """
 
     seed: int = 0
-    steps: int = 1500
+    steps: int = 1700
     batch_size: int = 128
     lr: float = 1e-3
     warmup: int = 100
@@ -61,7 +61,7 @@ class TrainConfig:
     max_objects: int = 3
     empty_fraction: float = 0.1
     partial_fraction: float = 0.5
-    render_size: int = 96
+    render_size: int = 80
     threads: int = 2
     model: str = MODEL_NAME
 

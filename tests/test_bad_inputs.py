@@ -18,10 +18,10 @@ import pytest
 from PIL import Image
 
 from clipmaps.jobs.cli import build_parser, main
-from clipmaps.jobs.demo import DEMO_SPEC
 from clipmaps.pipeline.spec import load_spec
 from clipmaps.schemas.encodings import decode_label_map, rle_encode
 from tests.data_images import jpeg_with_orientation, marked_rgb, png_claiming_size, png_mask, save, truncated_jpeg
+from tests.specs import JOB_SPEC
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 PROMPT = "red square"
@@ -170,7 +170,8 @@ CASE_NAMES = [
 def job_sets(manifest, out, *extra: str) -> list[str]:
     return [
         f"input.manifest={manifest}", f"output.uri={out}", "output.overwrite=false", "output.shard_rows=8",
-        "methods.maskclip=null", "methods.legrad=null", "methods.gem.size=64", "methods.maskinversion.size=64",
+        "methods.maskclip=null", "methods.legrad=null", "methods.gem.size=64", "methods.gem.original=false",
+        "methods.maskinversion.size=64",
         "methods.maskinversion.iterations=5", "methods.gem.resources.batch_size=4",
         "methods.maskinversion.resources.batch_size=4", "run.max_error_fraction=1.0", *extra,
     ]  # fmt: skip
@@ -189,7 +190,7 @@ def matrix(tmp_path_factory):
     manifest = folder / "manifest.jsonl"
     manifest.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for c in cases for r in c.rows))
     out = folder / "out"
-    spec = load_spec(DEMO_SPEC, overrides=job_sets(manifest, out))
+    spec = load_spec(JOB_SPEC, overrides=job_sets(manifest, out))
     job = folder / "job.yaml"
     job.write_text(spec.to_yaml(redact=False))
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
@@ -287,7 +288,7 @@ def test_a_changed_spec_is_refused_unless_overwrite(matrix, tmp_path, capsys):
 
 
 def _manifest_spec(tmp_path: Path, manifest: Path) -> Path:
-    spec = load_spec(DEMO_SPEC, overrides=job_sets(manifest, tmp_path / "out"))
+    spec = load_spec(JOB_SPEC, overrides=job_sets(manifest, tmp_path / "out"))
     path = tmp_path / "job.yaml"
     path.write_text(spec.to_yaml(redact=False))
     return path

@@ -23,10 +23,10 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from clipmaps.jobs.demo import DEMO_SPEC
 from clipmaps.jobs.scenes import make_scene
 from clipmaps.pipeline.spec import load_spec
 from clipmaps.schemas.encodings import rle_encode
+from tests.specs import JOB_SPEC
 
 ROOT = Path(__file__).resolve().parents[1]
 OBJECTS = 2  # shapes (prompts, masks) per scene
@@ -164,7 +164,7 @@ def test_sigkill_of_method_actors_mid_job_loses_and_duplicates_nothing(local_ray
     count = 80
     manifest = write_inputs(tmp_path / "in", count)
     out = tmp_path / "out"
-    spec = load_spec(DEMO_SPEC, overrides=job_overrides(manifest, out))
+    spec = load_spec(JOB_SPEC, overrides=job_overrides(manifest, out))
     killed: dict = {}
     since = time.time()
 
@@ -250,7 +250,7 @@ def test_sigkill_of_the_driver_then_rerun_resumes_exactly_once(tmp_path):
     manifest = write_inputs(tmp_path / "in", count)
     out = tmp_path / "out"
     job = tmp_path / "job.yaml"
-    job.write_text(load_spec(DEMO_SPEC, overrides=job_overrides(manifest, out)).to_yaml(redact=False))
+    job.write_text(load_spec(JOB_SPEC, overrides=job_overrides(manifest, out)).to_yaml(redact=False))
     total_shards = count // 2
 
     first = _cli(job, tmp_path / "run1.log")
@@ -348,7 +348,7 @@ def run_through_fault_proxy(server, tmp_path: Path, *extra: str, count: int = 40
     with FaultProxy(server.endpoint, **proxy_args) as proxy:
         client = {"endpoint_url": proxy.endpoint}
         opts = json.dumps({"key": server.key, "secret": server.secret, "client_kwargs": client})
-        spec = load_spec(DEMO_SPEC, overrides=job_overrides(
+        spec = load_spec(JOB_SPEC, overrides=job_overrides(
             manifest, f"{prefix}/out",
             f"input.storage_options={opts}", f"output.storage_options={opts}", f"model.storage_options={opts}",
             "model.seed=null", f"model.weights={prefix}/tiny.safetensors", *extra,
@@ -440,7 +440,7 @@ def node_loss_scenario(folder: str) -> None:
     # the stall timeout is not part of the job's fingerprint: a re-run may change it. To ride out a node loss it
     # must outlast bringing a node up and starting its actors (~20-30 s here)
     failing, riding = (
-        load_spec(DEMO_SPEC, overrides=job_overrides(manifest, out, f"run.stall_timeout_s={t}", *extra))
+        load_spec(JOB_SPEC, overrides=job_overrides(manifest, out, f"run.stall_timeout_s={t}", *extra))
         for t in (stall_s, 120)
     )
     figures = []
@@ -514,7 +514,7 @@ def test_io_retry_defaults_merge_into_s3_storage_options():
     from clipmaps.pipeline.run import with_io_defaults_spec
 
     user = "{config_kwargs: {retries: {max_attempts: 2, mode: adaptive}}, key: k}"
-    spec = load_spec(DEMO_SPEC, overrides=[
+    spec = load_spec(JOB_SPEC, overrides=[
         "input.manifest=s3://b/m.jsonl", "output.uri=s3://b/out", f"output.storage_options={user}",
         "model.seed=null", "model.weights=s3://b/w.safetensors", "resources.io_retries=7", "resources.read_timeout_s=9",
     ])  # fmt: skip
@@ -526,5 +526,5 @@ def test_io_retry_defaults_merge_into_s3_storage_options():
     assert merged.output.storage_options["key"] == "k" and spec.output.storage_options["config_kwargs"].keys() == {
         "retries"
     }
-    local = load_spec(DEMO_SPEC, overrides=["input.manifest=m.jsonl", "output.uri=out", "input.allowed_schemes=[file]"])
+    local = load_spec(JOB_SPEC, overrides=["input.manifest=m.jsonl", "output.uri=out", "input.allowed_schemes=[file]"])
     assert with_io_defaults_spec(local).input.storage_options == {}

@@ -9,11 +9,12 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
 
-from clipmaps.jobs.demo import DEMO_SPEC, write_scenes
+from clipmaps.jobs.demo import write_scenes
 from clipmaps.pipeline.run import run
 from clipmaps.pipeline.spec import load_spec
 from clipmaps.schemas.datasets import ERRORS, HEATMAPS, LABELS
 from clipmaps.schemas.encodings import decode_heatmap, decode_label_map, rle_encode
+from tests.specs import JOB_SPEC
 
 SCENES = 4
 
@@ -35,7 +36,7 @@ def _manifest_with_bad_rows(folder):
 def finished_job(ray_local, tmp_path_factory):
     folder = tmp_path_factory.mktemp("job")
     manifest = _manifest_with_bad_rows(folder / "input")
-    spec = load_spec(DEMO_SPEC, overrides=[f"input.manifest={manifest}", f"output.uri={folder / 'out'}",
+    spec = load_spec(JOB_SPEC, overrides=[f"input.manifest={manifest}", f"output.uri={folder / 'out'}",
                                            "output.overwrite=false", "run.max_error_fraction=0.5"])
     lines = []
     result = run(spec, progress=lines.append)
@@ -51,9 +52,9 @@ def test_every_input_ends_as_outputs_or_errors(finished_job):
     good = [f"scene-{i:03d}" for i in range(SCENES)]
     assert result.total == SCENES + 3 and result.processed == SCENES + 3
     labels, heatmaps, regions, errors = (_read(out, n) for n in ("labels", "heatmaps", "regions", "errors"))
-    # GEM, its baseline and MaskCLIP label every good image (and the wrong-mask image, whose picture is fine)
-    assert sorted(labels.column("image_id").to_pylist()) == sorted((good + ["wrong-mask"]) * 3)
-    assert heatmaps.num_rows == (SCENES + 1) * 3 * 3  # 3 prompts per scene, GEM + gem_original + LeGrad
+    # GEM and MaskCLIP label every good image (and the wrong-mask image, whose picture is fine)
+    assert sorted(labels.column("image_id").to_pylist()) == sorted((good + ["wrong-mask"]) * 2)
+    assert heatmaps.num_rows == (SCENES + 1) * 3 * 2  # 3 prompts per scene, GEM + LeGrad
     assert regions.num_rows == SCENES * 3
     by_id = {}
     for row in errors.to_pylist():
@@ -115,7 +116,7 @@ def test_rerunning_the_finished_job_does_nothing_and_a_changed_job_is_refused(fi
 
 def test_dry_run_resolves_without_running(tmp_path):
     manifest = write_scenes(tmp_path / "input", 2)
-    spec = load_spec(DEMO_SPEC, overrides=[f"input.manifest={manifest}", f"output.uri={tmp_path / 'out'}"])
+    spec = load_spec(JOB_SPEC, overrides=[f"input.manifest={manifest}", f"output.uri={tmp_path / 'out'}"])
     result = run(spec, dry_run=True)
     assert "2 images to process" in result.plan_text and "maskinversion" in result.plan_text
     assert not (tmp_path / "out").exists()

@@ -8,11 +8,11 @@ import json
 import pyarrow.dataset as pads
 
 from clipmaps.actors.models import load_model, save_weights
-from clipmaps.jobs.demo import DEMO_SPEC
 from clipmaps.jobs.scenes import make_scene
 from clipmaps.pipeline.run import run
 from clipmaps.pipeline.spec import load_spec
 from clipmaps.schemas.encodings import rle_encode
+from tests.specs import JOB_SPEC
 
 
 def test_s3_in_s3_out(ray_local, s3, tmp_path):
@@ -32,7 +32,7 @@ def test_s3_in_s3_out(ray_local, s3, tmp_path):
     fs.put(str(weights), f"{root}/models/tiny.safetensors")
 
     opts = json.dumps(s3.storage_options)
-    spec = load_spec(DEMO_SPEC, overrides=[
+    spec = load_spec(JOB_SPEC, overrides=[
         f"input.manifest=s3://{root}/manifest.jsonl", f"input.storage_options={opts}",
         f"output.uri=s3://{root}/out", f"output.storage_options={opts}",
         "model.seed=null", f"model.weights=s3://{root}/models/tiny.safetensors", f"model.storage_options={opts}",

@@ -28,9 +28,9 @@ DIM = 32  # clipmaps-tiny-vit's embedding dimension
 
 @pytest.fixture(scope="module")
 def spec():
-    from clipmaps.jobs.demo import DEMO_SPEC
+    from tests.specs import JOB_SPEC
 
-    return load_spec(DEMO_SPEC, overrides=DEMO_OVERRIDES)  # clipmaps-tiny-vit, seed 0, maskinversion lr 0.5
+    return load_spec(JOB_SPEC, overrides=DEMO_OVERRIDES)  # clipmaps-tiny-vit, seed 0, maskinversion lr 0.5
 
 
 @pytest.fixture(scope="module")

@@ -137,9 +137,9 @@ def output(tmp_path_factory) -> Path:
                    "templates": templates} for n in ("ground", "sky")]
     pq.write_table(pa.Table.from_pylist(vocab, schema=VOCABULARY), out / "vocabulary" / "voc.parquet")
 
-    from clipmaps.jobs.demo import DEMO_SPEC
+    from tests.specs import JOB_SPEC
 
-    spec = load_spec(DEMO_SPEC, overrides=[f"input.manifest={manifest}", f"output.uri={out}"])
+    spec = load_spec(JOB_SPEC, overrides=[f"input.manifest={manifest}", f"output.uri={out}"])
     (out / "_job.json").write_text(json.dumps({
         "spec": spec.to_dict(), "status": "finished", "ok": True,
         "counts": {"images": 4, "processed": 3, "failed_images": 1, "rows_errors": 2},

@@ -20,10 +20,10 @@ import pytest
 import torch
 
 from clipmaps.jobs.cli import main
-from clipmaps.jobs.demo import DEMO_SPEC
 from clipmaps.jobs.scenes import make_scene
 from clipmaps.pipeline.spec import SpecError, load_spec
 from clipmaps.schemas.encodings import rle_encode
+from tests.specs import JOB_SPEC
 
 ROOT = Path(__file__).resolve().parents[1]
 URI_SECRET = "uri-planted-secret-7f3a9c"  # in the userinfo of an image URI
@@ -78,7 +78,7 @@ def test_pickled_weights_are_refused_through_the_pipeline(tmp_path):
     manifest = tmp_path / "manifest.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out"
-    spec = load_spec(DEMO_SPEC, overrides=_sets(manifest, out, "model.seed=null", f"model.weights={weights}"))
+    spec = load_spec(JOB_SPEC, overrides=_sets(manifest, out, "model.seed=null", f"model.weights={weights}"))
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         with pytest.raises(JobFailed, match="not a safetensors file or a plain state dict") as info:
@@ -104,7 +104,7 @@ def test_yaml_tags_that_build_python_objects_are_refused(tmp_path, capsys):
     assert main(["run", str(spec), "--dry-run"]) == 2
     assert "could not determine a constructor" in capsys.readouterr().err
     with pytest.raises(SpecError, match="could not determine a constructor"):  # also through --set values
-        load_spec(DEMO_SPEC, overrides=[f"run.max_error_fraction=!!python/object/apply:os.system ['touch {ran}']"])
+        load_spec(JOB_SPEC, overrides=[f"run.max_error_fraction=!!python/object/apply:os.system ['touch {ran}']"])
     assert not ran.exists()
 
 
@@ -160,7 +160,7 @@ def secret_run(s3, tmp_path_factory):
     ]  # fmt: skip
     fs.pipe(f"{prefix}/manifest.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
     opts = s3.storage_options
-    spec = load_spec(DEMO_SPEC, overrides=_sets(f"{prefix}/manifest.jsonl", f"{prefix}/out"))
+    spec = load_spec(JOB_SPEC, overrides=_sets(f"{prefix}/manifest.jsonl", f"{prefix}/out"))
     data = spec.to_dict(redact=False)
     for section in ("input", "output", "model"):
         data[section]["storage_options"] = opts

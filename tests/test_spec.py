@@ -119,7 +119,7 @@ def test_examples_cover_what_they_promise():
     demo = load_spec(EXAMPLES / "demo.yaml")
     assert demo.enabled_methods() == ["maskclip", "gem", "legrad", "maskinversion"]
     assert (demo.model.name, demo.model.pretrained) == ("clipmaps-synth-vit", "synth-shapes-v1")
-    assert {demo.method(m).size for m in demo.enabled_methods()} == {64}  # the tiny model's own input size
+    assert {demo.method(m).size for m in demo.enabled_methods()} == {96}
     coco = load_spec(EXAMPLES / "coco-gem-maskclip.yaml")
     assert coco.vocabulary.preset == "coco80" and coco.methods.gem.resources.num_gpus == 1
     assert uri_scheme(coco.input.manifest) == "s3" and uri_scheme(coco.output.uri) == "s3"
