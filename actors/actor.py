@@ -70,6 +70,7 @@ class MethodActor:
         params = build_params(config.method, config.params)
         self.runner = RUNNERS[config.method](self.lm, params, config.vocabulary, config.options, text)
         self.autocast = self.autocast and self.runner.autocast_ok
+        self.output_columns = self.runner.output_columns()
         self.error_column = cols.col(config.method, cols.ERROR)
         logger.info("%s actor ready on %s in %.1f s", config.method, device, time.time() - started)
 
@@ -93,10 +94,9 @@ class MethodActor:
         if valid:
             self._run(batch, valid, outputs, row_errors)
         out = cols.restore_nulls({k: v for k, v in batch.items() if k not in self.config.drop_columns})
-        for name in self.runner.output_columns():
-            outputs.setdefault(name, [None] * n)
-        for name, values in outputs.items():
-            out[name] = _object_array(self.runner.fill_missing(name, values))
+        for name, missing in self.output_columns.items():
+            values = outputs.get(name) or [None] * n
+            out[name] = _object_array([missing if v is None else v for v in values])
         out[self.error_column] = _object_array(row_errors)
         return out
 
@@ -118,6 +118,8 @@ class MethodActor:
         with self._context():  # methods manage autograd themselves (MaskInversion needs it)
             result = self.runner.run(sub)
         for name, values in result.columns.items():
+            if name not in self.output_columns:  # a runner bug; it would otherwise vanish from the outputs
+                raise KeyError(f"{type(self.runner).__name__} wrote {name!r}, which its output_columns() omits")
             column = outputs.setdefault(name, [None] * n)
             for i, value in zip(rows, values):
                 column[i] = value

@@ -140,14 +140,17 @@ class Runner:
     def run(self, rows: dict) -> RunnerResult:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def output_columns(self) -> tuple[str, ...]:  # pragma: no cover - interface
-        """Every column :meth:`run` writes with these options; the actor emits all of them on every batch, even one
-        where no row reached the method, so blocks from different batches share one schema."""
+    def output_columns(self) -> dict[str, object]:  # pragma: no cover - interface
+        """Every column :meth:`run` writes with these options, with the value of a row the method did not produce
+        (failed upstream or here). The actor emits all of them on every batch, even one where no row reached the
+        method, so blocks from different batches share one schema: ``None`` in byte and list columns, an empty (or
+        zero) array of the right shape in array columns, where Ray cannot mix ``None`` with tensors."""
         raise NotImplementedError
 
     @staticmethod
-    def heatmap_names(name: str) -> tuple[str, ...]:
-        return tuple(cols.col(name, c) for c in (cols.HEATMAPS, cols.HEATMAP_PROMPTS, cols.HEATMAP_HW))
+    def heatmap_outputs(name: str) -> dict[str, object]:
+        return {cols.col(name, cols.HEATMAPS): None, cols.col(name, cols.HEATMAP_PROMPTS): None,
+                cols.col(name, cols.HEATMAP_HW): np.zeros(2, np.int64)}
 
     def heatmap_columns(self, name: str, rows: dict, prompts: list[list[str]], maps: list[torch.Tensor]) -> dict:
         """Encoded heatmaps ``[P_i, h, w]`` per row → the heatmap output columns of ``name``."""
@@ -159,13 +162,6 @@ class Runner:
             cols.col(name, cols.HEATMAP_HW): [np.array(size, np.int64) for size in sizes],
         }
 
-    def fill_missing(self, name: str, values: list) -> list:
-        """Rows the method did not produce (failed upstream or here) keep ``None``, except in array columns, where
-        Ray cannot mix ``None`` with tensors: those get an empty (or zero) array of the right shape."""
-        if name.endswith(f"__{cols.HEATMAP_HW}"):
-            return [np.zeros(2, np.int64) if v is None else v for v in values]
-        return values
-
 
 class GEMRunner(Runner):
     method = "gem"
@@ -175,14 +171,14 @@ class GEMRunner(Runner):
         super().__init__(lm, params, vocabulary, options, text)
         self.gem = GEM(lm.model, lm.tokenizer, params, text_encoder=text)
 
-    def output_columns(self) -> tuple[str, ...]:
-        names = []
+    def output_columns(self) -> dict[str, object]:
+        columns: dict[str, object] = {}
         for name in (self.method, ORIGINAL_GEM) if self.options.original else (self.method,):
             if self.options.labels and self.vocabulary is not None:
-                names.append(cols.col(name, cols.LABELS))
+                columns[cols.col(name, cols.LABELS)] = None
             if self.options.heatmaps:
-                names.extend(self.heatmap_names(name))
-        return tuple(names)
+                columns.update(self.heatmap_outputs(name))
+        return columns
 
     def run(self, rows: dict) -> RunnerResult:
         x = self.stack(rows[cols.PIXELS_SQUARE])
@@ -216,8 +212,8 @@ class MaskCLIPRunner(Runner):
         super().__init__(lm, params, vocabulary, options, text)
         self.maskclip = MaskCLIP(lm.model, lm.tokenizer, params, text_encoder=text)
 
-    def output_columns(self) -> tuple[str, ...]:
-        return (cols.col(self.method, cols.LABELS),)
+    def output_columns(self) -> dict[str, object]:
+        return {cols.col(self.method, cols.LABELS): None}
 
     def run(self, rows: dict) -> RunnerResult:
         labels = []
@@ -237,8 +233,8 @@ class LeGradRunner(Runner):
         super().__init__(lm, params, vocabulary, options, text)
         self.legrad = LeGrad(lm.model, lm.tokenizer, params, text_encoder=text)
 
-    def output_columns(self) -> tuple[str, ...]:
-        return self.heatmap_names(self.method)
+    def output_columns(self) -> dict[str, object]:
+        return self.heatmap_outputs(self.method)
 
     def run(self, rows: dict) -> RunnerResult:
         x = self.stack(rows[cols.PIXELS_SQUARE])
@@ -259,16 +255,12 @@ class MaskInversionRunner(Runner):
         visual = lm.model.visual
         self.dim = int(visual.proj.shape[1]) if visual.proj is not None else int(visual.output_dim)
 
-    def output_columns(self) -> tuple[str, ...]:
-        names = [cols.col(self.method, cols.EMBEDDINGS), cols.col(self.method, cols.LOSS)]
+    def output_columns(self) -> dict[str, object]:
+        columns: dict[str, object] = {cols.col(self.method, cols.EMBEDDINGS): np.zeros((0, self.dim), np.float32),
+                                      cols.col(self.method, cols.LOSS): np.zeros((0,), np.float32)}
         if self.options.write_expl_maps:
-            names.append(cols.col(self.method, cols.EXPL_MAPS))
-        return tuple(names)
-
-    def fill_missing(self, name: str, values: list) -> list:
-        empty = {cols.col(self.method, cols.EMBEDDINGS): np.zeros((0, self.dim), np.float32),
-                 cols.col(self.method, cols.LOSS): np.zeros((0,), np.float32)}.get(name)
-        return values if empty is None else [empty if v is None else v for v in values]
+            columns[cols.col(self.method, cols.EXPL_MAPS)] = None
+        return columns
 
     def run(self, rows: dict) -> RunnerResult:
         x = self.stack(rows[cols.PIXELS_SQUARE])

@@ -96,6 +96,32 @@ def truth_table(truths: dict[str, Truth]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=TRUTH)
 
 
+def load_truth(job: dict, truth_uri: str | None = None, storage_options: dict | None = None) -> dict[str, Truth]:
+    """The ground truth of a job's scenes: ``truth_uri``, by default ``truth.parquet`` beside its manifest."""
+    from .index import filesystem
+
+    manifest = job.get("spec", {}).get("input", {}).get("manifest", "")
+    truth_uri = truth_uri or posixpath.join(posixpath.dirname(str(manifest)), TRUTH_FILE)
+    fs, path = filesystem(truth_uri, storage_options)
+    if not fs.exists(path):
+        raise EvalError(f"no ground truth at {truth_uri}: evaluate outputs of generated scenes (clipmaps demo, or "
+                        "a job over a manifest written by clipmaps.jobs.scene_set) or pass --truth")
+    return read_truth(fs, path)
+
+
+def class_text(job: dict):
+    """``(LoadedModel, float32 [18, D])``: the job's model and its L2-normalised text embedding of every class name,
+    with the job vocabulary's templates."""
+    from clipmaps.actors.text import TextEncoder
+
+    from .query import job_model, job_spec, load_job_model
+
+    spec = job_spec(job)
+    lm = load_job_model(job_model(job))
+    templates = spec.vocabulary.templates if spec.vocabulary is not None else "photo"
+    return lm, TextEncoder(lm.model, lm.tokenizer).encode(list(CLASSES), templates).float().numpy()
+
+
 def read_truth(fs, path: str) -> dict[str, Truth]:
     from PIL import Image
 
@@ -148,9 +174,11 @@ class Confusion:
 
 def vocabulary_lut(vocab: pa.Table) -> dict[str, np.ndarray]:
     """Per ``vocabulary_id``: label value → ``CLASSES`` label (0 background, -1 a name outside ``CLASSES``)."""
+    by_id: dict[str, list[dict]] = defaultdict(list)
+    for r in vocab.select(["vocabulary_id", "class_index", "name", "is_background"]).to_pylist():
+        by_id[r["vocabulary_id"]].append(r)
     out: dict[str, np.ndarray] = {}
-    for vid in set(vocab.column("vocabulary_id").to_pylist()):
-        rows = [r for r in vocab.to_pylist() if r["vocabulary_id"] == vid]
+    for vid, rows in by_id.items():
         lut = np.full(max(r["class_index"] for r in rows) + 1, -1, np.int64)
         lut[0] = 0
         for r in rows:
@@ -206,13 +234,7 @@ def evaluate(output_uri: str, *, truth_uri: str | None = None, storage_options: 
     if not job:
         raise EvalError(f"{output_uri} has no _job.json: run a job there first (clipmaps demo or clipmaps run)")
     so = {**usable_options(job.get("spec", {}).get("output", {}).get("storage_options")), **so}
-    manifest = job.get("spec", {}).get("input", {}).get("manifest", "")
-    truth_uri = truth_uri or posixpath.join(posixpath.dirname(str(manifest)), TRUTH_FILE)
-    tfs, tpath = filesystem(truth_uri, so)
-    if not tfs.exists(tpath):
-        raise EvalError(f"no ground truth at {truth_uri}: evaluate outputs of generated scenes (clipmaps demo, "
-                        "clipmaps eval --scenes) or pass --truth")
-    truths = read_truth(tfs, tpath)
+    truths = load_truth(job, truth_uri, so)
     fs, root = filesystem(output_uri, so)
     tables = {name: _read_dataset(fs, posixpath.join(root, name)) for name in ("labels", "heatmaps", "regions",
                                                                                 "vocabulary")}
@@ -314,14 +336,7 @@ def region_rows(regions: pa.Table, truths: dict[str, Truth], job: dict, storage_
     """MaskInversion region → class top-1 accuracy, and the same for the feature baselines (model forward here)."""
     import torch
 
-    from clipmaps.actors.text import TextEncoder
-
-    from .query import job_model, job_spec, load_job_model
-
-    spec = job_spec(job)
-    lm = load_job_model(job_model(job))
-    templates = spec.vocabulary.templates if spec.vocabulary is not None else "photo"
-    text = TextEncoder(lm.model, lm.tokenizer).encode(list(CLASSES), templates).float().numpy()
+    lm, text = class_text(job)
     correct: dict[str, list[bool]] = defaultdict(list)
     own: dict[str, list[bool]] = defaultdict(list)
     wanted: dict[str, dict[str, int]] = defaultdict(dict)  # image → region id → class index

@@ -94,18 +94,11 @@ def make_figures(output_uri: str, folder: str | Path, *, images: int = 3) -> lis
 
 
 def _regions_figure(job: dict, regions, base: dict[str, np.ndarray], path: Path) -> None:
-    from clipmaps.actors.text import TextEncoder
-
-    from .evaluate import TRUTH_FILE, read_truth
-    from .index import filesystem
-    from .query import job_model, job_spec, load_job_model
+    from .evaluate import class_text, load_truth
     from .scenes import CLASSES
 
-    spec = job_spec(job)
-    lm = load_job_model(job_model(job))
-    text = TextEncoder(lm.model, lm.tokenizer).encode(list(CLASSES), spec.vocabulary.templates).float().numpy()
-    fs, manifest = filesystem(spec.input.manifest, None)
-    truths = read_truth(fs, manifest.rsplit("/", 1)[0] + "/" + TRUTH_FILE)
+    _, text = class_text(job)
+    truths = load_truth(job)
     rows = []
     for image_id, pixels in base.items():
         truth = truths[image_id]

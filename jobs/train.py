@@ -87,6 +87,8 @@ class Batch:
 
 def make_batch(rng: np.random.Generator, cfg: TrainConfig, image_size: int) -> Batch:
     """Draw ``cfg.batch_size`` scenes and their captions (see :class:`Batch`)."""
+    from PIL import Image
+
     from clipmaps.actors.preprocess import Preprocess
 
     pre = Preprocess(size=image_size)
@@ -103,8 +105,6 @@ def make_batch(rng: np.random.Generator, cfg: TrainConfig, image_size: int) -> B
         if names and len(names) > 1 and rng.random() < cfg.partial_fraction:
             names = list(rng.choice(names, size=int(rng.integers(1, len(names))), replace=False))
         rng.shuffle(names)
-        from PIL import Image
-
         images.append(pre.image(Image.fromarray(pixels)))
         captions.append(caption_for(names, rng))
         contents.append(set(visible))

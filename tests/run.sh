@@ -8,6 +8,9 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e '.[test]'
+# setuptools leaves its build metadata (clipmaps.egg-info) at the top level, which is fixed; the editable install
+# reads its own copy in site-packages (clipmaps-0.1.0.dist-info), so the build leftover goes
+rm -rf clipmaps.egg-info
 # Debian's chromium for the report's browser test (the test skips, saying why, where it cannot be installed)
 if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null || true

@@ -13,6 +13,7 @@ from clipmaps.schemas import batches as cols
 from clipmaps.schemas.encodings import decode_heatmap, decode_label_map
 
 PRE = Preprocess(size=64)
+PRE_MASKCLIP = Preprocess(size=64, mode="short_side")
 
 
 def _objects(values):
@@ -31,6 +32,7 @@ def batch():
         cols.WIDTH: np.array([320, 320, 320]),
         cols.ERROR_STAGE: _objects([None, "decode", None]),
         cols.PIXELS_SQUARE: _objects([PRE.image(s.image) for s in scenes]),
+        cols.PIXELS_MASKCLIP: _objects([PRE_MASKCLIP.image(s.image) for s in scenes]),
         cols.MASKS_SQUARE: _objects([np.stack([PRE.mask(m, (320, 240)) for m in scenes[0].masks]),
                                      np.zeros((0, 64, 64), np.float32), np.zeros((0, 64, 64), np.float32)]),
         cols.PROMPTS: _objects([None, None, ["red thing", "blue thing"]]),
@@ -79,8 +81,11 @@ def test_maskinversion_reports_rows_without_masks(batch):
 def test_every_output_column_is_declared_and_always_written(batch, method, options):
     actor = _actor(method, **options)
     declared = set(actor.runner.output_columns())
-    written = set(actor(batch)) - set(batch) - {actor.error_column}
-    assert written == declared
+    out = actor(batch)
+    assert set(out) - set(batch) - {actor.error_column} == declared
+    # a column the runner writes but does not declare fails its rows loudly (KeyError naming output_columns)
+    assert not any(isinstance(e, str) and "output_columns" in e for e in out[actor.error_column])
+    assert cols.present(out[next(iter(declared))][0])  # the good row got real values, not the fill
     all_failed = dict(batch, **{cols.ERROR_STAGE: _objects(["read"] * 3)})
     assert set(actor(all_failed)) - set(batch) - {actor.error_column} == declared  # even when no row ran
     hw = actor(batch).get(cols.col(method, cols.HEATMAP_HW))
