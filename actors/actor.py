@@ -62,9 +62,15 @@ class MethodActor:
             torch.set_num_threads(config.torch_threads)
         m = config.model
         device = m.device if m.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        self.lm = load_model(m.name, pretrained=m.pretrained, weights=m.weights, seed=m.seed, device=device,
-                             storage_options=m.storage_options or None,
-                             weights_sha256=m.weights_sha256)
+        self.lm = load_model(
+            m.name,
+            pretrained=m.pretrained,
+            weights=m.weights,
+            seed=m.seed,
+            device=device,
+            storage_options=m.storage_options or None,
+            weights_sha256=m.weights_sha256,
+        )
         self.autocast = m.precision == "bf16" and device.startswith("cuda")
         text = TextEncoder(self.lm.model, self.lm.tokenizer)
         params = build_params(config.method, config.params)
@@ -105,8 +111,9 @@ class MethodActor:
         try:
             self._run_rows(batch, valid, outputs, n)
         except Exception:  # isolate: one bad row must not fail its whole batch
-            logger.warning("%s batch failed; retrying %d rows one by one", self.config.method, len(valid),
-                           exc_info=True)
+            logger.warning(
+                "%s batch failed; retrying %d rows one by one", self.config.method, len(valid), exc_info=True
+            )
             for i in valid:
                 try:
                     self._run_rows(batch, [i], outputs, n)

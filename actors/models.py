@@ -28,7 +28,9 @@ _registered = False
 BUNDLED_WEIGHTS: dict[tuple[str, str], tuple[str, str]] = {
     # `clipmaps train` with its defaults; model card: weights/clipmaps-synth-vit.md
     ("clipmaps-synth-vit", "synth-shapes-v1"): (
-        "clipmaps-synth-vit-v1.safetensors", "0a63e24c4495ea8c57c6fa4a9a88e7aaf0c8354be38057f8673a1ab827fe3595"),
+        "clipmaps-synth-vit-v1.safetensors",
+        "0a63e24c4495ea8c57c6fa4a9a88e7aaf0c8354be38057f8673a1ab827fe3595",
+    ),
 }
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 

@@ -106,8 +106,9 @@ class Runner:
     #: Whether bf16 autocast is allowed (``model.precision: bf16``); a method whose result drifts too far runs fp32.
     autocast_ok: bool = True
 
-    def __init__(self, lm: LoadedModel, params, vocabulary: Vocabulary | None, options: OutputOptions,
-                 text: TextEncoder):
+    def __init__(
+        self, lm: LoadedModel, params, vocabulary: Vocabulary | None, options: OutputOptions, text: TextEncoder
+    ):
         self.lm = lm
         self.params = params
         self.vocabulary = vocabulary
@@ -122,8 +123,11 @@ class Runner:
         return torch.from_numpy(np.stack(values)).to(self.device)
 
     def heatmap_size(self, rows: dict, i: int) -> tuple[int, int]:
-        return tuple(self.options.heatmap_size) if self.options.heatmap_size else (
-            int(rows[cols.HEIGHT][i]), int(rows[cols.WIDTH][i]))
+        return (
+            tuple(self.options.heatmap_size)
+            if self.options.heatmap_size
+            else (int(rows[cols.HEIGHT][i]), int(rows[cols.WIDTH][i]))
+        )
 
     def prompts_for(self, rows: dict, i: int) -> list[str]:
         own = rows.get(cols.PROMPTS)
@@ -149,15 +153,19 @@ class Runner:
 
     @staticmethod
     def heatmap_outputs(name: str) -> dict[str, object]:
-        return {cols.col(name, cols.HEATMAPS): None, cols.col(name, cols.HEATMAP_PROMPTS): None,
-                cols.col(name, cols.HEATMAP_HW): np.zeros(2, np.int64)}
+        return {
+            cols.col(name, cols.HEATMAPS): None,
+            cols.col(name, cols.HEATMAP_PROMPTS): None,
+            cols.col(name, cols.HEATMAP_HW): np.zeros(2, np.int64),
+        }
 
     def heatmap_columns(self, name: str, rows: dict, prompts: list[list[str]], maps: list[torch.Tensor]) -> dict:
         """Encoded heatmaps ``[P_i, h, w]`` per row → the heatmap output columns of ``name``."""
         sizes = [self.heatmap_size(rows, i) for i in range(len(maps))]
         return {
-            cols.col(name, cols.HEATMAPS): [_encode_maps(m, size, self.options.heatmap_encoding)
-                                            for m, size in zip(maps, sizes)],
+            cols.col(name, cols.HEATMAPS): [
+                _encode_maps(m, size, self.options.heatmap_encoding) for m, size in zip(maps, sizes)
+            ],
             cols.col(name, cols.HEATMAP_PROMPTS): prompts,
             cols.col(name, cols.HEATMAP_HW): [np.array(size, np.int64) for size in sizes],
         }
@@ -194,12 +202,20 @@ class GEMRunner(Runner):
         if self.options.labels and self.vocabulary is not None:
             logits = self.gem.class_logits(x, self.vocabulary.scored, features=features)
             out.columns[cols.col(name, cols.LABELS)] = [
-                _labels_at(logits[i], self.vocabulary.rule, int(rows[cols.HEIGHT][i]), int(rows[cols.WIDTH][i]),
-                           self.options.label_logits_budget) for i in range(n)]
+                _labels_at(
+                    logits[i],
+                    self.vocabulary.rule,
+                    int(rows[cols.HEIGHT][i]),
+                    int(rows[cols.WIDTH][i]),
+                    self.options.label_logits_budget,
+                )
+                for i in range(n)
+            ]
         if self.options.heatmaps:
             prompts = [self.prompts_for(rows, i) for i in range(n)]
-            out.columns.update(self.heatmap_columns(name, rows, prompts, self.gem.heatmaps(x, prompts,
-                                                                                        features=features)))
+            out.columns.update(
+                self.heatmap_columns(name, rows, prompts, self.gem.heatmaps(x, prompts, features=features))
+            )
 
 
 class MaskCLIPRunner(Runner):
@@ -220,8 +236,15 @@ class MaskCLIPRunner(Runner):
         for i, pixels in enumerate(rows[cols.PIXELS_MASKCLIP]):  # keep-ratio inputs differ in size: one at a time
             x = torch.from_numpy(pixels)[None].to(self.device)
             logits = self.maskclip.class_logits(x, self.vocabulary.scored)[0]
-            labels.append(_labels_at(logits, self.vocabulary.rule, int(rows[cols.HEIGHT][i]),
-                                     int(rows[cols.WIDTH][i]), self.options.label_logits_budget))
+            labels.append(
+                _labels_at(
+                    logits,
+                    self.vocabulary.rule,
+                    int(rows[cols.HEIGHT][i]),
+                    int(rows[cols.WIDTH][i]),
+                    self.options.label_logits_budget,
+                )
+            )
         return RunnerResult({cols.col(self.method, cols.LABELS): labels})
 
 
@@ -256,8 +279,10 @@ class MaskInversionRunner(Runner):
         self.dim = int(visual.proj.shape[1]) if visual.proj is not None else int(visual.output_dim)
 
     def output_columns(self) -> dict[str, object]:
-        columns: dict[str, object] = {cols.col(self.method, cols.EMBEDDINGS): np.zeros((0, self.dim), np.float32),
-                                      cols.col(self.method, cols.LOSS): np.zeros((0,), np.float32)}
+        columns: dict[str, object] = {
+            cols.col(self.method, cols.EMBEDDINGS): np.zeros((0, self.dim), np.float32),
+            cols.col(self.method, cols.LOSS): np.zeros((0,), np.float32),
+        }
         if self.options.write_expl_maps:
             columns[cols.col(self.method, cols.EXPL_MAPS)] = None
         return columns
@@ -268,12 +293,14 @@ class MaskInversionRunner(Runner):
         results = self.maskinversion.embed(x, masks, return_maps=self.options.write_expl_maps)
         out = {
             cols.col(self.method, cols.EMBEDDINGS): [
-                F.normalize(r.embeddings.float(), dim=-1).cpu().numpy() for r in results],
+                F.normalize(r.embeddings.float(), dim=-1).cpu().numpy() for r in results
+            ],
             cols.col(self.method, cols.LOSS): [r.loss.float().cpu().numpy() for r in results],
         }
         if self.options.write_expl_maps:
             out[cols.col(self.method, cols.EXPL_MAPS)] = [
-                [encode_heatmap(m, "png8") for m in r.maps.float().cpu().numpy()] for r in results]
+                [encode_heatmap(m, "png8") for m in r.maps.float().cpu().numpy()] for r in results
+            ]
         return RunnerResult(out)
 
 

@@ -107,8 +107,9 @@ class VisionTower:
             cls_pos, patch_pos = pos[:1], pos[1:]
             gh0, gw0 = self.native_grid
             patch_pos = patch_pos.reshape(1, gh0, gw0, -1).permute(0, 3, 1, 2)
-            patch_pos = F.interpolate(patch_pos, size=tuple(grid), mode="bicubic", antialias=antialias,
-                                      align_corners=False)
+            patch_pos = F.interpolate(
+                patch_pos, size=tuple(grid), mode="bicubic", antialias=antialias, align_corners=False
+            )
             patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1)
             out = torch.cat([cls_pos, patch_pos], dim=0).detach()
         self._pos_cache[key] = out

@@ -44,8 +44,15 @@ _CHUNK = 8 << 20
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
-__all__ = ["CACHE_ENV", "WeightsChecksumError", "cache_entry", "cached_weights", "default_cache_dir", "file_sha256",
-           "is_local"]
+__all__ = [
+    "CACHE_ENV",
+    "WeightsChecksumError",
+    "cache_entry",
+    "cached_weights",
+    "default_cache_dir",
+    "file_sha256",
+    "is_local",
+]
 
 
 class WeightsChecksumError(ValueError):
@@ -66,7 +73,7 @@ def is_local(uri: str) -> bool:
 
 def _local_path(uri: str) -> Path:
     m = _SCHEME.match(uri)
-    return Path(uri[m.end():] if m else uri).expanduser()
+    return Path(uri[m.end() :] if m else uri).expanduser()
 
 
 def _redact(uri: str) -> str:
@@ -74,7 +81,7 @@ def _redact(uri: str) -> str:
     m = _SCHEME.match(uri)
     if not m:
         return uri
-    rest = uri[m.end():].split("?", 1)[0]
+    rest = uri[m.end() :].split("?", 1)[0]
     if "@" in rest.split("/", 1)[0]:
         rest = "***@" + rest.split("@", 1)[1]
     return uri[: m.end()] + rest
@@ -85,7 +92,7 @@ def _normalise_digest(value: str | None, what: str) -> str | None:
         return None
     digest = value.strip().lower()
     if digest.startswith("sha256:"):
-        digest = digest[len("sha256:"):]
+        digest = digest[len("sha256:") :]
     if not _HEX64.match(digest):
         raise ValueError(f"{what} must be 64 hexadecimal digits (a sha256), got {value!r}")
     return digest
@@ -214,8 +221,9 @@ def _cached(target: Path, meta: Path, expected: str | None) -> bool:
     return True
 
 
-def _download(fs, path: str, uri: str, entry: Path, target: Path, meta: Path, expected: str | None,
-              source: str) -> None:
+def _download(
+    fs, path: str, uri: str, entry: Path, target: Path, meta: Path, expected: str | None, source: str
+) -> None:
     started = time.time()
     tmp = entry / f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.part"
     h = hashlib.sha256()
@@ -239,13 +247,25 @@ def _download(fs, path: str, uri: str, entry: Path, target: Path, meta: Path, ex
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
     if expected is None:
-        logger.warning("weights %s are not verified: no sha256 given and no %s sidecar (sha256 of the download: %s)",
-                       _redact(uri), SIDECAR_SUFFIX, digest)
-    doc = {"uri": _redact(uri), "sha256": digest, "size": size, "verified": expected is not None,
-           "downloaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "host": socket.gethostname(),
-           "pid": os.getpid(), "seconds": round(time.time() - started, 3)}
+        logger.warning(
+            "weights %s are not verified: no sha256 given and no %s sidecar (sha256 of the download: %s)",
+            _redact(uri),
+            SIDECAR_SUFFIX,
+            digest,
+        )
+    doc = {
+        "uri": _redact(uri),
+        "sha256": digest,
+        "size": size,
+        "verified": expected is not None,
+        "downloaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "seconds": round(time.time() - started, 3),
+    }
     tmp_meta = entry / f".meta.{os.getpid()}.{uuid.uuid4().hex[:8]}.part"
     tmp_meta.write_text(json.dumps(doc, indent=2))
     os.replace(tmp_meta, meta)
-    logger.info("downloaded %s (%d bytes, sha256 %s) to %s in %.1f s", _redact(uri), size, digest, target,
-                doc["seconds"])
+    logger.info(
+        "downloaded %s (%d bytes, sha256 %s) to %s in %.1f s", _redact(uri), size, digest, target, doc["seconds"]
+    )

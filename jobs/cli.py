@@ -13,12 +13,20 @@ def _demo(args: argparse.Namespace) -> int:
 
     custom = args.weights is not None or args.seed is not None
     if args.model != DEMO_MODEL and not custom and args.pretrained is None:
-        print(f"clipmaps demo: --model {args.model} needs its weights: --pretrained TAG, --weights URI or --seed N",
-              file=sys.stderr)
+        print(
+            f"clipmaps demo: --model {args.model} needs its weights: --pretrained TAG, --weights URI or --seed N",
+            file=sys.stderr,
+        )
         return 2
-    cfg = DemoConfig(folder=Path(args.output), scenes=args.scenes, model=args.model,
-                     pretrained=args.pretrained or (None if custom else DEMO_TAG), weights=args.weights,
-                     seed=args.seed, size=args.size)
+    cfg = DemoConfig(
+        folder=Path(args.output),
+        scenes=args.scenes,
+        model=args.model,
+        pretrained=args.pretrained or (None if custom else DEMO_TAG),
+        weights=args.weights,
+        seed=args.seed,
+        size=args.size,
+    )
     spec, result = run_demo(cfg, progress=print)
     out = Path(spec.output.uri)
     print(summary_table(result))
@@ -27,18 +35,24 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"  {out / name}")
     print(HOW_TO_READ.format(out=out))
     if cfg.random_weights:
-        print("\nNOTE: the model has random weights, so these maps are meaningless noise; they only show that the\n"
-              "      pipeline runs end to end.")
+        print(
+            "\nNOTE: the model has random weights, so these maps are meaningless noise; they only show that the\n"
+            "      pipeline runs end to end."
+        )
     elif cfg.pretrained == DEMO_TAG:
         from .evaluate import evaluate, format_table
 
-        print("\nThe model is clipmaps' tiny CLIP trained on scenes like these (not a real CLIP: it knows 18\n"
-              "coloured shapes and nothing else). How well each method localises them, against baselines\n"
-              f"(clipmaps eval {out}; more scenes: clipmaps demo --scenes 100):\n")
+        print(
+            "\nThe model is clipmaps' tiny CLIP trained on scenes like these (not a real CLIP: it knows 18\n"
+            "coloured shapes and nothing else). How well each method localises them, against baselines\n"
+            f"(clipmaps eval {out}; more scenes: clipmaps demo --scenes 100):\n"
+        )
         print(format_table(evaluate(str(out))))
-        print(f"Pictures: clipmaps figures {out} --out figures; HTML: clipmaps report {out}\n"
-              "With a real CLIP: clipmaps demo --model ViT-B-16 --pretrained openai (needs hub access) or\n"
-              "  --weights s3://bucket/ViT-B-16.safetensors (or a local file).")
+        print(
+            f"Pictures: clipmaps figures {out} --out figures; HTML: clipmaps report {out}\n"
+            "With a real CLIP: clipmaps demo --model ViT-B-16 --pretrained openai (needs hub access) or\n"
+            "  --weights s3://bucket/ViT-B-16.safetensors (or a local file)."
+        )
     return 0 if result.ok else 3
 
 
@@ -68,8 +82,11 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     print(summary_table(result))
     if not result.ok:
-        print(f"error fraction {result.error_fraction:.2%} is above run.max_error_fraction "
-              f"{spec.run.max_error_fraction:.2%}", file=sys.stderr)
+        print(
+            f"error fraction {result.error_fraction:.2%} is above run.max_error_fraction "
+            f"{spec.run.max_error_fraction:.2%}",
+            file=sys.stderr,
+        )
         return 3
     return 0
 
@@ -113,9 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the whole pipeline (local Ray, all four methods) on sample scenes")
     demo.add_argument("--output", default="clipmaps-demo", help="folder for the generated inputs and the outputs")
     demo.add_argument("--model", default="clipmaps-synth-vit", help="open_clip model name")
-    demo.add_argument("--pretrained", default=None,
-                      help="pretrained tag: synth-shapes-v1 (the default, shipped) or an open_clip tag (needs hub "
-                           "access)")
+    demo.add_argument(
+        "--pretrained",
+        default=None,
+        help="pretrained tag: synth-shapes-v1 (the default, shipped) or an open_clip tag (needs hub access)",
+    )
     demo.add_argument("--seed", type=int, default=None, help="random weights from this seed instead (noise maps)")
     demo.add_argument("--weights", default=None, help="weights file or URI (safetensors or a torch state dict)")
     demo.add_argument("--size", type=int, default=None, help="input size in pixels (default: the demo spec's)")
@@ -125,9 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("spec", help="job spec YAML file")
     run.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="override a spec field (repeatable)")
     run.add_argument("--dry-run", action="store_true", help="validate, resolve inputs and print the plan only")
-    run.add_argument("--overwrite", action="store_true",
-                     help="replace what output.uri holds (same as --set output.overwrite=true); without it a re-run "
-                          "resumes, and a changed spec is refused")
+    run.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace what output.uri holds (same as --set output.overwrite=true); without it a re-run "
+        "resumes, and a changed spec is refused",
+    )
     run.set_defaults(func=_run)
     from .manifest import add_manifest_parser
 
@@ -157,8 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     return args.func(args)
 
 

@@ -54,8 +54,13 @@ def demo_overrides(cfg: DemoConfig, manifest: Path) -> list[str]:
     sets = [f"input.manifest={manifest.resolve()}", f"output.uri={out.resolve()}", f"model.name={cfg.model}"]
     if (cfg.pretrained, cfg.weights, cfg.seed) != (DEMO_TAG, None, None):
         sets += ["model.pretrained=null", "model.weights=null", "model.seed=null"]
-        sets.append(f"model.pretrained={cfg.pretrained}" if cfg.pretrained else
-                    f"model.weights={cfg.weights}" if cfg.weights else f"model.seed={cfg.seed}")
+        sets.append(
+            f"model.pretrained={cfg.pretrained}"
+            if cfg.pretrained
+            else f"model.weights={cfg.weights}"
+            if cfg.weights
+            else f"model.seed={cfg.seed}"
+        )
     size = cfg.size or (None if cfg.model == DEMO_MODEL else 224)  # the spec's sizes suit the 64 px tiny model
     if size:
         sets += [f"methods.{m}.size={size}" for m in ("gem", "legrad", "maskinversion", "maskclip")]

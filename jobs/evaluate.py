@@ -91,8 +91,16 @@ def truth_table(truths: dict[str, Truth]) -> pa.Table:
         buf = io.BytesIO()
         Image.fromarray(t.instances.astype(np.uint8)).save(buf, format="PNG")
         h, w = t.instances.shape
-        rows.append({"image_id": image_id, "height": h, "width": w, "instance_map": buf.getvalue(),
-                     "names": t.names, "region_ids": t.region_ids})
+        rows.append(
+            {
+                "image_id": image_id,
+                "height": h,
+                "width": w,
+                "instance_map": buf.getvalue(),
+                "names": t.names,
+                "region_ids": t.region_ids,
+            }
+        )
     return pa.Table.from_pylist(rows, schema=TRUTH)
 
 
@@ -104,8 +112,10 @@ def load_truth(job: dict, truth_uri: str | None = None, storage_options: dict | 
     truth_uri = truth_uri or posixpath.join(posixpath.dirname(str(manifest)), TRUTH_FILE)
     fs, path = filesystem(truth_uri, storage_options)
     if not fs.exists(path):
-        raise EvalError(f"no ground truth at {truth_uri}: evaluate outputs of generated scenes (clipmaps demo, or "
-                        "a job over a manifest written by clipmaps.jobs.scene_set) or pass --truth")
+        raise EvalError(
+            f"no ground truth at {truth_uri}: evaluate outputs of generated scenes (clipmaps demo, or "
+            "a job over a manifest written by clipmaps.jobs.scene_set) or pass --truth"
+        )
     return read_truth(fs, path)
 
 
@@ -148,8 +158,9 @@ class Confusion:
         if truth.shape != pred.shape:
             raise EvalError(f"label map of shape {pred.shape} against ground truth {truth.shape}")
         pred = np.where((pred >= 0) & (pred < self.n), pred, self.n)
-        self.matrix += np.bincount(truth.ravel() * (self.n + 1) + pred.ravel(),
-                                   minlength=self.n * (self.n + 1)).reshape(self.n, self.n + 1)
+        self.matrix += np.bincount(
+            truth.ravel() * (self.n + 1) + pred.ravel(), minlength=self.n * (self.n + 1)
+        ).reshape(self.n, self.n + 1)
         t, p = truth > 0, pred > 0
         self.fg += (int((t & p).sum()), int(p.sum()), int(t.sum()))
         self.object_hits += int((t & (pred == truth)).sum())
@@ -220,8 +231,9 @@ def _resize_nearest(a: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------------ the run
-def evaluate(output_uri: str, *, truth_uri: str | None = None, storage_options: dict | None = None,
-             seed: int = 0) -> list[Row]:
+def evaluate(
+    output_uri: str, *, truth_uri: str | None = None, storage_options: dict | None = None, seed: int = 0
+) -> list[Row]:
     """Score every method the job at ``output_uri`` ran, with baselines; returns the table's rows.
 
     ``truth_uri`` defaults to ``truth.parquet`` beside the job's manifest. Raises :class:`EvalError` when the
@@ -236,8 +248,9 @@ def evaluate(output_uri: str, *, truth_uri: str | None = None, storage_options: 
     so = {**usable_options(job.get("spec", {}).get("output", {}).get("storage_options")), **so}
     truths = load_truth(job, truth_uri, so)
     fs, root = filesystem(output_uri, so)
-    tables = {name: _read_dataset(fs, posixpath.join(root, name)) for name in ("labels", "heatmaps", "regions",
-                                                                                "vocabulary")}
+    tables = {
+        name: _read_dataset(fs, posixpath.join(root, name)) for name in ("labels", "heatmaps", "regions", "vocabulary")
+    }
     rows: list[Row] = []
     if tables["labels"] is not None and tables["vocabulary"] is not None:
         rows += segmentation_rows(tables["labels"], tables["vocabulary"], truths, seed)
@@ -271,8 +284,7 @@ def segmentation_rows(labels: pa.Table, vocab: pa.Table, truths: dict[str, Truth
             continue
         lut = luts[r["vocabulary_id"]]
         pred = decode_label_map(r["label_map"]).astype(np.int64)
-        per_method[r["method"]].add(truth.classes(), np.where(pred < len(lut), lut[np.minimum(pred, len(lut) - 1)],
-                                                               -1))
+        per_method[r["method"]].add(truth.classes(), np.where(pred < len(lut), lut[np.minimum(pred, len(lut) - 1)], -1))
         counts[r["method"]] += 1
     if not per_method:
         return []
@@ -292,8 +304,10 @@ def _segmentation_baselines(truths: dict[str, Truth], luts: dict[str, np.ndarray
         random.add(c, rng.choice(labels, size=c.shape))
         centre.add(c, np.where(centre_prior(c.shape, share), frequent, 0))
     n = len(classes)
-    return [Row("segmentation", "random map", random.miou(), n, random.extra(), True),
-            Row("segmentation", "centre prior", centre.miou(), n, centre.extra(), True)]
+    return [
+        Row("segmentation", "random map", random.miou(), n, random.extra(), True),
+        Row("segmentation", "centre prior", centre.miou(), n, centre.extra(), True),
+    ]
 
 
 def pointing_rows(heatmaps: pa.Table, truths: dict[str, Truth]) -> list[Row]:
@@ -312,8 +326,16 @@ def pointing_rows(heatmaps: pa.Table, truths: dict[str, Truth]) -> list[Row]:
             pairs[(r["image_id"], r["prompt"])] = None
     if not hits:
         return []
-    rows = [Row("pointing", m, float(np.mean([h for h, _ in v])), len(v), {"other_object": float(np.mean(
-        [o for _, o in v]))}) for m, v in sorted(hits.items())]
+    rows = [
+        Row(
+            "pointing",
+            m,
+            float(np.mean([h for h, _ in v])),
+            len(v),
+            {"other_object": float(np.mean([o for _, o in v]))},
+        )
+        for m, v in sorted(hits.items())
+    ]
     centre, random, other_centre, other_random = [], [], [], []
     for image_id, prompt in pairs:
         truth = truths[image_id]
@@ -325,10 +347,14 @@ def pointing_rows(heatmaps: pa.Table, truths: dict[str, Truth]) -> list[Row]:
         random.append(float((truth.instances == k).mean()))  # a uniformly random point's exact hit rate
         other_random.append(float(((truth.instances != k) & (truth.instances > 0)).mean()))
     n = len(pairs)
-    rows += [Row("pointing", "image centre", float(np.mean(centre)), n, {"other_object": float(np.mean(other_centre))},
-                 True),
-             Row("pointing", "random point", float(np.mean(random)), n, {"other_object": float(np.mean(other_random))},
-                 True)]
+    rows += [
+        Row(
+            "pointing", "image centre", float(np.mean(centre)), n, {"other_object": float(np.mean(other_centre))}, True
+        ),
+        Row(
+            "pointing", "random point", float(np.mean(random)), n, {"other_object": float(np.mean(other_random))}, True
+        ),
+    ]
     return rows
 
 
@@ -352,8 +378,10 @@ def region_rows(regions: pa.Table, truths: dict[str, Truth], job: dict, storage_
         wanted[r["image_id"]][r["region_id"]] = k
     if not correct:
         return []
-    rows = [Row("region top-1", m, float(np.mean(v)), len(v), {"own_object": float(np.mean(own[m]))})
-            for m, v in sorted(correct.items())]
+    rows = [
+        Row("region top-1", m, float(np.mean(v)), len(v), {"own_object": float(np.mean(own[m]))})
+        for m, v in sorted(correct.items())
+    ]
     uris = _image_uris(job, storage_options)
     base: dict[str, list[bool]] = defaultdict(list)
     base_own: dict[str, list[bool]] = defaultdict(list)
@@ -367,11 +395,28 @@ def region_rows(regions: pa.Table, truths: dict[str, Truth], job: dict, storage_
                 for k, e in zip(sorted(regions_k.values()), emb):
                     base[name].append(int(np.argmax(text @ e)) == CLASSES.index(truth.names[k]))
                     base_own[name].append(_own_object(text @ e, truth, k))
-    rows += [Row("region top-1", name, float(np.mean(v)), len(v), {"own_object": float(np.mean(base_own[name]))},
-                 baseline=True) for name, v in base.items()]
+    rows += [
+        Row(
+            "region top-1",
+            name,
+            float(np.mean(v)),
+            len(v),
+            {"own_object": float(np.mean(base_own[name]))},
+            baseline=True,
+        )
+        for name, v in base.items()
+    ]
     chance_own = float(np.mean([1 / len(truths[i].names) for i, ks in wanted.items() for _ in ks]))
-    rows.append(Row("region top-1", "chance", 1 / len(CLASSES), sum(map(len, correct.values())),
-                    {"own_object": chance_own}, baseline=True))
+    rows.append(
+        Row(
+            "region top-1",
+            "chance",
+            1 / len(CLASSES),
+            sum(map(len, correct.values())),
+            {"own_object": chance_own},
+            baseline=True,
+        )
+    )
     return rows
 
 
@@ -429,8 +474,12 @@ def _baseline_embeddings(lm, image, truth: Truth, objects: list[int]) -> dict[st
         out["mask-pooled patches"].append(F.normalize(pooled, dim=-1).numpy())
         ys, xs = np.nonzero(mask)
         pad = max(2, int(0.1 * max(np.ptp(ys) + 1, np.ptp(xs) + 1)))
-        box = (max(0, xs.min() - pad), max(0, ys.min() - pad), min(image.width, xs.max() + 1 + pad),
-               min(image.height, ys.max() + 1 + pad))
+        box = (
+            max(0, xs.min() - pad),
+            max(0, ys.min() - pad),
+            min(image.width, xs.max() + 1 + pad),
+            min(image.height, ys.max() + 1 + pad),
+        )
         crop = torch.from_numpy(pre.image(image.crop(box)))[None]
         out["box crop"].append(F.normalize(lm.model.encode_image(crop), dim=-1)[0].numpy())
         out["whole image"].append(whole)
@@ -448,16 +497,21 @@ def format_table(rows: list[Row]) -> str:
             name = f"({r.method})" if r.baseline else r.method
             lines.append(f"{task:<14} {name:<22} {r.value:>7.3f}  {extra:<36} {r.count:>5}")
     lines.append("-" * 90)
-    lines.append("segmentation: mIoU over the truth's classes and background; fg_iou: foreground IoU; object_acc: "
-                 "object pixels\ngiven their own class. pointing: heatmap maximum inside the named object; "
-                 "other_object: inside another one.\nregion top-1: the region's nearest class among all 18; "
-                 "own_object: among the image's own objects' classes.\n(Parentheses: baselines.)")
+    lines.append(
+        "segmentation: mIoU over the truth's classes and background; fg_iou: foreground IoU; object_acc: "
+        "object pixels\ngiven their own class. pointing: heatmap maximum inside the named object; "
+        "other_object: inside another one.\nregion top-1: the region's nearest class among all 18; "
+        "own_object: among the image's own objects' classes.\n(Parentheses: baselines.)"
+    )
     return "\n".join(lines)
 
 
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("eval", help="score a job's outputs on generated scenes against their ground truth",
-                              description=__doc__.split("\n\n")[0])
+    p = subparsers.add_parser(
+        "eval",
+        help="score a job's outputs on generated scenes against their ground truth",
+        description=__doc__.split("\n\n")[0],
+    )
     p.add_argument("output", nargs="?", help="the job's output URI (default: run the evaluation job first)")
     p.add_argument("--truth", help="truth.parquet (default: beside the job's manifest)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")

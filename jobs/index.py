@@ -129,6 +129,7 @@ def read_job(output_uri: str, storage_options: dict | None = None) -> dict:
 
 def usable_options(options: dict | None) -> dict:
     """Storage options from ``_job.json`` without the redacted (``***``) values, which would only fail."""
+
     def clean(v):
         if isinstance(v, dict):
             return {k: clean(x) for k, x in v.items() if x != "***"}
@@ -143,15 +144,19 @@ def regions_dataset(output_uri: str, storage_options: dict | None = None) -> pad
     fs, root = filesystem(output_uri, storage_options)
     path = join(root, "regions")
     if not fs.exists(path):
-        raise IndexError_(f"{shown(join(output_uri, 'regions'))} does not exist: the job wrote no region "
-                          "embeddings (run it with methods.maskinversion and a manifest with masks)")
+        raise IndexError_(
+            f"{shown(join(output_uri, 'regions'))} does not exist: the job wrote no region "
+            "embeddings (run it with methods.maskinversion and a manifest with masks)"
+        )
     ds = pads.dataset(path, filesystem=fs, format="parquet")
     if not ds.files:
         raise IndexError_(f"{shown(join(output_uri, 'regions'))} holds no Parquet files: nothing to index")
     emb = ds.schema.field("embedding").type if "embedding" in ds.schema.names else None
     if not (pa.types.is_fixed_size_list(emb) and pa.types.is_float32(emb.value_type)):
-        raise IndexError_(f"{shown(output_uri)}/regions has no fixed_size_list<float32, D> 'embedding' column "
-                          f"(got {emb}); is it a clipmaps regions dataset?")
+        raise IndexError_(
+            f"{shown(output_uri)}/regions has no fixed_size_list<float32, D> 'embedding' column "
+            f"(got {emb}); is it a clipmaps regions dataset?"
+        )
     missing = [c for c in (*ID_COLUMNS, *PROVENANCE_COLUMNS) if c not in ds.schema.names]
     if missing:
         raise IndexError_(f"{shown(output_uri)}/regions lacks the columns {missing}")
@@ -184,8 +189,10 @@ def provenance_groups(ds: pads.Dataset, batch_rows: int = 262_144) -> Counter:
 
 
 def describe_groups(groups: Counter) -> str:
-    return "; ".join(f"params_hash {h} ({n} rows: method {m}, model {mo}, weights {w})"
-                     for (m, mo, w, h), n in sorted(groups.items(), key=lambda kv: -kv[1]))
+    return "; ".join(
+        f"params_hash {h} ({n} rows: method {m}, model {mo}, weights {w})"
+        for (m, mo, w, h), n in sorted(groups.items(), key=lambda kv: -kv[1])
+    )
 
 
 def choose_group(groups: Counter, params_hash: str | None, where: str) -> tuple[str, str, str, str]:
@@ -195,13 +202,15 @@ def choose_group(groups: Counter, params_hash: str | None, where: str) -> tuple[
     if params_hash is not None:
         match = [g for g in groups if g[3] == params_hash]
         if not match:
-            raise IndexError_(f"{where} has no rows with params_hash {params_hash!r}; it has: "
-                              f"{describe_groups(groups)}")
+            raise IndexError_(
+                f"{where} has no rows with params_hash {params_hash!r}; it has: {describe_groups(groups)}"
+            )
         return match[0]
     if len(groups) > 1:
         raise IndexError_(
             f"{where} mixes embeddings of {len(groups)} model/parameter sets, which live in different spaces and "
-            f"cannot share one index: {describe_groups(groups)}. Pick one with --params-hash.")
+            f"cannot share one index: {describe_groups(groups)}. Pick one with --params-hash."
+        )
     return next(iter(groups))
 
 
@@ -238,8 +247,9 @@ def manifest_uris(job: dict, storage_options: dict | None = None) -> pa.Table | 
     return pa.table({"image_id": first["image_id"], "image_uri": first["image_uri_first"]})
 
 
-def read_manifest_columns(uri: str, columns: Sequence[str], storage_options: dict | None = None,
-                          image_ids: Sequence[str] | None = None) -> pa.Table:
+def read_manifest_columns(
+    uri: str, columns: Sequence[str], storage_options: dict | None = None, image_ids: Sequence[str] | None = None
+) -> pa.Table:
     """Some columns of a manifest (Parquet: only those columns and, with ``image_ids``, only those rows are
     read; JSONL/CSV go through :func:`clipmaps.pipeline.sources.read_manifest_table`)."""
     fs, path = filesystem(uri, storage_options)
@@ -291,8 +301,9 @@ class VectorIndex:
     ef_search: int = EF_SEARCH
 
     @classmethod
-    def new(cls, kind: str, dim: int, *, m: int = HNSW_M, ef_construction: int = EF_CONSTRUCTION,
-            ef_search: int = EF_SEARCH) -> VectorIndex:
+    def new(
+        cls, kind: str, dim: int, *, m: int = HNSW_M, ef_construction: int = EF_CONSTRUCTION, ef_search: int = EF_SEARCH
+    ) -> VectorIndex:
         faiss = _faiss()
         if kind == "exact":
             return cls(kind, dim, faiss.IndexFlatIP(dim), ef_search)
@@ -389,8 +400,10 @@ def build_index(
         kind = "exact" if count < exact_below else "hnsw"
     job = read_job(output_uri, storage_options)
     uris = manifest_uris(job, storage_options) if image_uris else None
-    say(f"indexing {count} regions ({dim}-d, model {model}, weights {weights}, params_hash {phash}) "
-        f"as {'an exact' if kind == 'exact' else 'an HNSW'} index")
+    say(
+        f"indexing {count} regions ({dim}-d, model {model}, weights {weights}, params_hash {phash}) "
+        f"as {'an exact' if kind == 'exact' else 'an HNSW'} index"
+    )
     vindex = VectorIndex.new(kind, dim, m=m, ef_construction=ef_construction, ef_search=ef_search)
     tmp = tempfile.mkdtemp(prefix="clipmaps-index-")
     try:
@@ -402,11 +415,15 @@ def build_index(
         for batch in _scan(ds, flt, batch_rows):
             vectors = embedding_matrix(batch["embedding"], dim)
             vindex.add(vectors)
-            ids = pa.table({
-                "row": pa.array(np.arange(n, n + batch.num_rows, dtype=np.int64)),
-                "image_id": batch["image_id"], "region_id": batch["region_id"], "image_uri": with_uris(batch, uris),
-                **{c: batch[c] for c in PROVENANCE_COLUMNS},
-            }).cast(IDS_SCHEMA)
+            ids = pa.table(
+                {
+                    "row": pa.array(np.arange(n, n + batch.num_rows, dtype=np.int64)),
+                    "image_id": batch["image_id"],
+                    "region_id": batch["region_id"],
+                    "image_uri": with_uris(batch, uris),
+                    **{c: batch[c] for c in PROVENANCE_COLUMNS},
+                }
+            ).cast(IDS_SCHEMA)
             pending.append(ids)
             pending_rows += ids.num_rows
             while pending_rows >= IDS_ROW_GROUP:  # fixed-size row groups: row r is in group r // IDS_ROW_GROUP
@@ -457,8 +474,7 @@ def build_index(
         dest = _publish(tmp, output_uri, storage_options)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return BuildResult(meta=meta, uri=dest, seconds=time.perf_counter() - t0,
-                       files=[VECTORS_FILE, IDS_FILE, META_FILE])
+    return BuildResult(meta=meta, uri=dest, seconds=time.perf_counter() - t0, files=[VECTORS_FILE, IDS_FILE, META_FILE])
 
 
 def _scan(ds: pads.Dataset, flt, batch_rows: int) -> Iterator[pa.Table]:
@@ -538,24 +554,31 @@ def index_uri(output_uri: str) -> str:
     return join(output_uri, INDEX_DIR)
 
 
-def load_index(output_uri: str, *, storage_options: dict | None = None, ef_search: int | None = None,
-               check_stale: bool = True) -> LoadedIndex:
+def load_index(
+    output_uri: str, *, storage_options: dict | None = None, ef_search: int | None = None, check_stale: bool = True
+) -> LoadedIndex:
     """Read ``OUTPUT_URI/index/`` (downloading the vectors file from object storage to a temporary file)."""
     fs, root = filesystem(output_uri, storage_options)
     meta_path = join(root, INDEX_DIR, META_FILE)
     if not fs.exists(meta_path):
-        raise IndexError_(f"no index at {shown(index_uri(output_uri))}: build it with "
-                          f"`clipmaps index {shown(output_uri)}`")
+        raise IndexError_(
+            f"no index at {shown(index_uri(output_uri))}: build it with `clipmaps index {shown(output_uri)}`"
+        )
     with fs.open(meta_path, "rb") as f:
         meta = json.loads(f.read())
     if meta.get("format") != FORMAT_VERSION or meta.get("library") != "faiss":
-        raise IndexError_(f"the index at {shown(index_uri(output_uri))} has format {meta.get('format')} "
-                          f"({meta.get('library')}); this clipmaps reads format {FORMAT_VERSION}: rebuild it")
+        raise IndexError_(
+            f"the index at {shown(index_uri(output_uri))} has format {meta.get('format')} "
+            f"({meta.get('library')}); this clipmaps reads format {FORMAT_VERSION}: rebuild it"
+        )
     src = meta.get("source") or {}
-    if len({src.get("model"), src.get("weights"), src.get("params_hash")} - {None}) != 3 or \
-            src.get("groups_in_dataset", 1) < 1:
-        raise IndexError_(f"the index at {shown(index_uri(output_uri))} does not name one model, weights and "
-                          "params_hash; rebuild it")
+    if (
+        len({src.get("model"), src.get("weights"), src.get("params_hash")} - {None}) != 3
+        or src.get("groups_in_dataset", 1) < 1
+    ):
+        raise IndexError_(
+            f"the index at {shown(index_uri(output_uri))} does not name one model, weights and params_hash; rebuild it"
+        )
     if check_stale:
         _warn_if_stale(output_uri, storage_options, meta)
     vec_path = join(root, INDEX_DIR, meta["files"]["vectors"])
@@ -569,10 +592,16 @@ def load_index(output_uri: str, *, storage_options: dict | None = None, ef_searc
             vectors = VectorIndex.load(local, meta["kind"], meta["dim"], ef)
     check_homogeneous(join(root, INDEX_DIR, meta["files"]["ids"]), fs, meta, shown(index_uri(output_uri)))
     if len(vectors) != meta["count"]:
-        raise IndexError_(f"the index at {shown(index_uri(output_uri))} holds {len(vectors)} vectors, its "
-                          f"index.json says {meta['count']}: rebuild it")
-    return LoadedIndex(meta=meta, vectors=vectors, ids_uri=join(output_uri, INDEX_DIR, meta["files"]["ids"]),
-                       storage_options=dict(storage_options or {}))
+        raise IndexError_(
+            f"the index at {shown(index_uri(output_uri))} holds {len(vectors)} vectors, its "
+            f"index.json says {meta['count']}: rebuild it"
+        )
+    return LoadedIndex(
+        meta=meta,
+        vectors=vectors,
+        ids_uri=join(output_uri, INDEX_DIR, meta["files"]["ids"]),
+        storage_options=dict(storage_options or {}),
+    )
 
 
 def check_homogeneous(ids_path: str, fs, meta: dict, where: str) -> None:
@@ -595,9 +624,11 @@ def check_homogeneous(ids_path: str, fs, meta: dict, where: str) -> None:
                     found[c].update(pc.unique(pf.read_row_group(g, columns=[c]).column(0)).to_pylist())
     for c, values in found.items():
         if values - {src[c]}:
-            raise IndexError_(f"the index at {where} mixes several {c} values ({sorted(map(str, values))}); "
-                              f"embeddings of different models or parameters cannot be searched together: rebuild "
-                              f"it with `clipmaps index --params-hash …` for one of them")
+            raise IndexError_(
+                f"the index at {where} mixes several {c} values ({sorted(map(str, values))}); "
+                f"embeddings of different models or parameters cannot be searched together: rebuild "
+                f"it with `clipmaps index --params-hash …` for one of them"
+            )
 
 
 def _warn_if_stale(output_uri: str, storage_options: dict | None, meta: dict) -> None:
@@ -606,8 +637,11 @@ def _warn_if_stale(output_uri: str, storage_options: dict | None, meta: dict) ->
     except Exception:  # noqa: BLE001 - the index can be used without its source
         return
     if now != meta["source"].get("files"):
-        print(f"warning: {shown(output_uri)}/regions changed since the index was built "
-              f"({meta.get('created_at')}); rebuild it with `clipmaps index {shown(output_uri)}`", file=sys.stderr)
+        print(
+            f"warning: {shown(output_uri)}/regions changed since the index was built "
+            f"({meta.get('created_at')}); rebuild it with `clipmaps index {shown(output_uri)}`",
+            file=sys.stderr,
+        )
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -615,16 +649,27 @@ def run_index_cli(args: argparse.Namespace) -> int:
     try:
         so = parse_storage_options(args.storage_option)
         result = build_index(
-            args.output_uri, storage_options=so, params_hash=args.params_hash, exact_below=args.exact_below,
-            kind=args.kind, batch_rows=args.batch_rows, image_uris=not args.no_image_uris,
-            m=args.m, ef_construction=args.ef_construction, ef_search=args.ef_search, progress=print)
+            args.output_uri,
+            storage_options=so,
+            params_hash=args.params_hash,
+            exact_below=args.exact_below,
+            kind=args.kind,
+            batch_rows=args.batch_rows,
+            image_uris=not args.no_image_uris,
+            m=args.m,
+            ef_construction=args.ef_construction,
+            ef_search=args.ef_search,
+            progress=print,
+        )
     except (IndexError_, OSError, ValueError) as e:
         print(f"clipmaps index: error: {e}", file=sys.stderr)
         return 2
     m = result.meta
-    print(f"clipmaps index: {m['count']} regions, {m['dim']}-d, {m['kind']} "
-          f"({'exhaustive search' if m['kind'] == 'exact' else 'HNSW'}), image URIs "
-          f"{'from the manifest' if m['image_uris'] else 'not available'}, {result.seconds:.1f} s -> {result.uri}")
+    print(
+        f"clipmaps index: {m['count']} regions, {m['dim']}-d, {m['kind']} "
+        f"({'exhaustive search' if m['kind'] == 'exact' else 'HNSW'}), image URIs "
+        f"{'from the manifest' if m['image_uris'] else 'not available'}, {result.seconds:.1f} s -> {result.uri}"
+    )
     return 0
 
 
@@ -632,20 +677,39 @@ def add_index_parser(subparsers) -> argparse.ArgumentParser:
     """Add ``index`` to ``subparsers`` (from ``parser.add_subparsers``); ``func`` runs it."""
     p = subparsers.add_parser("index", help="build a nearest-neighbour index over a job's regions/ embeddings")
     p.add_argument("output_uri", help="the job's output URI (local path or s3://…)")
-    p.add_argument("--params-hash", default=None,
-                   help="index only the regions with this params_hash (needed when regions/ mixes several)")
-    p.add_argument("--kind", choices=("auto", "exact", "hnsw"), default="auto",
-                   help="exact (exhaustive) or HNSW search; auto: exact below --exact-below vectors")
+    p.add_argument(
+        "--params-hash",
+        default=None,
+        help="index only the regions with this params_hash (needed when regions/ mixes several)",
+    )
+    p.add_argument(
+        "--kind",
+        choices=("auto", "exact", "hnsw"),
+        default="auto",
+        help="exact (exhaustive) or HNSW search; auto: exact below --exact-below vectors",
+    )
     p.add_argument("--exact-below", type=int, default=EXACT_BELOW, help="default: %(default)s")
     p.add_argument("--batch-rows", type=int, default=16_384, help="rows per Parquet scanner batch")
     p.add_argument("--m", type=int, default=HNSW_M, help="HNSW links per node (default: %(default)s)")
-    p.add_argument("--ef-construction", type=int, default=EF_CONSTRUCTION,
-                   help="HNSW candidates when adding (default: %(default)s)")
-    p.add_argument("--ef-search", type=int, default=EF_SEARCH,
-                   help="HNSW candidates when searching, stored as the index's default (default: %(default)s)")
+    p.add_argument(
+        "--ef-construction",
+        type=int,
+        default=EF_CONSTRUCTION,
+        help="HNSW candidates when adding (default: %(default)s)",
+    )
+    p.add_argument(
+        "--ef-search",
+        type=int,
+        default=EF_SEARCH,
+        help="HNSW candidates when searching, stored as the index's default (default: %(default)s)",
+    )
     p.add_argument("--no-image-uris", action="store_true", help="do not join image URIs from the manifest")
-    p.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
-                   help="fsspec storage option for the output URI (repeatable; VALUE parsed as JSON if it can be)")
+    p.add_argument(
+        "--storage-option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="fsspec storage option for the output URI (repeatable; VALUE parsed as JSON if it can be)",
+    )
     p.set_defaults(func=run_index_cli)
     return p
 

@@ -128,8 +128,10 @@ class RenderOptions:
 
     def __post_init__(self) -> None:
         if len(self.name) > MAX_NAME_LENGTH or not _DNS1035.match(self.name):
-            raise K8sError(f"--name {self.name!r}: must be a DNS-1035 label (lower-case letters, digits and '-', "
-                           f"starting with a letter) of at most {MAX_NAME_LENGTH} characters")
+            raise K8sError(
+                f"--name {self.name!r}: must be a DNS-1035 label (lower-case letters, digits and '-', "
+                f"starting with a letter) of at most {MAX_NAME_LENGTH} characters"
+            )
         if self.namespace is not None and (len(self.namespace) > 63 or not _DNS1035.match(self.namespace)):
             raise K8sError(f"--namespace {self.namespace!r}: not a valid namespace name")
         if self.secret is not None and not re.match(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", self.secret):
@@ -139,14 +141,22 @@ class RenderOptions:
         if self.gpus_per_worker < 0:
             raise K8sError(f"--gpus-per-worker must be >= 0, got {self.gpus_per_worker}")
         if not 0 <= self.min_workers <= self.max_workers or self.max_workers < 1:
-            raise K8sError(f"--min-workers {self.min_workers} / --max-workers {self.max_workers}: need "
-                           "0 <= min <= max and max >= 1")
-        for flag, value in (("--worker-cpus", self.worker_cpus), ("--worker-memory", self.worker_memory),
-                            ("--head-cpus", self.head_cpus), ("--head-memory", self.head_memory)):
+            raise K8sError(
+                f"--min-workers {self.min_workers} / --max-workers {self.max_workers}: need "
+                "0 <= min <= max and max >= 1"
+            )
+        for flag, value in (
+            ("--worker-cpus", self.worker_cpus),
+            ("--worker-memory", self.worker_memory),
+            ("--head-cpus", self.head_cpus),
+            ("--head-memory", self.head_memory),
+        ):
             if value is not None and not _QUANTITY.match(str(value)):
                 raise K8sError(f"{flag} {value!r}: not a Kubernetes quantity (e.g. 8, 500m, 48Gi)")
-        for flag, value in (("--backoff-limit", self.backoff_limit), ("--ttl-seconds-after-finished",
-                                                                        self.ttl_seconds_after_finished)):
+        for flag, value in (
+            ("--backoff-limit", self.backoff_limit),
+            ("--ttl-seconds-after-finished", self.ttl_seconds_after_finished),
+        ):
             if value < 0:
                 raise K8sError(f"{flag} must be >= 0, got {value}")
         if self.active_deadline_seconds <= 0:
@@ -198,11 +208,15 @@ def check_spec(spec, options: RenderOptions) -> list[str]:
 
     problems: list[str] = []
     if spec.output.overwrite:
-        problems.append("output.overwrite is true: each retry of the RayJob (backoffLimit) would delete what the "
-                        "failed attempt wrote; set it to false (re-running a spec on the same output resumes)")
+        problems.append(
+            "output.overwrite is true: each retry of the RayJob (backoffLimit) would delete what the "
+            "failed attempt wrote; set it to false (re-running a spec on the same output resumes)"
+        )
     if spec.run.ray_address not in (None, "auto"):
-        problems.append(f"run.ray_address is {spec.run.ray_address!r}: in a RayJob the driver joins the job's own "
-                        "cluster; leave it null (or auto)")
+        problems.append(
+            f"run.ray_address is {spec.run.ray_address!r}: in a RayJob the driver joins the job's own "
+            "cluster; leave it null (or auto)"
+        )
     locations = [("input.manifest", spec.input.manifest), ("output.uri", spec.output.uri)]
     if spec.model.weights:
         locations.append(("model.weights", spec.model.weights))
@@ -211,22 +225,29 @@ def check_spec(spec, options: RenderOptions) -> list[str]:
     for where, uri in locations:
         m = _SCHEME.match(uri)
         if m is None or m.group(1).lower() in ("file", "local"):
-            problems.append(f"{where} is a local path ({uri!r}); the pods cannot see this machine's files and lose "
-                            "their own on exit: use object storage (s3://, gs://…)")
+            problems.append(
+                f"{where} is a local path ({uri!r}); the pods cannot see this machine's files and lose "
+                "their own on exit: use object storage (s3://, gs://…)"
+            )
     for section in (spec.input, spec.output, spec.model):
         secrets = _secret_keys(section.storage_options)
         if secrets:
-            problems.append(f"storage_options hold {', '.join(secrets)}: the spec is stored in a ConfigMap, which is "
-                            "not secret; put credentials in the Secret (AWS_* keys) and leave them out of the spec")
+            problems.append(
+                f"storage_options hold {', '.join(secrets)}: the spec is stored in a ConfigMap, which is "
+                "not secret; put credentials in the Secret (AWS_* keys) and leave them out of the spec"
+            )
     gpu_pools = [m for m in spec.enabled_methods() if spec.method(m).resources.num_gpus > 0]
     if options.gpus_per_worker == 0 and gpu_pools:
-        problems.append(f"methods {', '.join(gpu_pools)} reserve GPUs but --gpus-per-worker is 0 (set "
-                        "methods.<name>.resources.num_gpus: 0 for a CPU-only run)")
+        problems.append(
+            f"methods {', '.join(gpu_pools)} reserve GPUs but --gpus-per-worker is 0 (set "
+            "methods.<name>.resources.num_gpus: 0 for a CPU-only run)"
+        )
     elif spec.model.precision == "bf16" and options.gpus_per_worker == 0:
         problems.append("model.precision bf16 needs GPU workers")
     if options.sample_input and spec.input.manifest_format != "jsonl":
-        problems.append(f"--sample-input writes a JSON-lines manifest, but input.manifest {spec.input.manifest!r} "
-                        "is not .jsonl")
+        problems.append(
+            f"--sample-input writes a JSON-lines manifest, but input.manifest {spec.input.manifest!r} is not .jsonl"
+        )
     if problems:
         raise K8sError("; ".join(problems))
 
@@ -235,15 +256,19 @@ def check_spec(spec, options: RenderOptions) -> list[str]:
     try:
         check_resources(spec, {"CPU": cpus * options.min_workers, "GPU": gpus * options.min_workers})
     except ValueError as e:
-        raise K8sError(f"at --min-workers {options.min_workers} ({options.cpus} CPUs and {gpus} GPUs each) the job "
-                       f"cannot start: {e}; or raise --min-workers") from None
+        raise K8sError(
+            f"at --min-workers {options.min_workers} ({options.cpus} CPUs and {gpus} GPUs each) the job "
+            f"cannot start: {e}; or raise --min-workers"
+        ) from None
     for m in spec.enabled_methods():
         pool = spec.method(m).resources
         if pool.num_gpus > 0:
             fits = int(gpus * options.max_workers / pool.num_gpus + 1e-9)
             if pool.max_actors > fits:
-                notes.append(f"methods.{m}.resources.max_actors is {pool.max_actors} but --max-workers "
-                             f"{options.max_workers} x {gpus} GPU hold at most {fits} such actors")
+                notes.append(
+                    f"methods.{m}.resources.max_actors is {pool.max_actors} but --max-workers "
+                    f"{options.max_workers} x {gpus} GPU hold at most {fits} such actors"
+                )
     return notes
 
 
@@ -265,8 +290,13 @@ def _security_context() -> dict:
 
 
 def _pod_security_context() -> dict:
-    return {"runAsNonRoot": True, "runAsUser": RUN_AS_USER, "runAsGroup": RUN_AS_GROUP, "fsGroup": RUN_AS_GROUP,
-            "seccompProfile": {"type": "RuntimeDefault"}}
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": RUN_AS_USER,
+        "runAsGroup": RUN_AS_GROUP,
+        "fsGroup": RUN_AS_GROUP,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
 
 
 def _env(options: RenderOptions) -> list[dict]:
@@ -292,18 +322,20 @@ def _pod(options: RenderOptions, container: str, resources: dict, *, gpu: bool) 
     spec: dict[str, Any] = {
         "serviceAccountName": options.name,
         "securityContext": _pod_security_context(),
-        "containers": [{
-            "name": container,
-            "image": options.image,
-            "resources": resources,
-            "env": _env(options),
-            "securityContext": _security_context(),
-            "volumeMounts": [
-                {"name": "job-spec", "mountPath": SPEC_DIR, "readOnly": True},
-                {"name": "weights-cache", "mountPath": CACHE_DIR},
-                {"name": "dshm", "mountPath": "/dev/shm"},
-            ],
-        }],
+        "containers": [
+            {
+                "name": container,
+                "image": options.image,
+                "resources": resources,
+                "env": _env(options),
+                "securityContext": _security_context(),
+                "volumeMounts": [
+                    {"name": "job-spec", "mountPath": SPEC_DIR, "readOnly": True},
+                    {"name": "weights-cache", "mountPath": CACHE_DIR},
+                    {"name": "dshm", "mountPath": "/dev/shm"},
+                ],
+            }
+        ],
         "volumes": [
             {"name": "job-spec", "configMap": {"name": options.name}},
             {"name": "weights-cache", "emptyDir": {}},
@@ -337,18 +369,26 @@ def _render(spec_text: str, options: RenderOptions) -> tuple[list[dict], list[st
     spec = load_spec(yaml.safe_load(spec_text) or {})
     notes = check_spec(spec, options)
     service_account = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(options)}
-    config_map = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(options),
-                  "data": {SPEC_KEY: spec_text}}
+    config_map = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(options), "data": {SPEC_KEY: spec_text}}
     gpus = options.gpus_per_worker
     head = _pod(options, "ray-head", _resources(options.head_cpus, options.head_memory), gpu=False)
     worker = _pod(options, "ray-worker", _resources(options.cpus, options.memory, gpus), gpu=gpus > 0)
-    submitter = {"metadata": {"labels": dict(LABELS)}, "spec": {
-        "serviceAccountName": options.name,
-        "restartPolicy": "Never",
-        "securityContext": _pod_security_context(),
-        "containers": [{"name": "ray-job-submitter", "image": options.image,
-                        "resources": _resources("500m", "512Mi"), "securityContext": _security_context()}],
-    }}
+    submitter = {
+        "metadata": {"labels": dict(LABELS)},
+        "spec": {
+            "serviceAccountName": options.name,
+            "restartPolicy": "Never",
+            "securityContext": _pod_security_context(),
+            "containers": [
+                {
+                    "name": "ray-job-submitter",
+                    "image": options.image,
+                    "resources": _resources("500m", "512Mi"),
+                    "securityContext": _security_context(),
+                }
+            ],
+        },
+    }
     rayjob = {
         "apiVersion": "ray.io/v1",
         "kind": "RayJob",
@@ -370,22 +410,25 @@ def _render(spec_text: str, options: RenderOptions) -> tuple[list[dict], list[st
                     "securityContext": _security_context(),
                 },
                 "headGroupSpec": {"rayStartParams": {"num-cpus": "0"}, "template": head},
-                "workerGroupSpecs": [{
-                    "groupName": options.group_name,
-                    "replicas": options.min_workers,
-                    "minReplicas": options.min_workers,
-                    "maxReplicas": options.max_workers,
-                    "rayStartParams": {},
-                    "template": worker,
-                }],
+                "workerGroupSpecs": [
+                    {
+                        "groupName": options.group_name,
+                        "replicas": options.min_workers,
+                        "minReplicas": options.min_workers,
+                        "maxReplicas": options.max_workers,
+                        "rayStartParams": {},
+                        "template": worker,
+                    }
+                ],
             },
         },
     }
     return [service_account, config_map, rayjob], notes
 
 
-def render_file(path: str | Path, options: RenderOptions,
-                overrides: Sequence[str] = ()) -> tuple[list[dict], list[str]]:
+def render_file(
+    path: str | Path, options: RenderOptions, overrides: Sequence[str] = ()
+) -> tuple[list[dict], list[str]]:
     """:func:`render` for a spec file, with ``--set`` overrides; returns ``(objects, notes)``."""
     from clipmaps.pipeline.spec import SpecError, apply_overrides
 
@@ -395,8 +438,9 @@ def render_file(path: str | Path, options: RenderOptions,
         raise SpecError((), f"cannot read job spec {str(path)!r}: {e.strerror or e}") from None
     if overrides:
         raw = apply_overrides(yaml.safe_load(text) or {}, overrides)
-        text = (f"# {Path(path).name} with --set {' --set '.join(overrides)}\n"
-                + yaml.safe_dump(raw, sort_keys=False, allow_unicode=True))
+        text = f"# {Path(path).name} with --set {' --set '.join(overrides)}\n" + yaml.safe_dump(
+            raw, sort_keys=False, allow_unicode=True
+        )
     return _render(text, options)
 
 
@@ -414,8 +458,14 @@ _Dumper.add_representer(str, _str)
 
 def dump_manifests(objects: Sequence[Mapping], header: str = "") -> str:
     """The objects as one multi-document YAML stream (the job spec as a block literal)."""
-    body = yaml.dump_all([dict(o) for o in objects], Dumper=_Dumper, sort_keys=False, allow_unicode=True,
-                         default_flow_style=False, width=120)
+    body = yaml.dump_all(
+        [dict(o) for o in objects],
+        Dumper=_Dumper,
+        sort_keys=False,
+        allow_unicode=True,
+        default_flow_style=False,
+        width=120,
+    )
     return header + body
 
 
@@ -451,23 +501,41 @@ def _render_cli(args: argparse.Namespace) -> int:
 
     try:
         options = RenderOptions(
-            name=args.name, namespace=args.namespace, image=args.image, gpus_per_worker=args.gpus_per_worker,
-            min_workers=args.min_workers, max_workers=args.max_workers, worker_cpus=args.worker_cpus,
-            worker_memory=args.worker_memory, head_cpus=args.head_cpus, head_memory=args.head_memory,
-            secret=None if args.no_secret else args.secret, backoff_limit=args.backoff_limit,
+            name=args.name,
+            namespace=args.namespace,
+            image=args.image,
+            gpus_per_worker=args.gpus_per_worker,
+            min_workers=args.min_workers,
+            max_workers=args.max_workers,
+            worker_cpus=args.worker_cpus,
+            worker_memory=args.worker_memory,
+            head_cpus=args.head_cpus,
+            head_memory=args.head_memory,
+            secret=None if args.no_secret else args.secret,
+            backoff_limit=args.backoff_limit,
             active_deadline_seconds=args.active_deadline_seconds,
-            ttl_seconds_after_finished=args.ttl_seconds_after_finished, sample_input=args.sample_input)
+            ttl_seconds_after_finished=args.ttl_seconds_after_finished,
+            sample_input=args.sample_input,
+        )
         objects, notes = render_file(args.spec, options, args.set or ())
     except (SpecError, K8sError) as e:
         print(f"clipmaps k8s render: {e}", file=sys.stderr)
         return 2
     for note in notes:
         print(f"clipmaps k8s render: note: {note}", file=sys.stderr)
-    secret = (f"# Credentials: Secret {options.secret!r} (keys {', '.join(k for k, _ in SECRET_KEYS)}), e.g.\n"
-              f"#   kubectl create secret generic {options.secret} --from-literal=AWS_ACCESS_KEY_ID=… "
-              "--from-literal=AWS_SECRET_ACCESS_KEY=…\n") if options.secret else ""
-    header = (f"# clipmaps RayJob for {args.spec} (clipmaps k8s render); apply with kubectl apply -f\n{secret}"
-              "# A retry (backoffLimit) reruns the same command on the same output.uri and resumes there.\n")
+    secret = (
+        (
+            f"# Credentials: Secret {options.secret!r} (keys {', '.join(k for k, _ in SECRET_KEYS)}), e.g.\n"
+            f"#   kubectl create secret generic {options.secret} --from-literal=AWS_ACCESS_KEY_ID=… "
+            "--from-literal=AWS_SECRET_ACCESS_KEY=…\n"
+        )
+        if options.secret
+        else ""
+    )
+    header = (
+        f"# clipmaps RayJob for {args.spec} (clipmaps k8s render); apply with kubectl apply -f\n{secret}"
+        "# A retry (backoffLimit) reruns the same command on the same output.uri and resumes there.\n"
+    )
     text = dump_manifests(objects, header)
     if args.output in (None, "-"):
         sys.stdout.write(text)
@@ -495,47 +563,80 @@ def add_k8s_parser(subparsers) -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="k8s_command", required=True)
     d = RenderOptions()
     render_p = commands.add_parser(
-        "render", help="write the RayJob, ConfigMap and ServiceAccount that run a job spec on KubeRay",
+        "render",
+        help="write the RayJob, ConfigMap and ServiceAccount that run a job spec on KubeRay",
         description="Write the ServiceAccount, ConfigMap (the job spec) and RayJob that run `clipmaps run` on the "
-                    "spec on a KubeRay cluster. Credentials come from a Secret with AWS_* keys, not from the spec.")
+        "spec on a KubeRay cluster. Credentials come from a Secret with AWS_* keys, not from the spec.",
+    )
     render_p.add_argument("spec", help="job spec YAML file")
-    render_p.add_argument("--set", action="append", metavar="KEY.PATH=VALUE",
-                          help="override a spec field before it goes into the ConfigMap (repeatable)")
-    render_p.add_argument("--image", default=d.image, help="clipmaps image, built from k8s/Dockerfile "
-                                                          "(default: %(default)s)")
-    render_p.add_argument("--name", default=d.name, help="name of the RayJob, ConfigMap and ServiceAccount "
-                                                        "(default: %(default)s)")
+    render_p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY.PATH=VALUE",
+        help="override a spec field before it goes into the ConfigMap (repeatable)",
+    )
+    render_p.add_argument(
+        "--image", default=d.image, help="clipmaps image, built from k8s/Dockerfile (default: %(default)s)"
+    )
+    render_p.add_argument(
+        "--name", default=d.name, help="name of the RayJob, ConfigMap and ServiceAccount (default: %(default)s)"
+    )
     render_p.add_argument("--namespace", default=None, help="namespace of every object (default: kubectl's)")
-    render_p.add_argument("--gpus-per-worker", type=int, default=d.gpus_per_worker,
-                          help="nvidia.com/gpu per worker pod; 0 = CPU-only workers (default: %(default)s)")
+    render_p.add_argument(
+        "--gpus-per-worker",
+        type=int,
+        default=d.gpus_per_worker,
+        help="nvidia.com/gpu per worker pod; 0 = CPU-only workers (default: %(default)s)",
+    )
     render_p.add_argument("--min-workers", type=int, default=d.min_workers, help="default: %(default)s")
     render_p.add_argument("--max-workers", type=int, default=d.max_workers, help="default: %(default)s")
     render_p.add_argument("--worker-cpus", default=None, help="CPUs per worker pod (default: 8 per GPU, 4 without)")
-    render_p.add_argument("--worker-memory", default=None,
-                          help="memory per worker pod (default: 48Gi per GPU, 8Gi without)")
+    render_p.add_argument(
+        "--worker-memory", default=None, help="memory per worker pod (default: 48Gi per GPU, 8Gi without)"
+    )
     render_p.add_argument("--head-cpus", default=d.head_cpus, help="default: %(default)s")
     render_p.add_argument("--head-memory", default=d.head_memory, help="default: %(default)s")
-    render_p.add_argument("--secret", default=d.secret, help="Secret with the AWS_* credentials (default: "
-                                                            "%(default)s)")
-    render_p.add_argument("--no-secret", action="store_true",
-                          help="take no credentials from a Secret (IRSA / workload identity on the ServiceAccount)")
-    render_p.add_argument("--backoff-limit", type=int, default=d.backoff_limit,
-                          help="retries of a failed job, each resuming the same output (default: %(default)s)")
-    render_p.add_argument("--active-deadline-seconds", type=int, default=d.active_deadline_seconds,
-                          help="time limit of each attempt (default: %(default)s)")
-    render_p.add_argument("--ttl-seconds-after-finished", type=int, default=d.ttl_seconds_after_finished,
-                          help="keep the finished cluster this long (default: %(default)s)")
-    render_p.add_argument("--sample-input", type=int, default=0, metavar="SCENES",
-                          help="first write SCENES generated scenes to input.manifest (smoke test)")
+    render_p.add_argument("--secret", default=d.secret, help="Secret with the AWS_* credentials (default: %(default)s)")
+    render_p.add_argument(
+        "--no-secret",
+        action="store_true",
+        help="take no credentials from a Secret (IRSA / workload identity on the ServiceAccount)",
+    )
+    render_p.add_argument(
+        "--backoff-limit",
+        type=int,
+        default=d.backoff_limit,
+        help="retries of a failed job, each resuming the same output (default: %(default)s)",
+    )
+    render_p.add_argument(
+        "--active-deadline-seconds",
+        type=int,
+        default=d.active_deadline_seconds,
+        help="time limit of each attempt (default: %(default)s)",
+    )
+    render_p.add_argument(
+        "--ttl-seconds-after-finished",
+        type=int,
+        default=d.ttl_seconds_after_finished,
+        help="keep the finished cluster this long (default: %(default)s)",
+    )
+    render_p.add_argument(
+        "--sample-input",
+        type=int,
+        default=0,
+        metavar="SCENES",
+        help="first write SCENES generated scenes to input.manifest (smoke test)",
+    )
     render_p.add_argument("-o", "--output", default=None, help="file to write (default: stdout)")
     render_p.set_defaults(func=_render_cli)
     sample = commands.add_parser(
-        "sample-input", help="write generated scenes and their manifest to a job spec's input.manifest",
+        "sample-input",
+        help="write generated scenes and their manifest to a job spec's input.manifest",
         description="Write generated scenes (JPEGs with masks and prompts) beside input.manifest and the JSON-lines "
-                    "manifest itself; nothing is written when the manifest exists.")
+        "manifest itself; nothing is written when the manifest exists.",
+    )
     sample.add_argument("spec", help="job spec YAML file")
     sample.add_argument("--scenes", type=int, default=6, help="number of scenes (default: %(default)s)")
     sample.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="override a spec field")
     sample.set_defaults(func=_sample_input_cli)
     return parser
-

@@ -91,8 +91,7 @@ def from_coco(instances_json_uri: str, images_root_uri: str, *, storage_options:
                     log.warning("%s: annotation %s has no segmentation; skipped", shown, ann.get("id"))
                     continue
                 masks.append(_segmentation_to_mask(seg, str(ann.get("id")), f"{shown} annotation {ann.get('id')}"))
-            yield {"image_id": str(img["id"]), "image_uri": join_uri(images_root_uri, img["file_name"]),
-                   "masks": masks}
+            yield {"image_id": str(img["id"]), "image_uri": join_uri(images_root_uri, img["file_name"]), "masks": masks}
 
     return _finish(rows())
 
@@ -190,7 +189,7 @@ def from_folder(
         files = [p for p in fs.glob(path) if not fs.isdir(p)]
     elif fs.isdir(path):
         root = path.rstrip("/")
-        files = (fs.find(root) if recursive else [p for p in fs.ls(root, detail=False) if not fs.isdir(p)])
+        files = fs.find(root) if recursive else [p for p in fs.ls(root, detail=False) if not fs.isdir(p)]
     elif fs.exists(path):
         root, files = path.rsplit("/", 1)[0], [path]
     else:
@@ -223,8 +222,11 @@ def from_folder(
                     masks.append((m.group("rid"), _full_uri(fs, folder + "/" + other)))
             masks.sort(key=lambda rm: _natural_key(rm[0]))
             rel = p[len(root) + 1 :] if root and p.startswith(root + "/") else name
-            yield {"image_id": rel, "image_uri": _full_uri(fs, p),
-                   "masks": [{"region_id": rid, "uri": uri} for rid, uri in masks]}
+            yield {
+                "image_id": rel,
+                "image_uri": _full_uri(fs, p),
+                "masks": [{"region_id": rid, "uri": uri} for rid, uri in masks],
+            }
 
     return _finish(rows())
 
@@ -251,8 +253,9 @@ def write_manifest(table: pa.Table, uri: str, storage_options: dict | None = Non
                 for row in batch.to_pylist():
                     row = {k: _drop_nulls(v) for k, v in row.items()}
                     if csv_out:
-                        writer.writerow(["" if v is None else json.dumps(v) if isinstance(v, list) else v
-                                         for v in row.values()])
+                        writer.writerow(
+                            ["" if v is None else json.dumps(v) if isinstance(v, list) else v for v in row.values()]
+                        )
                     else:
                         f.write(json.dumps({k: v for k, v in row.items() if v is not None}) + "\n")
         return
@@ -290,8 +293,7 @@ def run_manifest_cli(args: argparse.Namespace) -> int:
         elif args.source == "sa1b":
             table = from_sa1b(args.json, storage_options=so)
         else:
-            table = from_folder(args.path, mask_pattern=args.mask_pattern, recursive=args.recursive,
-                                storage_options=so)
+            table = from_folder(args.path, mask_pattern=args.mask_pattern, recursive=args.recursive, storage_options=so)
         write_manifest(table, args.output, storage_options=so)
     except (ManifestError, ValueError, OSError) as e:
         print(f"clipmaps manifest: error: {e}", file=sys.stderr)
@@ -308,8 +310,12 @@ def add_manifest_parser(subparsers) -> argparse.ArgumentParser:
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("-o", "--output", required=True, help="manifest to write (.parquet, .jsonl or .csv)")
-        p.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
-                       help="fsspec storage option (repeatable; VALUE parsed as JSON when it can be)")
+        p.add_argument(
+            "--storage-option",
+            action="append",
+            metavar="KEY=VALUE",
+            help="fsspec storage option (repeatable; VALUE parsed as JSON when it can be)",
+        )
         p.set_defaults(func=run_manifest_cli)
 
     coco = sources.add_parser("coco", help="COCO instances JSON (polygons and RLE masks)")
@@ -321,8 +327,11 @@ def add_manifest_parser(subparsers) -> argparse.ArgumentParser:
     common(sa1b)
     folder = sources.add_parser("folder", help="a folder or glob of images, with per-instance PNG masks")
     folder.add_argument("path", help="folder, file glob or URI (s3://bucket/dir/*.jpg)")
-    folder.add_argument("--mask-pattern", default="{stem}_mask_*.png",
-                        help="mask file names next to each image; * is the region id (default: %(default)s)")
+    folder.add_argument(
+        "--mask-pattern",
+        default="{stem}_mask_*.png",
+        help="mask file names next to each image; * is the region id (default: %(default)s)",
+    )
     folder.add_argument("--recursive", action="store_true", help="include sub-folders of a folder")
     common(folder)
     return parser

@@ -74,14 +74,18 @@ def check_model(index: LoadedIndex, job: dict, requested: str | None) -> dict:
     """Refuse a model that is not the one that wrote the indexed embeddings; return ``spec.model``."""
     src = index.source
     if requested is not None and requested != src["model"]:
-        raise QueryError(f"--model {requested} differs from the model that wrote the indexed embeddings "
-                         f"({src['model']}, weights {src['weights']}): the query would be embedded in another "
-                         "space and match nothing meaningful")
+        raise QueryError(
+            f"--model {requested} differs from the model that wrote the indexed embeddings "
+            f"({src['model']}, weights {src['weights']}): the query would be embedded in another "
+            "space and match nothing meaningful"
+        )
     model = job_model(job)
     if model["name"] != src["model"] or weights_id(model) != src["weights"]:
-        raise QueryError(f"_job.json names model {model['name']} with weights {weights_id(model)}, but the index "
-                         f"was built from embeddings of {src['model']} with weights {src['weights']}: the output "
-                         "was rewritten since; rebuild the index (clipmaps index) or point at the right output")
+        raise QueryError(
+            f"_job.json names model {model['name']} with weights {weights_id(model)}, but the index "
+            f"was built from embeddings of {src['model']} with weights {src['weights']}: the output "
+            "was rewritten since; rebuild the index (clipmaps index) or point at the right output"
+        )
     return model
 
 
@@ -93,8 +97,14 @@ def load_job_model(model: dict, device: str = "cpu", storage_options: dict | Non
     quiet = _QuietRandomInit()
     logging.getLogger().addFilter(quiet)  # open_clip warns that a seeded model has random weights: it is meant to
     try:
-        return load_model(model["name"], pretrained=model.get("pretrained"), weights=model.get("weights"),
-                          seed=model.get("seed"), device=device, storage_options=so or None)
+        return load_model(
+            model["name"],
+            pretrained=model.get("pretrained"),
+            weights=model.get("weights"),
+            seed=model.get("seed"),
+            device=device,
+            storage_options=so or None,
+        )
     except Exception as e:  # noqa: BLE001 - hub unreachable, weights unreadable…
         raise QueryError(f"cannot load {model['name']} ({weights_id(model)}): {type(e).__name__}: {e}") from e
     finally:
@@ -129,8 +139,9 @@ def job_spec(job: dict):
         raise QueryError(f"_job.json's spec cannot be read back: {e}") from e
 
 
-def region_embedding(lm, job: dict, index: LoadedIndex, image_uri: str, mask_uri: str,
-                     storage_options: dict | None = None) -> np.ndarray:
+def region_embedding(
+    lm, job: dict, index: LoadedIndex, image_uri: str, mask_uri: str, storage_options: dict | None = None
+) -> np.ndarray:
     """MaskInversion embedding of the region ``mask_uri`` (a PNG or any image; non-zero = inside) of the image
     ``image_uri``, with the job's MaskInversion parameters and input size; L2-normalised ``[D]``."""
     import fsspec
@@ -145,9 +156,11 @@ def region_embedding(lm, job: dict, index: LoadedIndex, image_uri: str, mask_uri
         raise QueryError("_job.json's spec has no methods.maskinversion: no parameters to embed a region with")
     phash = spec.method_params_hash("maskinversion")
     if phash != index.source["params_hash"]:
-        raise QueryError(f"_job.json's MaskInversion parameters hash to {phash}, the index holds embeddings with "
-                         f"params_hash {index.source['params_hash']}: a region embedded now would not be "
-                         "comparable; rebuild the index or point at the right output")
+        raise QueryError(
+            f"_job.json's MaskInversion parameters hash to {phash}, the index holds embeddings with "
+            f"params_hash {index.source['params_hash']}: a region embedded now would not be "
+            "comparable; rebuild the index or point at the right output"
+        )
     so = storage_options or {}
     try:
         with fsspec.open(image_uri, "rb", **so) as f:
@@ -180,10 +193,20 @@ def search(index: LoadedIndex, vector: np.ndarray, k: int) -> list[Hit]:
     for rank, (row, score, info) in enumerate(zip(rows[0], scores[0], ids), start=1):
         if row < 0:
             continue
-        hits.append(Hit(rank=rank, score=float(score), row=int(row), image_id=info.get("image_id"),
-                        region_id=info.get("region_id"), image_uri=info.get("image_uri"),
-                        method=info.get("method"), model=info.get("model"), weights=info.get("weights"),
-                        params_hash=info.get("params_hash")))
+        hits.append(
+            Hit(
+                rank=rank,
+                score=float(score),
+                row=int(row),
+                image_id=info.get("image_id"),
+                region_id=info.get("region_id"),
+                image_uri=info.get("image_uri"),
+                method=info.get("method"),
+                model=info.get("model"),
+                weights=info.get("weights"),
+                params_hash=info.get("params_hash"),
+            )
+        )
     return hits
 
 
@@ -216,8 +239,9 @@ def query(
         check_model(index, {}, model)
     job = read_job(output_uri, storage_options)
     if not job:
-        raise QueryError(f"{shown(output_uri)}/_job.json is missing: cannot tell how to load the model that wrote "
-                         "the embeddings")
+        raise QueryError(
+            f"{shown(output_uri)}/_job.json is missing: cannot tell how to load the model that wrote the embeddings"
+        )
     spec_model = check_model(index, job, model)
     lm = load_job_model(spec_model, device=device)
     if text is not None:
@@ -231,9 +255,15 @@ def query(
     hits = search(index, vec, k)
     return {
         "query": {**what, "k": k},
-        "index": {"uri": shown(output_uri.rstrip("/") + "/index"), "kind": index.meta["kind"],
-                  "count": index.meta["count"], "model": src["model"], "weights": src["weights"],
-                  "params_hash": src["params_hash"], "method": src["method"]},
+        "index": {
+            "uri": shown(output_uri.rstrip("/") + "/index"),
+            "kind": index.meta["kind"],
+            "count": index.meta["count"],
+            "model": src["model"],
+            "weights": src["weights"],
+            "params_hash": src["params_hash"],
+            "method": src["method"],
+        },
         "results": [h.as_dict() for h in hits],
     }
 
@@ -242,11 +272,14 @@ def format_results(result: dict) -> str:
     """A plain table of the results."""
     idx = result["index"]
     q = result["query"]
-    head = (f"query {json.dumps(q['text'])}" if "text" in q else f"region {q['mask']} of {q['image']}") + \
-        f" — {idx['count']} regions ({idx['kind']}), {idx['model']} / {idx['weights']}, params {idx['params_hash']}"
+    head = (
+        f"query {json.dumps(q['text'])}" if "text" in q else f"region {q['mask']} of {q['image']}"
+    ) + f" — {idx['count']} regions ({idx['kind']}), {idx['model']} / {idx['weights']}, params {idx['params_hash']}"
     rows = [("rank", "score", "image_id", "region_id", "image_uri")]
-    rows += [(str(h["rank"]), f"{h['score']:.4f}", str(h["image_id"]), str(h["region_id"]), h["image_uri"] or "-")
-             for h in result["results"]]
+    rows += [
+        (str(h["rank"]), f"{h['score']:.4f}", str(h["image_id"]), str(h["region_id"]), h["image_uri"] or "-")
+        for h in result["results"]
+    ]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = [head] + ["  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4] for r in rows]
     if not result["results"]:
@@ -258,8 +291,18 @@ def format_results(result: dict) -> str:
 def run_query_cli(args: argparse.Namespace) -> int:
     try:
         so = parse_storage_options(args.storage_option)
-        result = query(args.output_uri, args.text, image=args.image, mask=args.mask, k=args.k, model=args.model,
-                       template=args.template, device=args.device, storage_options=so, input_storage_options=so)
+        result = query(
+            args.output_uri,
+            args.text,
+            image=args.image,
+            mask=args.mask,
+            k=args.k,
+            model=args.model,
+            template=args.template,
+            device=args.device,
+            storage_options=so,
+            input_storage_options=so,
+        )
     except (QueryError, IndexError_, OSError) as e:
         print(f"clipmaps query: error: {e}", file=sys.stderr)
         return 2
@@ -279,8 +322,12 @@ def add_query_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--template", default=None, help='prompt template for the text, e.g. "a photo of a {}."')
     p.add_argument("--device", default="cpu", help="torch device for embedding the query (default: cpu)")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
-                   help="fsspec storage option for the output URI and the query image (repeatable)")
+    p.add_argument(
+        "--storage-option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="fsspec storage option for the output URI and the query image (repeatable)",
+    )
     p.set_defaults(func=run_query_cli)
     return p
 

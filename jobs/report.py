@@ -76,8 +76,19 @@ def palette(n: int) -> np.ndarray:
 
 
 #: Anchors of the heatmap colour scale (dark blue → purple → orange → light yellow, like "inferno").
-_HEAT_ANCHORS = np.array([[0, 0, 4], [40, 11, 84], [101, 21, 110], [159, 42, 99], [212, 72, 66], [245, 125, 21],
-                          [250, 193, 39], [252, 255, 164]], dtype=np.float32)
+_HEAT_ANCHORS = np.array(
+    [
+        [0, 0, 4],
+        [40, 11, 84],
+        [101, 21, 110],
+        [159, 42, 99],
+        [212, 72, 66],
+        [245, 125, 21],
+        [250, 193, 39],
+        [252, 255, 164],
+    ],
+    dtype=np.float32,
+)
 
 
 def heat_colours(values: np.ndarray) -> np.ndarray:
@@ -148,8 +159,17 @@ def error_summary(ds: pads.Dataset | None, examples: int = 3) -> tuple[list[dict
                 images[key].add(r.get("image_id"))
             if len(samples[key]) < examples:
                 samples[key].append(r)
-    out = [{"stage": k[0], "error_type": k[1], "rows": n, "images": len(images[k]),
-            "methods": dict(methods[k]), "examples": samples[k]} for k, n in counts.most_common()]
+    out = [
+        {
+            "stage": k[0],
+            "error_type": k[1],
+            "rows": n,
+            "images": len(images[k]),
+            "methods": dict(methods[k]),
+            "examples": samples[k],
+        }
+        for k, n in counts.most_common()
+    ]
     return out, total
 
 
@@ -343,8 +363,12 @@ def build_report(
         except Exception as e:  # noqa: BLE001
             logger.warning("cannot read the manifest rows: %s", e)
     by_image: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
-    for n, cols in (("labels", None), ("heatmaps", None), ("errors", None),
-                    ("regions", ["image_id", "region_id", "method", "area", "bbox", "loss"])):
+    for n, cols in (
+        ("labels", None),
+        ("heatmaps", None),
+        ("errors", None),
+        ("regions", ["image_id", "region_id", "method", "area", "bbox", "loss"]),
+    ):
         for r in rows_for(datasets[n], chosen, cols):
             by_image[r["image_id"]][n].append(r)
 
@@ -356,14 +380,35 @@ def build_report(
         used: dict[str, set] = defaultdict(set)
         cards = []
         for i, image_id in enumerate(chosen):
-            cards.append(make_card(image_id, manifest_rows.get(image_id), by_image[image_id], assets, in_so,
-                                   shares, used, vocabs, max_heatmaps))
+            cards.append(
+                make_card(
+                    image_id,
+                    manifest_rows.get(image_id),
+                    by_image[image_id],
+                    assets,
+                    in_so,
+                    shares,
+                    used,
+                    vocabs,
+                    max_heatmaps,
+                )
+            )
             if (i + 1) % 10 == 0:
                 say(f"  {i + 1}/{len(chosen)} images drawn")
         errors, error_rows = error_summary(datasets["errors"])
-        data = ReportData(job=job, output_uri=output_uri, counts=counts, cards=cards, population=len(ids),
-                          population_source=population_source, vocabularies=vocabs, used_vocabularies=used,
-                          shares=shares, errors=errors, error_rows=error_rows)
+        data = ReportData(
+            job=job,
+            output_uri=output_uri,
+            counts=counts,
+            cards=cards,
+            population=len(ids),
+            population_source=population_source,
+            vocabularies=vocabs,
+            used_vocabularies=used,
+            shares=shares,
+            errors=errors,
+            error_rows=error_rows,
+        )
         data.seconds = time.perf_counter() - t0
         (tmp / "index.html").write_text(render(data), encoding="utf-8")
         dest = out_dir or join(output_uri, "report")
@@ -410,8 +455,17 @@ def _decode_masks(masks: list | None, height: int, width: int, storage_options: 
     return out
 
 
-def make_card(image_id: str, manifest_row: dict | None, rows: dict[str, list], assets: AssetWriter,
-              storage_options: dict, shares: dict, used: dict, vocabs: dict, max_heatmaps: int) -> Card:
+def make_card(
+    image_id: str,
+    manifest_row: dict | None,
+    rows: dict[str, list],
+    assets: AssetWriter,
+    storage_options: dict,
+    shares: dict,
+    used: dict,
+    vocabs: dict,
+    max_heatmaps: int,
+) -> Card:
     """Draw one image's panels into ``assets`` and accumulate its label pixel counts into ``shares``."""
     uri = (manifest_row or {}).get("image_uri")
     card = Card(image_id=image_id, image_uri=uri, errors=rows.get("errors", []))
@@ -442,8 +496,14 @@ def make_card(image_id: str, manifest_row: dict | None, rows: dict[str, list], a
         try:
             lm = decode_label_map(r["label_map"])
         except Exception as e:  # noqa: BLE001
-            card.errors.append({"stage": "report", "error_type": type(e).__name__, "method": r["method"],
-                                "message": f"label map not decodable: {e}"})
+            card.errors.append(
+                {
+                    "stage": "report",
+                    "error_type": type(e).__name__,
+                    "method": r["method"],
+                    "message": f"label map not decodable: {e}",
+                }
+            )
             continue
         counts = np.bincount(lm.ravel().astype(np.int64))
         key = (r["method"], r["vocabulary_id"])
@@ -458,25 +518,42 @@ def make_card(image_id: str, manifest_row: dict | None, rows: dict[str, list], a
         top = sorted(((n, label) for label, n in enumerate(counts) if n), reverse=True)[:6]
         extra = "".join(
             f'<span class="chip"><i style="background:{hex_colour(class_colour(label))}"></i>'
-            f'{html.escape(names.get(label, "background" if label == 0 else f"label {label}"))} '
-            f"{100 * n / total:.1f}%</span>" for n, label in top)
-        card.labels.append(Asset(assets.save(Image.fromarray(over), f"{image_id}|labels|{r['method']}"),
-                                 f"{r['method']} label map", tw, th, extra))
+            f"{html.escape(names.get(label, 'background' if label == 0 else f'label {label}'))} "
+            f"{100 * n / total:.1f}%</span>"
+            for n, label in top
+        )
+        card.labels.append(
+            Asset(
+                assets.save(Image.fromarray(over), f"{image_id}|labels|{r['method']}"),
+                f"{r['method']} label map",
+                tw,
+                th,
+                extra,
+            )
+        )
     heat_rows = sorted(rows.get("heatmaps", []), key=lambda r: (r["method"], r["prompt"]))
     for r in heat_rows[:max_heatmaps]:
         try:
             h = decode_heatmap(r["heatmap"], r["encoding"], int(r["height"]), int(r["width"]))
         except Exception as e:  # noqa: BLE001
-            card.errors.append({"stage": "report", "error_type": type(e).__name__, "method": r["method"],
-                                "message": f"heatmap not decodable: {e}"})
+            card.errors.append(
+                {
+                    "stage": "report",
+                    "error_type": type(e).__name__,
+                    "method": r["method"],
+                    "message": f"heatmap not decodable: {e}",
+                }
+            )
             continue
         if r["encoding"] != "png8":  # float16 maps may have any range: show them min-max normalised
             lo, hi = float(np.nanmin(h)), float(np.nanmax(h))
             h = (h - lo) / (hi - lo) if hi > lo else np.zeros_like(h)
         over = heat_overlay(base, resize_array(h.astype(np.float32), (tw, th), nearest=False))
         card.heatmaps.setdefault(r["method"], []).append(
-            Asset(assets.save(Image.fromarray(over), f"{image_id}|heat|{r['method']}|{r['prompt']}"),
-                  r["prompt"], tw, th))
+            Asset(
+                assets.save(Image.fromarray(over), f"{image_id}|heat|{r['method']}|{r['prompt']}"), r["prompt"], tw, th
+            )
+        )
     if len(heat_rows) > max_heatmaps:
         card.heatmaps.setdefault("…", [])
     card.region_rows = sorted(rows.get("regions", []), key=lambda r: str(r["region_id"]))
@@ -486,8 +563,16 @@ def make_card(image_id: str, manifest_row: dict | None, rows: dict[str, list], a
     return card
 
 
-def draw_regions(base: np.ndarray, size: tuple[int, int], masks: list | None, region_rows: list[dict],
-                 storage_options: dict, assets: AssetWriter, image_id: str, card: Card) -> Asset:
+def draw_regions(
+    base: np.ndarray,
+    size: tuple[int, int],
+    masks: list | None,
+    region_rows: list[dict],
+    storage_options: dict,
+    assets: AssetWriter,
+    image_id: str,
+    card: Card,
+) -> Asset:
     """Region masks (from the manifest) filled and outlined, with the ``regions/`` boxes and ids."""
     width, height = size
     th, tw = base.shape[:2]
@@ -568,55 +653,81 @@ def _kv(rows: Sequence[tuple[str, Any]]) -> str:
 
 
 def _img(a: Asset) -> str:
-    return (f'<figure><img src="{_e(a.file)}" width="{a.width}" height="{a.height}" alt="{_e(a.caption)}">'
-            f"<figcaption>{_e(a.caption)}{('<br>' + a.extra) if a.extra else ''}</figcaption></figure>")
+    return (
+        f'<figure><img src="{_e(a.file)}" width="{a.width}" height="{a.height}" alt="{_e(a.caption)}">'
+        f"<figcaption>{_e(a.caption)}{('<br>' + a.extra) if a.extra else ''}</figcaption></figure>"
+    )
 
 
 def render(d: ReportData) -> str:
     job = d.job
     spec = job.get("spec") or {}
     model = spec.get("model") or {}
-    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-           '<meta name="viewport" content="width=device-width, initial-scale=1">',
-           f"<title>clipmaps report — {_e(shown(d.output_uri))}</title><style>{CSS}</style></head><body>",
-           f"<header><h1>clipmaps report</h1><div class='sub'>{_e(shown(d.output_uri))} · status "
-           f"{_e(job.get('status', 'unknown'))} · generated {_e(time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime()))}"
-           f"</div></header><main>"]
+    out = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>clipmaps report — {_e(shown(d.output_uri))}</title><style>{CSS}</style></head><body>",
+        f"<header><h1>clipmaps report</h1><div class='sub'>{_e(shown(d.output_uri))} · status "
+        f"{_e(job.get('status', 'unknown'))} · generated {_e(time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime()))}"
+        f"</div></header><main>",
+    ]
     out.append(render_run(d, spec, model))
     out.append(render_errors(d))
     out.append(render_legend(d))
     out.append(render_shares(d))
     out.append(render_cards(d))
-    out.append(f'<p id="img-check" data-loaded="false">checking images…</p>'
-               f"<p class='muted'>report written in {d.seconds:.1f} s by clipmaps</p></main>"
-               f"<script>{SCRIPT}</script></body></html>")
+    out.append(
+        f'<p id="img-check" data-loaded="false">checking images…</p>'
+        f"<p class='muted'>report written in {d.seconds:.1f} s by clipmaps</p></main>"
+        f"<script>{SCRIPT}</script></body></html>"
+    )
     return "\n".join(out)
 
 
 def render_run(d: ReportData, spec: dict, model: dict) -> str:
     job = d.job
-    weights = model.get("pretrained") or model.get("weights") or (
-        f"random:seed={model.get('seed')}" if model.get("seed") is not None else None)
-    rows = [("output", _e(shown(d.output_uri))), ("status", _e(job.get("status", "no _job.json"))),
-            ("ok", _e(job.get("ok"))),
-            ("manifest", _e(shown((spec.get("input") or {}).get("manifest") or "-"))),
-            ("model", _e(f"{model.get('name', '-')} ({weights or '-'}), precision {model.get('precision', '-')}"))]
+    weights = (
+        model.get("pretrained")
+        or model.get("weights")
+        or (f"random:seed={model.get('seed')}" if model.get("seed") is not None else None)
+    )
+    rows = [
+        ("output", _e(shown(d.output_uri))),
+        ("status", _e(job.get("status", "no _job.json"))),
+        ("ok", _e(job.get("ok"))),
+        ("manifest", _e(shown((spec.get("input") or {}).get("manifest") or "-"))),
+        ("model", _e(f"{model.get('name', '-')} ({weights or '-'}), precision {model.get('precision', '-')}")),
+    ]
     voc = spec.get("vocabulary") or {}
     if voc:
         src = voc.get("preset") or voc.get("file") or f"{len(voc.get('names') or [])} names"
-        rows.append(("vocabulary", _e(f"{src}; background {voc.get('background') or []}; templates "
-                                      f"{voc.get('templates')}; threshold {voc.get('threshold')}")))
+        rows.append(
+            (
+                "vocabulary",
+                _e(
+                    f"{src}; background {voc.get('background') or []}; templates "
+                    f"{voc.get('templates')}; threshold {voc.get('threshold')}"
+                ),
+            )
+        )
     for attempt in job.get("attempts") or []:
-        rows.append(("attempt", _e(f"{attempt.get('started_at')} → {attempt.get('finished_at')}: "
-                                   f"{attempt.get('processed_images')} images, {attempt.get('execute_s')} s")))
+        rows.append(
+            (
+                "attempt",
+                _e(
+                    f"{attempt.get('started_at')} → {attempt.get('finished_at')}: "
+                    f"{attempt.get('processed_images')} images, {attempt.get('execute_s')} s"
+                ),
+            )
+        )
     html_ = ["<section><h2>Run</h2>", _kv(rows)]
     counts = job.get("counts") or {}
     timings = job.get("timings") or {}
     html_.append('<div class="grid"><table><tr><th colspan="2">counts and timings (_job.json)</th></tr>')
     html_ += [f"<tr><td>{_e(k)}</td><td class='num'>{_e(v)}</td></tr>" for k, v in {**counts, **timings}.items()]
     html_.append('</table><table><tr><th colspan="2">datasets now (rows)</th></tr>')
-    html_ += [f"<tr><td>{_e(k)}/</td><td class='num'>{'-' if v is None else v}</td></tr>"
-              for k, v in d.counts.items()]
+    html_ += [f"<tr><td>{_e(k)}/</td><td class='num'>{'-' if v is None else v}</td></tr>" for k, v in d.counts.items()]
     versions = job.get("versions") or {}
     html_.append('</table><table><tr><th colspan="2">versions</th></tr>')
     html_ += [f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in versions.items()]
@@ -627,8 +738,10 @@ def render_run(d: ReportData, spec: dict, model: dict) -> str:
         html_.append("<h3>Methods</h3><table><tr><th>method</th><th>params_hash</th><th>parameters</th></tr>")
         for name, m in methods.items():
             shown_params = {k: v for k, v in (m or {}).items() if k != "resources"}
-            html_.append(f"<tr><td>{_e(name)}</td><td><code>{_e(params.get(name, '-'))}</code></td>"
-                         f"<td><code>{_e(json.dumps(shown_params, sort_keys=True))}</code></td></tr>")
+            html_.append(
+                f"<tr><td>{_e(name)}</td><td><code>{_e(params.get(name, '-'))}</code></td>"
+                f"<td><code>{_e(json.dumps(shown_params, sort_keys=True))}</code></td></tr>"
+            )
         html_.append("</table>")
     if job:
         html_.append("<details><summary>_job.json</summary><pre>" + _e(json.dumps(job, indent=2)) + "</pre></details>")
@@ -644,88 +757,127 @@ def render_legend(d: ReportData) -> str:
     for vid in ids:
         v = d.vocabularies[vid]
         methods = ", ".join(sorted(d.used_vocabularies.get(vid, ()))) or "no label maps in the sample"
-        parts.append(f"<h3>vocabulary <code>{_e(vid)}</code> <span class='muted'>({_e(methods)}; templates "
-                     f"{_e(v.get('templates'))})</span></h3><div>")
-        parts.append(f'<span class="chip"><i style="background:{hex_colour(class_colour(0))}"></i>0 background '
-                     f"({_e(', '.join(v['background']) or 'none')})</span>")
-        parts += [f'<span class="chip"><i style="background:{hex_colour(class_colour(k))}"></i>{k} {_e(n)}</span>'
-                  for k, n in sorted(v["classes"].items())]
+        parts.append(
+            f"<h3>vocabulary <code>{_e(vid)}</code> <span class='muted'>({_e(methods)}; templates "
+            f"{_e(v.get('templates'))})</span></h3><div>"
+        )
+        parts.append(
+            f'<span class="chip"><i style="background:{hex_colour(class_colour(0))}"></i>0 background '
+            f"({_e(', '.join(v['background']) or 'none')})</span>"
+        )
+        parts += [
+            f'<span class="chip"><i style="background:{hex_colour(class_colour(k))}"></i>{k} {_e(n)}</span>'
+            for k, n in sorted(v["classes"].items())
+        ]
         parts.append("</div>")
     parts.append("</section>")
     return "\n".join(parts)
 
 
 def render_shares(d: ReportData) -> str:
-    parts = [f"<section><h2>Per-class pixel shares</h2><p class='muted'>over the label maps of the "
-             f"{len(d.cards)} sampled images</p>"]
+    parts = [
+        f"<section><h2>Per-class pixel shares</h2><p class='muted'>over the label maps of the "
+        f"{len(d.cards)} sampled images</p>"
+    ]
     if not d.shares:
         parts.append("<p class='muted'>no label maps in the sample</p>")
     parts.append('<div class="grid">')
     for (method, vid), counts in sorted(d.shares.items()):
         names = (d.vocabularies.get(vid) or {}).get("classes", {})
         total = max(1, sum(counts.values()))
-        parts.append(f"<table><tr><th colspan='3'>{_e(method)} <span class='muted'>(vocabulary {_e(vid)})</span>"
-                     "</th></tr><tr><th>class</th><th>share</th><th></th></tr>")
+        parts.append(
+            f"<table><tr><th colspan='3'>{_e(method)} <span class='muted'>(vocabulary {_e(vid)})</span>"
+            "</th></tr><tr><th>class</th><th>share</th><th></th></tr>"
+        )
         for label, n in sorted(counts.items(), key=lambda kv: -kv[1]):
             name = "background" if label == 0 else names.get(label, f"label {label}")
             pct = 100 * n / total
-            parts.append(f'<tr><td><i class="sw" style="background:{hex_colour(class_colour(label))}"></i>{label} '
-                         f"{_e(name)}</td><td class='num'>{pct:.2f}%</td><td><span class='bar' style='width:"
-                         f"{max(1, round(pct * 2))}px'></span></td></tr>")
+            parts.append(
+                f'<tr><td><i class="sw" style="background:{hex_colour(class_colour(label))}"></i>{label} '
+                f"{_e(name)}</td><td class='num'>{pct:.2f}%</td><td><span class='bar' style='width:"
+                f"{max(1, round(pct * 2))}px'></span></td></tr>"
+            )
         parts.append("</table>")
     parts.append("</div></section>")
     return "\n".join(parts)
 
 
 def render_errors(d: ReportData) -> str:
-    parts = [f"<section><h2>Errors</h2><p>{d.error_rows} error rows in errors/"
-             f"{'' if d.counts.get('errors') is not None else ' (no errors/ dataset)'}</p>"]
+    parts = [
+        f"<section><h2>Errors</h2><p>{d.error_rows} error rows in errors/"
+        f"{'' if d.counts.get('errors') is not None else ' (no errors/ dataset)'}</p>"
+    ]
     if d.errors:
-        parts.append("<table><tr><th>stage</th><th>reason</th><th>rows</th><th>images</th><th>methods</th>"
-                     "<th>examples</th></tr>")
+        parts.append(
+            "<table><tr><th>stage</th><th>reason</th><th>rows</th><th>images</th><th>methods</th><th>examples</th></tr>"
+        )
         for e in d.errors:
-            ex = "<br>".join(f"<code>{_e(x.get('image_id'))}</code>"
-                             f"{(' / ' + _e(x.get('region_id'))) if x.get('region_id') else ''}: {_e(x.get('message'))}"
-                             for x in e["examples"])
+            ex = "<br>".join(
+                f"<code>{_e(x.get('image_id'))}</code>"
+                f"{(' / ' + _e(x.get('region_id'))) if x.get('region_id') else ''}: {_e(x.get('message'))}"
+                for x in e["examples"]
+            )
             methods = ", ".join(f"{_e(m)} ({n})" for m, n in sorted(e["methods"].items()))
-            parts.append(f"<tr><td>{_e(e['stage'])}</td><td>{_e(e['error_type'])}</td><td class='num'>{e['rows']}"
-                         f"</td><td class='num'>{e['images']}</td><td>{methods}</td><td>{ex}</td></tr>")
+            parts.append(
+                f"<tr><td>{_e(e['stage'])}</td><td>{_e(e['error_type'])}</td><td class='num'>{e['rows']}"
+                f"</td><td class='num'>{e['images']}</td><td>{methods}</td><td>{ex}</td></tr>"
+            )
         parts.append("</table>")
     parts.append("</section>")
     return "\n".join(parts)
 
 
 def render_cards(d: ReportData) -> str:
-    parts = [f"<section><h2>Sample of images</h2><p class='muted'>{len(d.cards)} of {d.population} images "
-             f"(ids from the {_e(d.population_source)})</p>"]
+    parts = [
+        f"<section><h2>Sample of images</h2><p class='muted'>{len(d.cards)} of {d.population} images "
+        f"(ids from the {_e(d.population_source)})</p>"
+    ]
     for c in d.cards:
         size = f"{c.size[0]}×{c.size[1]}" if c.size else "size unknown"
-        parts.append(f"<div class='card' id='img-{_e(c.image_id)}'><h3>{_e(c.image_id)} <span class='muted'>"
-                     f"{size} · {_e(shown(c.image_uri) if c.image_uri else 'no URI')}</span></h3>")
+        parts.append(
+            f"<div class='card' id='img-{_e(c.image_id)}'><h3>{_e(c.image_id)} <span class='muted'>"
+            f"{size} · {_e(shown(c.image_uri) if c.image_uri else 'no URI')}</span></h3>"
+        )
         if c.problem:
             parts.append(f"<p class='problem'>{_e(c.problem)}</p>")
-        row = ([_img(c.image)] if c.image else []) + [_img(a) for a in c.labels] + (
-            [_img(c.regions)] if c.regions else [])
+        row = (
+            ([_img(c.image)] if c.image else [])
+            + [_img(a) for a in c.labels]
+            + ([_img(c.regions)] if c.regions else [])
+        )
         if row:
             parts.append('<div class="grid">' + "".join(row) + "</div>")
         for method, maps in c.heatmaps.items():
             if method == "…":
                 parts.append("<p class='muted'>more heatmaps not shown (--max-heatmaps)</p>")
                 continue
-            parts.append(f"<details open><summary>{_e(method)} heatmaps ({len(maps)})</summary>"
-                         '<div class="grid">' + "".join(_img(a) for a in maps) + "</div></details>")
+            parts.append(
+                f"<details open><summary>{_e(method)} heatmaps ({len(maps)})</summary>"
+                '<div class="grid">' + "".join(_img(a) for a in maps) + "</div></details>"
+            )
         if c.region_rows:
-            parts.append("<details><summary>regions/ rows</summary><table><tr><th>region_id</th><th>area</th>"
-                         "<th>bbox</th><th>loss</th></tr>" + "".join(
-                             f"<tr><td>{_e(r['region_id'])}</td><td class='num'>{_e(r['area'])}</td><td>"
-                             f"{_e(list(r['bbox']))}</td><td class='num'>{r['loss']:.3f}</td></tr>"
-                             for r in c.region_rows) + "</table></details>")
+            parts.append(
+                "<details><summary>regions/ rows</summary><table><tr><th>region_id</th><th>area</th>"
+                "<th>bbox</th><th>loss</th></tr>"
+                + "".join(
+                    f"<tr><td>{_e(r['region_id'])}</td><td class='num'>{_e(r['area'])}</td><td>"
+                    f"{_e(list(r['bbox']))}</td><td class='num'>{r['loss']:.3f}</td></tr>"
+                    for r in c.region_rows
+                )
+                + "</table></details>"
+            )
         if c.errors:
-            parts.append("<table><tr><th>stage</th><th>reason</th><th>method</th><th>region</th><th>message</th>"
-                         "</tr>" + "".join(
-                             f"<tr><td>{_e(e.get('stage'))}</td><td>{_e(e.get('error_type'))}</td>"
-                             f"<td>{_e(e.get('method'))}</td><td>{_e(e.get('region_id'))}</td>"
-                             f"<td>{_e(e.get('message'))}</td></tr>" for e in c.errors) + "</table>")
+            parts.append(
+                "<table><tr><th>stage</th><th>reason</th><th>method</th><th>region</th><th>message</th>"
+                "</tr>"
+                + "".join(
+                    f"<tr><td>{_e(e.get('stage'))}</td><td>{_e(e.get('error_type'))}</td>"
+                    f"<td>{_e(e.get('method'))}</td><td>{_e(e.get('region_id'))}</td>"
+                    f"<td>{_e(e.get('message'))}</td></tr>"
+                    for e in c.errors
+                )
+                + "</table>"
+            )
         parts.append("</div>")
     parts.append("</section>")
     return "\n".join(parts)
@@ -735,8 +887,15 @@ def render_cards(d: ReportData) -> str:
 def run_report_cli(args: argparse.Namespace) -> int:
     try:
         so = parse_storage_options(args.storage_option)
-        dest = build_report(args.output_uri, args.output, sample=args.sample, seed=args.seed, storage_options=so,
-                            max_heatmaps=args.max_heatmaps, progress=print)
+        dest = build_report(
+            args.output_uri,
+            args.output,
+            sample=args.sample,
+            seed=args.seed,
+            storage_options=so,
+            max_heatmaps=args.max_heatmaps,
+            progress=print,
+        )
     except (ReportError, OSError, ValueError) as e:
         print(f"clipmaps report: error: {e}", file=sys.stderr)
         return 2
@@ -755,11 +914,14 @@ def add_report_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--sample", type=int, default=12, help="images shown (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sample (default: %(default)s)")
     p.add_argument("--max-heatmaps", type=int, default=24, help="heatmaps shown per image at most")
-    p.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
-                   help="fsspec storage option for the output URI (repeatable; VALUE parsed as JSON if it can be)")
+    p.add_argument(
+        "--storage-option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="fsspec storage option for the output URI (repeatable; VALUE parsed as JSON if it can be)",
+    )
     p.set_defaults(func=run_report_cli)
     return p
 
 
 __all__ = ["ReportError", "add_report_parser", "build_report", "class_colour", "run_report_cli"]
-

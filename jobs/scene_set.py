@@ -24,8 +24,14 @@ def region_id(name: str) -> str:
     return name.replace(" ", "-")
 
 
-def write_scene_set(manifest_uri: str, count: int, *, storage_options: dict | None = None, first: int = 0,
-                    size: tuple[int, int] = (320, 240)) -> str:
+def write_scene_set(
+    manifest_uri: str,
+    count: int,
+    *,
+    storage_options: dict | None = None,
+    first: int = 0,
+    size: tuple[int, int] = (320, 240),
+) -> str:
     """Write scenes ``first … first + count - 1`` (``jobs.scenes.make_scene`` seeds) at ``size=(w, h)``; returns
     the manifest URI. The manifest is written last, so its presence means the set is complete."""
     import fsspec
@@ -48,8 +54,11 @@ def write_scene_set(manifest_uri: str, count: int, *, storage_options: dict | No
         fs.pipe_file(image, buf.getvalue())
         ids = [region_id(n) for n in scene.names]
         masks = [{"region_id": rid, "rle": rle_encode(m)} for rid, m in zip(ids, scene.masks)]
-        lines.append(json.dumps({"image_id": image_id, "image_uri": fs.unstrip_protocol(image), "masks": masks,
-                                 "prompts": scene.names}))
+        lines.append(
+            json.dumps(
+                {"image_id": image_id, "image_uri": fs.unstrip_protocol(image), "masks": masks, "prompts": scene.names}
+            )
+        )
         instances = np.zeros(scene.label_map.shape, np.uint8)
         for k, m in enumerate(scene.masks):
             instances[m] = k + 1

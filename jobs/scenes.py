@@ -89,8 +89,9 @@ def class_index(name: str) -> int:
     return CLASSES.index(name)
 
 
-def sample_spec(rng: np.random.Generator, *, objects: int | None = None, max_objects: int = 3,
-                distinct: bool = True) -> SceneSpec:
+def sample_spec(
+    rng: np.random.Generator, *, objects: int | None = None, max_objects: int = 3, distinct: bool = True
+) -> SceneSpec:
     """Draw a scene: ``objects`` shapes (default 1..``max_objects``), each of a different class when ``distinct``.
 
     Shapes are placed so every one keeps most of its area visible (a bounded number of tries, then the last draw
@@ -103,9 +104,16 @@ def sample_spec(rng: np.random.Generator, *, objects: int | None = None, max_obj
         colour, shape = CLASSES[k].split(" ")
         for _ in range(20):
             radius = float(rng.uniform(0.13, 0.27))
-            obj = ObjectSpec(colour=colour, shape=shape, cx=float(rng.uniform(0.15, 0.85)),
-                             cy=float(rng.uniform(0.15, 0.85)), radius=radius, angle=float(rng.uniform(0, 2 * np.pi)),
-                             texture=TEXTURES[int(rng.integers(len(TEXTURES)))], shade=float(rng.uniform(0.8, 1.1)))
+            obj = ObjectSpec(
+                colour=colour,
+                shape=shape,
+                cx=float(rng.uniform(0.15, 0.85)),
+                cy=float(rng.uniform(0.15, 0.85)),
+                radius=radius,
+                angle=float(rng.uniform(0, 2 * np.pi)),
+                texture=TEXTURES[int(rng.integers(len(TEXTURES)))],
+                shade=float(rng.uniform(0.8, 1.1)),
+            )
             if all(_apart(obj, other) for other in placed):
                 break
         placed.append(obj)
@@ -153,8 +161,9 @@ def render(spec: SceneSpec, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarr
 
 
 def _background(spec: SceneSpec, xx, yy, w: int, h: int, s: float) -> np.ndarray:
-    image = np.asarray(spec.base, np.float32) + np.asarray(spec.gradient, np.float32) * (
-        (xx / w + yy / h - 1.0)[..., None])
+    image = (
+        np.asarray(spec.base, np.float32) + np.asarray(spec.gradient, np.float32) * ((xx / w + yy / h - 1.0)[..., None])
+    )
     period = max(spec.pattern_period * s, 2.0)
     if spec.pattern == "stripes":
         image = image + 10.0 * np.where(np.floor((xx + yy) / period) % 2 == 0, 1.0, -1.0)[..., None]
@@ -210,8 +219,14 @@ def render_scene(spec: SceneSpec, size: tuple[int, int] = (320, 240)) -> Scene:
             names.append(obj.name)
             label_map[mask] = class_index(obj.name) + 1
     stacked = np.stack(masks) if masks else np.zeros((0, *index.shape), bool)
-    return Scene(image=Image.fromarray(pixels), masks=stacked, names=names, label_map=label_map,
-                 caption=caption_for(names), spec=spec)
+    return Scene(
+        image=Image.fromarray(pixels),
+        masks=stacked,
+        names=names,
+        label_map=label_map,
+        caption=caption_for(names),
+        spec=spec,
+    )
 
 
 def make_scene(seed: int, *, size: tuple[int, int] = (320, 240), objects: int = 3) -> Scene:

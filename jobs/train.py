@@ -97,8 +97,11 @@ def make_batch(rng: np.random.Generator, cfg: TrainConfig, image_size: int) -> B
         n = 0 if rng.random() < cfg.empty_fraction else int(rng.integers(1, cfg.max_objects + 1))
         spec = sample_spec(rng, objects=n)
         aspect = float(np.exp(rng.uniform(np.log(0.75), np.log(1.34))))
-        size = (round(cfg.render_size * aspect), cfg.render_size) if aspect >= 1 else (
-            cfg.render_size, round(cfg.render_size / aspect))
+        size = (
+            (round(cfg.render_size * aspect), cfg.render_size)
+            if aspect >= 1
+            else (cfg.render_size, round(cfg.render_size / aspect))
+        )
         pixels, index = render(spec, size)
         visible = [o.name for k, o in enumerate(spec.objects) if (index == k + 1).any()]
         names = list(visible)
@@ -150,8 +153,9 @@ def train(cfg: TrainConfig, *, progress_every: int = 50) -> torch.nn.Module:
     torch.manual_seed(cfg.seed)
     model = open_clip.create_model(cfg.model, pretrained=None)
     tokenizer = open_clip.get_tokenizer(cfg.model)
-    image_size = int(model.visual.image_size[0] if isinstance(model.visual.image_size, tuple)
-                     else model.visual.image_size)
+    image_size = int(
+        model.visual.image_size[0] if isinstance(model.visual.image_size, tuple) else model.visual.image_size
+    )
     model.train()
     opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
     rng = np.random.default_rng(cfg.seed)
@@ -171,8 +175,15 @@ def train(cfg: TrainConfig, *, progress_every: int = 50) -> torch.nn.Module:
             model.logit_scale.clamp_(0, math.log(100))
         seen = 0.9 * seen + 0.1 * loss.item() if step else loss.item()
         if progress_every and (step % progress_every == 0 or step == cfg.steps - 1):
-            logger.info("step %d/%d  loss %.3f  scale %.1f  lr %.2e  %.1f min", step + 1, cfg.steps, seen,
-                        model.logit_scale.exp().item(), lr_at(step, cfg), (time.time() - started) / 60)
+            logger.info(
+                "step %d/%d  loss %.3f  scale %.1f  lr %.2e  %.1f min",
+                step + 1,
+                cfg.steps,
+                seen,
+                model.logit_scale.exp().item(),
+                lr_at(step, cfg),
+                (time.time() - started) / 60,
+            )
     model.eval()
     return model
 
@@ -198,17 +209,23 @@ def file_sha256(path: str | Path) -> str:
 
 def add_train_parser(subparsers) -> None:
     p = subparsers.add_parser(
-        "train", help="train the tiny CLIP of the demo (clipmaps-synth-vit) from a seed on generated scenes",
+        "train",
+        help="train the tiny CLIP of the demo (clipmaps-synth-vit) from a seed on generated scenes",
         description="Train clipmaps-synth-vit on generated scenes and save fp16 safetensors. The defaults reproduce "
-                    "the shipped checkpoint (about 25 minutes on 2 CPU cores).")
+        "the shipped checkpoint (about 25 minutes on 2 CPU cores).",
+    )
     d = TrainConfig()
     p.add_argument("--out", default="clipmaps-synth-vit.safetensors", help="where to write the weights")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--threads", type=int, default=d.threads,
-                   help="torch threads (the shipped checkpoint used the default; other counts change the bits)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=d.threads,
+        help="torch threads (the shipped checkpoint used the default; other counts change the bits)",
+    )
     p.set_defaults(func=_train_cli)
 
 
@@ -227,7 +244,10 @@ def _train_cli(args) -> int:
     shipped = {sha for (name, _), (_, sha) in BUNDLED_WEIGHTS.items() if name == cfg.model}
     if shipped:
         same = digest in shipped
-        print("identical to the shipped checkpoint" if same else
-              "differs from the shipped checkpoint (another seed/config, torch build or thread count); "
-              "compare their quality with clipmaps eval")
+        print(
+            "identical to the shipped checkpoint"
+            if same
+            else "differs from the shipped checkpoint (another seed/config, torch build or thread count); "
+            "compare their quality with clipmaps eval"
+        )
     return 0

@@ -94,9 +94,7 @@ def join_uri(root: str, name: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ reading
-def read_manifest_table(
-    uri: str, *, storage_options: dict | None = None, limit: int | None = None
-) -> pa.Table:
+def read_manifest_table(uri: str, *, storage_options: dict | None = None, limit: int | None = None) -> pa.Table:
     """Read the manifest at ``uri`` (Parquet, JSONL or CSV; see the module docstring) into ``MANIFEST_READ``.
 
     Args:
@@ -358,8 +356,12 @@ def normalize_mask(m: Any, where: str = "mask") -> dict:
     uri = m.get("uri")
     if uri is not None and not isinstance(uri, str):
         raise ManifestError(f"{where}: 'uri' must be a string, got {type(uri).__name__}")
-    return {"region_id": region_id, "rle": _norm_rle(m.get("rle"), where), "uri": uri,
-            "polygon": _norm_polygon(m.get("polygon"), where)}
+    return {
+        "region_id": region_id,
+        "rle": _norm_rle(m.get("rle"), where),
+        "uri": uri,
+        "polygon": _norm_polygon(m.get("polygon"), where),
+    }
 
 
 def _norm_rle(rle: Any, where: str) -> dict | None:
@@ -379,8 +381,9 @@ def _norm_rle(rle: Any, where: str) -> dict | None:
             raise ManifestError(f"{where}: uncompressed 'rle.counts' must be integers")
         counts = compress_rle_counts([int(c) for c in counts])
     elif counts is not None and not isinstance(counts, str):
-        raise ManifestError(f"{where}: 'rle.counts' must be a string or a list of integers, got "
-                            f"{type(counts).__name__}")
+        raise ManifestError(
+            f"{where}: 'rle.counts' must be a string or a list of integers, got {type(counts).__name__}"
+        )
     return {"size": size, "counts": counts}
 
 
@@ -470,18 +473,25 @@ def validate_manifest(
     first_of = {}
     if pc.any(dup).as_py():
         first_of = dict(zip(firsts["id"].to_pylist(), firsts["i_min"].to_pylist()))
-    flag(_where(dup), lambda i: ("DuplicateImageId",
-                                 f"image_id {id_list[i]!r} already appears on row {first_of[id_list[i]]}", None))
+    flag(
+        _where(dup),
+        lambda i: ("DuplicateImageId", f"image_id {id_list[i]!r} already appears on row {first_of[id_list[i]]}", None),
+    )
 
     missing_uri = pc.or_kleene(pc.is_null(uris), pc.equal(pc.utf8_trim_whitespace(uris), "")).fill_null(True)
     flag(_where(missing_uri), lambda i: ("MissingImageUri", "image_uri is missing or empty", None))
 
     bad_scheme = pc.invert(pc.is_in(_schemes(uris), pa.array(sorted(allowed), pa.string())))
     bad_scheme = pc.and_(bad_scheme, pc.invert(missing_uri))
-    flag(_where(bad_scheme), lambda i: (
-        "UnsupportedScheme",
-        f"URI scheme {uri_scheme(uri_list[i])!r} of {redact_uri(uri_list[i])} is not allowed "
-        f"(allowed: {', '.join(sorted(allowed))})", None))
+    flag(
+        _where(bad_scheme),
+        lambda i: (
+            "UnsupportedScheme",
+            f"URI scheme {uri_scheme(uri_list[i])!r} of {redact_uri(uri_list[i])} is not allowed "
+            f"(allowed: {', '.join(sorted(allowed))})",
+            None,
+        ),
+    )
 
     masks = table["masks"].combine_chunks()
     if len(masks) and pc.sum(pc.list_value_length(masks).fill_null(0)).as_py():
@@ -489,8 +499,14 @@ def validate_manifest(
 
     bad_rows = [i for i in range(n) if reason[i] is not None]
     errors = [
-        {"image_id": id_list[i], "uri": redact_uri(uri_list[i]), "region_id": reason[i][2], "stage": "manifest",
-         "error_type": reason[i][0], "message": reason[i][1]}
+        {
+            "image_id": id_list[i],
+            "uri": redact_uri(uri_list[i]),
+            "region_id": reason[i][2],
+            "stage": "manifest",
+            "error_type": reason[i][0],
+            "message": reason[i][1],
+        }
         for i in bad_rows
     ]
     if bad_rows:
@@ -510,8 +526,7 @@ def _validate_masks(masks: pa.ListArray, allowed: set[str], flag) -> None:
     for arr in (rle, uri, poly):
         n_set += pc.is_valid(arr).to_numpy(zero_copy_only=False).astype(np.int64)
     null_mask = pc.is_null(flat).to_numpy(zero_copy_only=False)
-    rle_incomplete = pc.and_(pc.is_valid(rle), pc.or_(pc.is_null(rle.field("size")),
-                                                      pc.is_null(rle.field("counts"))))
+    rle_incomplete = pc.and_(pc.is_valid(rle), pc.or_(pc.is_null(rle.field("size")), pc.is_null(rle.field("counts"))))
     rle_incomplete = rle_incomplete.fill_null(False).to_numpy(zero_copy_only=False)
     mask_schemes = _schemes(uri)
     bad_uri = pc.and_(pc.is_valid(uri), pc.invert(pc.is_in(mask_schemes, pa.array(sorted(allowed), pa.string()))))
@@ -529,14 +544,21 @@ def _validate_masks(masks: pa.ListArray, allowed: set[str], flag) -> None:
             r = ("MalformedMask", f"{label} is null", rid)
         elif bad_uri[j] and n_set[j] == 1:
             u = uri[j].as_py()
-            r = ("UnsupportedScheme", f"{label}: URI scheme {uri_scheme(u)!r} of {redact_uri(u)} is not allowed "
-                 f"(allowed: {', '.join(sorted(allowed))})", rid)
+            r = (
+                "UnsupportedScheme",
+                f"{label}: URI scheme {uri_scheme(u)!r} of {redact_uri(u)} is not allowed "
+                f"(allowed: {', '.join(sorted(allowed))})",
+                rid,
+            )
         elif n_set[j] == 0:
             r = ("MalformedMask", f"{label} has none of rle, uri, polygon", rid)
         elif n_set[j] > 1:
             fields = [name for name, a in zip(_MASK_FIELDS, (rle, uri, poly)) if a[j].is_valid]
-            r = ("MalformedMask", f"{label} sets several of rle, uri, polygon ({', '.join(fields)}); set exactly one",
-                 rid)
+            r = (
+                "MalformedMask",
+                f"{label} sets several of rle, uri, polygon ({', '.join(fields)}); set exactly one",
+                rid,
+            )
         else:
             r = ("MalformedMask", f"{label}: rle needs both size and counts", rid)
         flag([row], lambda _i, r=r: r)
@@ -548,8 +570,7 @@ def _validate_masks(masks: pa.ListArray, allowed: set[str], flag) -> None:
         counts = pairs.group_by(["p", "r"]).aggregate([("p", "count")])
         dups = counts.filter(pc.greater(counts["p_count"], 1))
         for row, rid in sorted(zip(dups["p"].to_pylist(), dups["r"].to_pylist())):
-            flag([row], lambda _i, rid=rid: ("DuplicateRegionId", f"region_id {rid!r} appears on several masks",
-                                              rid))
+            flag([row], lambda _i, rid=rid: ("DuplicateRegionId", f"region_id {rid!r} appears on several masks", rid))
 
 
 def _schemes(uris: pa.Array) -> pa.Array:

@@ -31,7 +31,7 @@ def images():
 @pytest.fixture(scope="session")
 def s3(tmp_path_factory):
     """A SeaweedFS S3 server on 127.0.0.1:8333 with an empty bucket ``clipmaps``."""
-    from tests import s3server
+    from tests.helpers import s3server
 
     proc, server = s3server.start(tmp_path_factory.mktemp("seaweedfs"))
     yield server
@@ -47,3 +47,14 @@ def ray_local():
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Everything under ``tests/integration/`` is marked ``integration`` (``-m 'not integration'`` runs the unit
+    tests alone, in about a minute); unit tests get a tight time bound, integration tests keep the default."""
+    for item in items:
+        parts = item.path.parts
+        if "integration" in parts:
+            item.add_marker(pytest.mark.integration)
+        elif "unit" in parts and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(120))

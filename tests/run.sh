@@ -16,4 +16,5 @@ if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$(id 
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null || true
 fi
 .venv/bin/ruff check actors pipeline schemas jobs tests
+.venv/bin/ruff format --check actors pipeline schemas jobs tests
 .venv/bin/python -m pytest "$@"

@@ -61,8 +61,9 @@ class GEM:
         text_encoder: a shared :class:`TextEncoder` (one is made if not given).
     """
 
-    def __init__(self, model: nn.Module, tokenizer, params: GEMParams = GEMParams(), *,
-                 text_encoder: TextEncoder | None = None):
+    def __init__(
+        self, model: nn.Module, tokenizer, params: GEMParams = GEMParams(), *, text_encoder: TextEncoder | None = None
+    ):
         self.tower = VisionTower(model.visual)
         params.validate(self.tower.num_layers)
         self.params = params
@@ -119,8 +120,15 @@ class GEM:
         return x_next, t.out_proj(index, t.merge_heads(out))
 
     @torch.no_grad()
-    def logits(self, images: Tensor, prompts: PromptLists, *, original: bool = False,
-               output_size: tuple[int, int] | None = None, features: Tensor | None = None) -> list[Tensor]:
+    def logits(
+        self,
+        images: Tensor,
+        prompts: PromptLists,
+        *,
+        original: bool = False,
+        output_size: tuple[int, int] | None = None,
+        features: Tensor | None = None,
+    ) -> list[Tensor]:
         """Cosine similarity between each patch and each prompt, upsampled bilinearly.
 
         Args:
@@ -147,8 +155,15 @@ class GEM:
             out.append(patch_logits_to_maps(feats[i] @ text.T, grid, size))
         return out
 
-    def heatmaps(self, images: Tensor, prompts: PromptLists, *, original: bool = False,
-                 output_size: tuple[int, int] | None = None, features: Tensor | None = None) -> list[Tensor]:
+    def heatmaps(
+        self,
+        images: Tensor,
+        prompts: PromptLists,
+        *,
+        original: bool = False,
+        output_size: tuple[int, int] | None = None,
+        features: Tensor | None = None,
+    ) -> list[Tensor]:
         """Per-prompt heatmaps in [0, 1] (min-max of :meth:`logits` per map; constant maps give zeros).
 
         Same arguments and shapes as :meth:`logits`.
@@ -156,9 +171,17 @@ class GEM:
         maps = self.logits(images, prompts, original=original, output_size=output_size, features=features)
         return [min_max(m) for m in maps]
 
-    def class_logits(self, images: Tensor, class_names: Sequence[str], *, original: bool = False,
-                     output_size: tuple[int, int] | None = None, features: Tensor | None = None) -> Tensor:
+    def class_logits(
+        self,
+        images: Tensor,
+        class_names: Sequence[str],
+        *,
+        original: bool = False,
+        output_size: tuple[int, int] | None = None,
+        features: Tensor | None = None,
+    ) -> Tensor:
         """Patch–class cosines for a fixed vocabulary: ``[B, K, h, w]`` (for segmentation)."""
-        maps = self.logits(images, [list(class_names)] * images.shape[0], original=original,
-                           output_size=output_size, features=features)
+        maps = self.logits(
+            images, [list(class_names)] * images.shape[0], original=original, output_size=output_size, features=features
+        )
         return torch.stack(maps)

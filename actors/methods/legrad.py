@@ -111,8 +111,9 @@ class LinearizedBlock:
         return F.relu(self.attention_gradient(t)).mean(dim=(1, 2))[:, 1:]
 
 
-def trace_blocks(tower: VisionTower, images: Tensor, layers: int) -> tuple[list[list[LinearizedBlock]], Tensor,
-                                                                             tuple[int, int]]:
+def trace_blocks(
+    tower: VisionTower, images: Tensor, layers: int
+) -> tuple[list[list[LinearizedBlock]], Tensor, tuple[int, int]]:
     """Run the trunk once and linearise the last ``layers`` blocks for every image.
 
     Args:
@@ -135,8 +136,13 @@ def trace_blocks(tower: VisionTower, images: Tensor, layers: int) -> tuple[list[
     return per_image, x, grid
 
 
-def relevance_maps(blocks: Sequence[LinearizedBlock], t: Tensor, grid: tuple[int, int], patch: int,
-                   output_size: tuple[int, int] | None = None) -> Tensor:
+def relevance_maps(
+    blocks: Sequence[LinearizedBlock],
+    t: Tensor,
+    grid: tuple[int, int],
+    patch: int,
+    output_size: tuple[int, int] | None = None,
+) -> Tensor:
     """Sum over layers of upsampled relevance for one image: ``t`` ``[P, D]`` → ``[P, h, w]``, before min-max.
 
     Each layer's ``[P, gh, gw]`` relevance is upsampled bilinearly to ``output_size`` (default
@@ -161,16 +167,28 @@ class LeGrad:
         text_encoder: a shared :class:`TextEncoder` (one is made if not given).
     """
 
-    def __init__(self, model: nn.Module, tokenizer, params: LeGradParams = LeGradParams(), *,
-                 text_encoder: TextEncoder | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        params: LeGradParams = LeGradParams(),
+        *,
+        text_encoder: TextEncoder | None = None,
+    ):
         self.tower = VisionTower(model.visual)
         params.validate(self.tower.num_layers)
         self.params = params
         self.text = text_encoder or TextEncoder(model, tokenizer)
 
-    def heatmaps(self, images: Tensor, prompts: PromptLists | None = None, *,
-                 text_embeddings: Sequence[Tensor] | None = None, output_size: tuple[int, int] | None = None,
-                 normalize: bool = True) -> list[Tensor]:
+    def heatmaps(
+        self,
+        images: Tensor,
+        prompts: PromptLists | None = None,
+        *,
+        text_embeddings: Sequence[Tensor] | None = None,
+        output_size: tuple[int, int] | None = None,
+        normalize: bool = True,
+    ) -> list[Tensor]:
         """Heatmaps per image and prompt.
 
         Args:
@@ -198,7 +216,8 @@ class LeGrad:
             for blocks, t in zip(per_image, text_embeddings):
                 if t.ndim != 2 or t.shape[0] == 0:
                     raise ValueError(f"text embeddings must be [P>0, D], got {list(t.shape)}")
-                maps = relevance_maps(blocks, t.to(images.device, torch.float32), grid, self.tower.patch_size,
-                                      output_size)
+                maps = relevance_maps(
+                    blocks, t.to(images.device, torch.float32), grid, self.tower.patch_size, output_size
+                )
                 out.append(min_max(maps) if normalize else maps)
         return out

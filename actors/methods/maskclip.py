@@ -60,8 +60,14 @@ class MaskCLIP:
         text_encoder: a shared :class:`TextEncoder` (one is made if not given).
     """
 
-    def __init__(self, model: nn.Module, tokenizer, params: MaskCLIPParams = MaskCLIPParams(), *,
-                 text_encoder: TextEncoder | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        params: MaskCLIPParams = MaskCLIPParams(),
+        *,
+        text_encoder: TextEncoder | None = None,
+    ):
         params.validate()
         visual = model.visual
         if isinstance(visual, VisionTransformer):
@@ -150,8 +156,9 @@ class MaskCLIP:
             logits = torch.where(low, smoothed, probs).transpose(1, 2).reshape(b, k, h, w)
         return logits
 
-    def class_logits(self, images: Tensor, class_names: Sequence[str], *,
-                     output_size: tuple[int, int] | None = None) -> Tensor:
+    def class_logits(
+        self, images: Tensor, class_names: Sequence[str], *, output_size: tuple[int, int] | None = None
+    ) -> Tensor:
         """Patch–class scores upsampled bilinearly to ``output_size`` (default: the input size): ``[B, K, h, w]``.
 
         ViT inputs whose size is not a multiple of the patch are zero-padded at the bottom/right (as the original

@@ -128,8 +128,7 @@ class MaskInversion:
                     continue
                 expl = min_max(relevance_maps(per_image[b], t[lo:hi], grid, self.tower.patch_size))
                 if expl.shape[-2:] != masks[b].shape[-2:]:
-                    expl = F.interpolate(expl[None], size=masks[b].shape[-2:], mode="bilinear",
-                                         align_corners=False)[0]
+                    expl = F.interpolate(expl[None], size=masks[b].shape[-2:], mode="bilinear", align_corners=False)[0]
                 dice = soft_dice_loss(expl, masks[b])
                 reg = 1 - (e0_unit[lo:hi] * t[lo:hi]).sum(-1)
                 # per image mean, as upstream optimises each image on its own
@@ -142,7 +141,7 @@ class MaskInversion:
                 total.backward()
                 optimizer.step()
         final = emb.detach()
-        return [RegionEmbeddings(final[bounds[b]:bounds[b + 1]], losses[b], maps[b]) for b in range(batch)]
+        return [RegionEmbeddings(final[bounds[b] : bounds[b + 1]], losses[b], maps[b]) for b in range(batch)]
 
     @staticmethod
     def _check_masks(masks: Sequence[Tensor], batch: int, device: torch.device) -> list[Tensor]:

@@ -86,8 +86,10 @@ def make_masks(n_images: int, n_masks: int, size: int, seed: int = INPUT_SEED + 
     for _ in range(n_images):
         masks = []
         for j in range(n_masks):
-            cy, cx, hy, hx = (torch.rand(4, generator=g, dtype=torch.float64) * torch.tensor([0.5, 0.5, 0.25, 0.25])
-                              + torch.tensor([0.25, 0.25, 0.08, 0.08], dtype=torch.float64)).tolist()
+            cy, cx, hy, hx = (
+                torch.rand(4, generator=g, dtype=torch.float64) * torch.tensor([0.5, 0.5, 0.25, 0.25])
+                + torch.tensor([0.25, 0.25, 0.08, 0.08], dtype=torch.float64)
+            ).tolist()
             if j % 2 == 0:
                 m = ((yy - cy).abs() <= hy) & ((xx - cx).abs() <= hx)
             else:

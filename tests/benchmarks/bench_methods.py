@@ -40,8 +40,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default="ViT-B-16")
     p.add_argument("--size", type=int, default=448, help="square input size (default 448)")
     p.add_argument("--images", type=int, default=8, help="images per timed batch (default 8)")
-    p.add_argument("--mi-images", type=int, default=None,
-                   help="images for MaskInversion only (default --images); for slow upstream runs")
+    p.add_argument(
+        "--mi-images",
+        type=int,
+        default=None,
+        help="images for MaskInversion only (default --images); for slow upstream runs",
+    )
     p.add_argument("--prompts", type=int, default=3, help="prompts per image for GEM and LeGrad (default 3)")
     p.add_argument("--masks", type=int, default=4, help="masks per image for MaskInversion (default 4)")
     p.add_argument("--classes", type=int, default=5, help="MaskCLIP vocabulary size (default 5)")
@@ -94,9 +98,28 @@ def worker_cmd(args, side: str, method: str, save: str | None) -> list[str]:
     python = args.upstream_python if side == "upstream" else sys.executable
     script = HERE / ("upstream_worker.py" if side == "upstream" else "clipmaps_worker.py")
     images = args.mi_images if method == "maskinversion" else args.images
-    cmd = [python, str(script), "--method", method, "--model", args.model, "--size", str(args.size),
-           "--images", str(images), "--prompts", str(args.prompts), "--masks", str(args.masks),
-           "--classes", str(args.classes), "--device", args.device, "--threads", str(args.threads)]
+    cmd = [
+        python,
+        str(script),
+        "--method",
+        method,
+        "--model",
+        args.model,
+        "--size",
+        str(args.size),
+        "--images",
+        str(images),
+        "--prompts",
+        str(args.prompts),
+        "--masks",
+        str(args.masks),
+        "--classes",
+        str(args.classes),
+        "--device",
+        args.device,
+        "--threads",
+        str(args.threads),
+    ]
     if side == "clipmaps" and args.bf16:
         cmd.append("--bf16")
     if side == "clipmaps" and method == "maskclip":
@@ -120,7 +143,7 @@ def run_worker(args, side: str, method: str, save: str | None) -> dict:
     if not lines:
         tail = (proc.stdout[-2000:] + "\n" + proc.stderr[-4000:]).strip()
         return {"side": side, "method": method, "error": f"worker exited {proc.returncode} without a result:\n{tail}"}
-    res = json.loads(lines[-1][len("BENCH_RESULT "):])
+    res = json.loads(lines[-1][len("BENCH_RESULT ") :])
     res["process_wall_seconds"] = wall
     # 1-minute load average around the worker: > threads means something else competed for the cores
     res["loadavg_1min"] = [load_before, load_after]
@@ -142,8 +165,12 @@ def compare_outputs(method: str, up_path: str, cm_path: str) -> dict:
     a, b = up[key].astype(np.float64), cm[key].astype(np.float64)
     if a.shape != b.shape:
         return {"error": f"shape {a.shape} (upstream) vs {b.shape} (clipmaps)"}
-    out = {"what": key, "shape": list(a.shape), "max_abs": float(np.abs(a - b).max()),
-           "rel_l2": float(np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-30))}
+    out = {
+        "what": key,
+        "shape": list(a.shape),
+        "max_abs": float(np.abs(a - b).max()),
+        "rel_l2": float(np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-30)),
+    }
     if method == "maskinversion":
         cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
         out["min_cosine"] = float(cos.min())
@@ -169,8 +196,10 @@ def summarise(args, results: dict) -> dict:
         ok_cm = [r for r in cms if "error" not in r]
         if m == "gem" and ok_up:
             items = ok_up[0]["items"]
-            modes = {"forward": median([items / r["seconds_forward"] for r in ok_up]),
-                     "batched_forward": median([items / r["seconds_batched"] for r in ok_up])}
+            modes = {
+                "forward": median([items / r["seconds_forward"] for r in ok_up]),
+                "batched_forward": median([items / r["seconds_batched"] for r in ok_up]),
+            }
             best = max(modes, key=modes.get)
             row["upstream"] = modes[best]
             row["upstream_mode"] = f"GEMWrapper.{best}"
@@ -186,8 +215,9 @@ def summarise(args, results: dict) -> dict:
             row["target"] = CPU_TARGETS[m]
         if args.bf16:
             row["clipmaps_bf16"] = median([r.get("bf16_throughput") for r in ok_cm])
-            row["ratio_bf16"] = (row["clipmaps_bf16"] / row["upstream"]
-                                 if row["upstream"] and row["clipmaps_bf16"] else None)
+            row["ratio_bf16"] = (
+                row["clipmaps_bf16"] / row["upstream"] if row["upstream"] and row["clipmaps_bf16"] else None
+            )
             gaps = {}
             for r in ok_cm:
                 for k, v in r.items():
@@ -202,8 +232,11 @@ def summarise(args, results: dict) -> dict:
             k_up = [r["text_seconds_uncached"] / r["text_classes"] for r in ok_up if "text_seconds_uncached" in r]
             k_cm = [r["text_seconds_uncached"] / r["text_classes"] for r in ok_cm if "text_seconds_uncached" in r]
             k_cc = [r["text_seconds_cached"] / r["text_classes"] for r in ok_cm if "text_seconds_cached" in r]
-            row["text_seconds_per_class"] = {"upstream_uncached": median(k_up), "clipmaps_uncached": median(k_cm),
-                                             "clipmaps_cached": median(k_cc)}
+            row["text_seconds_per_class"] = {
+                "upstream_uncached": median(k_up),
+                "clipmaps_uncached": median(k_cm),
+                "clipmaps_cached": median(k_cc),
+            }
         row["errors"] = [r["error"] for r in ups + cms if "error" in r]
         summary[m] = row
     return summary
@@ -212,14 +245,18 @@ def summarise(args, results: dict) -> dict:
 def print_report(args, info: dict, versions: dict, summary: dict, checks: dict) -> None:
     print()
     dev = versions.get("device_name") or info["cpu"]
-    print(f"machine: {info['cpu']} | {info['cores']} cores ({info['cores_usable']} usable) | torch threads "
-          f"{info['threads']} | device {args.device} ({dev}) | torch {versions.get('torch', '?')} | open_clip "
-          f"upstream {versions.get('open_clip_upstream', '?')} / clipmaps {versions.get('open_clip_clipmaps', '?')}"
-          f" | {versions.get('upstream_packages', '')}")
-    print(f"config: model {args.model}, {args.size}x{args.size}, {args.images} images"
-          + (f" ({args.mi_images} for MaskInversion)" if args.mi_images != args.images else "")
-          + f", {args.prompts} prompts/image, {args.masks} masks/image, {args.classes} MaskCLIP classes, "
-          f"MaskInversion iterations=10 lr=0.5, {args.repeats} repeats (medians), fp32")
+    print(
+        f"machine: {info['cpu']} | {info['cores']} cores ({info['cores_usable']} usable) | torch threads "
+        f"{info['threads']} | device {args.device} ({dev}) | torch {versions.get('torch', '?')} | open_clip "
+        f"upstream {versions.get('open_clip_upstream', '?')} / clipmaps {versions.get('open_clip_clipmaps', '?')}"
+        f" | {versions.get('upstream_packages', '')}"
+    )
+    print(
+        f"config: model {args.model}, {args.size}x{args.size}, {args.images} images"
+        + (f" ({args.mi_images} for MaskInversion)" if args.mi_images != args.images else "")
+        + f", {args.prompts} prompts/image, {args.masks} masks/image, {args.classes} MaskCLIP classes, "
+        f"MaskInversion iterations=10 lr=0.5, {args.repeats} repeats (medians), fp32"
+    )
     cols = ["method", "unit", "upstream", "clipmaps", "ratio", "target"]
     if args.bf16:
         cols += ["clipmaps bf16", "ratio bf16", "bf16 gap"]
@@ -234,8 +271,11 @@ def print_report(args, info: dict, versions: dict, summary: dict, checks: dict) 
         row = [m, r["unit"], fmt(r["upstream"]), fmt(r["clipmaps"]), ratio, target]
         if args.bf16:
             gap = ", ".join(f"{k.replace('bf16_gap_', '')}={v:.3g}" for k, v in r.get("bf16_gap", {}).items())
-            row += [fmt(r.get("clipmaps_bf16")), fmt(r.get("ratio_bf16"), ".2f") + ("x" if r.get("ratio_bf16") else ""),
-                    gap or ("ERROR" if r.get("bf16_error") else "-")]
+            row += [
+                fmt(r.get("clipmaps_bf16")),
+                fmt(r.get("ratio_bf16"), ".2f") + ("x" if r.get("ratio_bf16") else ""),
+                gap or ("ERROR" if r.get("bf16_error") else "-"),
+            ]
         rows.append(row)
     widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
     line = "  ".join(c.ljust(w) for c, w in zip(cols, widths))
@@ -245,24 +285,31 @@ def print_report(args, info: dict, versions: dict, summary: dict, checks: dict) 
         print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
     print()
     for m, r in summary.items():
-        print(f"{m}: upstream = {r.get('upstream_mode')}; seconds per batch upstream "
-              f"{[round(s, 2) for s in r['upstream_seconds']]} clipmaps {[round(s, 2) for s in r['clipmaps_seconds']]}")
+        print(
+            f"{m}: upstream = {r.get('upstream_mode')}; seconds per batch upstream "
+            f"{[round(s, 2) for s in r['upstream_seconds']]} clipmaps {[round(s, 2) for s in r['clipmaps_seconds']]}"
+        )
         if m == "gem" and "upstream_modes" in r:
-            print("  upstream GEM modes (images/s): "
-                  + ", ".join(f"{k} {fmt(v)}" for k, v in r["upstream_modes"].items()))
+            print(
+                "  upstream GEM modes (images/s): " + ", ".join(f"{k} {fmt(v)}" for k, v in r["upstream_modes"].items())
+            )
         if m == "maskclip" and "text_seconds_per_class" in r:
             t = r["text_seconds_per_class"]
-            print(f"  85-template text encoding, seconds per class: upstream (reference, uncached) "
-                  f"{fmt(t['upstream_uncached'])}, clipmaps uncached {fmt(t['clipmaps_uncached'])}, clipmaps cached "
-                  f"{fmt(t['clipmaps_cached'], '.2e')} (image timings above use cached text on both sides)")
+            print(
+                f"  85-template text encoding, seconds per class: upstream (reference, uncached) "
+                f"{fmt(t['upstream_uncached'])}, clipmaps uncached {fmt(t['clipmaps_uncached'])}, clipmaps cached "
+                f"{fmt(t['clipmaps_cached'], '.2e')} (image timings above use cached text on both sides)"
+            )
         if m in checks:
             c = checks[m]
             if "error" in c:
                 print(f"  output check: {c['error']}")
             else:
                 extra = f", min cosine {c['min_cosine']:.6f}" if "min_cosine" in c else ""
-                print(f"  output check (upstream vs clipmaps, {c['what']} {c['shape']}): max-abs {c['max_abs']:.3g}, "
-                      f"rel-L2 {c['rel_l2']:.3g}{extra}")
+                print(
+                    f"  output check (upstream vs clipmaps, {c['what']} {c['shape']}): max-abs {c['max_abs']:.3g}, "
+                    f"rel-L2 {c['rel_l2']:.3g}{extra}"
+                )
         if r.get("bf16_error"):
             print(f"  bf16 FAILED in clipmaps:\n{r['bf16_error']}")
         for e in r["errors"]:
@@ -272,8 +319,11 @@ def print_report(args, info: dict, versions: dict, summary: dict, checks: dict) 
 def main(argv=None) -> int:
     args = parse_args(argv)
     if not Path(args.upstream_python).exists():
-        print(f"upstream python {args.upstream_python} not found; create it with "
-              "tests/parity/make_fixtures.py --setup-only", file=sys.stderr)
+        print(
+            f"upstream python {args.upstream_python} not found; create it with "
+            "tests/parity/make_fixtures.py --setup-only",
+            file=sys.stderr,
+        )
         return 2
     info = machine_info(args)
     results = {m: {"upstream": [], "clipmaps": []} for m in args.methods}
@@ -290,14 +340,20 @@ def main(argv=None) -> int:
                     res = run_worker(args, side, m, save)
                     results[m][side].append(res)
                     saves[side] = save
-                    status = (f"{res['seconds']:.2f} s, {res.get('throughput', 0):.3f} {UNITS[m]}"
-                              if "seconds" in res else "ERROR")
+                    status = (
+                        f"{res['seconds']:.2f} s, {res.get('throughput', 0):.3f} {UNITS[m]}"
+                        if "seconds" in res
+                        else "ERROR"
+                    )
                     if "bf16_seconds" in res:
                         status += f"; bf16 {res['bf16_seconds']:.2f} s"
                     if res.get("loadavg_1min") and res["loadavg_1min"][1] is not None:
                         status += f"  (load {res['loadavg_1min'][1]:.1f})"
-                    print(f"[{time.perf_counter() - t_start:7.1f} s] repeat {rep + 1}/{args.repeats} {m:13s} "
-                          f"{side:8s} {status}", flush=True)
+                    print(
+                        f"[{time.perf_counter() - t_start:7.1f} s] repeat {rep + 1}/{args.repeats} {m:13s} "
+                        f"{side:8s} {status}",
+                        flush=True,
+                    )
                 if all(saves.values()) and all("error" not in results[m][s][-1] for s in saves):
                     checks[m] = compare_outputs(m, saves["upstream"], saves["clipmaps"])
                     for s in saves.values():
@@ -328,17 +384,34 @@ def main(argv=None) -> int:
     print_report(args, info, versions, summary, checks)
     for p in sorted(set(problems)):
         print(f"WARNING: {p}")
-    loads = [r["loadavg_1min"][1] for m in args.methods for side in ("upstream", "clipmaps")
-             for r in results[m][side] if r.get("loadavg_1min") and r["loadavg_1min"][1] is not None]
+    loads = [
+        r["loadavg_1min"][1]
+        for m in args.methods
+        for side in ("upstream", "clipmaps")
+        for r in results[m][side]
+        if r.get("loadavg_1min") and r["loadavg_1min"][1] is not None
+    ]
     if loads and args.device == "cpu":
         busy = max(loads) > args.threads + 0.5
-        print(f"1-min load average after the workers: median {statistics.median(loads):.1f}, max {max(loads):.1f}"
-              + (f" (> {args.threads} threads: other processes competed for the cores; timings are noisy)"
-                 if busy else ""))
+        print(
+            f"1-min load average after the workers: median {statistics.median(loads):.1f}, max {max(loads):.1f}"
+            + (
+                f" (> {args.threads} threads: other processes competed for the cores; timings are noisy)"
+                if busy
+                else ""
+            )
+        )
     print(f"total wall time {time.perf_counter() - t_start:.0f} s")
     if args.json:
-        payload = {"args": vars(args), "machine": info, "versions": versions, "summary": summary,
-                   "checks": checks, "problems": sorted(set(problems)), "raw": results}
+        payload = {
+            "args": vars(args),
+            "machine": info,
+            "versions": versions,
+            "summary": summary,
+            "checks": checks,
+            "problems": sorted(set(problems)),
+            "raw": results,
+        }
         Path(args.json).write_text(json.dumps(payload, indent=1, sort_keys=True) + "\n")
         print(f"wrote {args.json}")
     return 1 if any(s["errors"] for s in summary.values()) else 0

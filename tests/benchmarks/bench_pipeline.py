@@ -57,8 +57,18 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO))  # tests.s3server
 
-CLASSES = ("red circle", "green square", "blue triangle", "yellow circle", "purple square", "orange triangle",
-           "red square", "green triangle", "blue circle", "yellow square")
+CLASSES = (
+    "red circle",
+    "green square",
+    "blue triangle",
+    "yellow circle",
+    "purple square",
+    "orange triangle",
+    "red square",
+    "green triangle",
+    "blue circle",
+    "yellow square",
+)
 TARGET_RATIO = 0.85
 TARGET_MEMORY = 1.1
 OTHER_BENCHMARKS = ("bench_methods", "clipmaps_worker.py", "upstream_worker.py")
@@ -74,13 +84,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--classes", type=int, default=5, help="vocabulary size for the label maps (default 5)")
     p.add_argument("--image-size", default="640x480", help="generated JPEG size WxH (default 640x480)")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads on both sides (OMP_NUM_THREADS; default: all usable cores)")
-    p.add_argument("--actor-cpus", type=float, default=1.0,
-                   help="methods.gem.resources.num_cpus (default 1: leaves 1 CPU for decode and sink tasks)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads on both sides (OMP_NUM_THREADS; default: all usable cores)",
+    )
+    p.add_argument(
+        "--actor-cpus",
+        type=float,
+        default=1.0,
+        help="methods.gem.resources.num_cpus (default 1: leaves 1 CPU for decode and sink tasks)",
+    )
     p.add_argument("--decode-cpus", type=float, default=0.5, help="resources.decode_cpus (default 0.5)")
-    p.add_argument("--ray-default-threads", action="store_true",
-                   help="do not set OMP_NUM_THREADS for the pipeline: see what Ray gives the actor on its own")
+    p.add_argument(
+        "--ray-default-threads",
+        action="store_true",
+        help="do not set OMP_NUM_THREADS for the pipeline: see what Ray gives the actor on its own",
+    )
     p.add_argument("--memory-scale", type=int, default=10, help="the memory check's large run is this x N (10)")
     p.add_argument("--memory-images", type=int, default=None, help="N of the memory check (default --images)")
     p.add_argument("--memory-model", default="clipmaps-tiny-vit", help="model of the memory runs ('same' = --model)")
@@ -89,12 +110,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-throughput", action="store_true")
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--no-trace", action="store_true", help="no per-stage timing wrappers in the pipeline")
-    p.add_argument("--wait-minutes", type=float, default=40.0,
-                   help="wait this long for other benchmarks on the machine to finish (default 40; 0 = don't)")
-    p.add_argument("--quiet-threshold", type=float, default=0.10,
-                   help="before each run, wait while other processes use more than this share of the cores (0.10)")
-    p.add_argument("--retries", type=int, default=2,
-                   help="re-run a run during which other processes took > 2x --quiet-threshold of the cores (2)")
+    p.add_argument(
+        "--wait-minutes",
+        type=float,
+        default=40.0,
+        help="wait this long for other benchmarks on the machine to finish (default 40; 0 = don't)",
+    )
+    p.add_argument(
+        "--quiet-threshold",
+        type=float,
+        default=0.10,
+        help="before each run, wait while other processes use more than this share of the cores (0.10)",
+    )
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=2,
+        help="re-run a run during which other processes took > 2x --quiet-threshold of the cores (2)",
+    )
     p.add_argument("--data-dir", default=None, help="SeaweedFS data folder (default: a temporary one)")
     p.add_argument("--keep-server", action="store_true", help="leave SeaweedFS running (and its data) at the end")
     p.add_argument("--json", default=None, help="write every raw result and the summary here")
@@ -129,9 +162,15 @@ def machine_info(args) -> dict:
     mem_gb = None
     with contextlib.suppress(ValueError, OSError):
         mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return {"cpu": cpu_model(), "cores": os.cpu_count(),
-            "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-            "memory_gb": mem_gb, "platform": platform.platform(), "python": sys.version.split()[0], **versions}
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "memory_gb": mem_gb,
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        **versions,
+    }
 
 
 def other_benchmarks() -> list[str]:
@@ -161,11 +200,17 @@ def wait_for_quiet_machine(minutes: float) -> dict:
             seen = others
         waited = time.time() - started
         if waited >= minutes * 60:
-            print(f"WARNING: other benchmarks still running after {waited / 60:.0f} min; numbers will be disturbed:\n  "
-                  + "\n  ".join(others), flush=True)
+            print(
+                f"WARNING: other benchmarks still running after {waited / 60:.0f} min; numbers will be disturbed:\n  "
+                + "\n  ".join(others),
+                flush=True,
+            )
             return {"waited_s": round(waited, 1), "seen": seen, "still_running": others}
-        print(f"[{time.strftime('%H:%M:%S')}] waiting for another benchmark to finish "
-              f"({waited / 60:.0f}/{minutes:.0f} min):\n  " + "\n  ".join(others), flush=True)
+        print(
+            f"[{time.strftime('%H:%M:%S')}] waiting for another benchmark to finish "
+            f"({waited / 60:.0f}/{minutes:.0f} min):\n  " + "\n  ".join(others),
+            flush=True,
+        )
         time.sleep(60)
 
 
@@ -213,8 +258,8 @@ class ForeignCpu:
                 raw = (entry / "stat").read_text()
             except OSError:
                 continue
-            name = raw[raw.index("(") + 1: raw.rindex(")")]
-            f = raw[raw.rindex(")") + 2:].split()
+            name = raw[raw.index("(") + 1 : raw.rindex(")")]
+            f = raw[raw.rindex(")") + 2 :].split()
             procs[int(entry.name)] = (int(f[1]), int(f[11]) + int(f[12]), int(f[19]), name)  # ppid, cpu, start
         mine = {os.getpid()}
         changed = True
@@ -231,7 +276,8 @@ class ForeignCpu:
             if pid in mine:
                 with contextlib.suppress(OSError):
                     name = (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode(
-                        errors="replace").strip() or name
+                        errors="replace"
+                    ).strip() or name
             out[(pid, start)] = (cpu, name, pid in mine)
         return out
 
@@ -289,11 +335,17 @@ class QuietMachine:
             share, top = foreign_share()
             if share <= self.threshold or time.time() >= self.deadline:
                 if share > self.threshold:
-                    print(f"WARNING: {label} starts on a busy machine: other processes use {100 * share:.0f}% of the "
-                          f"cores {top}", flush=True)
+                    print(
+                        f"WARNING: {label} starts on a busy machine: other processes use {100 * share:.0f}% of the "
+                        f"cores {top}",
+                        flush=True,
+                    )
                 return share
-            print(f"[{time.strftime('%H:%M:%S')}] {label}: other processes use {100 * share:.0f}% of the cores "
-                  f"{top}; waiting", flush=True)
+            print(
+                f"[{time.strftime('%H:%M:%S')}] {label}: other processes use {100 * share:.0f}% of the cores "
+                f"{top}; waiting",
+                flush=True,
+            )
             t = time.time()
             time.sleep(30)
             self.waited_s += time.time() - t
@@ -339,9 +391,18 @@ def make_spec(args, server, manifest: str, out: str, model: str, size: int) -> d
         "output": {"uri": out, "storage_options": opts},
         "model": {"name": model, "seed": args.seed},
         "vocabulary": {"names": list(CLASSES[: args.classes]), "background": ["background"]},
-        "methods": {"gem": {"size": size, "resources": {
-            "batch_size": args.batch_size, "num_cpus": args.actor_cpus, "num_gpus": 0,
-            "min_actors": 1, "max_actors": 1}}},
+        "methods": {
+            "gem": {
+                "size": size,
+                "resources": {
+                    "batch_size": args.batch_size,
+                    "num_cpus": args.actor_cpus,
+                    "num_gpus": 0,
+                    "min_actors": 1,
+                    "max_actors": 1,
+                },
+            }
+        },
         "resources": {"decode_cpus": args.decode_cpus},
         # "local": always a fresh in-process Ray; null would join any cluster another process on this machine
         # registered in /tmp/ray/ray_current_cluster (`ray start`, ray.cluster_utils in tests)
@@ -367,14 +428,19 @@ def run_worker(args, side: str, spec: dict, label: str, images: int, workdir: Pa
     load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
     with ForeignCpu() as foreign:
-        proc = subprocess.run([sys.executable, str(HERE / "pipeline_worker.py"), str(path)], cwd=REPO, env=env,
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, str(HERE / "pipeline_worker.py"), str(path)],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
     wall = time.perf_counter() - t0
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_RESULT ")]
     if proc.returncode or not lines:
         tail = (proc.stdout[-3000:] + "\n" + proc.stderr[-5000:]).strip()
         raise RuntimeError(f"{label}: worker exited {proc.returncode} without a result:\n{tail}")
-    res = json.loads(lines[-1][len("BENCH_RESULT "):])
+    res = json.loads(lines[-1][len("BENCH_RESULT ") :])
     res["process_wall_s"] = wall
     res["foreign_cpu_s"] = foreign.seconds
     res["foreign_cpu_share"] = foreign.seconds / (wall * (os.cpu_count() or 1))
@@ -426,8 +492,11 @@ def analyse(res: dict) -> dict:
             by = {}
             for e in events:
                 by.setdefault(e["stage"], []).append(e)
-            busy = {s: _overlap(v, t_first, t_last) / (t_last - t_first) for s, v in by.items()
-                    if s in ("decode", "actor", "sink")}
+            busy = {
+                s: _overlap(v, t_first, t_last) / (t_last - t_first)
+                for s, v in by.items()
+                if s in ("decode", "actor", "sink")
+            }
             out["busy_in_steady_window"] = busy
             # cores each part of the run used in the window (samples are 1 s apart: a sample at t covers (t-1, t])
             cores: dict = {}
@@ -447,10 +516,13 @@ def analyse(res: dict) -> dict:
         evs = [e for e in events if e["stage"] == stage]
         if evs:
             per_image = [(e["t1"] - e["t0"]) / e["rows"] for e in evs if e["rows"]]
-            stages[stage] = {"calls": len(evs), "rows": sum(e["rows"] for e in evs),
-                             "total_s": sum(e["t1"] - e["t0"] for e in evs),
-                             "median_s_per_image": statistics.median(per_image) if per_image else None,
-                             "rows_per_call": sorted({e["rows"] for e in evs})}
+            stages[stage] = {
+                "calls": len(evs),
+                "rows": sum(e["rows"] for e in evs),
+                "total_s": sum(e["t1"] - e["t0"] for e in evs),
+                "median_s_per_image": statistics.median(per_image) if per_image else None,
+                "rows_per_call": sorted({e["rows"] for e in evs}),
+            }
             if all("cpu_s" in e for e in evs):
                 stages[stage]["cores_used"] = sum(e["cpu_s"] for e in evs) / stages[stage]["total_s"]
     out["stages"] = stages
@@ -481,8 +553,7 @@ def check_output(server, uri: str, images: int, prompts: int) -> dict:
     counts = {}
     for name in ("labels", "heatmaps", "errors"):
         path = f"{root}/{name}"
-        counts[name] = (pads.dataset(path, filesystem=fs, format="parquet").count_rows()
-                        if fs.exists(path) else 0)
+        counts[name] = pads.dataset(path, filesystem=fs, format="parquet").count_rows() if fs.exists(path) else 0
     counts["ok"] = counts["labels"] == images and counts["heatmaps"] == images * prompts and counts["errors"] == 0
     return counts
 
@@ -537,8 +608,11 @@ def batch_compositions(runs: list[dict]) -> dict:
             by.setdefault(r["side"], set()).add(tuple(sorted(ids)))
     if "pipeline" not in by or "loop" not in by:
         return {}
-    return {"loop_runs_identical": len(by["loop"]) == 1, "pipeline_runs_identical": len(by["pipeline"]) == 1,
-            "pipeline_batches_like_loop": by["pipeline"] == by["loop"]}
+    return {
+        "loop_runs_identical": len(by["loop"]) == 1,
+        "pipeline_runs_identical": len(by["pipeline"]) == 1,
+        "pipeline_batches_like_loop": by["pipeline"] == by["loop"],
+    }
 
 
 def attempt(args, quiet, server, side, label, stamp, workdir, trace, spec_for, images, prompts) -> dict:
@@ -553,12 +627,19 @@ def attempt(args, quiet, server, side, label, stamp, workdir, trace, spec_for, i
         res["foreign_share_before"] = before
         res["check"] = check_output(server, out, images, prompts)
         disturbed = res["foreign_cpu_share"] > 2 * args.quiet_threshold
-        extra = (f"steady {fmt(res.get('steady_ips'))} images/s, e2e {res['e2e_s']:.1f} s "
-                 f"({fmt(res.get('e2e_ips'))} images/s), first batch after {fmt(res.get('first_batch_s'), '.1f')} s, "
-                 f"actor threads {res.get('actor_torch_threads')}, " if side == "pipeline" or trace else "")
-        print(f"[{time.strftime('%H:%M:%S')}] {name}: {extra}driver peak {res['rss_kb']['peak_hwm'] / 1024:.0f} MB, "
-              f"outputs {res['check']}, other processes used {100 * res['foreign_cpu_share']:.0f}% of the cores "
-              f"{res['foreign_top']}" + (" -> disturbed" if disturbed else ""), flush=True)
+        extra = (
+            f"steady {fmt(res.get('steady_ips'))} images/s, e2e {res['e2e_s']:.1f} s "
+            f"({fmt(res.get('e2e_ips'))} images/s), first batch after {fmt(res.get('first_batch_s'), '.1f')} s, "
+            f"actor threads {res.get('actor_torch_threads')}, "
+            if side == "pipeline" or trace
+            else ""
+        )
+        print(
+            f"[{time.strftime('%H:%M:%S')}] {name}: {extra}driver peak {res['rss_kb']['peak_hwm'] / 1024:.0f} MB, "
+            f"outputs {res['check']}, other processes used {100 * res['foreign_cpu_share']:.0f}% of the cores "
+            f"{res['foreign_top']}" + (" -> disturbed" if disturbed else ""),
+            flush=True,
+        )
         tries.append(res)
         if not disturbed:
             break
@@ -590,39 +671,55 @@ def summarise(args, runs: list[dict]) -> dict:
             "plan_ready_s": median([r.get("plan_ready_s") for r in rs]),
             "first_decode_after_s": median([r.get("first_decode_after_s") for r in rs]),
             "peak_rss_mb": median([r["rss_kb"]["peak_hwm"] / 1024 for r in rs]),
-            "per_image_s": {st: median([(r["stages"].get(st) or {}).get("median_s_per_image") for r in rs])
-                            for st in ("decode", "actor", "sink")},
+            "per_image_s": {
+                st: median([(r["stages"].get(st) or {}).get("median_s_per_image") for r in rs])
+                for st in ("decode", "actor", "sink")
+            },
             "actor_cores_used": median([(r["stages"].get("actor") or {}).get("cores_used") for r in rs]),
-            "actor_cpu_s_per_image": median([sum(e.get("cpu_s", 0) for e in r["events"] if e["stage"] == "actor")
-                                             / r["processed"] for r in rs
-                                             if any("cpu_s" in e for e in r["events"]) and r["processed"]]),
-            "cpu_s_per_image": median([sum(r["cpu_s_by_part"].values()) / r["processed"] for r in rs
-                                       if r.get("cpu_s_by_part") and r["processed"]]),
+            "actor_cpu_s_per_image": median(
+                [
+                    sum(e.get("cpu_s", 0) for e in r["events"] if e["stage"] == "actor") / r["processed"]
+                    for r in rs
+                    if any("cpu_s" in e for e in r["events"]) and r["processed"]
+                ]
+            ),
+            "cpu_s_per_image": median(
+                [
+                    sum(r["cpu_s_by_part"].values()) / r["processed"]
+                    for r in rs
+                    if r.get("cpu_s_by_part") and r["processed"]
+                ]
+            ),
             "steady_runs": [r.get("steady_ips") for r in rs],
             "e2e_runs": [r.get("e2e_s") for r in rs],
             "torch_threads": sorted({r.get("actor_torch_threads") for r in rs if r.get("actor_torch_threads")}),
             "foreign_cpu_share": [round(r.get("foreign_cpu_share", 0), 3) for r in rs],
-            "cpu_s_by_part": {g: median([(r.get("cpu_s_by_part") or {}).get(g, 0.0) for r in rs])
-                              for g in sorted({g for r in rs for g in (r.get("cpu_s_by_part") or {})})},
+            "cpu_s_by_part": {
+                g: median([(r.get("cpu_s_by_part") or {}).get(g, 0.0) for r in rs])
+                for g in sorted({g for r in rs for g in (r.get("cpu_s_by_part") or {})})
+            },
             "cores_in_steady_window": {
                 g: median([(r.get("cores_in_steady_window") or {}).get(g, 0.0) for r in rs])
-                for g in sorted({g for r in rs for g in (r.get("cores_in_steady_window") or {})})},
+                for g in sorted({g for r in rs for g in (r.get("cores_in_steady_window") or {})})
+            },
         }
     p, lp = by["pipeline"], by["loop"]
-    s["pipeline"].update({
-        "ray_init_s": median([r.get("ray_init_s") for r in p]),
-        "shutdown_s": median([r.get("shutdown_s") for r in p]),
-        "actor_ready_after_s": median([r.get("actor_ready_after_s") for r in p]),
-        "actor_process_started_after_s": median([r.get("actor_process_started_after_s") for r in p]),
-        "first_actor_call_after_s": median([r.get("first_actor_call_after_s") for r in p]),
-        "actor_busy": median([(r.get("busy_in_steady_window") or {}).get("actor") for r in p]),
-        "decode_busy": median([(r.get("busy_in_steady_window") or {}).get("decode") for r in p]),
-        "sink_busy": median([(r.get("busy_in_steady_window") or {}).get("sink") for r in p]),
-        "actor_idle_between_calls_s": median([r.get("actor_idle_between_calls_s") for r in p]),
-        "last_actor_end_to_done_s": median([r.get("last_actor_end_to_done_s") for r in p]),
-        "driver_lag_s": median([r.get("driver_lag_s") for r in p]),
-        "steady_ips_driver": median([r.get("steady_ips_driver") for r in p]),
-    })
+    s["pipeline"].update(
+        {
+            "ray_init_s": median([r.get("ray_init_s") for r in p]),
+            "shutdown_s": median([r.get("shutdown_s") for r in p]),
+            "actor_ready_after_s": median([r.get("actor_ready_after_s") for r in p]),
+            "actor_process_started_after_s": median([r.get("actor_process_started_after_s") for r in p]),
+            "first_actor_call_after_s": median([r.get("first_actor_call_after_s") for r in p]),
+            "actor_busy": median([(r.get("busy_in_steady_window") or {}).get("actor") for r in p]),
+            "decode_busy": median([(r.get("busy_in_steady_window") or {}).get("decode") for r in p]),
+            "sink_busy": median([(r.get("busy_in_steady_window") or {}).get("sink") for r in p]),
+            "actor_idle_between_calls_s": median([r.get("actor_idle_between_calls_s") for r in p]),
+            "last_actor_end_to_done_s": median([r.get("last_actor_end_to_done_s") for r in p]),
+            "driver_lag_s": median([r.get("driver_lag_s") for r in p]),
+            "steady_ips_driver": median([r.get("steady_ips_driver") for r in p]),
+        }
+    )
     s["loop"]["first_actor_call_after_s"] = median([r.get("first_actor_call_after_s") for r in lp])
     ps, ls = s["pipeline"], s["loop"]
     s["steady_ratio"] = ps["steady_ips"] / ls["steady_ips"] if ps["steady_ips"] and ls["steady_ips"] else None
@@ -636,7 +733,7 @@ def summarise(args, runs: list[dict]) -> dict:
     if ps.get("fixed_s") is not None and ls.get("fixed_s") is not None:
         slope = 1 / ls["steady_ips"] - TARGET_RATIO / ps["steady_ips"]
         need = TARGET_RATIO * ps["fixed_s"] - ls["fixed_s"]
-        s["images_for_e2e_target"] = (max(0.0, need / slope) if slope > 0 else float("inf"))
+        s["images_for_e2e_target"] = max(0.0, need / slope) if slope > 0 else float("inf")
     return s
 
 
@@ -646,51 +743,98 @@ def _ratio(a, b) -> str:
 
 def print_report(args, info: dict, summary: dict | None, memory: dict | None, checks: dict) -> None:
     print()
-    print(f"machine: {info['cpu']} | {info['cores']} cores ({info['cores_usable']} usable) | "
-          f"{fmt(info['memory_gb'], '.0f')} GB | {info['platform']} | python {info['python']} | torch "
-          f"{info['torch']} | ray {info['ray']} | pyarrow {info['pyarrow']} | s3fs {info['s3fs']}")
+    print(
+        f"machine: {info['cpu']} | {info['cores']} cores ({info['cores_usable']} usable) | "
+        f"{fmt(info['memory_gb'], '.0f')} GB | {info['platform']} | python {info['python']} | torch "
+        f"{info['torch']} | ray {info['ray']} | pyarrow {info['pyarrow']} | s3fs {info['s3fs']}"
+    )
     w, h = args.image_wh
-    print(f"config: GEM on {args.model} (seeded random weights) at {args.size}, {args.images} images {w}x{h} JPEG "
-          f"from SeaweedFS S3 on 127.0.0.1, batch {args.batch_size}, labels over {args.classes} classes + 1 "
-          f"background and png8 heatmaps for 3 manifest prompts/image, Parquet to S3; pipeline: 1 GEM actor "
-          f"(num_cpus {args.actor_cpus:g}), decode tasks num_cpus {args.decode_cpus:g}; torch threads "
-          f"{'Ray default (pipeline) / ' if args.ray_default_threads else ''}{args.threads} (OMP_NUM_THREADS); "
-          f"{args.repeats} repeats, alternating order, medians")
+    print(
+        f"config: GEM on {args.model} (seeded random weights) at {args.size}, {args.images} images {w}x{h} JPEG "
+        f"from SeaweedFS S3 on 127.0.0.1, batch {args.batch_size}, labels over {args.classes} classes + 1 "
+        f"background and png8 heatmaps for 3 manifest prompts/image, Parquet to S3; pipeline: 1 GEM actor "
+        f"(num_cpus {args.actor_cpus:g}), decode tasks num_cpus {args.decode_cpus:g}; torch threads "
+        f"{'Ray default (pipeline) / ' if args.ray_default_threads else ''}{args.threads} (OMP_NUM_THREADS); "
+        f"{args.repeats} repeats, alternating order, medians"
+    )
     if summary:
         p, lp = summary["pipeline"], summary["loop"]
         print(f"torch threads seen in the GEM actor: pipeline {p['torch_threads']}, loop {lp['torch_threads']}")
         print()
         rows = [
-            ("steady-state images/s  [target]", fmt(p["steady_ips"]), fmt(lp["steady_ips"]),
-             fmt(summary["steady_ratio"], ".2f"), f">= {TARGET_RATIO}"),
-            ("end-to-end images/s", fmt(p["e2e_ips"]), fmt(lp["e2e_ips"]), fmt(summary["e2e_ratio"], ".2f"),
-             f"(at N={args.images})"),
+            (
+                "steady-state images/s  [target]",
+                fmt(p["steady_ips"]),
+                fmt(lp["steady_ips"]),
+                fmt(summary["steady_ratio"], ".2f"),
+                f">= {TARGET_RATIO}",
+            ),
+            (
+                "end-to-end images/s",
+                fmt(p["e2e_ips"]),
+                fmt(lp["e2e_ips"]),
+                fmt(summary["e2e_ratio"], ".2f"),
+                f"(at N={args.images})",
+            ),
             ("end-to-end s", fmt(p["e2e_s"], ".1f"), fmt(lp["e2e_s"], ".1f"), "", ""),
             ("  fixed cost s (e2e - N/steady)", fmt(p.get("fixed_s"), ".1f"), fmt(lp.get("fixed_s"), ".1f"), "", ""),
             ("  first batch done after s", fmt(p["first_batch_s"], ".1f"), fmt(lp["first_batch_s"], ".1f"), "", ""),
             ("  ray.init s", fmt(p["ray_init_s"], ".1f"), "-", "", ""),
-            ("  manifest read, output prepared after s", fmt(p["plan_ready_s"], ".1f"), fmt(lp["plan_ready_s"], ".1f"),
-             "", ""),
-            ("  first decode started after s", fmt(p["first_decode_after_s"], ".1f"),
-             fmt(lp["first_decode_after_s"], ".1f"), "", ""),
+            (
+                "  manifest read, output prepared after s",
+                fmt(p["plan_ready_s"], ".1f"),
+                fmt(lp["plan_ready_s"], ".1f"),
+                "",
+                "",
+            ),
+            (
+                "  first decode started after s",
+                fmt(p["first_decode_after_s"], ".1f"),
+                fmt(lp["first_decode_after_s"], ".1f"),
+                "",
+                "",
+            ),
             ("  GEM actor process started after s", fmt(p["actor_process_started_after_s"], ".1f"), "-", "", ""),
-            ("  model load (actor __init__) s", fmt(p["actor_init_s"], ".1f"), fmt(lp["actor_init_s"], ".1f"), "",
-             ""),
+            ("  model load (actor __init__) s", fmt(p["actor_init_s"], ".1f"), fmt(lp["actor_init_s"], ".1f"), "", ""),
             ("  actor ready after s", fmt(p["actor_ready_after_s"], ".1f"), "-", "", ""),
-            ("  first GEM call after s", fmt(p["first_actor_call_after_s"], ".1f"),
-             fmt(lp["first_actor_call_after_s"], ".1f"), "", ""),
+            (
+                "  first GEM call after s",
+                fmt(p["first_actor_call_after_s"], ".1f"),
+                fmt(lp["first_actor_call_after_s"], ".1f"),
+                "",
+                "",
+            ),
             ("  ray.shutdown s (not in e2e)", fmt(p["shutdown_s"], ".1f"), "-", "", ""),
-            ("decode s/image (fetch+decode+resize)", fmt(p["per_image_s"]["decode"]), fmt(lp["per_image_s"]["decode"]),
-             "", ""),
+            (
+                "decode s/image (fetch+decode+resize)",
+                fmt(p["per_image_s"]["decode"]),
+                fmt(lp["per_image_s"]["decode"]),
+                "",
+                "",
+            ),
             ("GEM actor call s/image", fmt(p["per_image_s"]["actor"]), fmt(lp["per_image_s"]["actor"]), "", ""),
-            ("  cores used by the GEM process in its calls", fmt(p["actor_cores_used"], ".2f"),
-             fmt(lp["actor_cores_used"], ".2f"), "", ""),
-            ("  CPU s per image in GEM calls", fmt(p["actor_cpu_s_per_image"], ".2f"),
-             fmt(lp["actor_cpu_s_per_image"], ".2f"), _ratio(lp["actor_cpu_s_per_image"], p["actor_cpu_s_per_image"]),
-             ""),
+            (
+                "  cores used by the GEM process in its calls",
+                fmt(p["actor_cores_used"], ".2f"),
+                fmt(lp["actor_cores_used"], ".2f"),
+                "",
+                "",
+            ),
+            (
+                "  CPU s per image in GEM calls",
+                fmt(p["actor_cpu_s_per_image"], ".2f"),
+                fmt(lp["actor_cpu_s_per_image"], ".2f"),
+                _ratio(lp["actor_cpu_s_per_image"], p["actor_cpu_s_per_image"]),
+                "",
+            ),
             ("sink s/image (encode+Parquet+S3)", fmt(p["per_image_s"]["sink"]), fmt(lp["per_image_s"]["sink"]), "", ""),
-            ("CPU s per image, all processes of the run", fmt(p["cpu_s_per_image"], ".2f"),
-             fmt(lp["cpu_s_per_image"], ".2f"), _ratio(lp["cpu_s_per_image"], p["cpu_s_per_image"]), ""),
+            (
+                "CPU s per image, all processes of the run",
+                fmt(p["cpu_s_per_image"], ".2f"),
+                fmt(lp["cpu_s_per_image"], ".2f"),
+                _ratio(lp["cpu_s_per_image"], p["cpu_s_per_image"]),
+                "",
+            ),
             ("driver peak RSS MB (VmHWM)", fmt(p["peak_rss_mb"], ".0f"), fmt(lp["peak_rss_mb"], ".0f"), "", ""),
         ]
         widths = [max(len(r[i]) for r in rows + [("", "pipeline", "loop", "ratio", "target")]) for i in range(5)]
@@ -699,56 +843,80 @@ def print_report(args, info: dict, summary: dict | None, memory: dict | None, ch
         for r in rows:
             print("  ".join(c.ljust(widths[0]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(r)))
         print()
-        print(f"CPU share taken by other processes during each run: pipeline {p['foreign_cpu_share']}, loop "
-              f"{lp['foreign_cpu_share']} (of all cores; > 0.05 means the numbers were disturbed)")
+        print(
+            f"CPU share taken by other processes during each run: pipeline {p['foreign_cpu_share']}, loop "
+            f"{lp['foreign_cpu_share']} (of all cores; > 0.05 means the numbers were disturbed)"
+        )
         for side, d in (("pipeline", p), ("loop", lp)):
             parts = d["cpu_s_by_part"]
             if parts:
                 total = sum(parts.values())
                 ranked = sorted(parts.items(), key=lambda kv: -kv[1])
-                print(f"CPU seconds of the {side} run by process (median; sampled from /proc each second): total "
-                      f"{total:.0f} = " + ", ".join(f"{g} {v:.1f}" for g, v in ranked))
+                print(
+                    f"CPU seconds of the {side} run by process (median; sampled from /proc each second): total "
+                    f"{total:.0f} = " + ", ".join(f"{g} {v:.1f}" for g, v in ranked)
+                )
         for side, d in (("pipeline", p), ("loop", lp)):
             parts = d["cores_in_steady_window"]
             if parts:
                 ranked = sorted(parts.items(), key=lambda kv: -kv[1])
-                print(f"cores used in the steady window by the {side} run's processes: total "
-                      f"{sum(parts.values()):.2f} = " + ", ".join(f"{g} {v:.2f}" for g, v in ranked))
-        print(f"per repeat: pipeline steady {[fmt(x, '.3f') for x in p['steady_runs']]} e2e s "
-              f"{[fmt(x, '.1f') for x in p['e2e_runs']]}; loop steady {[fmt(x, '.3f') for x in lp['steady_runs']]} "
-              f"e2e s {[fmt(x, '.1f') for x in lp['e2e_runs']]}")
+                print(
+                    f"cores used in the steady window by the {side} run's processes: total "
+                    f"{sum(parts.values()):.2f} = " + ", ".join(f"{g} {v:.2f}" for g, v in ranked)
+                )
+        print(
+            f"per repeat: pipeline steady {[fmt(x, '.3f') for x in p['steady_runs']]} e2e s "
+            f"{[fmt(x, '.1f') for x in p['e2e_runs']]}; loop steady {[fmt(x, '.3f') for x in lp['steady_runs']]} "
+            f"e2e s {[fmt(x, '.1f') for x in lp['e2e_runs']]}"
+        )
         if p["actor_busy"] is not None:
-            print(f"pipeline: the driver saw finished batches {fmt(p['driver_lag_s'], '.1f')} s (median) after their "
-                  f"sink task ended (steady images/s from the driver's progress lines: "
-                  f"{fmt(p['steady_ips_driver'])})")
-            print(f"pipeline steady window: GEM actor busy {100 * p['actor_busy']:.0f}%, decode tasks "
-                  f"{100 * (p['decode_busy'] or 0):.0f}%, sink tasks {100 * (p['sink_busy'] or 0):.0f}% of the "
-                  f"window (overlapping); actor idle between calls {fmt(p['actor_idle_between_calls_s'], '.1f')} s "
-                  f"in the whole run; last GEM call to job done {fmt(p['last_actor_end_to_done_s'], '.1f')} s")
+            print(
+                f"pipeline: the driver saw finished batches {fmt(p['driver_lag_s'], '.1f')} s (median) after their "
+                f"sink task ended (steady images/s from the driver's progress lines: "
+                f"{fmt(p['steady_ips_driver'])})"
+            )
+            print(
+                f"pipeline steady window: GEM actor busy {100 * p['actor_busy']:.0f}%, decode tasks "
+                f"{100 * (p['decode_busy'] or 0):.0f}%, sink tasks {100 * (p['sink_busy'] or 0):.0f}% of the "
+                f"window (overlapping); actor idle between calls {fmt(p['actor_idle_between_calls_s'], '.1f')} s "
+                f"in the whole run; last GEM call to job done {fmt(p['last_actor_end_to_done_s'], '.1f')} s"
+            )
         n_target = summary.get("images_for_e2e_target")
         if n_target is not None:
-            print("end-to-end ratio reaches the target at N >= "
-                  + ("never (steady ratio below target)" if n_target == float("inf") else f"{n_target:.0f} images")
-                  + " (extrapolated from the fixed costs and steady rates above)")
+            print(
+                "end-to-end ratio reaches the target at N >= "
+                + ("never (steady ratio below target)" if n_target == float("inf") else f"{n_target:.0f} images")
+                + " (extrapolated from the fixed costs and steady rates above)"
+            )
         print("the target compares the steady-state ratio (Ray's fixed costs amortised); end to end at this N is shown")
     if checks:
-        print(f"outputs complete in every run: {checks.get('outputs_ok')}; pipeline vs loop outputs (repeat 1): "
-              f"{checks.get('same_outputs')}; same images batched together: {checks.get('batches')}")
+        print(
+            f"outputs complete in every run: {checks.get('outputs_ok')}; pipeline vs loop outputs (repeat 1): "
+            f"{checks.get('same_outputs')}; same images batched together: {checks.get('batches')}"
+        )
     if memory:
         print()
-        print(f"driver memory (pipeline, {memory['model']} at {memory['size']}, batch {args.batch_size}; "
-              "fresh process per run, VmHWM):")
-        print(f"  {'images':>7}  {'peak MB':>8}  {'after imports MB':>16}  {'after ray.init MB':>17}  "
-              f"{'after run MB':>12}  {'run s':>6}")
+        print(
+            f"driver memory (pipeline, {memory['model']} at {memory['size']}, batch {args.batch_size}; "
+            "fresh process per run, VmHWM):"
+        )
+        print(
+            f"  {'images':>7}  {'peak MB':>8}  {'after imports MB':>16}  {'after ray.init MB':>17}  "
+            f"{'after run MB':>12}  {'run s':>6}"
+        )
         for n, rs in sorted(memory["runs"].items(), key=lambda kv: int(kv[0])):
             for r in rs:
                 kb = r["rss_kb"]
-                print(f"  {n:>7}  {kb['peak_hwm'] / 1024:8.0f}  {kb.get('after_imports', 0) / 1024:16.0f}  "
-                      f"{kb.get('after_ray_init', 0) / 1024:17.0f}  {kb.get('after_run', 0) / 1024:12.0f}  "
-                      f"{r['e2e_s']:6.1f}")
+                print(
+                    f"  {n:>7}  {kb['peak_hwm'] / 1024:8.0f}  {kb.get('after_imports', 0) / 1024:16.0f}  "
+                    f"{kb.get('after_ray_init', 0) / 1024:17.0f}  {kb.get('after_run', 0) / 1024:12.0f}  "
+                    f"{r['e2e_s']:6.1f}"
+                )
         ratio = memory.get("ratio")
-        print(f"  peak RSS ratio {memory['large']} / {memory['small']} images: {fmt(ratio, '.3f')} "
-              f"(target <= {TARGET_MEMORY}) -> {'PASS' if ratio is not None and ratio <= TARGET_MEMORY else 'FAIL'}")
+        print(
+            f"  peak RSS ratio {memory['large']} / {memory['small']} images: {fmt(ratio, '.3f')} "
+            f"(target <= {TARGET_MEMORY}) -> {'PASS' if ratio is not None and ratio <= TARGET_MEMORY else 'FAIL'}"
+        )
 
 
 def report_from_json(path: str) -> int:
@@ -771,7 +939,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.from_json:
         return report_from_json(args.from_json)
-    from tests import s3server
+    from tests.helpers import s3server
 
     info = machine_info(args)
     started = time.time()
@@ -781,11 +949,14 @@ def main(argv=None) -> int:
     deadline = started + args.wait_minutes * 60
     while port_in_use(s3server.S3_PORT):  # another S3 server (a test run's) holds the port: wait for it
         if time.time() >= deadline:
-            print(f"port {s3server.S3_PORT} is in use on 127.0.0.1 (another S3 server / test run?); stop it first",
-                  file=sys.stderr)
+            print(
+                f"port {s3server.S3_PORT} is in use on 127.0.0.1 (another S3 server / test run?); stop it first",
+                file=sys.stderr,
+            )
             return 2
-        print(f"[{time.strftime('%H:%M:%S')}] port {s3server.S3_PORT} is in use (another S3 server); waiting",
-              flush=True)
+        print(
+            f"[{time.strftime('%H:%M:%S')}] port {s3server.S3_PORT} is in use (another S3 server); waiting", flush=True
+        )
         time.sleep(15)
     data_dir = Path(args.data_dir) if args.data_dir else Path(tempfile.mkdtemp(prefix="clipmaps-bench-s3-"))
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -802,9 +973,20 @@ def main(argv=None) -> int:
 
     def save(summary=None, memory=None, checks=None) -> None:
         if args.json:
-            Path(args.json).write_text(json.dumps({"args": dict(vars(args)), "machine": info, "summary": summary,
-                                                   "memory": memory, "checks": checks or {}, "runs": runs},
-                                                  indent=1, default=str))
+            Path(args.json).write_text(
+                json.dumps(
+                    {
+                        "args": dict(vars(args)),
+                        "machine": info,
+                        "summary": summary,
+                        "memory": memory,
+                        "checks": checks or {},
+                        "runs": runs,
+                    },
+                    indent=1,
+                    default=str,
+                )
+            )
 
     proc, server = s3server.start(data_dir)
     print(f"SeaweedFS S3 at {server.endpoint} (data {data_dir}), work files {workdir}", flush=True)
@@ -812,8 +994,10 @@ def main(argv=None) -> int:
     summary = None
     checks: dict = {}
     try:
-        total = max(args.images if not args.skip_throughput else 0,
-                    args.memory_images * args.memory_scale if not args.skip_memory else 0)
+        total = max(
+            args.images if not args.skip_throughput else 0,
+            args.memory_images * args.memory_scale if not args.skip_memory else 0,
+        )
         t0 = time.time()
         rows = upload_inputs(server, total, args.image_wh, "bench")
         print(f"uploaded {total} images in {time.time() - t0:.1f} s", flush=True)
@@ -826,9 +1010,19 @@ def main(argv=None) -> int:
                 order = ("pipeline", "loop") if rep % 2 == 0 else ("loop", "pipeline")
                 for side in order:
                     label = f"{side}-r{rep + 1}"
-                    res = attempt(args, quiet, server, side, label, stamp, workdir, not args.no_trace,
-                                  lambda out: make_spec(args, server, manifest, out, args.model, args.size),
-                                  args.images, prompts)
+                    res = attempt(
+                        args,
+                        quiet,
+                        server,
+                        side,
+                        label,
+                        stamp,
+                        workdir,
+                        not args.no_trace,
+                        lambda out: make_spec(args, server, manifest, out, args.model, args.size),
+                        args.images,
+                        prompts,
+                    )
                     res["repeat"] = rep + 1
                     outs_ok.append(res["check"]["ok"])
                     runs.append(res)
@@ -840,17 +1034,26 @@ def main(argv=None) -> int:
             summary = summarise(args, runs)
         if not args.skip_memory:
             small, large = args.memory_images, args.memory_images * args.memory_scale
-            memory = {"model": args.memory_model, "size": args.memory_size, "small": small, "large": large,
-                      "runs": {}}
+            memory = {"model": args.memory_model, "size": args.memory_size, "small": small, "large": large, "runs": {}}
             manifests = {n: put_manifest(server, rows[:n], f"bench/manifest-{n}.jsonl") for n in (small, large)}
             order = []
             for rep in range(args.memory_repeats):
                 order += [small, large] if rep % 2 == 0 else [large, small]
             for i, n in enumerate(order):
                 label = f"memory-{n}-{i + 1}"
-                res = attempt(args, quiet, server, "pipeline", label, stamp, workdir, False,
-                              lambda out, n=n: make_spec(args, server, manifests[n], out, args.memory_model,
-                                                         args.memory_size), n, prompts)
+                res = attempt(
+                    args,
+                    quiet,
+                    server,
+                    "pipeline",
+                    label,
+                    stamp,
+                    workdir,
+                    False,
+                    lambda out, n=n: make_spec(args, server, manifests[n], out, args.memory_model, args.memory_size),
+                    n,
+                    prompts,
+                )
                 memory["runs"].setdefault(str(n), []).append(res)
                 save(summary, memory, checks)
             peak = {n: median([r["rss_kb"]["peak_hwm"] for r in memory["runs"][str(n)]]) for n in (small, large)}

@@ -56,7 +56,7 @@ def _split(batch, size: int) -> list:
         return [batch]
     if isinstance(batch, pa.Table):
         return [batch.slice(i, size) for i in range(0, n, size)]
-    return [{k: v[i:i + size] for k, v in batch.items()} for i in range(0, n, size)]
+    return [{k: v[i : i + size] for k, v in batch.items()} for i in range(0, n, size)]
 
 
 class LocalDataset:
@@ -73,8 +73,9 @@ class LocalDataset:
 
     def iter_batches(self, *, batch_format="numpy", batch_size=None, **_):
         if batch_format != "numpy" or batch_size is not None:
-            raise NotImplementedError("the in-process loop only serves iter_batches(batch_format='numpy', "
-                                      "batch_size=None)")
+            raise NotImplementedError(
+                "the in-process loop only serves iter_batches(batch_format='numpy', batch_size=None)"
+            )
         first = self.stages[0].batch_size
         first = first if isinstance(first, int) else 4096
         for stage in self.stages:  # build every callable class before the first batch (as the pool starts first)
@@ -113,8 +114,10 @@ class ActorPoolStrategy:
 
 class _Strict(types.ModuleType):
     def __getattr__(self, name):
-        raise AttributeError(f"the in-process loop's stand-in for Ray has no {self.__name__}.{name}; "
-                             "update tests/benchmarks/pipeline_loop.py to the driver's new use of Ray")
+        raise AttributeError(
+            f"the in-process loop's stand-in for Ray has no {self.__name__}.{name}; "
+            "update tests/benchmarks/pipeline_loop.py to the driver's new use of Ray"
+        )
 
 
 class _Exceptions(types.ModuleType):

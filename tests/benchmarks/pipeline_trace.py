@@ -51,8 +51,12 @@ def process_started() -> float | None:
 def torch_threads() -> dict:
     import torch
 
-    return {"process_started": process_started(), "torch_threads": torch.get_num_threads(),
-            "torch_interop_threads": torch.get_num_interop_threads(), "omp_env": os.environ.get("OMP_NUM_THREADS")}
+    return {
+        "process_started": process_started(),
+        "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
+        "omp_env": os.environ.get("OMP_NUM_THREADS"),
+    }
 
 
 def traced_decode_batch(batch, config):
@@ -76,8 +80,16 @@ def traced_sink_batch(batch, config):
 
     t0 = time.time()
     out = SinkStage(config)(batch)
-    _emit({"stage": "sink", "pid": os.getpid(), "t0": t0, "t1": time.time(), "rows": int(sum(out["rows"])),
-           "ids": [str(i) for i in batch[cols.IMAGE_ID]]})
+    _emit(
+        {
+            "stage": "sink",
+            "pid": os.getpid(),
+            "t0": t0,
+            "t1": time.time(),
+            "rows": int(sum(out["rows"])),
+            "ids": [str(i) for i in batch[cols.IMAGE_ID]],
+        }
+    )
     return out
 
 
@@ -93,14 +105,21 @@ class TracedMethodActor(_method_actor_base()):
     def __init__(self, config):
         t0 = time.time()
         super().__init__(config)
-        _emit({"stage": "actor_init", "pid": os.getpid(), "t0": t0, "t1": time.time(), "rows": 0,
-               **torch_threads()})
+        _emit({"stage": "actor_init", "pid": os.getpid(), "t0": t0, "t1": time.time(), "rows": 0, **torch_threads()})
 
     def __call__(self, batch):
         t0, c0 = time.time(), time.process_time()
         out = super().__call__(batch)
-        _emit({"stage": "actor", "pid": os.getpid(), "t0": t0, "t1": time.time(), "rows": _rows(out),
-               "cpu_s": time.process_time() - c0})
+        _emit(
+            {
+                "stage": "actor",
+                "pid": os.getpid(),
+                "t0": t0,
+                "t1": time.time(),
+                "rows": _rows(out),
+                "cpu_s": time.process_time() - c0,
+            }
+        )
         return out
 
 
@@ -126,9 +145,11 @@ def traced_build():
     original = run_mod.build_dataset
 
     def build_dataset(*args, **kwargs):
-        with _patched(actor_mod, "MethodActor", TracedMethodActor), \
-                _patched(decode_mod, "decode_batch", traced_decode_batch), \
-                _patched(sinks_mod, "sink_batch", traced_sink_batch):
+        with (
+            _patched(actor_mod, "MethodActor", TracedMethodActor),
+            _patched(decode_mod, "decode_batch", traced_decode_batch),
+            _patched(sinks_mod, "sink_batch", traced_sink_batch),
+        ):
             return original(*args, **kwargs)
 
     with _patched(run_mod, "build_dataset", build_dataset):

@@ -102,8 +102,9 @@ def run_side(spec, cfg: dict, sampler: RssSampler) -> dict:
             import ray
 
             # the arguments run() would use; started here so that its cost shows apart (run() then keeps it)
-            ray.init(address=spec.run.ray_address, include_dashboard=False, log_to_driver=False,
-                     configure_logging=False)
+            ray.init(
+                address=spec.run.ray_address, include_dashboard=False, log_to_driver=False, configure_logging=False
+            )
             res["ray_init_s"] = time.time() - started
             res["cluster_cpus"] = ray.cluster_resources().get("CPU")
             sampler.mark("after_ray_init")
@@ -118,10 +119,20 @@ def run_side(spec, cfg: dict, sampler: RssSampler) -> dict:
         from pipeline_trace import read_events
 
         events = read_events(trace)
-    res.update({"events": events, "progress": progress, "processed": result.processed, "counts": result.counts,
-                "errors": result.errors, "ok": result.ok, "t_start": started, "t_end": t_run,
-                "plan_said_s": said[0] - started if said else None,
-                "plan_text": result.plan_text})
+    res.update(
+        {
+            "events": events,
+            "progress": progress,
+            "processed": result.processed,
+            "counts": result.counts,
+            "errors": result.errors,
+            "ok": result.ok,
+            "t_start": started,
+            "t_end": t_run,
+            "plan_said_s": said[0] - started if said else None,
+            "plan_text": result.plan_text,
+        }
+    )
     return res
 
 
@@ -138,13 +149,17 @@ def main() -> None:
     t_ready = time.time()
     res = run_side(spec, cfg, sampler)
     sampler.stop()
-    res.update({
-        "side": cfg["side"], "label": cfg.get("label"), "images": cfg.get("images"),
-        "driver_torch_threads": torch.get_num_threads(),
-        "imports_s": t_ready - T_PROCESS,
-        "rss_kb": {"peak_hwm": _status_kb("VmHWM"), "peak_sampled": sampler.max_kb, **sampler.marks},
-        "rss_series": sampler.series,
-    })
+    res.update(
+        {
+            "side": cfg["side"],
+            "label": cfg.get("label"),
+            "images": cfg.get("images"),
+            "driver_torch_threads": torch.get_num_threads(),
+            "imports_s": t_ready - T_PROCESS,
+            "rss_kb": {"peak_hwm": _status_kb("VmHWM"), "peak_sampled": sampler.max_kb, **sampler.marks},
+            "rss_series": sampler.series,
+        }
+    )
     print("BENCH_RESULT " + json.dumps(res), flush=True)
 
 

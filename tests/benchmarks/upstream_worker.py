@@ -68,8 +68,9 @@ def run_legrad(args, device, model, tokenizer, images, res):
     with bi.stopwatch(device, res, "warmup_seconds"):
         w.compute_legrad(text_embedding=texts[0], image=images[:1])
     with bi.stopwatch(device, res, "seconds"):
-        heats = [w.compute_legrad(text_embedding=texts[i], image=images[i : i + 1]).detach()
-                 for i in range(args.images)]
+        heats = [
+            w.compute_legrad(text_embedding=texts[i], image=images[i : i + 1]).detach() for i in range(args.images)
+        ]
     res["mode"] = "compute_legrad per image"
     res["items"] = args.images
     bi.save_outputs(args.save, heat=torch.cat(heats))
@@ -78,8 +79,9 @@ def run_legrad(args, device, model, tokenizer, images, res):
 def run_maskinversion(args, device, model, tokenizer, images, res):
     import maskinversion
 
-    w = maskinversion.MaskInversion(model, layer_index=-1, alpha=0.0, lr=bi.MI_LR, iterations=bi.MI_ITERATIONS,
-                                    wd=0.0, optimizer=torch.optim.AdamW)
+    w = maskinversion.MaskInversion(
+        model, layer_index=-1, alpha=0.0, lr=bi.MI_LR, iterations=bi.MI_ITERATIONS, wd=0.0, optimizer=torch.optim.AdamW
+    )
     masks = [m.to(device) for m in bi.make_masks(args.images, args.masks, args.size)]
     with bi.stopwatch(device, res, "warmup_seconds"):
         w.compute_maskinversion(images[:1], masks[0])

@@ -84,8 +84,11 @@ def test_preprocessing_matches_upstream_transform():
 def test_gem(vit, case_id):
     case = CASES[case_id]
     p = case["params"]
-    gem = GEM(vit.model, vit.tokenizer, GEMParams(depth=p["depth"], ss_attn_iter=p["ss_attn_iter"],
-                                                 ss_attn_temp=p["ss_attn_temp"]))
+    gem = GEM(
+        vit.model,
+        vit.tokenizer,
+        GEMParams(depth=p["depth"], ss_attn_iter=p["ss_attn_iter"], ss_attn_temp=p["ss_attn_temp"]),
+    )
     ids = list(case["images"])
     x = torch.cat([image_input(i) for i in ids])  # every image of the case in one batch
     prompts = [case["images"][i]["prompts"] for i in ids]
@@ -134,8 +137,10 @@ def test_legrad(vit, case_id):
 def test_maskinversion(vit, case_id):
     case = CASES[case_id]
     p = case["params"]
-    mi = MaskInversion(vit.model, MaskInversionParams(iterations=p["iterations"], lr=p["lr"], alpha=p["alpha"],
-                                                      wd=p["wd"], optimizer="adamw"))
+    mi = MaskInversion(
+        vit.model,
+        MaskInversionParams(iterations=p["iterations"], lr=p["lr"], alpha=p["alpha"], wd=p["wd"], optimizer="adamw"),
+    )
     ids = list(case["images"])
     x = torch.cat([image_input(i) for i in ids])
     masks = [arr(MANIFEST["inputs"]["images"][i]["maskinversion_masks"]) for i in ids]
@@ -157,8 +162,9 @@ def test_maskclip(vit, rn, case_id):
     classes = case["classes"]
     text = TextEncoder(lm.model, lm.tokenizer)
     torch.testing.assert_close(text.encode(classes, ENSEMBLE_85), arr(case["text"]["text_emb_85"]), atol=1e-6, rtol=0)
-    torch.testing.assert_close(text.encode(classes, PHOTO_TEMPLATE), arr(case["text"]["text_emb_single"]),
-                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        text.encode(classes, PHOTO_TEMPLATE), arr(case["text"]["text_emb_single"]), atol=1e-6, rtol=0
+    )
     refine = case["params"]["refine_variants"]
     variants = {"": (0.0, 0.0), **{k: (v["ks_thresh"], v["pd_thresh"]) for k, v in refine.items()}}
     for batch in case["batches"].values():

@@ -14,7 +14,7 @@ from clipmaps.pipeline.run import run
 from clipmaps.pipeline.spec import load_spec
 from clipmaps.schemas.datasets import ERRORS, HEATMAPS, LABELS
 from clipmaps.schemas.encodings import decode_heatmap, decode_label_map, rle_encode
-from tests.specs import JOB_SPEC
+from tests.helpers.specs import JOB_SPEC
 
 SCENES = 4
 
@@ -24,10 +24,14 @@ def _manifest_with_bad_rows(folder):
     manifest = write_scenes(folder, SCENES)
     (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     rows = [json.loads(line) for line in manifest.read_text().splitlines()]
-    wrong = dict(rows[0], image_id="wrong-mask",
-                 masks=[{"region_id": "too-small", "rle": rle_encode(np.ones((5, 5), bool))}])
-    rows += [{"image_id": "missing", "image_uri": str(folder / "nope.jpg")},
-             {"image_id": "corrupt", "image_uri": str(folder / "corrupt.jpg")}, wrong]
+    wrong = dict(
+        rows[0], image_id="wrong-mask", masks=[{"region_id": "too-small", "rle": rle_encode(np.ones((5, 5), bool))}]
+    )
+    rows += [
+        {"image_id": "missing", "image_uri": str(folder / "nope.jpg")},
+        {"image_id": "corrupt", "image_uri": str(folder / "corrupt.jpg")},
+        wrong,
+    ]
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return manifest
 
@@ -36,8 +40,15 @@ def _manifest_with_bad_rows(folder):
 def finished_job(ray_local, tmp_path_factory):
     folder = tmp_path_factory.mktemp("job")
     manifest = _manifest_with_bad_rows(folder / "input")
-    spec = load_spec(JOB_SPEC, overrides=[f"input.manifest={manifest}", f"output.uri={folder / 'out'}",
-                                           "output.overwrite=false", "run.max_error_fraction=0.5"])
+    spec = load_spec(
+        JOB_SPEC,
+        overrides=[
+            f"input.manifest={manifest}",
+            f"output.uri={folder / 'out'}",
+            "output.overwrite=false",
+            "run.max_error_fraction=0.5",
+        ],
+    )
     lines = []
     result = run(spec, progress=lines.append)
     return spec, result, folder / "out", lines

@@ -20,7 +20,7 @@ from clipmaps.jobs.index import build_index
 from clipmaps.jobs.query import QueryError, query
 from clipmaps.jobs.scenes import make_scene
 from clipmaps.pipeline.spec import load_spec
-from tests.test_index import regions_table, unit, write_job
+from tests.helpers.outputs import regions_table, unit, write_job
 
 DEMO_OVERRIDES = ["input.manifest=/nowhere/manifest.jsonl", "output.uri=/nowhere/out"]
 DIM = 32  # clipmaps-tiny-vit's embedding dimension
@@ -28,7 +28,7 @@ DIM = 32  # clipmaps-tiny-vit's embedding dimension
 
 @pytest.fixture(scope="module")
 def spec():
-    from tests.specs import JOB_SPEC
+    from tests.helpers.specs import JOB_SPEC
 
     return load_spec(JOB_SPEC, overrides=DEMO_OVERRIDES)  # clipmaps-tiny-vit, seed 0, maskinversion lr 0.5
 
@@ -78,8 +78,10 @@ def planted(tmp_path_factory, spec, tiny_vit, scene_files):
     (out / "regions").mkdir()
     import pyarrow.parquet as pq
 
-    pq.write_table(regions_table(x, image_ids, region_ids, weights=spec.model.weights_id, params_hash=phash),
-                   out / "regions" / "part-0.parquet")
+    pq.write_table(
+        regions_table(x, image_ids, region_ids, weights=spec.model.weights_id, params_hash=phash),
+        out / "regions" / "part-0.parquet",
+    )
     write_job(out, spec.to_dict())
     build_index(str(out), image_uris=False)
     return out, plant, x
@@ -136,8 +138,11 @@ def test_rewritten_job_is_refused(tmp_path, planted, spec):
     job = spec.to_dict()
     job["model"]["seed"] = 1
     write_job(other, job)
-    with pytest.raises(QueryError, match="weights random:seed=1, but the index was built from embeddings of "
-                                         "clipmaps-tiny-vit with weights random:seed=0"):
+    with pytest.raises(
+        QueryError,
+        match="weights random:seed=1, but the index was built from embeddings of "
+        "clipmaps-tiny-vit with weights random:seed=0",
+    ):
         query(str(other), "a red dress")
     # other MaskInversion parameters: text queries still work, region queries are refused
     job = spec.to_dict()
@@ -168,6 +173,5 @@ def test_bad_arguments(planted, tmp_path, capsys):
     with pytest.raises(QueryError, match="placeholder"):
         query(str(out), "a red dress", template="no placeholder")
     Image.fromarray(np.zeros((5, 5), np.uint8)).save(tmp_path / "small.png")
-    assert main(["query", str(out), "--image", str(tmp_path / "small.png"), "--mask",
-                 str(tmp_path / "small.png")]) == 2
+    assert main(["query", str(out), "--image", str(tmp_path / "small.png"), "--mask", str(tmp_path / "small.png")]) == 2
     assert "is empty (no non-zero pixel)" in capsys.readouterr().err

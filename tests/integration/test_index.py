@@ -1,13 +1,12 @@
 """``clipmaps index``: streaming build from ``regions/``, exact vs HNSW, recall against exact search, the id map,
 refusal of mixed models/parameters, the manifest join for image URIs, and S3.
 
-Helpers here (``write_regions``, ``write_job``) are shared with ``test_query.py`` and ``test_report.py``.
+Its helpers are in ``tests/helpers/outputs.py``.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -16,52 +15,7 @@ import pytest
 
 from clipmaps.jobs.cli import main
 from clipmaps.jobs.index import IndexError_, build_index, load_index, read_job
-from clipmaps.schemas.datasets import regions_schema
-
-MODEL, WEIGHTS, PHASH = "clipmaps-tiny-vit", "random:seed=0", "0123456789abcdef"
-
-
-def unit(x: np.ndarray) -> np.ndarray:
-    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
-
-
-def clustered(n: int, dim: int, seed: int = 0, centres: int = 200) -> np.ndarray:
-    """Unit vectors around ``centres`` random directions (like real embeddings: clustered, not uniform)."""
-    rng = np.random.default_rng(seed)
-    c = unit(rng.standard_normal((centres, dim)))
-    return unit(c[rng.integers(0, centres, n)] + 0.08 * rng.standard_normal((n, dim)))
-
-
-def regions_table(vectors: np.ndarray, image_ids, region_ids, *, model=MODEL, weights=WEIGHTS,
-                  params_hash=PHASH) -> pa.Table:
-    """A ``regions/`` table with the real schema and the given embeddings."""
-    n, dim = vectors.shape
-    return pa.table({
-        "image_id": list(image_ids), "region_id": list(region_ids), "method": ["maskinversion"] * n,
-        "model": [model] * n, "weights": [weights] * n, "params_hash": [params_hash] * n,
-        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), dim),
-        "area": pa.array(np.full(n, 100), pa.int64()),
-        "bbox": pa.FixedSizeListArray.from_arrays(pa.array(np.tile([1, 2, 10, 10], n), pa.int32()), 4),
-        "loss": pa.array(np.full(n, 0.1), pa.float32()),
-        "expl_map": pa.nulls(n, pa.binary()),
-    }, schema=regions_schema(dim))
-
-
-def write_regions(out: Path, vectors: np.ndarray, *, parts: int = 1, ids_prefix: str = "img", **prov) -> list[tuple]:
-    """Write ``vectors`` as ``regions/`` Parquet files (``parts`` files); return ``[(image_id, region_id)]``."""
-    n = len(vectors)
-    ids = [(f"{ids_prefix}-{i // 4:06d}", f"r{i % 4}") for i in range(n)]
-    (out / "regions").mkdir(parents=True, exist_ok=True)
-    bounds = np.linspace(0, n, parts + 1).astype(int)
-    for p in range(parts):
-        lo, hi = bounds[p], bounds[p + 1]
-        t = regions_table(vectors[lo:hi], [a for a, _ in ids[lo:hi]], [b for _, b in ids[lo:hi]], **prov)
-        pq.write_table(t, out / "regions" / f"part-{ids_prefix}-{p:03d}.parquet", row_group_size=3000)
-    return ids
-
-
-def write_job(out: Path, spec: dict) -> None:
-    (out / "_job.json").write_text(json.dumps({"spec": spec, "status": "finished", "ok": True}))
+from tests.helpers.outputs import MODEL, PHASH, WEIGHTS, clustered, unit, write_job, write_regions
 
 
 def exact_topk(x: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
@@ -80,8 +34,10 @@ def test_hnsw_recall_against_exact_search(tmp_path, monkeypatch):
     assert (tmp_path / "index" / "index.json").exists() and (tmp_path / "index" / "ids.parquet").exists()
 
     index = load_index(str(tmp_path))
-    queries = unit(x[np.random.default_rng(1).choice(n, 300, replace=False)]
-                   + 0.05 * np.random.default_rng(2).standard_normal((300, dim)))
+    queries = unit(
+        x[np.random.default_rng(1).choice(n, 300, replace=False)]
+        + 0.05 * np.random.default_rng(2).standard_normal((300, dim))
+    )
     rows, scores = index.search(queries, k)
     truth = exact_topk(x, queries, k)
     recall = np.mean([len(set(a) & set(b)) / k for a, b in zip(rows, truth)])
@@ -156,8 +112,10 @@ def test_an_index_with_mixed_id_map_is_refused(tmp_path):
     ids = pq.read_table(tmp_path / "index" / "ids.parquet")
     hashes = ids["params_hash"].to_pylist()
     hashes[-1] = "ffffffffffffffff"
-    pq.write_table(ids.set_column(ids.schema.get_field_index("params_hash"), "params_hash",
-                                  pa.array(hashes)), tmp_path / "index" / "ids.parquet")
+    pq.write_table(
+        ids.set_column(ids.schema.get_field_index("params_hash"), "params_hash", pa.array(hashes)),
+        tmp_path / "index" / "ids.parquet",
+    )
     with pytest.raises(IndexError_, match="mixes several params_hash values"):
         load_index(str(tmp_path))
 
@@ -167,8 +125,9 @@ def test_cli_joins_image_uris_from_the_manifest(tmp_path, capsys):
     ids = write_regions(tmp_path / "out", x)
     manifest = tmp_path / "manifest.jsonl"
     images = sorted({a for a, _ in ids})
-    manifest.write_text("".join(json.dumps({"image_id": i, "image_uri": f"/data/{i}.jpg"}) + "\n"
-                                for i in images[:-1]))  # the last image is not in the manifest
+    manifest.write_text(
+        "".join(json.dumps({"image_id": i, "image_uri": f"/data/{i}.jpg"}) + "\n" for i in images[:-1])
+    )  # the last image is not in the manifest
     write_job(tmp_path / "out", {"input": {"manifest": str(manifest)}, "model": {"name": MODEL, "seed": 0}})
     assert main(["index", str(tmp_path / "out")]) == 0
     assert "40 regions, 16-d, exact" in capsys.readouterr().out

@@ -74,8 +74,10 @@ def test_methods_do_not_mutate_the_model(tiny_vit, images):
 
 def test_constant_images_give_no_nan(tiny_vit):
     flat = torch.zeros(1, 3, 64, 64)
-    for maps in (GEM(tiny_vit.model, tiny_vit.tokenizer).heatmaps(flat, [["cat"]]),
-                 LeGrad(tiny_vit.model, tiny_vit.tokenizer).heatmaps(flat, [["cat"]])):
+    for maps in (
+        GEM(tiny_vit.model, tiny_vit.tokenizer).heatmaps(flat, [["cat"]]),
+        LeGrad(tiny_vit.model, tiny_vit.tokenizer).heatmaps(flat, [["cat"]]),
+    ):
         assert not maps[0].isnan().any()
     res = MaskInversion(tiny_vit.model, MaskInversionParams(iterations=2)).embed(flat, [torch.ones(1, 64, 64)])
     assert not res[0].embeddings.isnan().any()

@@ -41,7 +41,7 @@ class CountingFileSystem(LocalFileSystem):
     def _strip_protocol(cls, path):
         path = str(path)
         if path.startswith(f"{PROTOCOL}://"):
-            path = path[len(PROTOCOL) + 3:]
+            path = path[len(PROTOCOL) + 3 :]
         return super()._strip_protocol(path)
 
     def _open(self, path, mode="rb", **kwargs):
@@ -78,8 +78,14 @@ def remote(tmp_path, monkeypatch):
     src.write_bytes(data)
     log = tmp_path / "downloads.log"
     monkeypatch.setenv(LOG_ENV, str(log))
-    return {"src": src, "uri": _uri(src), "sha": hashlib.sha256(data).hexdigest(), "data": data, "log": log,
-            "cache": tmp_path / "cache"}
+    return {
+        "src": src,
+        "uri": _uri(src),
+        "sha": hashlib.sha256(data).hexdigest(),
+        "data": data,
+        "log": log,
+        "cache": tmp_path / "cache",
+    }
 
 
 def _race_worker(uri: str, cache: str, sha: str | None, barrier, out: str) -> None:
@@ -98,10 +104,13 @@ def test_racing_processes_download_once(remote, tmp_path, monkeypatch, with_sha)
     n = 3
     barrier = ctx.Barrier(n)
     outs = [tmp_path / f"out-{i}.txt" for i in range(n)]
-    procs = [ctx.Process(target=_race_worker,
-                         args=(remote["uri"], str(remote["cache"]), remote["sha"] if with_sha else None, barrier,
-                               str(out)))
-             for out in outs]
+    procs = [
+        ctx.Process(
+            target=_race_worker,
+            args=(remote["uri"], str(remote["cache"]), remote["sha"] if with_sha else None, barrier, str(out)),
+        )
+        for out in outs
+    ]
     for p in procs:
         p.start()
     for p in procs:

@@ -28,7 +28,7 @@ from clipmaps.pipeline.spec import (
 )
 from clipmaps.pipeline.vocabularies import PRESETS, parse_vocabulary_file, vocabulary_id
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "jobs" / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "jobs" / "examples"
 
 BASE = {
     "input": {"manifest": "data/manifest.parquet"},
@@ -471,8 +471,14 @@ def test_driver_modules_import_no_torch_or_ray():
 def test_pool_torch_threads_are_validated(tmp_path):
     from clipmaps.jobs.demo import DEMO_SPEC, write_scenes
 
-    spec = load_spec(DEMO_SPEC, overrides=[f"input.manifest={write_scenes(tmp_path, 1)}",
-                                           f"output.uri={tmp_path / 'out'}", "methods.gem.resources.torch_threads=2"])
+    spec = load_spec(
+        DEMO_SPEC,
+        overrides=[
+            f"input.manifest={write_scenes(tmp_path, 1)}",
+            f"output.uri={tmp_path / 'out'}",
+            "methods.gem.resources.torch_threads=2",
+        ],
+    )
     assert spec.method("gem").resources.torch_threads == 2
     with pytest.raises(SpecError, match="torch_threads"):
         load_spec(DEMO_SPEC, overrides=["methods.gem.resources.torch_threads=0"])

@@ -86,11 +86,21 @@ def coco_instances(path: Path, rle_encode) -> dict:
             {"id": 3, "file_name": "c.jpg", "width": 10, "height": 10},
         ],
         "annotations": [
-            {"id": 11, "image_id": 1, "category_id": 1, "iscrowd": 0,
-             "segmentation": [[1.5, 1.0, 10.0, 1.0, 10.0, 8.25, 1.5, 8.25], [20, 20, 30, 20, 25, 30]]},
+            {
+                "id": 11,
+                "image_id": 1,
+                "category_id": 1,
+                "iscrowd": 0,
+                "segmentation": [[1.5, 1.0, 10.0, 1.0, 10.0, 8.25, 1.5, 8.25], [20, 20, 30, 20, 25, 30]],
+            },
             {"id": 12, "image_id": 1, "category_id": 2, "iscrowd": 0, "segmentation": rle_encode(solid)},
-            {"id": 21, "image_id": 2, "category_id": 1, "iscrowd": 1,
-             "segmentation": {"size": [20, 30], "counts": runs}},
+            {
+                "id": 21,
+                "image_id": 2,
+                "category_id": 1,
+                "iscrowd": 1,
+                "segmentation": {"size": [20, 30], "counts": runs},
+            },
             {"id": 99, "image_id": 404, "category_id": 1, "iscrowd": 0, "segmentation": [[0, 0, 1, 0, 1, 1]]},
         ],
         "categories": [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}],
@@ -106,8 +116,16 @@ def sa1b_file(folder: Path, image_id: int, masks: list[np.ndarray], rle_encode) 
     Image.new("RGB", (w, h), (10, 20, 30)).save(folder / f"{name}.jpg")
     data = {
         "image": {"image_id": image_id, "file_name": f"{name}.jpg", "width": w, "height": h},
-        "annotations": [{"id": 1000 * image_id + k, "segmentation": rle_encode(m), "area": int(m.sum()),
-                         "bbox": [0, 0, 1, 1], "predicted_iou": 0.9} for k, m in enumerate(masks)],
+        "annotations": [
+            {
+                "id": 1000 * image_id + k,
+                "segmentation": rle_encode(m),
+                "area": int(m.sum()),
+                "bbox": [0, 0, 1, 1],
+                "predicted_iou": 0.9,
+            }
+            for k, m in enumerate(masks)
+        ],
     }
     path = folder / f"{name}.json"
     path.write_text(json.dumps(data))
@@ -133,7 +151,7 @@ class FlakyFileSystem(AbstractFileSystem):
 
     @classmethod
     def _strip_protocol(cls, path):
-        return path[len("flaky://"):] if path.startswith("flaky://") else path
+        return path[len("flaky://") :] if path.startswith("flaky://") else path
 
     def _open(self, path, mode="rb", **kwargs):
         path = self._strip_protocol(path)

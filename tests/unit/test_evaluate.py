@@ -60,10 +60,12 @@ def test_centre_prior_covers_the_asked_share():
 
 
 def test_vocabulary_lut_maps_background_and_unknown_names():
-    vocab = pa.Table.from_pylist([
-        {"vocabulary_id": "v", "class_index": 1, "name": "blue square", "is_background": False, "templates": []},
-        {"vocabulary_id": "v", "class_index": 2, "name": "zebra", "is_background": False, "templates": []},
-        {"vocabulary_id": "v", "class_index": 3, "name": "background", "is_background": True, "templates": []},
-    ])
+    vocab = pa.Table.from_pylist(
+        [
+            {"vocabulary_id": "v", "class_index": 1, "name": "blue square", "is_background": False, "templates": []},
+            {"vocabulary_id": "v", "class_index": 2, "name": "zebra", "is_background": False, "templates": []},
+            {"vocabulary_id": "v", "class_index": 3, "name": "background", "is_background": True, "templates": []},
+        ]
+    )
     lut = vocabulary_lut(vocab)["v"]
     assert lut.tolist() == [0, CLASSES.index("blue square") + 1, -1, 0]

@@ -26,9 +26,9 @@ import pytest
 from clipmaps.jobs.scenes import make_scene
 from clipmaps.pipeline.spec import load_spec
 from clipmaps.schemas.encodings import rle_encode
-from tests.specs import JOB_SPEC
+from tests.helpers.specs import JOB_SPEC
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 OBJECTS = 2  # shapes (prompts, masks) per scene
 
 
@@ -332,13 +332,13 @@ def test_sigkill_of_the_driver_then_rerun_resumes_exactly_once(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ flaky S3
 def run_through_fault_proxy(server, tmp_path: Path, *extra: str, count: int = 40, **proxy_args):
-    """Inputs, weights and outputs on ``server`` (a ``tests.s3server.S3Server``), every request of the job sent
-    through a :class:`tests.faultproxy.FaultProxy` (``proxy_args``); returns ``(result, tables, proxy)``."""
+    """Inputs, weights and outputs on ``server`` (a ``tests.helpers.s3server.S3Server``), every request of the job sent
+    through a :class:`tests.helpers.faultproxy.FaultProxy` (``proxy_args``); returns ``(result, tables, proxy)``."""
     import uuid
 
     from clipmaps.actors.models import load_model, save_weights
     from clipmaps.pipeline.run import run
-    from tests.faultproxy import FaultProxy
+    from tests.helpers.faultproxy import FaultProxy
 
     fs = server.filesystem()
     prefix = f"s3://{server.bucket}/flaky-{uuid.uuid4().hex[:8]}"
@@ -415,7 +415,7 @@ def test_worker_node_lost_mid_job(tmp_path):
     """
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1")
-    code = f"from tests.test_faults import node_loss_scenario; node_loss_scenario({str(tmp_path)!r})"
+    code = f"from tests.integration.test_faults import node_loss_scenario; node_loss_scenario({str(tmp_path)!r})"
     try:
         proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, timeout=420)
     except subprocess.TimeoutExpired as e:

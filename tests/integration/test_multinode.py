@@ -42,8 +42,15 @@ def cluster():
 
     previous = os.environ.get("RAY_AUTH_MODE")
     os.environ["RAY_AUTH_MODE"] = "disabled"
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1",
-                                                      "include_dashboard": False, "resources": {"head": 1}})
+    c = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 1,
+            "node_ip_address": "127.0.0.1",
+            "include_dashboard": False,
+            "resources": {"head": 1},
+        },
+    )
     try:
         c.add_node(num_cpus=1, node_ip_address="127.0.0.1", resources={"worker": 1})
         c.wait_for_nodes()
@@ -63,12 +70,21 @@ def test_method_pools_place_actors_on_both_nodes(cluster, tmp_path):
     out = tmp_path / "out"
     overrides = [f"input.manifest={manifest}", f"output.uri={out}", "output.overwrite=false"]
     for m in METHODS:  # two actors per pool; 8 x 0.1 CPU + 0.5 for decode fits the 2 CPUs of the cluster
-        overrides += [f"methods.{m}.resources.min_actors=2", f"methods.{m}.resources.max_actors=2",
-                      f"methods.{m}.resources.num_cpus=0.1", f"methods.{m}.resources.batch_size=1"]
+        overrides += [
+            f"methods.{m}.resources.min_actors=2",
+            f"methods.{m}.resources.max_actors=2",
+            f"methods.{m}.resources.num_cpus=0.1",
+            f"methods.{m}.resources.batch_size=1",
+        ]
     report = tmp_path / "report.json"
     started = time.time()
-    result = subprocess.run([sys.executable, __file__, str(DEMO_SPEC), str(report), str(tmp_path / "actors.jsonl"),
-                             *overrides], env=_driver_env(cluster), capture_output=True, text=True, timeout=400)
+    result = subprocess.run(
+        [sys.executable, __file__, str(DEMO_SPEC), str(report), str(tmp_path / "actors.jsonl"), *overrides],
+        env=_driver_env(cluster),
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     doc = json.loads(report.read_text())
     nodes = doc["nodes"]
@@ -97,8 +113,10 @@ def test_method_pools_place_actors_on_both_nodes(cluster, tmp_path):
     assert rows("errors").num_rows == 0
     assert sorted(set(rows("labels").column("image_id").to_pylist())) == [f"scene-{i:03d}" for i in range(SCENES)]
     assert json.loads((out / "_job.json").read_text())["counts"]["images"] == SCENES
-    print(f"multi-node demo job: {time.time() - started:.1f} s; actors per method and node: "
-          f"{ {m: len(v) for m, v in built.items()} }")
+    print(
+        f"multi-node demo job: {time.time() - started:.1f} s; actors per method and node: "
+        f"{ {m: len(v) for m, v in built.items()} }"
+    )
 
 
 # --------------------------------------------------------------------------------------------------- the driver
@@ -116,8 +134,14 @@ def _driver(spec_path: str, report: str, events: str, *overrides: str) -> None:
 
     class RecordingMethodActor(base):  # defined in __main__, so Ray ships it by value to the worker processes
         def _record(self, event: str) -> None:
-            line = json.dumps({"event": event, "method": self.config.method, "pid": os.getpid(),
-                               "node": ray.get_runtime_context().get_node_id()})
+            line = json.dumps(
+                {
+                    "event": event,
+                    "method": self.config.method,
+                    "pid": os.getpid(),
+                    "node": ray.get_runtime_context().get_node_id(),
+                }
+            )
             with open(events, "a") as f:
                 f.write(line + "\n")
 
@@ -134,8 +158,13 @@ def _driver(spec_path: str, report: str, events: str, *overrides: str) -> None:
     ray.init(log_to_driver=False)
     try:
         result = run(load_spec(spec_path, overrides=list(overrides)))
-        doc = {"nodes": [n["NodeID"] for n in ray.nodes() if n["Alive"]], "resources": ray.cluster_resources(),
-               "processed": result.processed, "errors": result.errors, "ok": result.ok}
+        doc = {
+            "nodes": [n["NodeID"] for n in ray.nodes() if n["Alive"]],
+            "resources": ray.cluster_resources(),
+            "processed": result.processed,
+            "errors": result.errors,
+            "ok": result.ok,
+        }
     finally:
         ray.shutdown()
     Path(report).write_text(json.dumps(doc))

@@ -20,8 +20,15 @@ from PIL import Image
 from clipmaps.jobs.cli import build_parser, main
 from clipmaps.pipeline.spec import load_spec
 from clipmaps.schemas.encodings import decode_label_map, rle_encode
-from tests.data_images import jpeg_with_orientation, marked_rgb, png_claiming_size, png_mask, save, truncated_jpeg
-from tests.specs import JOB_SPEC
+from tests.helpers.data_images import (
+    jpeg_with_orientation,
+    marked_rgb,
+    png_claiming_size,
+    png_mask,
+    save,
+    truncated_jpeg,
+)
+from tests.helpers.specs import JOB_SPEC
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 PROMPT = "red square"

@@ -37,4 +37,3 @@ def test_closed_form_matches_autograd(tiny_vit, images):
     reference = autograd_attention_gradient(tower, index, x[0], t)
     rel = (closed - reference).norm() / reference.norm()
     assert rel < 1e-5, rel
-

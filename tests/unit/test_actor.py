@@ -33,16 +33,27 @@ def batch():
         cols.ERROR_STAGE: _objects([None, "decode", None]),
         cols.PIXELS_SQUARE: _objects([PRE.image(s.image) for s in scenes]),
         cols.PIXELS_MASKCLIP: _objects([PRE_MASKCLIP.image(s.image) for s in scenes]),
-        cols.MASKS_SQUARE: _objects([np.stack([PRE.mask(m, (320, 240)) for m in scenes[0].masks]),
-                                     np.zeros((0, 64, 64), np.float32), np.zeros((0, 64, 64), np.float32)]),
+        cols.MASKS_SQUARE: _objects(
+            [
+                np.stack([PRE.mask(m, (320, 240)) for m in scenes[0].masks]),
+                np.zeros((0, 64, 64), np.float32),
+                np.zeros((0, 64, 64), np.float32),
+            ]
+        ),
         cols.PROMPTS: _objects([None, None, ["red thing", "blue thing"]]),
     }
 
 
 def _actor(method, **options):
-    return MethodActor(ActorConfig(method=method, model=ModelSource(name="clipmaps-tiny-vit", seed=0), params={},
-                                   vocabulary=Vocabulary(names=("cat", "dog"), background=("sky",)),
-                                   options=OutputOptions(**options)))
+    return MethodActor(
+        ActorConfig(
+            method=method,
+            model=ModelSource(name="clipmaps-tiny-vit", seed=0),
+            params={},
+            vocabulary=Vocabulary(names=("cat", "dog"), background=("sky",)),
+            options=OutputOptions(**options),
+        )
+    )
 
 
 def test_gem_writes_labels_heatmaps_and_the_baseline(batch):
@@ -58,8 +69,14 @@ def test_gem_writes_labels_heatmaps_and_the_baseline(batch):
 
 
 def test_a_bad_row_fails_alone(batch):
-    bad = dict(batch, **{cols.PIXELS_SQUARE: _objects([batch[cols.PIXELS_SQUARE][0], np.zeros((3, 0, 0), np.float32),
-                                                       np.zeros((3, 60, 64), np.float32)])})
+    bad = dict(
+        batch,
+        **{
+            cols.PIXELS_SQUARE: _objects(
+                [batch[cols.PIXELS_SQUARE][0], np.zeros((3, 0, 0), np.float32), np.zeros((3, 60, 64), np.float32)]
+            )
+        },
+    )
     out = _actor("legrad")(bad)
     errors = out[cols.col("legrad", cols.ERROR)]
     assert errors[0] is None and errors[1] is None  # row 1 failed upstream: not this method's error
@@ -76,8 +93,10 @@ def test_maskinversion_reports_rows_without_masks(batch):
     np.testing.assert_allclose(np.linalg.norm(emb[0], axis=1), 1.0, rtol=1e-5)
 
 
-@pytest.mark.parametrize("method, options", [("gem", {"original": True}), ("maskclip", {}), ("legrad", {}),
-                                             ("maskinversion", {"write_expl_maps": True})])
+@pytest.mark.parametrize(
+    "method, options",
+    [("gem", {"original": True}), ("maskclip", {}), ("legrad", {}), ("maskinversion", {"write_expl_maps": True})],
+)
 def test_every_output_column_is_declared_and_always_written(batch, method, options):
     actor = _actor(method, **options)
     declared = set(actor.runner.output_columns())

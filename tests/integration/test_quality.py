@@ -52,8 +52,11 @@ def _metric(row, metric: str) -> float:
 
 def _best_baseline(rows: dict, task: str, metric: str) -> tuple[str, float]:
     allowed = BASELINES.get(task)
-    scores = {m: _metric(r, metric) for (t, m), r in rows.items()
-              if t == task and r.baseline and (allowed is None or m in allowed)}
+    scores = {
+        m: _metric(r, metric)
+        for (t, m), r in rows.items()
+        if t == task and r.baseline and (allowed is None or m in allowed)
+    }
     best = max(scores, key=scores.get)
     return best, scores[best]
 

@@ -26,18 +26,22 @@ from clipmaps.pipeline.sources import (
 )
 from clipmaps.schemas.datasets import ERRORS, MANIFEST
 from clipmaps.schemas.encodings import rle_decode, rle_encode
-
-from .data_images import coco_instances, png_mask, sa1b_file
+from tests.helpers.data_images import coco_instances, png_mask, sa1b_file
 
 SOLID = np.zeros((6, 8), bool)
 SOLID[1:4, 2:7] = True
 
 ROWS = [
-    {"image_id": "007", "image_uri": "/data/a.jpg",
-     "masks": [{"region_id": "r0", "rle": rle_encode(SOLID)},
-               {"region_id": "r1", "polygon": [[0.0, 0.0, 4.0, 0.0, 4.0, 3.5]]},
-               {"region_id": "r2", "uri": "s3://bucket/a_mask_2.png"}],
-     "prompts": ["a cat", "a dog"]},
+    {
+        "image_id": "007",
+        "image_uri": "/data/a.jpg",
+        "masks": [
+            {"region_id": "r0", "rle": rle_encode(SOLID)},
+            {"region_id": "r1", "polygon": [[0.0, 0.0, 4.0, 0.0, 4.0, 3.5]]},
+            {"region_id": "r2", "uri": "s3://bucket/a_mask_2.png"},
+        ],
+        "prompts": ["a cat", "a dog"],
+    },
     {"image_id": "b", "image_uri": "s3://bucket/b.jpg", "masks": None, "prompts": None},
     {"image_id": "c", "image_uri": "gs://bucket/c.png", "masks": [], "prompts": ["sky"]},
 ]
@@ -46,9 +50,14 @@ ROWS = [
 def expected_rows():
     out = []
     for r in ROWS:
-        masks = None if r["masks"] is None else [
-            {"region_id": m.get("region_id"), "rle": m.get("rle"), "uri": m.get("uri"), "polygon": m.get("polygon")}
-            for m in r["masks"]]
+        masks = (
+            None
+            if r["masks"] is None
+            else [
+                {"region_id": m.get("region_id"), "rle": m.get("rle"), "uri": m.get("uri"), "polygon": m.get("polygon")}
+                for m in r["masks"]
+            ]
+        )
         out.append({**r, "masks": masks})
     return out
 
@@ -91,18 +100,25 @@ def test_parquet_manifest_and_limit_reads_only_what_is_needed(tmp_path):
 
 
 def test_parquet_with_loose_types_is_conformed(tmp_path):
-    loose = pa.table({
-        "image_id": pa.array([1, 2], pa.int64()),
-        "image_uri": ["/a.jpg", "/b.jpg"],
-        "masks": pa.array([[{"region_id": "x", "uri": "/m.png"}], None]),  # struct without rle/polygon fields
-        "prompts": [["cat"], None],
-    })
+    loose = pa.table(
+        {
+            "image_id": pa.array([1, 2], pa.int64()),
+            "image_uri": ["/a.jpg", "/b.jpg"],
+            "masks": pa.array([[{"region_id": "x", "uri": "/m.png"}], None]),  # struct without rle/polygon fields
+            "prompts": [["cat"], None],
+        }
+    )
     pq.write_table(loose, tmp_path / "loose.parquet")
     t = read_manifest_table(str(tmp_path / "loose.parquet"))
     assert t["image_id"].to_pylist() == ["1", "2"]
     assert t["masks"].to_pylist()[0] == [{"region_id": "x", "rle": None, "uri": "/m.png", "polygon": None}]
-    uncompressed = pa.table({"image_id": ["a"], "image_uri": ["/a.jpg"],
-                             "masks": [[{"region_id": "0", "rle": {"size": [6, 8], "counts": [6, 2, 1]}}]]})
+    uncompressed = pa.table(
+        {
+            "image_id": ["a"],
+            "image_uri": ["/a.jpg"],
+            "masks": [[{"region_id": "0", "rle": {"size": [6, 8], "counts": [6, 2, 1]}}]],
+        }
+    )
     pq.write_table(uncompressed, tmp_path / "unc.parquet")
     rle = read_manifest_table(str(tmp_path / "unc.parquet"))["masks"].to_pylist()[0][0]["rle"]
     assert isinstance(rle["counts"], str)
@@ -110,11 +126,15 @@ def test_parquet_with_loose_types_is_conformed(tmp_path):
 
 def test_csv_manifest(tmp_path):
     masks = json.dumps([{"region_id": "r0", "rle": {"size": [6, 8], "counts": rle_encode(SOLID)["counts"]}}])
-    uri = write_csv(tmp_path / "m.csv", ["image_id", "image_uri", "masks", "prompts"], [
-        ["007", "/data/a.jpg", masks, "a cat|a dog"],
-        ["b", "s3://bucket/b.jpg", "", '["sky", "a|b"]'],
-        ["c", "gs://bucket/c.png", "", ""],
-    ])
+    uri = write_csv(
+        tmp_path / "m.csv",
+        ["image_id", "image_uri", "masks", "prompts"],
+        [
+            ["007", "/data/a.jpg", masks, "a cat|a dog"],
+            ["b", "s3://bucket/b.jpg", "", '["sky", "a|b"]'],
+            ["c", "gs://bucket/c.png", "", ""],
+        ],
+    )
     assert '"[""sky"", ""a|b""]"' in (tmp_path / "m.csv").read_text()
     t = read_manifest_table(uri)
     rows = t.to_pylist()
@@ -202,11 +222,17 @@ def test_validate_splits_duplicates_bad_uris_schemes_and_masks(tmp_path):
         {"image_id": "b", "image_uri": ""},
         {"image_id": "c", "image_uri": "s3a://bucket/c.jpg"},  # s3a is not s3
         {"image_id": "d", "image_uri": "s3://bucket/d.jpg", "masks": [{"region_id": "0"}]},
-        {"image_id": "e", "image_uri": "S3://bucket/e.jpg",
-         "masks": [{"region_id": "0", "uri": "/m.png", "polygon": [[0, 0, 1, 0, 1, 1]]}]},
+        {
+            "image_id": "e",
+            "image_uri": "S3://bucket/e.jpg",
+            "masks": [{"region_id": "0", "uri": "/m.png", "polygon": [[0, 0, 1, 0, 1, 1]]}],
+        },
         {"image_id": "f", "image_uri": "file:///f.jpg", "masks": [{"region_id": "0", "uri": "http://x/m.png"}]},
-        {"image_id": "g", "image_uri": "/g.jpg",
-         "masks": [{"region_id": "k", "uri": "/1.png"}, {"region_id": "k", "uri": "/2.png"}]},
+        {
+            "image_id": "g",
+            "image_uri": "/g.jpg",
+            "masks": [{"region_id": "k", "uri": "/1.png"}, {"region_id": "k", "uri": "/2.png"}],
+        },
         {"image_id": "", "image_uri": "/h.jpg"},
         {"image_id": "a", "image_uri": "/a3.jpg"},
         {"image_id": "ok", "image_uri": "gs://b/ok.jpg", "masks": [{"uri": "/m.png"}, {"rle": rle_encode(SOLID)}]},
@@ -237,24 +263,41 @@ def test_validate_splits_duplicates_bad_uris_schemes_and_masks(tmp_path):
 
 
 def test_validate_on_a_slice_names_the_right_mask():
-    rows = [{"image_id": str(i), "image_uri": "/x.jpg",
-             "masks": [{"region_id": "a", "uri": "/m.png"}, {"region_id": "b", **({} if i == 3 else {"uri": "/n"})}]}
-            for i in range(5)]
+    rows = [
+        {
+            "image_id": str(i),
+            "image_uri": "/x.jpg",
+            "masks": [{"region_id": "a", "uri": "/m.png"}, {"region_id": "b", **({} if i == 3 else {"uri": "/n"})}],
+        }
+        for i in range(5)
+    ]
     table = pa.Table.from_pylist(rows, schema=MANIFEST).slice(2, 3)
     valid, errors = validate_manifest(table)
     assert valid["image_id"].to_pylist() == ["2", "4"]
     assert [(e["image_id"], e["region_id"], e["message"]) for e in errors] == [
-        ("3", "b", "mask 1 (region_id 'b') has none of rle, uri, polygon")]
+        ("3", "b", "mask 1 (region_id 'b') has none of rle, uri, polygon")
+    ]
 
 
 def test_validate_bare_paths_are_file_and_schemes_are_exact(tmp_path):
-    table = read_manifest_table(write_jsonl(tmp_path / "m.jsonl", [
-        {"image_id": "1", "image_uri": "/x/1.jpg"}, {"image_id": "2", "image_uri": "relative/2.jpg"},
-        {"image_id": "3", "image_uri": "s3://b/3.jpg"}, {"image_id": "4", "image_uri": "s3n://b/4.jpg"}]))
+    table = read_manifest_table(
+        write_jsonl(
+            tmp_path / "m.jsonl",
+            [
+                {"image_id": "1", "image_uri": "/x/1.jpg"},
+                {"image_id": "2", "image_uri": "relative/2.jpg"},
+                {"image_id": "3", "image_uri": "s3://b/3.jpg"},
+                {"image_id": "4", "image_uri": "s3n://b/4.jpg"},
+            ],
+        )
+    )
     valid, errors = validate_manifest(table, allowed_schemes=("s3",))
     assert valid["image_id"].to_pylist() == ["3"]
     assert {e["image_id"]: e["error_type"] for e in errors} == {
-        "1": "UnsupportedScheme", "2": "UnsupportedScheme", "4": "UnsupportedScheme"}
+        "1": "UnsupportedScheme",
+        "2": "UnsupportedScheme",
+        "4": "UnsupportedScheme",
+    }
     valid, errors = validate_manifest(table, allowed_schemes=("file", "s3"))
     assert valid["image_id"].to_pylist() == ["1", "2", "3"]
 
@@ -278,8 +321,11 @@ def test_coco_adapter(tmp_path):
     assert table.schema == MANIFEST
     rows = table.to_pylist()
     assert [r["image_id"] for r in rows] == ["1", "2", "3"]
-    assert [r["image_uri"] for r in rows] == ["s3://bucket/coco/val2017/a.jpg", "s3://bucket/coco/val2017/sub/b.jpg",
-                                              "s3://bucket/coco/val2017/c.jpg"]
+    assert [r["image_uri"] for r in rows] == [
+        "s3://bucket/coco/val2017/a.jpg",
+        "s3://bucket/coco/val2017/sub/b.jpg",
+        "s3://bucket/coco/val2017/c.jpg",
+    ]
     poly, rle = rows[0]["masks"]
     assert poly["region_id"] == "11" and poly["rle"] is None
     assert poly["polygon"] == data["annotations"][0]["segmentation"]  # original coordinates, two parts
@@ -397,8 +443,18 @@ def test_manifest_cli(tmp_path, capsys):
     assert capsys.readouterr().out.strip() == f"clipmaps manifest: 3 images, 8 masks -> {out}"
     assert read_manifest_table(str(out)).num_rows == 3
     coco_instances(tmp_path / "instances.json", rle_encode)
-    args = parser.parse_args(["manifest", "coco", str(tmp_path / "instances.json"), "s3://b/img", "-o",
-                              str(tmp_path / "coco.jsonl"), "--storage-option", "anon=true"])
+    args = parser.parse_args(
+        [
+            "manifest",
+            "coco",
+            str(tmp_path / "instances.json"),
+            "s3://b/img",
+            "-o",
+            str(tmp_path / "coco.jsonl"),
+            "--storage-option",
+            "anon=true",
+        ]
+    )
     assert args.func(args) == 0
     assert "3 images, 3 masks" in capsys.readouterr().out
     args = parser.parse_args(["manifest", "sa1b", str(tmp_path / "nothing_*.json"), "-o", str(tmp_path / "s.parquet")])

@@ -10,7 +10,7 @@ import yaml
 
 from clipmaps.pipeline.spec import load_spec
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_readme_job_spec_is_valid():

@@ -27,10 +27,18 @@ from clipmaps.jobs.scenes import make_scene
 from clipmaps.pipeline.spec import load_spec
 from clipmaps.schemas.datasets import ERRORS, HEATMAPS, LABELS, VOCABULARY
 from clipmaps.schemas.encodings import encode_heatmap, encode_label_map, mask_bbox, rle_encode
-from tests.test_index import regions_table, unit
+from tests.helpers.outputs import regions_table, unit
 
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def ensure_chromium() -> str:
@@ -40,15 +48,22 @@ def ensure_chromium() -> str:
     if found:
         return found
     if not shutil.which("apt-get"):
-        pytest.skip("chromium is not installed and apt-get is not available to install it "
-                    "(install a chromium browser to run the report's browser test)")
+        pytest.skip(
+            "chromium is not installed and apt-get is not available to install it "
+            "(install a chromium browser to run the report's browser test)"
+        )
     if os.geteuid() != 0:
-        pytest.skip("chromium is not installed and installing it with apt-get needs root "
-                    "(run: sudo apt-get install -y chromium)")
+        pytest.skip(
+            "chromium is not installed and installing it with apt-get needs root "
+            "(run: sudo apt-get install -y chromium)"
+        )
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     log = ""
-    for cmd in (["apt-get", "install", "-y", "-qq", "chromium"], ["apt-get", "update", "-qq"],
-                ["apt-get", "install", "-y", "-qq", "chromium"]):
+    for cmd in (
+        ["apt-get", "install", "-y", "-qq", "chromium"],
+        ["apt-get", "update", "-qq"],
+        ["apt-get", "install", "-y", "-qq", "chromium"],
+    ):
         r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
         log = (r.stdout + r.stderr)[-800:]
         if cmd[1] == "install" and r.returncode == 0 and shutil.which("chromium"):
@@ -56,8 +71,16 @@ def ensure_chromium() -> str:
     pytest.skip(f"chromium is not installed and `apt-get install -y chromium` failed: {log}")
 
 
-VOCAB = ["red circle", "red square", "green circle", "green square", "blue triangle", "yellow circle",
-         "purple square", "orange triangle"]
+VOCAB = [
+    "red circle",
+    "red square",
+    "green circle",
+    "green square",
+    "blue triangle",
+    "yellow circle",
+    "purple square",
+    "orange triangle",
+]
 
 
 def label_map_for(scene, names: list[str]) -> np.ndarray:
@@ -95,23 +118,70 @@ def output(tmp_path_factory) -> Path:
         lm = label_map_for(scene, names)
         h, w = lm.shape
         for method, vid in (("gem", "voc-photo"), ("maskclip", "voc-85")):
-            labels.append({"image_id": f"scene-{i}", "method": method, **prov, "params_hash": f"{method}-hash",
-                           "height": h, "width": w, "label_map": encode_label_map(lm), "vocabulary_id": vid})
+            labels.append(
+                {
+                    "image_id": f"scene-{i}",
+                    "method": method,
+                    **prov,
+                    "params_hash": f"{method}-hash",
+                    "height": h,
+                    "width": w,
+                    "label_map": encode_label_map(lm),
+                    "vocabulary_id": vid,
+                }
+            )
         yy, xx = np.mgrid[0:h, 0:w]
         for p, (name, m) in enumerate(zip(scene.names, scene.masks)):
             heat = np.clip(0.2 + 0.8 * m + 0.1 * np.sin(xx / 9.0 + p), 0, 1).astype(np.float32)
-            heatmaps.append({"image_id": f"scene-{i}", "prompt": name, "method": "gem", **prov,
-                             "params_hash": "gem-hash", "height": h, "width": w, "encoding": "png8",
-                             "heatmap": encode_heatmap(heat, "png8")})
-            heatmaps.append({"image_id": f"scene-{i}", "prompt": name, "method": "legrad", **prov,
-                             "params_hash": "legrad-hash", "height": h, "width": w, "encoding": "float16",
-                             "heatmap": encode_heatmap(3 * heat - 1, "float16")})
+            heatmaps.append(
+                {
+                    "image_id": f"scene-{i}",
+                    "prompt": name,
+                    "method": "gem",
+                    **prov,
+                    "params_hash": "gem-hash",
+                    "height": h,
+                    "width": w,
+                    "encoding": "png8",
+                    "heatmap": encode_heatmap(heat, "png8"),
+                }
+            )
+            heatmaps.append(
+                {
+                    "image_id": f"scene-{i}",
+                    "prompt": name,
+                    "method": "legrad",
+                    **prov,
+                    "params_hash": "legrad-hash",
+                    "height": h,
+                    "width": w,
+                    "encoding": "float16",
+                    "heatmap": encode_heatmap(3 * heat - 1, "float16"),
+                }
+            )
     rows.append({"image_id": "missing", "image_uri": str(images / "missing.jpg")})
-    errors.append({"image_id": "missing", "uri": str(images / "missing.jpg"), "method": None, "region_id": None,
-                   "stage": "read", "error_type": "FileNotFoundError", "message": "missing.jpg: not found"})
-    errors.append({"image_id": "scene-2", "uri": str(images / "scene-2.jpg"), "method": "maskinversion",
-                   "region_id": "x", "stage": "mask", "error_type": "EmptyMask",
-                   "message": "the mask has no pixels inside the image"})
+    errors.append(
+        {
+            "image_id": "missing",
+            "uri": str(images / "missing.jpg"),
+            "method": None,
+            "region_id": None,
+            "stage": "read",
+            "error_type": "FileNotFoundError",
+            "message": "missing.jpg: not found",
+        }
+    )
+    errors.append(
+        {
+            "image_id": "scene-2",
+            "uri": str(images / "scene-2.jpg"),
+            "method": "maskinversion",
+            "region_id": "x",
+            "stage": "mask",
+            "error_type": "EmptyMask",
+            "message": "the mask has no pixels inside the image",
+        }
+    )
     manifest = images / "manifest.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
@@ -122,29 +192,49 @@ def output(tmp_path_factory) -> Path:
     pq.write_table(pa.Table.from_pylist(errors, schema=ERRORS), out / "errors" / "part-0.parquet")
     vecs = unit(np.random.default_rng(0).standard_normal((len(regions), 32)))
     reg = regions_table(vecs, [r[0] for r in regions], [r[1] for r in regions])
-    bbox = pa.FixedSizeListArray.from_arrays(pa.array(np.array([mask_bbox(r[2]) for r in regions]).reshape(-1),
-                                                      pa.int32()), 4)
+    bbox = pa.FixedSizeListArray.from_arrays(
+        pa.array(np.array([mask_bbox(r[2]) for r in regions]).reshape(-1), pa.int32()), 4
+    )
     reg = reg.set_column(reg.schema.get_field_index("bbox"), reg.schema.field("bbox"), bbox)
     pq.write_table(reg, out / "regions" / "part-0.parquet")
     vocab = []
     for vid, templates in (("voc-photo", ["photo"]), ("voc-85", ["ensemble85"])):
         names = sorted(set(VOCAB) | {n for i in range(3) for n in make_scene(i).names})
-        vocab.append({"vocabulary_id": vid, "class_index": 0, "name": "background", "is_background": True,
-                      "templates": templates})
-        vocab += [{"vocabulary_id": vid, "class_index": k + 1, "name": n, "is_background": False,
-                   "templates": templates} for k, n in enumerate(names)]
-        vocab += [{"vocabulary_id": vid, "class_index": 0, "name": n, "is_background": True,
-                   "templates": templates} for n in ("ground", "sky")]
+        vocab.append(
+            {
+                "vocabulary_id": vid,
+                "class_index": 0,
+                "name": "background",
+                "is_background": True,
+                "templates": templates,
+            }
+        )
+        vocab += [
+            {"vocabulary_id": vid, "class_index": k + 1, "name": n, "is_background": False, "templates": templates}
+            for k, n in enumerate(names)
+        ]
+        vocab += [
+            {"vocabulary_id": vid, "class_index": 0, "name": n, "is_background": True, "templates": templates}
+            for n in ("ground", "sky")
+        ]
     pq.write_table(pa.Table.from_pylist(vocab, schema=VOCABULARY), out / "vocabulary" / "voc.parquet")
 
-    from tests.specs import JOB_SPEC
+    from tests.helpers.specs import JOB_SPEC
 
     spec = load_spec(JOB_SPEC, overrides=[f"input.manifest={manifest}", f"output.uri={out}"])
-    (out / "_job.json").write_text(json.dumps({
-        "spec": spec.to_dict(), "status": "finished", "ok": True,
-        "counts": {"images": 4, "processed": 3, "failed_images": 1, "rows_errors": 2},
-        "timings": {"total_s": 12.5}, "versions": {"clipmaps": "0.1.0"},
-        "fingerprint": {"params": {"gem": "gem-hash"}}}))
+    (out / "_job.json").write_text(
+        json.dumps(
+            {
+                "spec": spec.to_dict(),
+                "status": "finished",
+                "ok": True,
+                "counts": {"images": 4, "processed": 3, "failed_images": 1, "rows_errors": 2},
+                "timings": {"total_s": 12.5},
+                "versions": {"clipmaps": "0.1.0"},
+                "fingerprint": {"params": {"gem": "gem-hash"}},
+            }
+        )
+    )
     return out
 
 
@@ -194,8 +284,13 @@ def test_page_content(report):
 def test_every_image_renders_in_chromium(report, tmp_path):
     exe = ensure_chromium()
     url = (report / "index.html").resolve().as_uri()
-    common = [exe, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,2000",
-              "--virtual-time-budget=10000"]
+    common = [
+        exe,
+        *CHROMIUM_FLAGS,
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--window-size=1280,2000",
+        "--virtual-time-budget=10000",
+    ]
     dom = subprocess.run([*common, "--dump-dom", url], capture_output=True, text=True, timeout=120)
     assert dom.returncode == 0, dom.stderr[-2000:]
     tag = re.search(r'<p id="img-check"[^>]*>[^<]*', dom.stdout)

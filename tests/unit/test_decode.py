@@ -26,8 +26,7 @@ from clipmaps.pipeline.decode import (
 from clipmaps.schemas import batches as B
 from clipmaps.schemas.datasets import MANIFEST
 from clipmaps.schemas.encodings import rle_encode
-
-from .data_images import (
+from tests.helpers.data_images import (
     FlakyFileSystem,
     jpeg_with_orientation,
     marked_rgb,
@@ -47,8 +46,10 @@ def cfg(**kw) -> DecodeConfig:
 
 def batch(*uris, masks=None, **extra) -> dict[str, np.ndarray]:
     n = len(uris)
-    out = {B.IMAGE_ID: np.array([f"id{i}" for i in range(n)], dtype=object),
-           B.IMAGE_URI: np.array(list(uris), dtype=object)}
+    out = {
+        B.IMAGE_ID: np.array([f"id{i}" for i in range(n)], dtype=object),
+        B.IMAGE_URI: np.array(list(uris), dtype=object),
+    }
     if masks is not None:
         col = np.empty(n, dtype=object)
         for i, m in enumerate(masks):
@@ -72,8 +73,13 @@ def assert_error(r: dict, stage: str, error_type: str, *fragments: str):
     for fragment in fragments:
         assert fragment in r[B.ERROR_MESSAGE]
     assert r[B.HEIGHT] == 0 and r[B.WIDTH] == 0
-    for name, shape in ((B.PIXELS_SQUARE, (3, 0, 0)), (B.PIXELS_MASKCLIP, (3, 0, 0)), (B.MASKS_SQUARE, (0, S, S)),
-                        (B.MASK_AREA, (0,)), (B.MASK_BBOX, (0, 4))):
+    for name, shape in (
+        (B.PIXELS_SQUARE, (3, 0, 0)),
+        (B.PIXELS_MASKCLIP, (3, 0, 0)),
+        (B.MASKS_SQUARE, (0, S, S)),
+        (B.MASK_AREA, (0,)),
+        (B.MASK_BBOX, (0, 4)),
+    ):
         if name in r:
             assert r[name].shape == shape, name
     for name in (B.MASK_IDS, B.MASK_ERRORS):
@@ -92,11 +98,22 @@ def test_jpeg_and_png_shapes_dtypes_and_columns(tmp_path):
     jpg = save(marked_rgb(64, 48), tmp_path / "a.jpg", quality=95)
     png = save(marked_rgb(40, 30), tmp_path / "b.png")
     maskclip = Preprocess(size=24, mode="short_side", resample="bilinear")
-    out = decode_batch(batch(jpg, png, prompts=np.array([np.array(["cat", "dog"], dtype=object), None],
-                                                         dtype=object)),
-                       cfg(maskclip=maskclip))
-    assert list(out) == [B.IMAGE_ID, B.IMAGE_URI, B.HEIGHT, B.WIDTH, B.ERROR_STAGE, B.ERROR_TYPE, B.ERROR_MESSAGE,
-                         B.PROMPTS, B.PIXELS_SQUARE, B.PIXELS_MASKCLIP]  # masks dropped, no mask columns
+    out = decode_batch(
+        batch(jpg, png, prompts=np.array([np.array(["cat", "dog"], dtype=object), None], dtype=object)),
+        cfg(maskclip=maskclip),
+    )
+    assert list(out) == [
+        B.IMAGE_ID,
+        B.IMAGE_URI,
+        B.HEIGHT,
+        B.WIDTH,
+        B.ERROR_STAGE,
+        B.ERROR_TYPE,
+        B.ERROR_MESSAGE,
+        B.PROMPTS,
+        B.PIXELS_SQUARE,
+        B.PIXELS_MASKCLIP,
+    ]  # masks dropped, no mask columns
     assert out[B.HEIGHT].dtype == np.int64 and out[B.WIDTH].dtype == np.int64
     assert all(v.dtype == object and v.shape == (2,) for k, v in out.items() if k not in (B.HEIGHT, B.WIDTH))
     a, b = row(out, 0), row(out, 1)
@@ -117,8 +134,17 @@ def test_square_none_and_maskclip_default(tmp_path):
     r = row(out, 0)
     assert B.PIXELS_SQUARE not in r and r[B.PIXELS_MASKCLIP].shape == (3, 512, 768)
     assert output_columns(cfg(square_size=None, need_masks=True)) == (
-        B.HEIGHT, B.WIDTH, B.ERROR_STAGE, B.ERROR_TYPE, B.ERROR_MESSAGE, B.PROMPTS, B.MASK_IDS, B.MASK_AREA,
-        B.MASK_BBOX, B.MASK_ERRORS)
+        B.HEIGHT,
+        B.WIDTH,
+        B.ERROR_STAGE,
+        B.ERROR_TYPE,
+        B.ERROR_MESSAGE,
+        B.PROMPTS,
+        B.MASK_IDS,
+        B.MASK_AREA,
+        B.MASK_BBOX,
+        B.MASK_ERRORS,
+    )
     assert set(output_columns(cfg(maskclip=METHOD_PREPROCESS["maskclip"], need_masks=True))) == set(OUTPUT_COLUMNS)
 
 
@@ -241,8 +267,18 @@ def test_broken_files_become_error_rows_in_order(tmp_path):
     (tmp_path / "text.jpg").write_text("hello, I am not an image\n" * 10)
     eps = tmp_path / "x.eps"
     eps.write_text("%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n")
-    uris = [good, trunc, str(tmp_path / "zero.jpg"), str(tmp_path / "text.jpg"), str(tmp_path / "missing.jpg"),
-            "ftp://host/a.jpg", good, str(tmp_path), str(eps), None]
+    uris = [
+        good,
+        trunc,
+        str(tmp_path / "zero.jpg"),
+        str(tmp_path / "text.jpg"),
+        str(tmp_path / "missing.jpg"),
+        "ftp://host/a.jpg",
+        good,
+        str(tmp_path),
+        str(eps),
+        None,
+    ]
     out = decode_batch(batch(*uris), cfg(need_masks=True, maskclip=METHOD_PREPROCESS["maskclip"]))
     assert all(len(v) == len(uris) for v in out.values())
     assert failed_rows(out).tolist() == [False, True, True, True, True, True, False, True, True, True]
@@ -263,9 +299,15 @@ def test_broken_files_become_error_rows_in_order(tmp_path):
 def test_rows_failed_earlier_are_passed_through(tmp_path):
     good = save(marked_rgb(20, 10), tmp_path / "good.jpg")
     nan = np.float32("nan")  # how Ray hands back a column that was None on every row of a block
-    b = batch(good, good, good, error_stage=np.array([None, "manifest", nan], dtype=object),
-              error_type=np.array([None, "X", nan], dtype=object),
-              error_message=np.array([None, "earlier", nan], dtype=object), extra=np.array([1, 2, 3]))
+    b = batch(
+        good,
+        good,
+        good,
+        error_stage=np.array([None, "manifest", nan], dtype=object),
+        error_type=np.array([None, "X", nan], dtype=object),
+        error_message=np.array([None, "earlier", nan], dtype=object),
+        extra=np.array([1, 2, 3]),
+    )
     out = decode_batch(b, cfg())
     assert_ok(row(out, 0))
     assert_ok(row(out, 2))
@@ -333,9 +375,21 @@ def test_masks_are_in_the_oriented_frame(tmp_path):
     oriented = np.zeros((40, 20), bool)
     oriented[:5, -5:] = True  # where the red mark ends up
     stored = np.zeros((20, 40), bool)
-    out = row(decode_batch(batch(p, masks=[[{"region_id": "a", "rle": rle_encode(oriented)},
-                                            {"region_id": "b", "rle": rle_encode(stored | True)}]]),
-                           cfg(need_masks=True, square_size=None)), 0)
+    out = row(
+        decode_batch(
+            batch(
+                p,
+                masks=[
+                    [
+                        {"region_id": "a", "rle": rle_encode(oriented)},
+                        {"region_id": "b", "rle": rle_encode(stored | True)},
+                    ]
+                ],
+            ),
+            cfg(need_masks=True, square_size=None),
+        ),
+        0,
+    )
     assert out[B.MASK_IDS] == ["a"] and B.MASKS_SQUARE not in out
     assert out[B.MASK_BBOX].tolist() == [[15, 0, 5, 5]]
     assert [e["error_type"] for e in out[B.MASK_ERRORS]] == ["MaskSizeMismatch"]
@@ -346,11 +400,23 @@ def test_masks_in_ray_numpy_form_and_rows_without_masks(tmp_path):
     m = np.zeros((8, 16), bool)
     m[2:4, 3:9] = True
     rle = rle_encode(m)
-    ray_like = np.array([{"region_id": "x", "rle": {"size": np.array(rle["size"], np.int32), "counts": rle["counts"]},
-                          "uri": None, "polygon": None},
-                         {"region_id": "y", "rle": None, "uri": None,
-                          "polygon": np.array([np.array([1.0, 1.0, 6.0, 1.0, 6.0, 5.0])], dtype=object)}],
-                        dtype=object)
+    ray_like = np.array(
+        [
+            {
+                "region_id": "x",
+                "rle": {"size": np.array(rle["size"], np.int32), "counts": rle["counts"]},
+                "uri": None,
+                "polygon": None,
+            },
+            {
+                "region_id": "y",
+                "rle": None,
+                "uri": None,
+                "polygon": np.array([np.array([1.0, 1.0, 6.0, 1.0, 6.0, 5.0])], dtype=object),
+            },
+        ],
+        dtype=object,
+    )
     out = decode_batch(batch(img, img, masks=[ray_like, None]), cfg(need_masks=True))
     a, b = row(out, 0), row(out, 1)
     assert a[B.MASK_IDS] == ["x", "y"] and a[B.MASK_ERRORS] == []
@@ -362,10 +428,13 @@ def test_arrow_table_input(tmp_path):
     img = save(marked_rgb(16, 8), tmp_path / "i.png")
     m = np.zeros((8, 16), bool)
     m[0, 0] = True
-    table = pa.Table.from_pylist([
-        {"image_id": "a", "image_uri": img, "masks": [{"region_id": "0", "rle": rle_encode(m)}], "prompts": ["x"]},
-        {"image_id": "b", "image_uri": str(tmp_path / "missing.png"), "masks": None, "prompts": None},
-    ], schema=MANIFEST)
+    table = pa.Table.from_pylist(
+        [
+            {"image_id": "a", "image_uri": img, "masks": [{"region_id": "0", "rle": rle_encode(m)}], "prompts": ["x"]},
+            {"image_id": "b", "image_uri": str(tmp_path / "missing.png"), "masks": None, "prompts": None},
+        ],
+        schema=MANIFEST,
+    )
     out = DecodeStage(cfg(need_masks=True))(table)
     assert out[B.MASK_IDS][0] == ["0"] and out[B.MASK_AREA][0].tolist() == [1] and out[B.PROMPTS][0] == ["x"]
     assert out[B.ERROR_TYPE][1] == "FileNotFoundError"
@@ -452,19 +521,30 @@ def test_blocks_with_and_without_failures_concatenate_in_ray(tmp_path):
     m = np.zeros((20, 30), bool)
     m[2:5, 3:9] = True
     uris = [good, good, good, str(tmp_path / "x.png"), str(tmp_path / "y.png"), str(tmp_path / "z.png")]
-    table = manifest_from_rows([{"image_id": str(i), "image_uri": u,
-                                 "masks": [{"region_id": "0", "rle": rle_encode(m)}] if i == 0 else None}
-                                for i, u in enumerate(uris)])
+    table = manifest_from_rows(
+        [
+            {
+                "image_id": str(i),
+                "image_uri": u,
+                "masks": [{"region_id": "0", "rle": rle_encode(m)}] if i == 0 else None,
+            }
+            for i, u in enumerate(uris)
+        ]
+    )
     config = cfg(maskclip=METHOD_PREPROCESS["maskclip"], need_masks=True)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     try:
         ds = ray.data.from_arrow(iter_table_batches(table, 2)).map_batches(
-            DecodeStage, fn_constructor_kwargs={"config": config}, batch_format="numpy", batch_size=2, concurrency=1)
+            DecodeStage, fn_constructor_kwargs={"config": config}, batch_format="numpy", batch_size=2, concurrency=1
+        )
 
         def summary(b):
-            return {"id": b[B.IMAGE_ID], "failed": failed_rows(b),
-                    "px": np.array([str(x.shape) for x in b[B.PIXELS_SQUARE]]),
-                    "masks": np.array([len(x) for x in b[B.MASK_IDS]])}
+            return {
+                "id": b[B.IMAGE_ID],
+                "failed": failed_rows(b),
+                "px": np.array([str(x.shape) for x in b[B.PIXELS_SQUARE]]),
+                "masks": np.array([len(x) for x in b[B.MASK_IDS]]),
+            }
 
         rows = sorted(ds.map_batches(summary, batch_size=6, batch_format="numpy").take_all(), key=lambda r: r["id"])
     finally:

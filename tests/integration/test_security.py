@@ -23,9 +23,9 @@ from clipmaps.jobs.cli import main
 from clipmaps.jobs.scenes import make_scene
 from clipmaps.pipeline.spec import SpecError, load_spec
 from clipmaps.schemas.encodings import rle_encode
-from tests.specs import JOB_SPEC
+from tests.helpers.specs import JOB_SPEC
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 URI_SECRET = "uri-planted-secret-7f3a9c"  # in the userinfo of an image URI
 
 

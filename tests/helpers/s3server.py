@@ -57,9 +57,19 @@ def start(data_dir: Path, bucket: str = "clipmaps", timeout_s: float = 60.0) -> 
     env = {**os.environ, "AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET}
     log = open(data_dir / "weed.log", "wb")  # noqa: SIM115 - kept open for the server's lifetime
     proc = subprocess.Popen(
-        [weed_binary(), "mini", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-bucket={bucket}",
-         "-admin.ui=false"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            weed_binary(),
+            "mini",
+            f"-dir={data_dir}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-bucket={bucket}",
+            "-admin.ui=false",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     server = S3Server(endpoint=f"http://127.0.0.1:{S3_PORT}", key=KEY, secret=SECRET, bucket=bucket)
     deadline = time.time() + timeout_s
