@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from .scene_set import write_scene_set
+from .synth.scene_set import write_scene_set
 
 logger = logging.getLogger(__name__)
 

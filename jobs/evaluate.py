@@ -1,7 +1,8 @@
 """``clipmaps eval OUTPUT_URI``: score a job's outputs against the ground truth of generated scenes.
 
-The job is an ordinary pipeline run over scenes written by :func:`clipmaps.jobs.demo.write_scenes`, which puts a
-``truth.parquet`` (:data:`TRUTH`) beside the manifest. The evaluation reads the job's Parquet outputs exactly as a
+The job is an ordinary pipeline run over scenes written by :func:`clipmaps.jobs.synth.scene_set.write_scene_set`
+(``clipmaps demo`` uses it), which puts a ``truth.parquet`` (:data:`clipmaps.jobs.synth.truth.TRUTH`) beside the
+manifest. The evaluation reads the job's Parquet outputs exactly as a
 user would, so a transposed label map, a shifted heatmap or a region paired with the wrong mask shows up as a drop
 in the scores, not only as a method problem.
 
@@ -21,7 +22,6 @@ Metrics, each beside baselines computed the same way:
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import posixpath
@@ -31,43 +31,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from .scenes import CLASSES
+from .synth.scenes import CLASSES
+from .synth.truth import TRUTH_FILE, Truth, read_truth
 
 logger = logging.getLogger(__name__)
-
-TRUTH_FILE = "truth.parquet"
-TRUTH = pa.schema(
-    [
-        pa.field("image_id", pa.string(), nullable=False),
-        pa.field("height", pa.int32(), nullable=False),
-        pa.field("width", pa.int32(), nullable=False),
-        # PNG uint8: k + 1 on the visible pixels of object k, 0 on the background
-        pa.field("instance_map", pa.binary(), nullable=False),
-        pa.field("names", pa.list_(pa.string()), nullable=False),  # class name of object k ("red circle")
-        pa.field("region_ids", pa.list_(pa.string()), nullable=False),  # its region id in the manifest
-    ],
-    metadata={"classes": json.dumps(CLASSES)},
-)
 
 
 class EvalError(ValueError):
     """The output cannot be evaluated (no ground truth, no results); the message says what is missing."""
-
-
-@dataclass
-class Truth:
-    """Ground truth of one image: ``instances`` ``uint8 [H, W]`` (k + 1 = object k), names and region ids."""
-
-    instances: np.ndarray
-    names: list[str]
-    region_ids: list[str]
-
-    def classes(self) -> np.ndarray:
-        """``int [H, W]`` class labels: 0 background, ``CLASSES.index(name) + 1`` on objects."""
-        lut = np.array([0] + [CLASSES.index(n) + 1 for n in self.names], np.int64)
-        return lut[self.instances]
 
 
 @dataclass
@@ -82,28 +54,6 @@ class Row:
     baseline: bool = False
 
 
-def truth_table(truths: dict[str, Truth]) -> pa.Table:
-    """``{image_id: Truth}`` → a :data:`TRUTH` table."""
-    from PIL import Image
-
-    rows = []
-    for image_id, t in truths.items():
-        buf = io.BytesIO()
-        Image.fromarray(t.instances.astype(np.uint8)).save(buf, format="PNG")
-        h, w = t.instances.shape
-        rows.append(
-            {
-                "image_id": image_id,
-                "height": h,
-                "width": w,
-                "instance_map": buf.getvalue(),
-                "names": t.names,
-                "region_ids": t.region_ids,
-            }
-        )
-    return pa.Table.from_pylist(rows, schema=TRUTH)
-
-
 def load_truth(job: dict, truth_uri: str | None = None, storage_options: dict | None = None) -> dict[str, Truth]:
     """The ground truth of a job's scenes: ``truth_uri``, by default ``truth.parquet`` beside its manifest."""
     from .index import filesystem
@@ -114,7 +64,7 @@ def load_truth(job: dict, truth_uri: str | None = None, storage_options: dict | 
     if not fs.exists(path):
         raise EvalError(
             f"no ground truth at {truth_uri}: evaluate outputs of generated scenes (clipmaps demo, or "
-            "a job over a manifest written by clipmaps.jobs.scene_set) or pass --truth"
+            "a job over a manifest written by clipmaps.jobs.synth.scene_set) or pass --truth"
         )
     return read_truth(fs, path)
 
@@ -130,18 +80,6 @@ def class_text(job: dict):
     lm = load_job_model(job_model(job))
     templates = spec.vocabulary.templates if spec.vocabulary is not None else "photo"
     return lm, TextEncoder(lm.model, lm.tokenizer).encode(list(CLASSES), templates).float().numpy()
-
-
-def read_truth(fs, path: str) -> dict[str, Truth]:
-    from PIL import Image
-
-    with fs.open(path, "rb") as f:
-        table = pq.read_table(f)
-    out = {}
-    for r in table.to_pylist():
-        inst = np.asarray(Image.open(io.BytesIO(r["instance_map"])))
-        out[r["image_id"]] = Truth(inst, list(r["names"]), list(r["region_ids"]))
-    return out
 
 
 # ------------------------------------------------------------------------------------------------ segmentation

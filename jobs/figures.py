@@ -95,7 +95,7 @@ def make_figures(output_uri: str, folder: str | Path, *, images: int = 3) -> lis
 
 def _regions_figure(job: dict, regions, base: dict[str, np.ndarray], path: Path) -> None:
     from .evaluate import class_text, load_truth
-    from .scenes import CLASSES
+    from .synth.scenes import CLASSES
 
     _, text = class_text(job)
     truths = load_truth(job)

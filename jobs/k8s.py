@@ -482,7 +482,7 @@ def write_sample_input(spec, scenes: int = 6) -> tuple[str, bool]:
     """
     import fsspec
 
-    from .scene_set import write_scene_set
+    from .synth.scene_set import write_scene_set
 
     if spec.input.manifest_format != "jsonl":
         raise K8sError(f"sample input is a JSON-lines manifest; input.manifest {spec.input.manifest!r} is not .jsonl")

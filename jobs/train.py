@@ -1,7 +1,7 @@
 """``clipmaps train``: train the tiny CLIP that the demo and the quality tests use, from a seed, on CPU.
 
 The model (``clipmaps-synth-vit``, ``actors/model_configs``) is an ordinary open_clip CLIP with a class-token
-pooled ViT, trained with a plain contrastive (InfoNCE) loss on scenes from :mod:`clipmaps.jobs.scenes`. Two
+pooled ViT, trained with a plain contrastive (InfoNCE) loss on scenes from :mod:`clipmaps.jobs.synth.scenes`. Two
 choices depart from the textbook recipe, both to make the model's *dense* behaviour usable at this scale without a
 dense loss:
 
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .scenes import caption_for, render, sample_spec
+from .synth.scenes import caption_for, render, sample_spec
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ A benchmark, not a test (pytest does not collect ``bench_*.py``)::
         --repeats 1 --memory-scale 2                                                # smoke run (~2 min)
     .venv/bin/python tests/benchmarks/bench_pipeline.py --json out.json --keep-server
 
-It starts SeaweedFS (``tests/s3server.py``, 127.0.0.1:8333), uploads generated scenes (``jobs.scenes.make_scene``,
+It starts SeaweedFS (``tests/s3server.py``, 127.0.0.1:8333), uploads generated scenes (``jobs.synth.scenes.make_scene``,
 distinct seeds, JPEG) and JSONL manifests to the bucket, then for every repeat runs, one after the other in fresh
 processes (``pipeline_worker.py``; the order alternates between repeats):
 
@@ -360,7 +360,7 @@ def port_in_use(port: int) -> bool:
 
 def upload_inputs(server, count: int, wh: tuple[int, int], prefix: str) -> list[dict]:
     """``count`` distinct scenes as JPEG under ``prefix/images``; returns the manifest rows."""
-    from clipmaps.jobs.scenes import make_scene
+    from clipmaps.jobs.synth.scenes import make_scene
 
     fs = server.filesystem()
     rows, files = [], {}

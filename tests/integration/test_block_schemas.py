@@ -15,7 +15,7 @@ import pytest
 from clipmaps.actors.actor import ActorConfig, MethodActor, ModelSource
 from clipmaps.actors.preprocess import Preprocess
 from clipmaps.actors.runners import OutputOptions, Vocabulary
-from clipmaps.jobs.scenes import make_scene
+from clipmaps.jobs.synth.scenes import make_scene
 from clipmaps.schemas import batches as cols
 
 PRE = Preprocess(size=64)

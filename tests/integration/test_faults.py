@@ -23,7 +23,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from clipmaps.jobs.scenes import make_scene
+from clipmaps.jobs.synth.scenes import make_scene
 from clipmaps.pipeline.spec import load_spec
 from clipmaps.schemas.encodings import rle_encode
 from tests.helpers.specs import JOB_SPEC

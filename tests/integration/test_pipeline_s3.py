@@ -8,7 +8,7 @@ import json
 import pyarrow.dataset as pads
 
 from clipmaps.actors.models import load_model, save_weights
-from clipmaps.jobs.scenes import make_scene
+from clipmaps.jobs.synth.scenes import make_scene
 from clipmaps.pipeline.run import run
 from clipmaps.pipeline.spec import load_spec
 from clipmaps.schemas.encodings import rle_encode

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from clipmaps.jobs.demo import DEMO_SPEC
-from clipmaps.jobs.evaluate import Truth, evaluate
-from clipmaps.jobs.scene_set import write_scene_set
+from clipmaps.jobs.evaluate import evaluate
+from clipmaps.jobs.synth.scene_set import write_scene_set
+from clipmaps.jobs.synth.truth import Truth
 from clipmaps.pipeline.run import run
 from clipmaps.pipeline.spec import load_spec
 
@@ -80,7 +81,7 @@ def test_a_mirrored_ground_truth_is_caught(scored, tmp_path):
     """The evaluation itself can tell aligned outputs from misaligned ones: mirror the truth and scores collapse."""
     import pyarrow.parquet as pq
 
-    from clipmaps.jobs.evaluate import read_truth, truth_table
+    from clipmaps.jobs.synth.truth import read_truth, truth_table
 
     rows, folder = scored
     import fsspec

@@ -23,7 +23,7 @@ from PIL import Image
 
 from clipmaps.jobs.cli import main
 from clipmaps.jobs.report import build_report, class_colour
-from clipmaps.jobs.scenes import make_scene
+from clipmaps.jobs.synth.scenes import make_scene
 from clipmaps.pipeline.spec import load_spec
 from clipmaps.schemas.datasets import ERRORS, HEATMAPS, LABELS, VOCABULARY
 from clipmaps.schemas.encodings import encode_heatmap, encode_label_map, mask_bbox, rle_encode

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from clipmaps.jobs.cli import main
-from clipmaps.jobs.scenes import make_scene
+from clipmaps.jobs.synth.scenes import make_scene
 from clipmaps.pipeline.spec import SpecError, load_spec
 from clipmaps.schemas.encodings import rle_encode
 from tests.helpers.specs import JOB_SPEC

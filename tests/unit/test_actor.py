@@ -8,7 +8,7 @@ import pytest
 from clipmaps.actors.actor import ActorConfig, MethodActor, ModelSource
 from clipmaps.actors.preprocess import Preprocess
 from clipmaps.actors.runners import OutputOptions, Vocabulary
-from clipmaps.jobs.scenes import make_scene
+from clipmaps.jobs.synth.scenes import make_scene
 from clipmaps.schemas import batches as cols
 from clipmaps.schemas.encodings import decode_heatmap, decode_label_map
 

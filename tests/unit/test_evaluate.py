@@ -6,8 +6,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from clipmaps.jobs.evaluate import Confusion, Truth, centre_prior, pointing, vocabulary_lut
-from clipmaps.jobs.scenes import CLASSES
+from clipmaps.jobs.evaluate import Confusion, centre_prior, pointing, vocabulary_lut
+from clipmaps.jobs.synth.scenes import CLASSES
+from clipmaps.jobs.synth.truth import Truth
 
 
 def _truth() -> Truth:

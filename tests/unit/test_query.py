@@ -18,7 +18,7 @@ from PIL import Image
 from clipmaps.jobs.cli import main
 from clipmaps.jobs.index import build_index
 from clipmaps.jobs.query import QueryError, query
-from clipmaps.jobs.scenes import make_scene
+from clipmaps.jobs.synth.scenes import make_scene
 from clipmaps.pipeline.spec import load_spec
 from tests.helpers.outputs import regions_table, unit, write_job
 

@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from clipmaps.jobs.scenes import CLASSES, class_index, make_scene, render, render_scene, sample_spec
+from clipmaps.jobs.synth.scenes import CLASSES, class_index, make_scene, render, render_scene, sample_spec
 
 
 def test_a_seed_gives_the_same_scene_and_another_seed_another():
@@ -30,7 +30,7 @@ def test_masks_label_map_and_names_agree(seed):
 
 
 def test_objects_have_their_colour_in_the_image():
-    from clipmaps.jobs.scenes import COLOURS
+    from clipmaps.jobs.synth.scenes import COLOURS
 
     for seed in range(6):
         scene = make_scene(seed)

@@ -5,7 +5,7 @@ beside the manifest::
 
     images/scene-000.jpg …
     manifest.jsonl          image_id, image_uri, masks (COCO RLE, region id "red-circle"), prompts (class names)
-    truth.parquet           per image: instance map, class names, region ids (``jobs.evaluate.TRUTH``)
+    truth.parquet           per image: instance map, class names, region ids (:data:`.truth.TRUTH`)
 """
 
 from __future__ import annotations
@@ -32,14 +32,14 @@ def write_scene_set(
     first: int = 0,
     size: tuple[int, int] = (320, 240),
 ) -> str:
-    """Write scenes ``first … first + count - 1`` (``jobs.scenes.make_scene`` seeds) at ``size=(w, h)``; returns
+    """Write scenes ``first … first + count - 1`` (:func:`.scenes.make_scene` seeds) at ``size=(w, h)``; returns
     the manifest URI. The manifest is written last, so its presence means the set is complete."""
     import fsspec
     import numpy as np
 
     from clipmaps.schemas.encodings import rle_encode
 
-    from .evaluate import Truth, truth_table
+    from .truth import TRUTH_FILE, Truth, truth_table
 
     fs, path = fsspec.core.url_to_fs(manifest_uri, **(storage_options or {}))
     root = posixpath.dirname(path)
@@ -65,6 +65,6 @@ def write_scene_set(
         truths[image_id] = Truth(instances, list(scene.names), ids)
     buf = io.BytesIO()
     pq.write_table(truth_table(truths), buf)
-    fs.pipe_file(posixpath.join(root, "truth.parquet"), buf.getvalue())
+    fs.pipe_file(posixpath.join(root, TRUTH_FILE), buf.getvalue())
     fs.pipe_file(path, ("\n".join(lines) + "\n").encode("utf-8"))
     return fs.unstrip_protocol(path) if "://" in manifest_uri else manifest_uri
