@@ -1,0 +1,219 @@
+"""The storage module: schemes, joining, containment, atomic writes, and the one redaction rule on every kind of
+secret (userinfo, presigned query parameters, storage options, free text that quotes a secret without its URI)."""
+
+from __future__ import annotations
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from clipmaps.schemas.storage import (
+    REDACTED,
+    atomic_put,
+    filesystem,
+    is_inside,
+    is_secret_name,
+    join_uri,
+    redact_options,
+    redact_text,
+    redact_uri,
+    scheme_error,
+    secret_values,
+    uri_scheme,
+    uri_schemes,
+    with_io_defaults,
+    write_bytes,
+    write_table,
+)
+
+SECRET = "wJalrXUtnFEMI/K7MDENG+bPxRfi@CYEXAMPLEKEY"  # an AWS-like secret with '/', '+' and '@'
+SIG = "3f1c0ffee5b4d2a9e8c7b6a5d4c3b2a1f0e9d8c7b6a5f4e3d2c1b0a9f8e7d6c5"
+PRESIGNED = (
+    "https://bucket.s3.amazonaws.com/images/cat.png?X-Amz-Algorithm=AWS4-HMAC-SHA256"
+    "&X-Amz-Credential=AKIAIOSFODNN7EXAMPLE%2F20240101%2Fus-east-1%2Fs3%2Faws4_request&X-Amz-Date=20240101T000000Z"
+    f"&X-Amz-Expires=3600&X-Amz-SignedHeaders=host&X-Amz-Security-Token=FwoGZXIvYXdzEXAMPLETOKEN&X-Amz-Signature={SIG}"
+)
+
+
+# ------------------------------------------------------------------------------------------------ schemes
+def test_uri_scheme():
+    assert uri_scheme("/data/x.png") == "file" and uri_scheme("rel/x.png") == "file"
+    assert uri_scheme("C:/x.png") == "file" and uri_scheme("C:\\x.png") == "file" and uri_scheme("C://x") == "file"
+    assert uri_scheme("S3://b/k") == "s3" and uri_scheme("gs://b/k") == "gs" and uri_scheme("file:///x") == "file"
+    assert uri_scheme("s3a://b/k") == "s3a" and uri_scheme("https://h/x") == "https"
+    arr = pa.array(["/x", "S3://b/k", None, "gs://b", "C:/x", "http://h/x"])
+    assert uri_schemes(arr).to_pylist() == ["file", "s3", None, "gs", "file", "http"]
+    assert uri_schemes(pa.chunked_array([arr])).to_pylist() == uri_schemes(arr).to_pylist()
+
+
+def test_scheme_error_names_the_scheme_and_hides_credentials():
+    assert scheme_error("s3://b/k", ["file", "S3"]) is None and scheme_error("/x", ["file"]) is None
+    assert scheme_error("s3a://b/k", ["s3"]) == "URI scheme 's3a' of s3a://b/k is not allowed (allowed: s3)"
+    message = scheme_error(f"http://user:{SECRET}@h/x.png", ("s3", "file"))
+    assert message == "URI scheme 'http' of http://***@h/x.png is not allowed (allowed: file, s3)"
+    assert SIG not in scheme_error(PRESIGNED, ["s3"])
+
+
+# ------------------------------------------------------------------------------------------------ locations
+def test_join_uri():
+    assert join_uri("s3://b/root/", "/images/a.png") == "s3://b/root/images/a.png"
+    assert join_uri("s3://b/root", "index", "ids.parquet") == "s3://b/root/index/ids.parquet"
+    assert join_uri("/data", "sub\\a.png") == "/data/sub/a.png" and join_uri("", "a.png") == "a.png"
+    assert join_uri("/", "a.png") == "/a.png" and join_uri("s3://b/x", "") == "s3://b/x"
+
+
+def test_is_inside(tmp_path):
+    assert is_inside("s3://b/out/labels", "s3://b/out") and is_inside("s3://b/out", "s3://b/out/")
+    assert not is_inside("s3://b/output", "s3://b/out") and not is_inside("s3://c/out", "s3://b/out")
+    assert is_inside("s3a://b/out/x", "s3://b") and is_inside("gcs://b/x", "gs://b")
+    assert is_inside(f"s3://AKIA:{SECRET}@b/out/x", "s3://b/out") and is_inside("s3://b/out?versionId=2", "s3://b")
+    assert is_inside(str(tmp_path / "a" / ".." / "a" / "x"), f"file://{tmp_path}/a")
+    assert not is_inside(str(tmp_path), str(tmp_path / "a")) and not is_inside("s3://b/x", str(tmp_path))
+
+
+# ------------------------------------------------------------------------------------------------ redaction
+@pytest.mark.parametrize(
+    "uri, expected",
+    [
+        (f"s3://AKIAEXAMPLE:{SECRET}@bucket/k.jpg", "s3://***@bucket/k.jpg"),
+        ("s3://AKIA:se/cr/et@bucket/k.jpg", "s3://***@bucket/k.jpg"),
+        ("s3://k:p@ss@bucket/x", "s3://***@bucket/x"),
+        ("s3://token123@bucket/x", "s3://***@bucket/x"),
+        ("gs://user:a+b/c@bucket/x?generation=5", "gs://***@bucket/x?generation=5"),
+        ("s3://bucket/me@example.com/k.jpg", "s3://bucket/me@example.com/k.jpg"),
+        ("s3://bucket/key@v2/x?versionId=a@b", "s3://bucket/key@v2/x?versionId=a@b"),
+        ("/local/path/a@b:c", "/local/path/a@b:c"),
+        ("https://h/x?token=abc&a=1#frag", "https://h/x?token=***&a=1#frag"),
+        (
+            "https://acct.blob.core.windows.net/c/x.png?sv=2022-11-02&se=2030-01-01&sr=b&sp=r&sig=AbC%2Bd%3D",
+            "https://acct.blob.core.windows.net/c/x.png?sv=2022-11-02&se=2030-01-01&sr=b&sp=r&sig=***",
+        ),
+        (
+            "https://storage.googleapis.com/b/x.png?X-Goog-Algorithm=GOOG4-RSA-SHA256&X-Goog-Credential=sa%40p.iam"
+            "&X-Goog-Date=20240101T000000Z&X-Goog-SignedHeaders=host&X-Goog-Signature=0a1b2c",
+            "https://storage.googleapis.com/b/x.png?X-Goog-Algorithm=GOOG4-RSA-SHA256&X-Goog-Credential=***"
+            "&X-Goog-Date=20240101T000000Z&X-Goog-SignedHeaders=host&X-Goog-Signature=***",
+        ),
+        (
+            "https://h/x?AWSAccessKeyId=AKIA&Signature=abc&Expires=1",
+            "https://h/x?AWSAccessKeyId=***&Signature=***&Expires=1",
+        ),
+        ("https://h/x?api_key=1&password=2&auth=3&session=4&sessionToken=5", None),
+    ],
+)
+def test_redact_uri(uri, expected):
+    redacted = redact_uri(uri)
+    if expected is None:
+        assert redacted == "https://h/x?api_key=***&password=***&auth=***&session=***&sessionToken=***"
+    else:
+        assert redacted == expected
+
+
+def test_redact_uri_hides_every_presigned_parameter():
+    redacted = redact_uri(PRESIGNED)
+    for value in (SIG, "AKIAIOSFODNN7EXAMPLE", "FwoGZXIvYXdzEXAMPLETOKEN"):
+        assert value not in redacted
+    for kept in ("X-Amz-Algorithm=AWS4-HMAC-SHA256", "X-Amz-Expires=3600", "X-Amz-SignedHeaders=host", "cat.png"):
+        assert kept in redacted
+    assert "X-Amz-Signature=***" in redacted and "X-Amz-Credential=***" in redacted
+    assert "X-Amz-Security-Token=***" in redacted
+    assert redact_uri(None) is None and redact_uri(3) == 3
+
+
+def test_secret_names():
+    secret = ["key", "secret", "token", "aws_secret_access_key", "aws_session_token", "aws_access_key_id", "password",
+              "passwd", "X-Amz-Signature", "X-Amz-Credential", "X-Amz-Security-Token", "X-Goog-Signature", "sig",
+              "account_key", "sas_token", "SSECustomerKey", "apikey", "credentials", "Authorization",
+              "connection_string"]  # fmt: skip
+    plain = ["endpoint_url", "region_name", "signature_version", "X-Amz-SignedHeaders", "X-Amz-Date", "anon",
+             "use_ssl", "max_attempts", "retries", "versionId", "sv", "se", "generation", "profile"]  # fmt: skip
+    assert [n for n in secret if not is_secret_name(n)] == []
+    assert [n for n in plain if is_secret_name(n)] == []
+
+
+def test_redact_options_at_any_depth():
+    options = {
+        "key": "AKIAEXAMPLE",
+        "secret": SECRET,
+        "token": None,
+        "anon": False,
+        "client_kwargs": {"endpoint_url": f"http://minio:{SECRET}@minio:9000", "aws_session_token": "FwoGZXIv"},
+        "config_kwargs": {"signature_version": "s3v4", "retries": {"max_attempts": 5}},
+        "s3_additional_kwargs": {"SSECustomerKey": "c2VjcmV0a2V5"},
+        "password": "hunter22",
+    }
+    redacted = redact_options(options)
+    assert redacted == {
+        "key": REDACTED,
+        "secret": REDACTED,
+        "token": None,
+        "anon": False,
+        "client_kwargs": {"endpoint_url": "http://***@minio:9000", "aws_session_token": REDACTED},
+        "config_kwargs": {"signature_version": "s3v4", "retries": {"max_attempts": 5}},
+        "s3_additional_kwargs": {"SSECustomerKey": REDACTED},
+        "password": REDACTED,
+    }
+    assert options["secret"] == SECRET  # a copy
+    assert redact_options(None) == {}
+
+
+def test_redact_text_removes_secrets_quoted_without_their_scheme():
+    uri = f"s3://AKIAEXAMPLE:{SECRET}@bucket/images/a.png"
+    botocore = f'Parameter validation failed: Invalid bucket name "AKIAEXAMPLE:{SECRET}@bucket": Bucket name must ...'
+    text = redact_text(botocore, uris=[uri])
+    assert SECRET not in text and "AKIAEXAMPLE" not in text and "Invalid bucket name" in text
+    # the password alone, percent-decoded, or a storage-option value quoted anywhere
+    assert SECRET not in redact_text(f"auth failed for {SECRET}", uris=[uri])
+    encoded = "s3://u:a%2Fb%2Bc%40dddd@bucket/x"
+    assert "a/b+c@dddd" not in redact_text("bad password a/b+c@dddd", uris=[encoded])
+    options = [{"client_kwargs": {"aws_session_token": "FwoGZXIvYXdz"}}, {"secret": SECRET}]
+    assert redact_text(f"token FwoGZXIvYXdz rejected; secret {SECRET}", storage_options=options) == (
+        "token *** rejected; secret ***"
+    )
+    assert secret_values({"token": "abc"}) == set()  # too short to be a credential; replacing it would mangle text
+
+
+def test_redact_text_without_being_told_the_secrets():
+    assert (
+        redact_text(f"cannot open s3://AKIA:{SECRET}@bucket/x.png: denied")
+        == "cannot open s3://***@bucket/x.png: denied"
+    )
+    assert SIG not in redact_text(f"GET {PRESIGNED} -> 403")
+    header = f"Authorization: AWS4-HMAC-SHA256 Credential=AKIA/20240101/us-east-1/s3/aws4_request, Signature={SIG}"
+    assert redact_text(header) == "Authorization: AWS4-HMAC-SHA256 Credential=***, Signature=***"
+    assert (
+        redact_text("{'secret': 'abcdef', 'endpoint_url': 'http://h'}")
+        == "{'secret': '***', 'endpoint_url': 'http://h'}"
+    )
+    assert redact_text('"X-Amz-Signature": "deadbeef"') == '"X-Amz-Signature": "***"'
+    plain = "image 12 of s3://bucket/me@example.com/k.jpg: 3x4 pixels, max_attempts=5"
+    assert redact_text(plain) == plain
+
+
+# ------------------------------------------------------------------------------------------------ filesystems, writes
+def test_with_io_defaults_never_overrides_the_user():
+    merged = with_io_defaults({"config_kwargs": {"read_timeout": 7}}, attempts=4, timeout_s=30)
+    assert merged["config_kwargs"] == {
+        "read_timeout": 7,
+        "retries": {"max_attempts": 4, "mode": "standard"},
+        "connect_timeout": 30.0,
+    }
+    assert with_io_defaults(None, attempts=2, timeout_s=None) == {
+        "config_kwargs": {"retries": {"max_attempts": 2, "mode": "standard"}}
+    }
+
+
+def test_atomic_writes_local_and_memory(tmp_path):
+    fs, path = filesystem(str(tmp_path / "d" / "t.parquet"))
+    assert not atomic_put(fs)
+    write_table(pa.table({"a": [1, 2]}), fs, path)
+    assert pq.read_table(path)["a"].to_pylist() == [1, 2]
+    assert [p.name for p in (tmp_path / "d").iterdir()] == ["t.parquet"]  # no temporary file left
+    write_bytes(b"again", fs, str(tmp_path / "d" / "b.bin"))
+    assert (tmp_path / "d" / "b.bin").read_bytes() == b"again"
+    mem = fsspec.filesystem("memory")
+    write_bytes(b"x", mem, "/clipmaps-storage-test/b.bin")
+    assert mem.cat_file("/clipmaps-storage-test/b.bin") == b"x"
+    s3, path = filesystem("s3://bucket/k", {"anon": True})
+    assert atomic_put(s3) and path == "bucket/k"
