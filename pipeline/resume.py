@@ -30,7 +30,9 @@ import posixpath
 import time
 from dataclasses import dataclass, field
 
-from .sinks import FILES, TMP_PREFIX, shard_of_file, write_bytes
+from clipmaps.schemas.storage import TMP_PREFIX, write_bytes
+
+from .sinks import FILES, shard_of_file
 
 logger = logging.getLogger(__name__)
 

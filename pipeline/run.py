@@ -24,12 +24,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from clipmaps.schemas import batches as cols
+from clipmaps.schemas import storage
 from clipmaps.schemas.datasets import ERRORS, VOCABULARY
+from clipmaps.schemas.storage import filesystem, uri_scheme, with_io_defaults, write_table
 
 from . import resume
 from .plan import SQUARE_METHODS, Plan, build_dataset, check_resources, method_vocabulary_id
-from .sinks import FILES, filesystem, with_io_defaults, write_table
-from .sources import read_manifest_table, uri_scheme, validate_manifest
+from .sinks import FILES
+from .sources import read_manifest_table, validate_manifest
 from .spec import JobSpec
 from .vocabularies import parse_vocabulary_file
 
@@ -389,8 +391,6 @@ def _failed(
 def _error_text(error: BaseException, spec: JobSpec) -> str:
     """One line naming the error and its causes (for errors raised in a Ray worker, the worker's exception, not
     its traceback), without secrets."""
-    from .decode import _scrub
-
     causes, seen = [], set()
     e: BaseException | None = error
     while e is not None and id(e) not in seen and len(causes) < 4:
@@ -399,11 +399,10 @@ def _error_text(error: BaseException, spec: JobSpec) -> str:
         if line and not any(line in c for c in causes):
             causes.append(line)
         e = e.__cause__ or e.__context__
-    text = " <- ".join(causes)[:1500]
     uris = (spec.input.manifest, spec.output.uri, spec.model.weights, spec.vocabulary.file if spec.vocabulary else None)
-    for options in (spec.input.storage_options, spec.output.storage_options, spec.model.storage_options):
-        text = _scrub(text, options, *uris)
-    return redact_text(text)
+    options = (spec.input.storage_options, spec.output.storage_options, spec.model.storage_options)
+    # redacted before cutting: a secret cut in two would no longer match
+    return storage.redact_text(" <- ".join(causes), storage_options=options, uris=uris)[:1500]
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -428,8 +427,8 @@ _USERINFO = re.compile(r"\b([A-Za-z][A-Za-z0-9+.-]*://)([^\s/@]*:[^\s@]*|[^\s/@:
 
 
 def redact_text(text: str) -> str:
-    """``text`` with the credentials of every URI in it (``scheme://user:secret@…``) replaced by ``***``."""
-    return _USERINFO.sub(r"\1***@", text)
+    """``text`` without the credentials of the URIs in it (``clipmaps.schemas.storage.redact_text``)."""
+    return storage.redact_text(text)
 
 
 def _previous_attempts(state: resume.OutputState) -> list[dict]:

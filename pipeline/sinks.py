@@ -3,14 +3,9 @@
 Runs as the last ``map_batches`` stage (CPU tasks), so the driver only ever sees a small table of counts per batch.
 Each batch writes at most one file per dataset and manifest shard, named by the shard and a hash of the
 batch's image ids (the same rows always map to the same name, so a retried task replaces its own file). A reader
-never sees a partial file: on object stores a PUT (or a completed multipart upload) is atomic, so files are written
-in place; elsewhere they are written to ``_tmp-<random>-<name>.tmp`` (a name no ``*.parquet`` glob and no Parquet
-reader picks up) and renamed. Every schema comes from ``clipmaps.schemas.datasets``.
-
-Why no temporary name on S3: fsspec's ``mv`` there is copy + delete, two requests that each may be retried; a task
-that dies between them leaves a stray temporary object, and a copy's success may be lost to a connection reset and
-the copy sent again. A single PUT of the final key has neither problem, and retrying it (botocore retries, Ray task
-retries) rewrites the same bytes under the same name.
+never sees a partial file: files are written with ``clipmaps.schemas.storage.write_table`` (in place on object
+stores, where a PUT is atomic; elsewhere under a temporary name, renamed). Every schema comes from
+``clipmaps.schemas.datasets``; every URI in an error row is redacted (``clipmaps.schemas.storage.redact_uri``).
 """
 
 from __future__ import annotations
@@ -18,17 +13,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import posixpath
-import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from clipmaps.schemas import batches as cols
 from clipmaps.schemas.datasets import ERRORS, HEATMAPS, LABELS, regions_schema
-
-from .spec import redact_uri
+from clipmaps.schemas.storage import filesystem, redact_text, redact_uri, write_table
 
 logger = logging.getLogger(__name__)
 
@@ -54,67 +46,8 @@ class SinkConfig:
     storage_options: dict = field(default_factory=dict)
 
 
-#: Object stores whose writes are atomic (an object appears whole when the upload completes, or not at all).
-ATOMIC_PUT_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "abfs", "az", "adl", "oss", "r2"})
-TMP_PREFIX = "_tmp-"
 #: Column of the sink's output: per shard row, the files written (``dataset/part-….parquet``, newline-separated).
 FILES = "files"
-
-
-def filesystem(uri: str, storage_options: dict | None = None):
-    """``(fsspec filesystem, path)`` for ``uri``."""
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
-    return fs, path
-
-
-def with_io_defaults(storage_options: dict | None, *, attempts: int, timeout_s: float | None) -> dict:
-    """s3fs ``storage_options`` with clipmaps' retry and timeout defaults merged in where the user set none.
-
-    ``config_kwargs.retries = {"max_attempts": attempts, "mode": "standard"}``: botocore retries 500/502/503/504,
-    ``SlowDown`` and the other throttling codes, connection resets and timeouts, with exponential back-off and jitter;
-    ``config_kwargs.connect_timeout`` / ``read_timeout`` = ``timeout_s``. s3fs retries ``SlowDown`` and dropped
-    connections again on top (its class attribute ``S3FileSystem.retries``, 5 attempts; not a constructor option).
-    Other filesystems ignore these keys. Never mutates its argument."""
-    options = dict(storage_options or {})
-    config = dict(options.get("config_kwargs") or {})
-    config.setdefault("retries", {"max_attempts": int(attempts), "mode": "standard"})
-    if timeout_s is not None:
-        config.setdefault("connect_timeout", float(timeout_s))
-        config.setdefault("read_timeout", float(timeout_s))
-    options["config_kwargs"] = config
-    return options
-
-
-def atomic_put(fs) -> bool:
-    """Whether ``fs`` writes objects atomically (so no temporary name is needed)."""
-    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
-    return any(p in ATOMIC_PUT_PROTOCOLS for p in protocols)
-
-
-def write_bytes(data: bytes, fs, path: str) -> None:
-    """Write ``data`` to ``path`` so that a reader sees the old file, the new one, or none — never a part."""
-    parent = posixpath.dirname(path)
-    if not atomic_put(fs):
-        fs.makedirs(parent, exist_ok=True)
-        tmp = posixpath.join(parent, f"{TMP_PREFIX}{uuid.uuid4().hex}-{posixpath.basename(path)}.tmp")
-        try:
-            with fs.open(tmp, "wb") as f:
-                f.write(data)
-            fs.mv(tmp, path)  # a rename on local and POSIX-like filesystems
-        finally:
-            if fs.exists(tmp):
-                fs.rm(tmp)
-        return
-    fs.pipe_file(path, data)
-
-
-def write_table(table: pa.Table, fs, path: str) -> None:
-    """Write ``table`` as zstd Parquet to ``path`` atomically (see :func:`write_bytes`)."""
-    buf = pa.BufferOutputStream()
-    pq.write_table(table, buf, compression="zstd")
-    write_bytes(buf.getvalue().to_pybytes(), fs, path)
 
 
 def shard_file(shard: int, token: str) -> str:
@@ -286,5 +219,5 @@ def _error(image_id, uri, method, region_id, stage, error_type, message) -> dict
         "region_id": region_id,
         "stage": str(stage),
         "error_type": str(error_type or "Error"),
-        "message": str(message or ""),
+        "message": redact_text(str(message or "")),  # the last line of defence: upstream messages are redacted
     }
