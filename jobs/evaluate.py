@@ -392,7 +392,7 @@ def _baseline_embeddings(lm, image, truth: Truth, objects: list[int]) -> dict[st
     import torch.nn.functional as F
     from PIL import Image
 
-    from clipmaps.actors.preprocess import Preprocess
+    from clipmaps.pipeline.decode.preprocess import Preprocess
     from clipmaps.actors.vit import VisionTower
 
     size = lm.model.visual.image_size

@@ -112,7 +112,7 @@ def is_local(fs) -> bool:
 
 def shown(uri: str) -> str:
     """``uri`` without credentials (for messages)."""
-    from clipmaps.pipeline.sources import redact_uri
+    from clipmaps.schemas.storage import redact_uri
 
     return redact_uri(uri)
 

@@ -37,6 +37,8 @@ from typing import Any
 
 import yaml
 
+from clipmaps.schemas.storage import is_secret_name, redact_uri, uri_scheme
+
 #: Ray version of the image built by ``k8s/Dockerfile`` (its base image tag) and the RayCluster's ``rayVersion``.
 RAY_VERSION = "2.58.0"
 #: Image name used when ``--image`` is not given (replace with your registry's).
@@ -65,8 +67,6 @@ LABELS = {"app.kubernetes.io/name": "clipmaps"}
 MAX_NAME_LENGTH = 47
 _DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$")
-_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
-_SECRET_KEY = re.compile(r"key|secret|token|password|passwd|credential", re.IGNORECASE)
 
 __all__ = [
     "CACHE_DIR",
@@ -223,10 +223,9 @@ def check_spec(spec, options: RenderOptions) -> list[str]:
     if spec.vocabulary is not None and spec.vocabulary.file:
         locations.append(("vocabulary.file", spec.vocabulary.file))
     for where, uri in locations:
-        m = _SCHEME.match(uri)
-        if m is None or m.group(1).lower() in ("file", "local"):
+        if uri_scheme(uri) in ("file", "local"):
             problems.append(
-                f"{where} is a local path ({uri!r}); the pods cannot see this machine's files and lose "
+                f"{where} is a local path ({redact_uri(uri)!r}); the pods cannot see this machine's files and lose "
                 "their own on exit: use object storage (s3://, gs://…)"
             )
     for section in (spec.input, spec.output, spec.model):
@@ -246,7 +245,8 @@ def check_spec(spec, options: RenderOptions) -> list[str]:
         problems.append("model.precision bf16 needs GPU workers")
     if options.sample_input and spec.input.manifest_format != "jsonl":
         problems.append(
-            f"--sample-input writes a JSON-lines manifest, but input.manifest {spec.input.manifest!r} is not .jsonl"
+            f"--sample-input writes a JSON-lines manifest, but input.manifest {redact_uri(spec.input.manifest)!r} "
+            "is not .jsonl"
         )
     if problems:
         raise K8sError("; ".join(problems))
@@ -277,7 +277,7 @@ def _secret_keys(options: Mapping[str, Any], prefix: str = "") -> list[str]:
     for k, v in options.items():
         if isinstance(v, Mapping):
             found += _secret_keys(v, f"{prefix}{k}.")
-        elif isinstance(k, str) and _SECRET_KEY.search(k):
+        elif isinstance(k, str) and is_secret_name(k):
             found.append(prefix + k)
     return found
 
@@ -485,7 +485,9 @@ def write_sample_input(spec, scenes: int = 6) -> tuple[str, bool]:
     from .synth.scene_set import write_scene_set
 
     if spec.input.manifest_format != "jsonl":
-        raise K8sError(f"sample input is a JSON-lines manifest; input.manifest {spec.input.manifest!r} is not .jsonl")
+        raise K8sError(
+            f"sample input is a JSON-lines manifest; input.manifest {redact_uri(spec.input.manifest)!r} is not .jsonl"
+        )
     fs, path = fsspec.core.url_to_fs(spec.input.manifest, **dict(spec.input.storage_options))
     if fs.exists(path):
         return spec.input.manifest, False

@@ -21,14 +21,9 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from clipmaps.pipeline.sources import (
-    ManifestError,
-    compress_rle_counts,
-    join_uri,
-    manifest_from_rows,
-    redact_uri,
-)
+from clipmaps.pipeline.sources import ManifestError, compress_rle_counts, manifest_from_rows
 from clipmaps.schemas.datasets import MANIFEST
+from clipmaps.schemas.storage import filesystem, join_uri, redact_text, redact_uri
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +178,7 @@ def from_folder(
     """
     so = storage_options or {}
     regex = _mask_regex(mask_pattern)
-    fs, path = fsspec.core.url_to_fs(glob_or_dir, **so)
+    fs, path = filesystem(glob_or_dir, so)
     if any(c in path for c in "*?["):
         root = path[: min(path.find(c) for c in "*?[" if c in path)].rsplit("/", 1)[0]
         files = [p for p in fs.glob(path) if not fs.isdir(p)]
@@ -286,6 +281,7 @@ def _storage_options(values: list[str] | None) -> dict:
 
 def run_manifest_cli(args: argparse.Namespace) -> int:
     """Run ``clipmaps manifest …`` from parsed arguments; prints a one-line summary. Returns the exit code."""
+    so: dict = {}
     try:
         so = _storage_options(args.storage_option)
         if args.source == "coco":
@@ -296,7 +292,8 @@ def run_manifest_cli(args: argparse.Namespace) -> int:
             table = from_folder(args.path, mask_pattern=args.mask_pattern, recursive=args.recursive, storage_options=so)
         write_manifest(table, args.output, storage_options=so)
     except (ManifestError, ValueError, OSError) as e:
-        print(f"clipmaps manifest: error: {e}", file=sys.stderr)
+        uris = [getattr(args, a, None) for a in ("instances_json", "images_root", "json", "path", "output")]
+        print(f"clipmaps manifest: error: {redact_text(str(e), storage_options=so, uris=uris)}", file=sys.stderr)
         return 2
     n_masks = sum(len(m) for m in table["masks"].to_pylist() if m)
     print(f"clipmaps manifest: {table.num_rows} images, {n_masks} masks -> {redact_uri(args.output)}")

@@ -61,7 +61,7 @@ def job_model(job: dict) -> dict:
 
 def weights_id(model: dict) -> str:
     """The ``weights`` value result rows carry for a ``spec.model`` (as ``ModelSpec.weights_id``)."""
-    from clipmaps.pipeline.sources import redact_uri
+    from clipmaps.schemas.storage import redact_uri
 
     if model.get("pretrained") is not None:
         return str(model["pretrained"])

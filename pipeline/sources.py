@@ -26,7 +26,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import re
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -37,11 +36,16 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from clipmaps.schemas.datasets import MANIFEST, MANIFEST_REQUIRED
+from clipmaps.schemas.storage import (
+    DEFAULT_ALLOWED_SCHEMES,
+    filesystem,
+    redact_text,
+    redact_uri,
+    scheme_error,
+    uri_schemes,
+)
 
 log = logging.getLogger(__name__)
-
-#: Schemes accepted by default: local files (bare paths, ``file://``), S3 and Google Cloud Storage.
-DEFAULT_ALLOWED_SCHEMES: tuple[str, ...] = ("file", "s3", "gs", "gcs")
 
 #: The manifest schema as :func:`read_manifest_table` returns it: ``MANIFEST``'s types, every field nullable (rows
 #: with a missing id or URI are kept for :func:`validate_manifest` to report).
@@ -57,40 +61,6 @@ _MASK_FIELDS = ("rle", "uri", "polygon")
 
 class ManifestError(ValueError):
     """The manifest as a whole cannot be used (the message says why; the CLI prints it)."""
-
-
-# ------------------------------------------------------------------------------------------------ URIs
-_SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
-
-
-def uri_scheme(uri: str) -> str:
-    """The scheme of ``uri``, lower-cased (``"s3"`` for ``s3://b/k``); ``"file"`` for a bare path."""
-    m = _SCHEME_RE.match(uri)
-    return m.group(1).lower() if m else "file"
-
-
-def redact_uri(uri: str) -> str:
-    """``uri`` without any ``user:password@`` part, safe to put in messages and error records (secret keys may
-    contain ``/``: everything up to the last ``@`` goes when the part before the first ``/`` has a ``:``)."""
-    if not isinstance(uri, str):
-        return uri
-    m = _SCHEME_RE.match(uri)
-    if not m:
-        return uri
-    rest = uri[m.end() :]
-    at = rest.rfind("@")
-    if at < 0:
-        return uri
-    userinfo = rest[:at]
-    if "/" in userinfo and ":" not in userinfo.split("/", 1)[0]:
-        return uri  # an "@" in the path, not credentials
-    return uri[: m.end()] + "***@" + rest[at + 1 :]
-
-
-def join_uri(root: str, name: str) -> str:
-    """``root`` joined with a relative ``name`` with ``/`` (also for local paths; never drops ``root``'s scheme)."""
-    name = name.replace("\\", "/").lstrip("/")
-    return name if not root else root.rstrip("/") + "/" + name
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -114,9 +84,11 @@ def read_manifest_table(uri: str, *, storage_options: dict | None = None, limit:
     storage_options = dict(storage_options or {})
     shown = redact_uri(uri)
     try:
-        fs, path = fsspec.core.url_to_fs(uri, **storage_options)
+        fs, path = filesystem(uri, storage_options)
     except Exception as e:  # noqa: BLE001 — bad protocol, missing driver package…
-        raise ManifestError(f"cannot read manifest {shown}: {type(e).__name__}: {e}") from None
+        raise ManifestError(
+            f"cannot read manifest {shown}: {type(e).__name__}: {_scrub(e, storage_options, uri)}"
+        ) from None
     kind = _manifest_format(fs, path, shown)
     try:
         if kind == "parquet":
@@ -133,7 +105,8 @@ def read_manifest_table(uri: str, *, storage_options: dict | None = None, limit:
     except UnicodeDecodeError as e:
         raise ManifestError(f"cannot read manifest {shown}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except Exception as e:  # noqa: BLE001 — corrupt Parquet, I/O errors…
-        raise ManifestError(f"cannot read manifest {shown}: {type(e).__name__}: {_short(str(e))}") from None
+        detail = _short(_scrub(e, storage_options, uri))
+        raise ManifestError(f"cannot read manifest {shown}: {type(e).__name__}: {detail}") from None
     if table.num_rows == 0 and limit != 0:
         raise ManifestError(f"manifest {shown} is empty: it has no rows")
     return table
@@ -420,6 +393,11 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
 
 
+def _scrub(error: BaseException, storage_options: dict, uri: str) -> str:
+    """An exception's text without the secrets of the manifest's URI and storage options (clients quote them)."""
+    return redact_text(str(error), storage_options=storage_options, uris=[uri])
+
+
 def _short(s: str, n: int = 300) -> str:
     s = " ".join(s.split())
     return s if len(s) <= n else s[: n - 1] + "…"
@@ -481,17 +459,9 @@ def validate_manifest(
     missing_uri = pc.or_kleene(pc.is_null(uris), pc.equal(pc.utf8_trim_whitespace(uris), "")).fill_null(True)
     flag(_where(missing_uri), lambda i: ("MissingImageUri", "image_uri is missing or empty", None))
 
-    bad_scheme = pc.invert(pc.is_in(_schemes(uris), pa.array(sorted(allowed), pa.string())))
+    bad_scheme = pc.invert(pc.is_in(uri_schemes(uris), pa.array(sorted(allowed), pa.string())))
     bad_scheme = pc.and_(bad_scheme, pc.invert(missing_uri))
-    flag(
-        _where(bad_scheme),
-        lambda i: (
-            "UnsupportedScheme",
-            f"URI scheme {uri_scheme(uri_list[i])!r} of {redact_uri(uri_list[i])} is not allowed "
-            f"(allowed: {', '.join(sorted(allowed))})",
-            None,
-        ),
-    )
+    flag(_where(bad_scheme), lambda i: ("UnsupportedScheme", scheme_error(uri_list[i], allowed), None))
 
     masks = table["masks"].combine_chunks()
     if len(masks) and pc.sum(pc.list_value_length(masks).fill_null(0)).as_py():
@@ -528,7 +498,7 @@ def _validate_masks(masks: pa.ListArray, allowed: set[str], flag) -> None:
     null_mask = pc.is_null(flat).to_numpy(zero_copy_only=False)
     rle_incomplete = pc.and_(pc.is_valid(rle), pc.or_(pc.is_null(rle.field("size")), pc.is_null(rle.field("counts"))))
     rle_incomplete = rle_incomplete.fill_null(False).to_numpy(zero_copy_only=False)
-    mask_schemes = _schemes(uri)
+    mask_schemes = uri_schemes(uri)
     bad_uri = pc.and_(pc.is_valid(uri), pc.invert(pc.is_in(mask_schemes, pa.array(sorted(allowed), pa.string()))))
     bad_uri = bad_uri.fill_null(False).to_numpy(zero_copy_only=False)
     bad = (n_set != 1) | null_mask | rle_incomplete | bad_uri
@@ -543,13 +513,7 @@ def _validate_masks(masks: pa.ListArray, allowed: set[str], flag) -> None:
         if null_mask[j]:
             r = ("MalformedMask", f"{label} is null", rid)
         elif bad_uri[j] and n_set[j] == 1:
-            u = uri[j].as_py()
-            r = (
-                "UnsupportedScheme",
-                f"{label}: URI scheme {uri_scheme(u)!r} of {redact_uri(u)} is not allowed "
-                f"(allowed: {', '.join(sorted(allowed))})",
-                rid,
-            )
+            r = ("UnsupportedScheme", f"{label}: {scheme_error(uri[j].as_py(), allowed)}", rid)
         elif n_set[j] == 0:
             r = ("MalformedMask", f"{label} has none of rle, uri, polygon", rid)
         elif n_set[j] > 1:
@@ -573,13 +537,6 @@ def _validate_masks(masks: pa.ListArray, allowed: set[str], flag) -> None:
             flag([row], lambda _i, rid=rid: ("DuplicateRegionId", f"region_id {rid!r} appears on several masks", rid))
 
 
-def _schemes(uris: pa.Array) -> pa.Array:
-    """Lower-cased scheme of each URI (``file`` for bare paths; null stays null)."""
-    m = pc.extract_regex(uris, r"^(?P<s>[A-Za-z][A-Za-z0-9+.\-]*)://")
-    scheme = pc.utf8_lower(m.field("s"))
-    return pc.if_else(pc.and_(pc.is_valid(uris), pc.is_null(m)), pa.scalar("file"), scheme)
-
-
 def _where(mask: pa.Array) -> list[int]:
     return np.flatnonzero(mask.fill_null(False).to_numpy(zero_copy_only=False)).tolist()
 
@@ -600,16 +557,12 @@ def manifest_from_rows(rows: Iterable[dict]) -> pa.Table:
 
 
 __all__ = [
-    "DEFAULT_ALLOWED_SCHEMES",
     "MANIFEST_READ",
     "ManifestError",
     "compress_rle_counts",
     "iter_table_batches",
-    "join_uri",
     "manifest_from_rows",
     "normalize_mask",
     "read_manifest_table",
-    "redact_uri",
-    "uri_scheme",
     "validate_manifest",
 ]

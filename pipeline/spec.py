@@ -1251,7 +1251,7 @@ class JobSpec(_Spec):
 
     def preprocess(self, method: str):
         """A ``clipmaps.actors.preprocess.Preprocess`` for ``method`` (imports numpy and Pillow, not torch)."""
-        from clipmaps.actors.preprocess import IMAGENET_MEAN, IMAGENET_STD, OPENAI_MEAN, OPENAI_STD, Preprocess
+        from clipmaps.pipeline.decode.preprocess import IMAGENET_MEAN, IMAGENET_STD, OPENAI_MEAN, OPENAI_STD, Preprocess
 
         p = self.preprocess_params(method)
         mean, std = (IMAGENET_MEAN, IMAGENET_STD) if p["normalize"] == "imagenet" else (OPENAI_MEAN, OPENAI_STD)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from clipmaps.actors.actor import ActorConfig, MethodActor, ModelSource
-from clipmaps.actors.preprocess import Preprocess
+from clipmaps.pipeline.decode.preprocess import Preprocess
 from clipmaps.actors.runners import OutputOptions, Vocabulary
 from clipmaps.jobs.synth.scenes import make_scene
 from clipmaps.schemas import batches as cols

@@ -19,7 +19,7 @@ from clipmaps.actors.methods.legrad import LeGrad, LeGradParams
 from clipmaps.actors.methods.maskclip import MaskCLIP, MaskCLIPParams
 from clipmaps.actors.methods.maskinversion import MaskInversion, MaskInversionParams
 from clipmaps.actors.models import load_model, save_weights, state_dict_sha256
-from clipmaps.actors.preprocess import Preprocess
+from clipmaps.pipeline.decode.preprocess import Preprocess
 from clipmaps.actors.text import ENSEMBLE_85, PHOTO_TEMPLATE, RAW_TEMPLATE, TextEncoder
 
 FIXTURES = Path(__file__).parent / "fixtures"

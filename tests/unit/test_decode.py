@@ -10,12 +10,10 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from clipmaps.actors.preprocess import METHOD_PREPROCESS, OPENAI_MEAN, OPENAI_STD, Preprocess
 from clipmaps.pipeline.decode import (
     OUTPUT_COLUMNS,
     DecodeConfig,
     DecodeStage,
-    RowError,
     decode_batch,
     failed_rows,
     is_transient,
@@ -23,9 +21,11 @@ from clipmaps.pipeline.decode import (
     output_columns,
     to_rgb,
 )
+from clipmaps.pipeline.decode.preprocess import METHOD_PREPROCESS, OPENAI_MEAN, OPENAI_STD, Preprocess
 from clipmaps.schemas import batches as B
 from clipmaps.schemas.datasets import MANIFEST
 from clipmaps.schemas.encodings import rle_encode
+from clipmaps.schemas.errors import RowError
 from tests.helpers.data_images import (
     FlakyFileSystem,
     jpeg_with_orientation,
@@ -481,6 +481,31 @@ def test_messages_never_carry_credentials(flaky):
     assert secret not in out[B.ERROR_MESSAGE][0] and "AKIA" not in out[B.ERROR_MESSAGE][0]
     out = decode_batch(batch("s3://AKIAIOSFODNN7EXAMPLE:" + secret + "@bucket/x.jpg"), cfg(allowed_schemes=("gs",)))
     assert secret not in out[B.ERROR_MESSAGE][0] and "s3://***@bucket/x.jpg" in out[B.ERROR_MESSAGE][0]
+
+
+def test_mask_errors_never_carry_credentials(flaky):
+    """Mask URIs with a userinfo or a presigned signature, whose reads fail with messages that quote them without
+    the scheme (as botocore does): the mask errors name the region and the URI, redacted."""
+    secret, sig = "se/cr+et@planted-77", "5ca1ab1e0ddba11f00d"
+    key = f"b/m2.png?X-Amz-Credential=AKIAPLANTED%2F2024&X-Amz-Signature={sig}"
+    cases = [  # (mask URI, the message its read fails with)
+        (f"flaky://AKIAPLANTED:{secret}@b/m.png", f'Invalid bucket name "AKIAPLANTED:{secret}@b"'),
+        (f"flaky://{key}", f'no such key "{key}"'),
+        (f"flaky://AKIAPLANTED:{secret}@b/gone.png", None),
+    ]
+    config = cfg(allowed_schemes=("flaky",), need_masks=True, retries=0)
+    messages = []
+    for uri, message in cases:
+        if message is not None:
+            flaky.fail_times[FlakyFileSystem._strip_protocol(uri)] = 9
+            flaky.error = OSError(message)
+        out = decode_batch(batch("flaky://b/img.png", masks=[[{"region_id": "r", "uri": uri}]]), config)
+        assert_ok(row(out, 0))
+        [error] = out[B.MASK_ERRORS][0]
+        assert error["region_id"] == "r" and error["error_type"] == ("OSError" if message else "MaskNotFound")
+        messages.append(error["message"])
+    assert not [m for m in messages if secret in m or sig in m or "AKIAPLANTED" in m], messages
+    assert "flaky://***@b/m.png" in messages[0] and "X-Amz-Signature=***" in messages[1]
 
 
 def test_is_transient():

@@ -14,14 +14,13 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from clipmaps.jobs.manifest import add_manifest_parser, from_coco, from_folder, from_sa1b, write_manifest
+from clipmaps.jobs.commands import add_manifest_parser
+from clipmaps.jobs.manifest import from_coco, from_folder, from_sa1b, write_manifest
 from clipmaps.pipeline.sources import (
     MANIFEST_READ,
     ManifestError,
     iter_table_batches,
     read_manifest_table,
-    redact_uri,
-    uri_scheme,
     validate_manifest,
 )
 from clipmaps.schemas.datasets import ERRORS, MANIFEST
@@ -302,13 +301,34 @@ def test_validate_bare_paths_are_file_and_schemes_are_exact(tmp_path):
     assert valid["image_id"].to_pylist() == ["1", "2", "3"]
 
 
-def test_uri_helpers():
-    assert uri_scheme("/a/b.jpg") == "file" and uri_scheme("C:/x") == "file"
-    assert uri_scheme("S3://b/k") == "s3" and uri_scheme("gs://b/k") == "gs"
-    assert redact_uri("s3://AKIA:secret@bucket/k.jpg") == "s3://***@bucket/k.jpg"
-    assert redact_uri("/plain/path.jpg") == "/plain/path.jpg"
-    assert redact_uri("s3://AKIA:se/cr/et@bucket/k.jpg") == "s3://***@bucket/k.jpg"
-    assert redact_uri("s3://bucket/me@example.com/k.jpg") == "s3://bucket/me@example.com/k.jpg"
+def test_refused_rows_hide_credentials_and_presigned_signatures():
+    """Rows refused at the manifest stage name their URI (``uri`` column and message) without the userinfo of
+    ``user:secret@`` URIs or the values of presigned query parameters."""
+    signature, secret = "f00dfacecafe0123456789abcdef", "se/cr+et@planted"
+    presigned = (
+        "https://b.s3.amazonaws.com/x.png?X-Amz-Algorithm=AWS4-HMAC-SHA256"
+        f"&X-Amz-Credential=AKIAPLANTED%2F20240101%2Fus-east-1%2Fs3%2Faws4_request&X-Amz-Signature={signature}"
+    )
+    rows = [
+        {"image_id": "p", "image_uri": presigned},
+        {"image_id": "u", "image_uri": f"ftp://user:{secret}@host/x.png"},
+        {"image_id": "m", "image_uri": "/x.png", "masks": [{"region_id": "0", "uri": presigned}]},
+        {"image_id": "dup", "image_uri": f"s3://AKIA:{secret}@b/x.png"},
+        {"image_id": "dup", "image_uri": f"s3://AKIA:{secret}@b/y.png"},
+    ]
+    valid, errors = validate_manifest(pa.Table.from_pylist(rows, schema=MANIFEST), allowed_schemes=("file", "s3"))
+    assert valid["image_id"].to_pylist() == ["dup"]
+    text = json.dumps(errors)
+    assert signature not in text and "AKIAPLANTED" not in text and secret not in text
+    by = {e["image_id"]: e for e in errors}
+    assert by["p"]["message"].startswith("URI scheme 'https' of https://b.s3.amazonaws.com/x.png?") and (
+        "X-Amz-Signature=***" in by["p"]["uri"]
+    )
+    assert by["u"]["uri"] == "ftp://***@host/x.png" and by["dup"]["uri"] == "s3://***@b/y.png"
+    assert by["m"]["region_id"] == "0" and "allowed: file, s3" in by["m"]["message"]
+
+
+def test_iter_table_batches():
     t = pa.Table.from_pylist(expected_rows(), schema=MANIFEST)
     parts = iter_table_batches(t, 2)
     assert [p.num_rows for p in parts] == [2, 1]

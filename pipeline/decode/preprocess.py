@@ -7,12 +7,15 @@
   can be set to CLIP's). The original resizes with OpenCV's bilinear; Pillow's bilinear here antialiases when
   shrinking, a deliberate small difference.
 
-Arrays are ``float32 [3, h, w]`` (channels first), masks ``float32 [h, w]`` in [0, 1].
+Arrays are ``float32 [3, h, w]`` (channels first), masks ``float32 [h, w]`` in [0, 1]. Runs in the CPU decode stage
+(``clipmaps.pipeline.decode``); training and evaluation use the same code so that their inputs match the pipeline's.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -23,6 +26,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+#: Mean and std per ``normalize`` name of :meth:`Preprocess.from_params`.
+NORMALIZATIONS = {"clip": (OPENAI_MEAN, OPENAI_STD), "imagenet": (IMAGENET_MEAN, IMAGENET_STD)}
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,21 @@ class Preprocess:
             raise ValueError(f"resample must be one of {sorted(_RESAMPLE)}, got {self.resample!r}")
         if self.size < 1 or self.max_long_side < self.size:
             raise ValueError(f"invalid sizes: size={self.size}, max_long_side={self.max_long_side}")
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> Preprocess:
+        """The preprocessing a method registry entry describes as data: ``mode``, ``size``, ``resample``,
+        ``normalize`` (``clip`` or ``imagenet``) and, for ``short_side``, ``max_long_side``.
+
+        Raises:
+            ValueError: an unknown ``normalize``, mode, resampling or invalid sizes.
+        """
+        values = dict(params)
+        normalize = values.pop("normalize", "clip")
+        if normalize not in NORMALIZATIONS:
+            raise ValueError(f"normalize must be one of {sorted(NORMALIZATIONS)}, got {normalize!r}")
+        mean, std = NORMALIZATIONS[normalize]
+        return cls(**values, mean=mean, std=std)
 
     def target_size(self, width: int, height: int) -> tuple[int, int]:
         """``(width, height)`` after resizing an image of ``width × height``."""

@@ -1,0 +1,339 @@
+"""The decode stage itself: :class:`DecodeConfig`, :class:`DecodeStage` (a Ray Data callable class) and
+:func:`decode_batch`, and the handling of batch columns (see the package docstring for the columns it writes).
+
+Per batch, the image and mask bytes of the rows not failed upstream are fetched on a thread pool (object-store
+latency dominates), then decoded and preprocessed on the calling thread; every failure becomes the row's (or the
+mask's) error, never an exception out of the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from clipmaps.schemas import batches as B
+from clipmaps.schemas.encodings import mask_bbox
+from clipmaps.schemas.errors import RowError, short
+from clipmaps.schemas.storage import DEFAULT_ALLOWED_SCHEMES, redact_uri
+
+from .fetch import fetch_bytes, read_error
+from .image import DEFAULT_FORMATS, DEFAULT_MAX_PIXELS, load_image
+from .masks import decode_mask, get_field
+from .preprocess import Preprocess
+
+#: Every column the stage can add, in order (:func:`output_columns` gives those of one config).
+OUTPUT_COLUMNS = (
+    B.HEIGHT,
+    B.WIDTH,
+    B.ERROR_STAGE,
+    B.ERROR_TYPE,
+    B.ERROR_MESSAGE,
+    B.PROMPTS,
+    B.PIXELS_SQUARE,
+    B.PIXELS_MASKCLIP,
+    B.MASK_IDS,
+    B.MASKS_SQUARE,
+    B.MASK_AREA,
+    B.MASK_BBOX,
+    B.MASK_ERRORS,
+)
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """What the decode stage produces and how it reads.
+
+    Attributes:
+        square_size: side of ``pixels_square``/``masks_square`` (GEM, LeGrad, MaskInversion input, OpenAI
+            mean/std, bicubic, as ``preprocess.METHOD_PREPROCESS``); ``None`` when no method needs a square input.
+        maskclip: MaskCLIP's preprocessing (``preprocess.METHOD_PREPROCESS["maskclip"]``) or ``None``.
+        need_masks: decode the rows' region masks (MaskInversion).
+        max_pixels: largest ``width × height`` accepted (checked from the header, before decoding).
+        storage_options: fsspec options for ``fsspec.open`` (credentials, endpoint…); never in messages.
+        allowed_schemes: URI schemes that may be read (bare paths are ``file``).
+        retries: extra attempts after a transient read error (connection, timeout, 5xx/throttling); missing
+            files and permission errors are final.
+        retry_backoff_s: first back-off; doubles per attempt, with jitter.
+        io_threads: concurrent fetches per batch (object-store latency dominates); 1 = sequential.
+        formats: Pillow formats accepted (``None`` = any Pillow can open).
+    """
+
+    square_size: int | None = 448
+    maskclip: Preprocess | None = None
+    need_masks: bool = False
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    storage_options: dict = field(default_factory=dict)
+    allowed_schemes: tuple[str, ...] = DEFAULT_ALLOWED_SCHEMES
+    retries: int = 2
+    retry_backoff_s: float = 0.2
+    io_threads: int = 8
+    formats: tuple[str, ...] | None = DEFAULT_FORMATS
+
+    def __post_init__(self):
+        if self.square_size is not None and self.square_size < 1:
+            raise ValueError(f"square_size must be ≥ 1 or None, got {self.square_size}")
+        if self.max_pixels < 1:
+            raise ValueError(f"max_pixels must be ≥ 1, got {self.max_pixels}")
+        if self.retries < 0 or self.retry_backoff_s < 0 or self.io_threads < 1:
+            raise ValueError("retries and retry_backoff_s must be ≥ 0 and io_threads ≥ 1")
+        object.__setattr__(self, "allowed_schemes", tuple(s.lower() for s in self.allowed_schemes))
+        object.__setattr__(self, "storage_options", dict(self.storage_options or {}))
+        if self.formats is not None:
+            object.__setattr__(self, "formats", tuple(f.upper() for f in self.formats))
+
+
+# ------------------------------------------------------------------------------------------------ the stage
+@dataclass
+class _Fetched:
+    data: bytes | None = None
+    error: RowError | None = None
+    masks: dict[int, bytes | RowError] = field(default_factory=dict)
+
+
+class DecodeStage:
+    """Ray Data callable class (``map_batches(DecodeStage, fn_constructor_kwargs={"config": cfg},
+    batch_format="numpy")``); also a plain callable. The package docstring lists the columns it writes."""
+
+    def __init__(self, config: DecodeConfig | None = None, **kwargs: Any):
+        if config is not None and kwargs:
+            raise TypeError("pass either config or DecodeConfig keyword arguments, not both")
+        self.config = config if config is not None else DecodeConfig(**kwargs)
+        self._square = Preprocess(size=self.config.square_size) if self.config.square_size else None
+        self._pool: ThreadPoolExecutor | None = None
+
+    def close(self) -> None:
+        """Stop the fetch threads (a plain-callable user's clean-up; Ray ends them with the worker)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
+
+    # -- one batch
+    def __call__(self, batch: Mapping[str, Any] | pa.Table) -> dict[str, np.ndarray]:
+        """One batch of manifest rows → the same rows with the decode columns; every row's failure is in its
+        ``error_*`` columns (rows failed upstream keep their error).
+
+        Raises:
+            KeyError: the batch lacks ``image_id`` or ``image_uri`` (a wiring error, not a row's).
+        """
+        columns = _columns(batch)
+        if B.IMAGE_ID not in columns or B.IMAGE_URI not in columns:
+            raise KeyError(f"the decode stage needs columns {B.IMAGE_ID!r} and {B.IMAGE_URI!r}; got {list(columns)}")
+        n = len(columns[B.IMAGE_URI])
+        uris = columns[B.IMAGE_URI]
+        masks_col = columns.get("masks")
+        pre_errors = columns.get(B.ERROR_STAGE)
+        has_error = failed_rows(columns) if pre_errors is not None else np.zeros(n, bool)
+        todo = [i for i in range(n) if not has_error[i]]
+
+        jobs = [(uris[i], self._mask_uris(masks_col[i] if masks_col is not None else None)) for i in todo]
+        if self.config.io_threads > 1 and len(jobs) > 1:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.config.io_threads, thread_name_prefix="clipmaps-fetch")
+            fetched = list(self._pool.map(lambda job: self._fetch(*job), jobs))
+        else:
+            fetched = [self._fetch(*job) for job in jobs]
+
+        names = output_columns(self.config)
+        out = {name: _objects(n) for name in names}
+        out[B.HEIGHT] = np.zeros(n, np.int64)
+        out[B.WIDTH] = np.zeros(n, np.int64)
+        prompts = columns.get(B.PROMPTS)
+        for i in range(n):
+            out[B.PROMPTS][i] = _norm_prompts(prompts[i]) if prompts is not None else None
+            for name, value in self._failed_values().items():
+                out[name][i] = value
+        if pre_errors is not None:  # rows an earlier step already failed: keep their error
+            for name in (B.ERROR_STAGE, B.ERROR_TYPE, B.ERROR_MESSAGE):
+                if name in columns:
+                    for i in range(n):
+                        out[name][i] = columns[name][i] if has_error[i] else None
+        for i, f in zip(todo, fetched):
+            row = self._row(columns[B.IMAGE_URI][i], masks_col[i] if masks_col is not None else None, f)
+            for name, value in row.items():
+                out[name][i] = value
+
+        result: dict[str, np.ndarray] = {}
+        for name, values in columns.items():
+            if name != "masks" and name not in out:
+                result[name] = values if isinstance(values, np.ndarray) else _objects(n, values)
+        result.update(out)
+        return B.restore_nulls(result)
+
+    def _failed_values(self) -> dict[str, Any]:
+        """The values of a failed row's array/list columns: empty, of the same ``ndim`` as a good row's."""
+        size = self._square.size if self._square is not None else 0
+        values: dict[str, Any] = {}
+        if self._square is not None:
+            values[B.PIXELS_SQUARE] = np.zeros((3, 0, 0), np.float32)
+        if self.config.maskclip is not None:
+            values[B.PIXELS_MASKCLIP] = np.zeros((3, 0, 0), np.float32)
+        if self.config.need_masks:
+            values[B.MASK_IDS] = []
+            if self._square is not None:
+                values[B.MASKS_SQUARE] = np.zeros((0, size, size), np.float32)
+            values[B.MASK_AREA] = np.zeros(0, np.int64)
+            values[B.MASK_BBOX] = np.zeros((0, 4), np.int32)
+            values[B.MASK_ERRORS] = []
+        return values
+
+    # -- fetching (threads)
+    def _mask_uris(self, masks: Any) -> dict[int, str]:
+        if not self.config.need_masks or masks is None:
+            return {}
+        return {
+            k: get_field(m, "uri")
+            for k, m in enumerate(masks)
+            if get_field(m, "uri") is not None and get_field(m, "rle") is None and get_field(m, "polygon") is None
+        }
+
+    def _fetch(self, uri: str, mask_uris: dict[int, str]) -> _Fetched:
+        res = _Fetched()
+        try:
+            res.data = fetch_bytes(uri, self.config)
+        except RowError as e:
+            res.error = e
+            return res
+        except Exception as e:  # noqa: BLE001 — never let one row kill the batch
+            res.error = read_error(e, uri, self.config.storage_options)
+            return res
+        for k, mask_uri in mask_uris.items():
+            try:
+                res.masks[k] = fetch_bytes(mask_uri, self.config, what="mask")
+            except RowError as e:
+                res.masks[k] = e
+            except Exception as e:  # noqa: BLE001
+                res.masks[k] = read_error(e, mask_uri, self.config.storage_options)
+        return res
+
+    # -- decoding (the calling thread)
+    def _row(self, uri: str, masks: Any, fetched: _Fetched) -> dict[str, Any]:
+        cfg = self.config
+        try:
+            if fetched.error is not None:
+                raise fetched.error
+            img = load_image(fetched.data, max_pixels=cfg.max_pixels, formats=cfg.formats, uri=uri)
+            fetched.data = None  # free the bytes early
+            width, height = img.size
+            row: dict[str, Any] = {B.HEIGHT: height, B.WIDTH: width}
+            try:
+                if self._square is not None:
+                    row[B.PIXELS_SQUARE] = self._square.image(img)
+                if cfg.maskclip is not None:
+                    row[B.PIXELS_MASKCLIP] = cfg.maskclip.image(img)
+            except Exception as e:  # noqa: BLE001
+                raise RowError(
+                    "preprocess",
+                    type(e).__name__,
+                    f"{redact_uri(uri)}: preprocessing the {width}x{height} image failed: {e}",
+                ) from None
+            if cfg.need_masks:
+                try:
+                    row.update(self._masks(masks, height, width, fetched.masks))
+                except Exception as e:  # noqa: BLE001
+                    raise RowError("mask", type(e).__name__, f"{redact_uri(uri)}: decoding masks failed: {e}") from None
+            return row
+        except RowError as e:
+            return {B.ERROR_STAGE: e.stage, B.ERROR_TYPE: e.error_type, B.ERROR_MESSAGE: e.message}
+
+    def _masks(self, masks: Any, height: int, width: int, fetched: dict[int, bytes | RowError]) -> dict[str, Any]:
+        size = self._square.size if self._square is not None else None
+        ids: list[str] = []
+        squares: list[np.ndarray] = []
+        areas: list[int] = []
+        boxes: list[tuple[int, int, int, int]] = []
+        errors: list[dict] = []
+        for k, m in enumerate(masks if masks is not None else []):
+            rid = get_field(m, "region_id")
+            rid = str(k) if rid is None or rid == "" else str(rid)
+            try:
+                if m is None:
+                    raise RowError("mask", "MalformedMask", "the mask is null", region_id=rid)
+                if rid in ids:
+                    raise RowError(
+                        "mask", "DuplicateRegionId", f"region_id {rid!r} is used by an earlier mask", region_id=rid
+                    )
+                mask = decode_mask(m, height, width, fetched=fetched.get(k), region_id=rid)
+                area = int(np.count_nonzero(mask))
+                if area == 0:
+                    raise RowError("mask", "EmptyMask", "the mask has no pixels inside the image", region_id=rid)
+                if self._square is not None:
+                    squares.append(self._square.mask(mask, (width, height)))
+            except RowError as e:
+                errors.append({"region_id": e.region_id, "error_type": e.error_type, "message": e.message})
+                continue
+            except Exception as e:  # noqa: BLE001 — one bad mask must not fail the image
+                errors.append({"region_id": rid, "error_type": type(e).__name__, "message": short(e)})
+                continue
+            ids.append(rid)
+            areas.append(area)
+            boxes.append(mask_bbox(mask))
+        out = {
+            B.MASK_IDS: ids,
+            B.MASK_AREA: np.asarray(areas, dtype=np.int64),
+            B.MASK_BBOX: np.asarray(boxes, dtype=np.int32).reshape(-1, 4),
+            B.MASK_ERRORS: errors,
+        }
+        if size:
+            out[B.MASKS_SQUARE] = (
+                np.stack(squares).astype(np.float32, copy=False) if squares else np.zeros((0, size, size), np.float32)
+            )
+        return out
+
+
+def decode_batch(batch: Mapping[str, Any] | pa.Table, config: DecodeConfig) -> dict[str, np.ndarray]:
+    """Function form of :class:`DecodeStage` (e.g. ``ds.map_batches(decode_batch, fn_kwargs={"config": cfg})``)."""
+    stage = DecodeStage(config)
+    try:
+        return stage(batch)
+    finally:
+        stage.close()
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def output_columns(config: DecodeConfig) -> tuple[str, ...]:
+    """The columns the stage adds for ``config`` (besides the input columns it passes through), in order."""
+    skip = set()
+    if config.square_size is None:
+        skip |= {B.PIXELS_SQUARE, B.MASKS_SQUARE}
+    if config.maskclip is None:
+        skip.add(B.PIXELS_MASKCLIP)
+    if not config.need_masks:
+        skip |= {B.MASK_IDS, B.MASKS_SQUARE, B.MASK_AREA, B.MASK_BBOX, B.MASK_ERRORS}
+    return tuple(c for c in OUTPUT_COLUMNS if c not in skip)
+
+
+def failed_rows(batch: Mapping[str, Any]) -> np.ndarray:
+    """``bool [N]``: which rows of a batch carry an error (``error_stage`` a non-empty string). Robust to Ray's
+    round trip, where an all-``None`` column comes back as float NaN; use this, not ``is None``."""
+    col = batch.get(B.ERROR_STAGE)
+    if col is None:
+        n = len(next(iter(batch.values()))) if len(batch) else 0
+        return np.zeros(n, bool)
+    return np.fromiter((isinstance(v, str) and v != "" for v in col), dtype=bool, count=len(col))
+
+
+def _columns(batch: Mapping[str, Any] | pa.Table) -> dict[str, Any]:
+    if isinstance(batch, (pa.Table, pa.RecordBatch)):
+        return {name: _objects(batch.num_rows, batch.column(name).to_pylist()) for name in batch.schema.names}
+    return dict(batch)
+
+
+def _objects(n: int, values: Sequence[Any] | None = None) -> np.ndarray:
+    arr = np.empty(n, dtype=object)
+    if values is not None:
+        for i, v in enumerate(values):
+            arr[i] = v
+    return arr
+
+
+def _norm_prompts(v: Any) -> list[str] | None:
+    if v is None:
+        return None
+    if isinstance(v, str):
+        return [v]
+    return [str(p) for p in v]
