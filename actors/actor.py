@@ -1,9 +1,11 @@
 """The one callable class Ray Data runs in every method pool (``map_batches(MethodActor, …)``).
 
 It owns the Ray-facing bookkeeping so the method modules stay pure torch: load the model once per worker, pick the
-device and autocast, skip rows that already failed upstream, isolate failures (a batch that raises is retried row
-by row, and only the rows that fail again get an error), write the method's output columns and drop input columns
-no later stage needs. This module imports no Ray: Ray only instantiates and calls it.
+device and autocast, build the method's predictor from its registry entry, skip rows that already failed upstream,
+isolate failures (a batch that raises is retried row by row, and only the rows that fail again get an error), write
+every output column the registry declares on every batch, and drop input columns no later stage needs. Errors leave
+as the structured columns ``{method}__error_type`` / ``{method}__error_message`` (``schemas.batches``). This module
+imports no Ray: Ray only instantiates and calls it.
 """
 
 from __future__ import annotations
@@ -11,45 +13,45 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from clipmaps.schemas import batches as cols
+from clipmaps.schemas.errors import short
 
 from .models import load_model
-from .runners import RUNNERS, OutputOptions, Vocabulary, build_params
+from .params import MethodParams, ModelSpec
+from .predictors import OutputOptions, Vocabulary
+from .registry import REGISTRY
 from .text import TextEncoder
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class ModelSource:
-    """Which model to load, and how to run it."""
-
-    name: str
-    pretrained: str | None = None
-    weights: str | None = None
-    weights_sha256: str | None = None
-    seed: int | None = None
-    storage_options: dict = field(default_factory=dict)
-    device: str = "auto"  # auto | cpu | cuda
-    precision: str = "fp32"  # fp32 | bf16 (autocast on CUDA)
-
-
-@dataclass(frozen=True)
 class ActorConfig:
-    """Everything one method pool needs; plain data so it pickles to every worker."""
+    """Everything one method pool needs; plain data and pydantic models, so it pickles to every worker.
+
+    Attributes:
+        method: the registry key.
+        model: the job's ``model`` section.
+        settings: the method's section of the job spec.
+        templates: its resolved prompt templates (None for methods without text).
+        vocabulary: the resolved vocabulary, or None.
+        options: output encoding and the resolved prompt source.
+        drop_columns: input columns no later stage reads (dropped from the batch after this method).
+    """
 
     method: str
-    model: ModelSource
-    params: dict
-    vocabulary: Vocabulary | None
-    options: OutputOptions
+    model: ModelSpec
+    settings: MethodParams
+    templates: Any = None
+    vocabulary: Vocabulary | None = None
+    options: OutputOptions = OutputOptions()
     drop_columns: tuple[str, ...] = ()
-    torch_threads: int | None = None
 
 
 class MethodActor:
@@ -58,8 +60,9 @@ class MethodActor:
     def __init__(self, config: ActorConfig):
         started = time.time()
         self.config = config
-        if config.torch_threads:
-            torch.set_num_threads(config.torch_threads)
+        threads = config.settings.resources.torch_threads
+        if threads:
+            torch.set_num_threads(threads)
         m = config.model
         device = m.device if m.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         self.lm = load_model(
@@ -71,13 +74,20 @@ class MethodActor:
             storage_options=m.storage_options or None,
             weights_sha256=m.weights_sha256,
         )
-        self.autocast = m.precision == "bf16" and device.startswith("cuda")
-        text = TextEncoder(self.lm.model, self.lm.tokenizer)
-        params = build_params(config.method, config.params)
-        self.runner = RUNNERS[config.method](self.lm, params, config.vocabulary, config.options, text)
-        self.autocast = self.autocast and self.runner.autocast_ok
-        self.output_columns = self.runner.output_columns()
-        self.error_column = cols.col(config.method, cols.ERROR)
+        entry = REGISTRY[config.method]
+        self.predictor = entry.load_predictor()(
+            self.lm,
+            config.settings,
+            templates=config.templates,
+            vocabulary=config.vocabulary,
+            options=config.options,
+            text=TextEncoder(self.lm.model, self.lm.tokenizer),
+        )
+        self.inputs = entry.inputs
+        self.autocast = m.precision == "bf16" and device.startswith("cuda") and self.predictor.autocast_ok
+        self.output_columns = self.predictor.output_columns()
+        self.error_type = cols.col(config.method, cols.ERROR_TYPE_OF)
+        self.error_message = cols.col(config.method, cols.ERROR_MESSAGE_OF)
         logger.info("%s actor ready on %s in %.1f s", config.method, device, time.time() - started)
 
     def _context(self):
@@ -90,12 +100,12 @@ class MethodActor:
         failed = cols.failed_rows(batch)
         valid = [i for i in range(n) if not failed[i]]
         outputs: dict[str, list] = {}
-        row_errors: list[str | None] = [None] * n
-        if cols.MASKS_SQUARE in self.runner.inputs:  # a row without usable masks is reported, not dropped
+        row_errors: list[tuple[str, str] | None] = [None] * n
+        if cols.MASKS_SQUARE in self.inputs:  # a row without usable masks is reported, not dropped
             masks = batch.get(cols.MASKS_SQUARE)
             for i in valid:
                 if masks is None or not cols.present(masks[i]) or len(masks[i]) == 0:
-                    row_errors[i] = "NoMasks: the row has no usable region masks"
+                    row_errors[i] = ("NoMasks", "the row has no usable region masks")
             valid = [i for i in valid if row_errors[i] is None]
         if valid:
             self._run(batch, valid, outputs, row_errors)
@@ -103,7 +113,8 @@ class MethodActor:
         for name, missing in self.output_columns.items():
             values = outputs.get(name) or [None] * n
             out[name] = _object_array([missing if v is None else v for v in values])
-        out[self.error_column] = _object_array(row_errors)
+        out[self.error_type] = _object_array([e[0] if e else None for e in row_errors])
+        out[self.error_message] = _object_array([e[1] if e else None for e in row_errors])
         return out
 
     def _run(self, batch: dict, valid: list[int], outputs: dict[str, list], row_errors: list) -> None:
@@ -118,15 +129,15 @@ class MethodActor:
                 try:
                     self._run_rows(batch, [i], outputs, n)
                 except Exception as e:  # noqa: BLE001 - recorded as an error row
-                    row_errors[i] = f"{type(e).__name__}: {str(e)[:500]}"
+                    row_errors[i] = (getattr(e, "error_type", type(e).__name__), short(e))
 
     def _run_rows(self, batch: dict, rows: list[int], outputs: dict[str, list], n: int) -> None:
         sub = {k: [v[i] for i in rows] for k, v in batch.items()}
         with self._context():  # methods manage autograd themselves (MaskInversion needs it)
-            result = self.runner.run(sub)
+            result = self.predictor.run(sub)
         for name, values in result.columns.items():
-            if name not in self.output_columns:  # a runner bug; it would otherwise vanish from the outputs
-                raise KeyError(f"{type(self.runner).__name__} wrote {name!r}, which its output_columns() omits")
+            if name not in self.output_columns:  # a predictor bug; it would otherwise vanish from the outputs
+                raise KeyError(f"{type(self.predictor).__name__} wrote {name!r}, which the registry does not declare")
             column = outputs.setdefault(name, [None] * n)
             for i, value in zip(rows, values):
                 column[i] = value

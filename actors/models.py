@@ -17,28 +17,12 @@ import open_clip
 import torch
 from torch import nn
 
+from .registry import BUNDLED_WEIGHTS, bundled_weights
+
 logger = logging.getLogger(__name__)
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 _registered = False
-
-
-#: Weights shipped inside the package, by (architecture, pretrained tag): file under ``weights/`` and its sha256.
-#: ``load_model(name, pretrained=tag)`` reads these from disk instead of asking open_clip's hub.
-BUNDLED_WEIGHTS: dict[tuple[str, str], tuple[str, str]] = {
-    # `clipmaps train` with its defaults; model card: weights/clipmaps-synth-vit.md
-    ("clipmaps-synth-vit", "synth-shapes-v1"): (
-        "clipmaps-synth-vit-v1.safetensors",
-        "0a63e24c4495ea8c57c6fa4a9a88e7aaf0c8354be38057f8673a1ab827fe3595",
-    ),
-}
-WEIGHTS_DIR = Path(__file__).parent / "weights"
-
-
-def bundled_weights(name: str, tag: str | None) -> Path | None:
-    """The packaged weight file of ``(name, tag)``, or ``None`` when it is not one of clipmaps' own."""
-    entry = BUNDLED_WEIGHTS.get((name, tag)) if tag is not None else None
-    return WEIGHTS_DIR / entry[0] if entry else None
 
 
 def register_model_configs() -> None:

@@ -1,7 +1,10 @@
-"""Method runners: turn a batch of decoded rows into encoded output columns for one method (pure torch, no Ray).
+"""Predictors: the per-method batch logic between decoded rows and encoded output columns (pure torch, no Ray).
 
-A runner owns one method object and knows which input columns it reads and which output columns it writes
-(``schemas.batches``). :class:`~clipmaps.actors.actor.MethodActor` does the Ray-facing bookkeeping around it.
+A predictor owns one method object (``actors/methods``), built from the method's settings in the job spec, and
+turns a batch of decoded rows into the method's output columns (``schemas.batches``): PNG label maps, encoded
+heatmaps, region embeddings. Which columns it writes, and their fill values, come from the method registry
+(``clipmaps.actors.registry``). :class:`~clipmaps.actors.actor.MethodActor` does the Ray-facing bookkeeping around
+it. (segment-anything calls this layer a predictor: the model plus batching and caching.)
 """
 
 from __future__ import annotations
@@ -17,28 +20,28 @@ from clipmaps.schemas import batches as cols
 from clipmaps.schemas.encodings import encode_heatmap, encode_label_map
 
 from .methods.common import BackgroundRule, label_map
-from .methods.gem import GEM, GEMParams
-from .methods.legrad import LeGrad, LeGradParams
-from .methods.maskclip import MaskCLIP, MaskCLIPParams
-from .methods.maskinversion import MaskInversion, MaskInversionParams
+from .methods.gem import GEM
+from .methods.legrad import LeGrad
+from .methods.maskclip import MaskCLIP
+from .methods.maskinversion import MaskInversion
 from .models import LoadedModel
-from .text import TextEncoder, resolve_templates
+from .params import params_of
+from .registry import ORIGINAL_GEM, REGISTRY
+from .text import TextEncoder
 
 
 @dataclass(frozen=True)
 class Vocabulary:
-    """Class names for label maps (and default prompts for heatmaps).
+    """Class names for label maps (and default prompts for heatmaps), resolved at plan time.
 
     Attributes:
         names: foreground class names; label ``i + 1`` in label maps.
         background: background names appended for scoring; their pixels get label 0.
-        templates: prompt template set name or templates.
         threshold: optional background confidence threshold (see :class:`BackgroundRule`).
     """
 
     names: tuple[str, ...]
     background: tuple[str, ...] = ()
-    templates: str | tuple[str, ...] = "photo"
     threshold: float | None = None
 
     @property
@@ -52,23 +55,28 @@ class Vocabulary:
 
 @dataclass(frozen=True)
 class OutputOptions:
-    """How results are encoded: heatmap encoding and size (None = the original image size), label-map budget."""
+    """How results are encoded (the job's ``output`` section) and where prompts come from.
+
+    Attributes:
+        heatmap_encoding: ``png8`` or ``float16``.
+        heatmap_size: ``(h, w)`` of every heatmap, or None for each image's own size.
+        write_expl_maps: MaskInversion also writes its final explainability maps.
+        prompt_source: ``manifest``, ``vocabulary`` or ``auto`` (each row's own, else the vocabulary's), as
+            ``JobSpec.prompt_source`` resolves it at plan time; None for a method without heatmaps.
+        label_logits_budget: largest K·H·W of upsampled class logits held at once; larger label maps are computed
+            at a reduced scale and resized with nearest neighbour.
+    """
 
     heatmap_encoding: str = "png8"
     heatmap_size: tuple[int, int] | None = None
     write_expl_maps: bool = False
-    labels: bool = True
-    heatmaps: bool = True
-    prompts: str = "auto"  # auto | vocabulary | manifest
-    original: bool = False  # GEM: also write the unmodified model's maps as method "gem_original" (a baseline)
-    #: Largest K·H·W of upsampled class logits held at once; larger label maps are computed at a reduced scale and
-    #: resized with nearest neighbour.
+    prompt_source: str | None = None
     label_logits_budget: int = 1 << 26
 
 
 @dataclass
-class RunnerResult:
-    """Output columns for the valid rows of a batch, keyed by column name, each a list aligned with those rows."""
+class Prediction:
+    """Output columns for the rows of a batch, keyed by column name, each a list aligned with those rows."""
 
     columns: dict[str, list] = field(default_factory=dict)
 
@@ -94,23 +102,37 @@ def _encode_maps(maps: torch.Tensor, size: tuple[int, int], encoding: str) -> li
     return [encode_heatmap(m, encoding) for m in arr]
 
 
-#: The output name of GEM's baseline maps from the unmodified model (upstream ``return_ori``).
-ORIGINAL_GEM = "gem_original"
+class Predictor:
+    """Base class: one method on whole batches.
 
-
-class Runner:
-    """Base class: one method, its inputs and outputs."""
+    Args:
+        lm: the loaded model.
+        settings: the method's settings from the job spec (``clipmaps.actors.params.<Method>Settings``).
+        templates: the resolved prompt templates (a set name or list), for methods that encode text.
+        vocabulary: the job's vocabulary, or None.
+        options: output encoding and the resolved prompt source.
+        text: the shared text encoder (cached embeddings).
+    """
 
     method: str = ""
-    inputs: tuple[str, ...] = ()
     #: Whether bf16 autocast is allowed (``model.precision: bf16``); a method whose result drifts too far runs fp32.
     autocast_ok: bool = True
 
     def __init__(
-        self, lm: LoadedModel, params, vocabulary: Vocabulary | None, options: OutputOptions, text: TextEncoder
+        self,
+        lm: LoadedModel,
+        settings,
+        *,
+        templates=None,
+        vocabulary: Vocabulary | None,
+        options: OutputOptions,
+        text: TextEncoder,
     ):
         self.lm = lm
-        self.params = params
+        self.entry = REGISTRY[self.method]
+        self.settings = settings
+        resolved = {"templates": templates} if "templates" in self.entry.params.model_fields else {}
+        self.params = params_of(settings, self.entry.params, **resolved)
         self.vocabulary = vocabulary
         self.options = options
         self.text = text
@@ -119,48 +141,48 @@ class Runner:
     def device(self) -> torch.device:
         return self.lm.device
 
+    @property
+    def embed_dim(self) -> int:
+        visual = self.lm.model.visual
+        return int(visual.proj.shape[1]) if getattr(visual, "proj", None) is not None else int(visual.output_dim)
+
+    def output_columns(self) -> dict[str, object]:
+        """Every column :meth:`run` writes with these settings (from the registry), with the fill value of a row
+        the method did not produce (``schemas.batches.fill``)."""
+        kinds = self.entry.output_kinds(
+            self.settings, vocabulary=self.vocabulary is not None, write_expl_maps=self.options.write_expl_maps
+        )
+        dim = self.embed_dim if cols.EMBEDDINGS in kinds else 0
+        return {cols.col(name, k): cols.fill(k, dim=dim) for name in self.entry.outputs(self.settings) for k in kinds}
+
     def stack(self, values: Sequence[np.ndarray]) -> torch.Tensor:
         return torch.from_numpy(np.stack(values)).to(self.device)
 
     def heatmap_size(self, rows: dict, i: int) -> tuple[int, int]:
-        return (
-            tuple(self.options.heatmap_size)
-            if self.options.heatmap_size
-            else (int(rows[cols.HEIGHT][i]), int(rows[cols.WIDTH][i]))
-        )
+        if self.options.heatmap_size:
+            return tuple(self.options.heatmap_size)
+        return int(rows[cols.HEIGHT][i]), int(rows[cols.WIDTH][i])
 
     def prompts_for(self, rows: dict, i: int) -> list[str]:
-        own = rows.get(cols.PROMPTS)
-        own = [str(p) for p in own[i]] if own is not None and cols.present(own[i]) and len(own[i]) else None
-        mode = self.options.prompts
-        if mode == "manifest" or (mode == "auto" and own):
-            if not own:
-                raise ValueError("the manifest row has no prompts and prompts: manifest was asked for")
-            return own
+        """Row ``i``'s heatmap prompts: its own (``prompts`` column) or the vocabulary's names, by the resolved
+        prompt source (``auto``: its own when it has some)."""
+        source = self.options.prompt_source
+        if source != "vocabulary":
+            own = rows.get(cols.PROMPTS)
+            own = [str(p) for p in own[i]] if own is not None and cols.present(own[i]) and len(own[i]) else None
+            if own:
+                return own
+            if source == "manifest" or self.vocabulary is None:
+                raise ValueError("the manifest row has no prompts, and this method takes its prompts from the manifest")
         if self.vocabulary is None:
-            raise ValueError("no prompts: the row has none and the job has no vocabulary")
+            raise ValueError("no prompts: the job has no vocabulary")
         return list(self.vocabulary.names)
 
-    def run(self, rows: dict) -> RunnerResult:  # pragma: no cover - interface
+    def run(self, rows: dict) -> Prediction:  # pragma: no cover - interface
         raise NotImplementedError
-
-    def output_columns(self) -> dict[str, object]:  # pragma: no cover - interface
-        """Every column :meth:`run` writes with these options, with the value of a row the method did not produce
-        (failed upstream or here). The actor emits all of them on every batch, even one where no row reached the
-        method, so blocks from different batches share one schema: ``None`` in byte and list columns, an empty (or
-        zero) array of the right shape in array columns, where Ray cannot mix ``None`` with tensors."""
-        raise NotImplementedError
-
-    @staticmethod
-    def heatmap_outputs(name: str) -> dict[str, object]:
-        return {
-            cols.col(name, cols.HEATMAPS): None,
-            cols.col(name, cols.HEATMAP_PROMPTS): None,
-            cols.col(name, cols.HEATMAP_HW): np.zeros(2, np.int64),
-        }
 
     def heatmap_columns(self, name: str, rows: dict, prompts: list[list[str]], maps: list[torch.Tensor]) -> dict:
-        """Encoded heatmaps ``[P_i, h, w]`` per row → the heatmap output columns of ``name``."""
+        """Heatmaps ``[P_i, h, w]`` per row → the encoded heatmap output columns of output ``name``."""
         sizes = [self.heatmap_size(rows, i) for i in range(len(maps))]
         return {
             cols.col(name, cols.HEATMAPS): [
@@ -171,35 +193,26 @@ class Runner:
         }
 
 
-class GEMRunner(Runner):
+class GEMPredictor(Predictor):
     method = "gem"
-    inputs = (cols.PIXELS_SQUARE,)
 
-    def __init__(self, lm, params: GEMParams, vocabulary, options, text):
-        super().__init__(lm, params, vocabulary, options, text)
-        self.gem = GEM(lm.model, lm.tokenizer, params, text_encoder=text)
+    def __init__(self, lm, settings, **kwargs):
+        super().__init__(lm, settings, **kwargs)
+        self.gem = GEM(lm.model, lm.tokenizer, self.params, text_encoder=self.text)
 
-    def output_columns(self) -> dict[str, object]:
-        columns: dict[str, object] = {}
-        for name in (self.method, ORIGINAL_GEM) if self.options.original else (self.method,):
-            if self.options.labels and self.vocabulary is not None:
-                columns[cols.col(name, cols.LABELS)] = None
-            if self.options.heatmaps:
-                columns.update(self.heatmap_outputs(name))
-        return columns
-
-    def run(self, rows: dict) -> RunnerResult:
+    def run(self, rows: dict) -> Prediction:
         x = self.stack(rows[cols.PIXELS_SQUARE])
-        feat_gem, feat_ori = self.gem.features(x, with_original=self.options.original)  # one forward for all
-        out = RunnerResult()
+        original = self.settings.original
+        feat_gem, feat_ori = self.gem.features(x, with_original=original)  # one forward for all outputs
+        out = Prediction()
         self._outputs(rows, x, self.method, feat_gem, out)
-        if self.options.original:
+        if original:
             self._outputs(rows, x, ORIGINAL_GEM, feat_ori, out)
         return out
 
-    def _outputs(self, rows: dict, x: torch.Tensor, name: str, features: torch.Tensor, out: RunnerResult) -> None:
+    def _outputs(self, rows: dict, x: torch.Tensor, name: str, features: torch.Tensor, out: Prediction) -> None:
         n = x.shape[0]
-        if self.options.labels and self.vocabulary is not None:
+        if self.settings.labels and self.vocabulary is not None:
             logits = self.gem.class_logits(x, self.vocabulary.scored, features=features)
             out.columns[cols.col(name, cols.LABELS)] = [
                 _labels_at(
@@ -211,27 +224,22 @@ class GEMRunner(Runner):
                 )
                 for i in range(n)
             ]
-        if self.options.heatmaps:
+        if self.settings.heatmaps:
             prompts = [self.prompts_for(rows, i) for i in range(n)]
-            out.columns.update(
-                self.heatmap_columns(name, rows, prompts, self.gem.heatmaps(x, prompts, features=features))
-            )
+            maps = self.gem.heatmaps(x, prompts, features=features)
+            out.columns.update(self.heatmap_columns(name, rows, prompts, maps))
 
 
-class MaskCLIPRunner(Runner):
+class MaskCLIPPredictor(Predictor):
     method = "maskclip"
-    inputs = (cols.PIXELS_MASKCLIP,)
 
-    def __init__(self, lm, params: MaskCLIPParams, vocabulary, options, text):
-        if vocabulary is None:
+    def __init__(self, lm, settings, **kwargs):
+        super().__init__(lm, settings, **kwargs)
+        if self.vocabulary is None:
             raise ValueError("MaskCLIP needs a vocabulary")
-        super().__init__(lm, params, vocabulary, options, text)
-        self.maskclip = MaskCLIP(lm.model, lm.tokenizer, params, text_encoder=text)
+        self.maskclip = MaskCLIP(lm.model, lm.tokenizer, self.params, text_encoder=self.text)
 
-    def output_columns(self) -> dict[str, object]:
-        return {cols.col(self.method, cols.LABELS): None}
-
-    def run(self, rows: dict) -> RunnerResult:
+    def run(self, rows: dict) -> Prediction:
         labels = []
         for i, pixels in enumerate(rows[cols.PIXELS_MASKCLIP]):  # keep-ratio inputs differ in size: one at a time
             x = torch.from_numpy(pixels)[None].to(self.device)
@@ -245,49 +253,33 @@ class MaskCLIPRunner(Runner):
                     self.options.label_logits_budget,
                 )
             )
-        return RunnerResult({cols.col(self.method, cols.LABELS): labels})
+        return Prediction({cols.col(self.method, cols.LABELS): labels})
 
 
-class LeGradRunner(Runner):
+class LeGradPredictor(Predictor):
     method = "legrad"
-    inputs = (cols.PIXELS_SQUARE,)
 
-    def __init__(self, lm, params: LeGradParams, vocabulary, options, text):
-        super().__init__(lm, params, vocabulary, options, text)
-        self.legrad = LeGrad(lm.model, lm.tokenizer, params, text_encoder=text)
+    def __init__(self, lm, settings, **kwargs):
+        super().__init__(lm, settings, **kwargs)
+        self.legrad = LeGrad(lm.model, lm.tokenizer, self.params, text_encoder=self.text)
 
-    def output_columns(self) -> dict[str, object]:
-        return self.heatmap_outputs(self.method)
-
-    def run(self, rows: dict) -> RunnerResult:
+    def run(self, rows: dict) -> Prediction:
         x = self.stack(rows[cols.PIXELS_SQUARE])
         prompts = [self.prompts_for(rows, i) for i in range(x.shape[0])]
-        return RunnerResult(self.heatmap_columns(self.method, rows, prompts, self.legrad.heatmaps(x, prompts)))
+        return Prediction(self.heatmap_columns(self.method, rows, prompts, self.legrad.heatmaps(x, prompts)))
 
 
-class MaskInversionRunner(Runner):
+class MaskInversionPredictor(Predictor):
     method = "maskinversion"
-    inputs = (cols.PIXELS_SQUARE, cols.MASKS_SQUARE)
     # measured on an H100 (ViT-B-16, 448 px, 10 Adam steps): bf16 embeddings reach only cosine 0.81 to fp32 ones,
     # as the optimisation amplifies rounding; MaskInversion always runs in fp32
     autocast_ok = False
 
-    def __init__(self, lm, params: MaskInversionParams, vocabulary, options, text):
-        super().__init__(lm, params, vocabulary, options, text)
-        self.maskinversion = MaskInversion(lm.model, params)
-        visual = lm.model.visual
-        self.dim = int(visual.proj.shape[1]) if visual.proj is not None else int(visual.output_dim)
+    def __init__(self, lm, settings, **kwargs):
+        super().__init__(lm, settings, **kwargs)
+        self.maskinversion = MaskInversion(lm.model, self.params)
 
-    def output_columns(self) -> dict[str, object]:
-        columns: dict[str, object] = {
-            cols.col(self.method, cols.EMBEDDINGS): np.zeros((0, self.dim), np.float32),
-            cols.col(self.method, cols.LOSS): np.zeros((0,), np.float32),
-        }
-        if self.options.write_expl_maps:
-            columns[cols.col(self.method, cols.EXPL_MAPS)] = None
-        return columns
-
-    def run(self, rows: dict) -> RunnerResult:
+    def run(self, rows: dict) -> Prediction:
         x = self.stack(rows[cols.PIXELS_SQUARE])
         masks = [torch.from_numpy(np.asarray(m, dtype=np.float32)).to(self.device) for m in rows[cols.MASKS_SQUARE]]
         results = self.maskinversion.embed(x, masks, return_maps=self.options.write_expl_maps)
@@ -301,18 +293,4 @@ class MaskInversionRunner(Runner):
             out[cols.col(self.method, cols.EXPL_MAPS)] = [
                 [encode_heatmap(m, "png8") for m in r.maps.float().cpu().numpy()] for r in results
             ]
-        return RunnerResult(out)
-
-
-RUNNERS: dict[str, type[Runner]] = {r.method: r for r in (GEMRunner, MaskCLIPRunner, LeGradRunner, MaskInversionRunner)}
-PARAMS = {"gem": GEMParams, "maskclip": MaskCLIPParams, "legrad": LeGradParams, "maskinversion": MaskInversionParams}
-
-
-def build_params(method: str, values: dict):
-    """Method parameters from plain values (templates given as a set name or a list)."""
-    if method not in PARAMS:
-        raise ValueError(f"unknown method {method!r}; choose from {sorted(PARAMS)}")
-    values = dict(values)
-    if "templates" in values:
-        values["templates"] = resolve_templates(values["templates"])
-    return PARAMS[method](**values)
+        return Prediction(out)

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import Tensor, nn
 
+from .params import ModelInfo
+
 
 @dataclass
 class BlockInternals:
@@ -77,6 +79,11 @@ class VisionTower:
             raise TypeError(f"positional embedding of {n_pos} patches is not a square grid")
         self.native_grid = (side, side)
         self._pos_cache: dict[tuple, Tensor] = {}
+
+    def info(self, model: nn.Module | None = None) -> ModelInfo:
+        """This tower as a :class:`~clipmaps.actors.params.ModelInfo` (for the params' model-dependent bounds)."""
+        name = getattr(model, "name", None) or type(model if model is not None else self.visual).__name__
+        return ModelInfo(name=name, family="vit", layers=self.num_layers, patch_size=self.patch_size)
 
     # ---------------------------------------------------------------- embedding
     def grid(self, height: int, width: int) -> tuple[int, int]:

@@ -22,66 +22,84 @@ max_task_retries=-1``; Ray Data tasks ``max_retries=-1``):
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import importlib
 import logging
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
 
+from clipmaps.actors.registry import REGISTRY
 from clipmaps.schemas import batches as cols
+from clipmaps.schemas.errors import ConfigError
+from clipmaps.schemas.storage import filesystem, redact_uri, uri_scheme, with_io_defaults
 
+from . import fingerprint as fp
 from .spec import JobSpec
 
 logger = logging.getLogger(__name__)
 
-#: Input columns each method reads (so a pool can drop what no later pool needs).
-METHOD_INPUTS = {
-    "maskclip": (cols.PIXELS_MASKCLIP,),
-    "gem": (cols.PIXELS_SQUARE,),
-    "legrad": (cols.PIXELS_SQUARE,),
-    "maskinversion": (cols.PIXELS_SQUARE, cols.MASKS_SQUARE),
-}
-SQUARE_METHODS = ("gem", "legrad", "maskinversion")
-#: Methods that encode text (and so have a vocabulary id).
-TEXT_METHODS = ("maskclip", "gem", "legrad")
-
-
-def method_vocabulary_id(spec: JobSpec, method: str) -> str | None:
-    """The vocabulary id ``method``'s outputs name, or None (no vocabulary, or a method without text)."""
-    if spec.vocabulary is None or method not in TEXT_METHODS:
-        return None
-    return spec.vocabulary_id(method)
-
 
 @dataclass
 class Plan:
-    """A resolved job: valid manifest rows, rows refused before any work, vocabulary, and the stages."""
+    """A resolved job: the valid manifest rows (with their shard), rows refused before any work, the resolved
+    vocabulary, the result fingerprint and the per-shard manifest digests.
+
+    Attributes:
+        spec: the job, ``vocabulary.file`` resolved into names and I/O defaults merged into storage options.
+        manifest: the valid rows, in manifest order, with a ``shard`` column.
+        refused: ``errors/`` rows of the manifest stage.
+        vocabulary: the foreground class names, or None.
+        methods: enabled methods, in pipeline order.
+        prompt_sources: method → ``manifest`` | ``vocabulary`` for methods that write heatmaps.
+        fingerprint: the job's result fingerprint (``clipmaps.pipeline.fingerprint``).
+        params_hash: output name → the ``params_hash`` its rows carry.
+        shard_digests: shard → digest of its rows' content.
+    """
 
     spec: JobSpec
     manifest: pa.Table
     refused: list[dict]
     vocabulary: list[str] | None
     methods: list[str]
-    square_size: int | None
-    manifest_digest: str = ""
-    shard_sizes: dict[int, int] = field(default_factory=dict)
+    prompt_sources: dict[str, str]
+    fingerprint: dict
+    params_hash: dict[str, str]
+    shard_digests: dict[int, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
     @property
     def total(self) -> int:
         return self.manifest.num_rows + len(self.refused)
 
+    @property
+    def shard_sizes(self) -> dict[int, int]:
+        """Shard → number of valid rows in it."""
+        return dict(Counter(self.manifest.column(cols.SHARD).to_pylist()))
+
+    @property
+    def outputs(self) -> list[str]:
+        """Output names (the ``method`` column values): the methods, and GEM's baseline when asked for."""
+        return [name for m in self.methods for name in REGISTRY[m].outputs(self.spec.method(m))]
+
+    def vocabulary_id(self, name: str) -> str | None:
+        """The vocabulary id output ``name``'s rows carry (None without a vocabulary or for a method without text)."""
+        method = REGISTRY[name].parent or name
+        if self.spec.vocabulary is None or not REGISTRY[method].encodes_text:
+            return None
+        return self.spec.vocabulary_id(method)
+
     def describe(self) -> str:
         """The plan as a few human-readable lines."""
         s = self.spec
         m = s.model
-        weights = m.weights_id
         lines = [
-            f"input     {s.input.manifest}: {self.manifest.num_rows} images to process, {len(self.refused)} refused",
-            f"model     {m.name} ({weights}), precision {m.precision}, device {m.device}",
-            f"output    {s.output.uri}",
+            f"input     {redact_uri(s.input.manifest)}: {self.manifest.num_rows} images in {len(self.shard_digests)} "
+            f"shards, {len(self.refused)} refused",
+            f"model     {m.name} ({m.weights_id}), {m.info.family}, precision {m.precision}, device {m.device}",
+            f"output    {redact_uri(s.output.uri)}",
         ]
         if self.vocabulary is not None:
             bg = f" + {len(s.vocabulary.background)} background" if s.vocabulary.background else ""
@@ -89,9 +107,10 @@ class Plan:
         lines.append(f"decode    CPU tasks, {s.resources.decode_cpus} CPU each")
         for name in self.methods:
             pool = s.method(name).resources
+            source = f", prompts from the {self.prompt_sources[name]}" if name in self.prompt_sources else ""
             lines.append(
                 f"{name:<9} pool {pool.min_actors}-{pool.max_actors} actors x ({pool.num_gpus} GPU, "
-                f"{pool.num_cpus} CPU), batch {pool.batch_size}, params {s.method_params_hash(name)}"
+                f"{pool.num_cpus} CPU), batch {pool.batch_size}, params {self.params_hash[name]}{source}"
             )
         r, stall = s.resources, s.run.stall_timeout_s
         lines.append(
@@ -100,6 +119,82 @@ class Plan:
         )
         lines.extend(f"note      {n}" for n in self.notes)
         return "\n".join(lines)
+
+
+def resolve_vocabulary(spec: JobSpec) -> JobSpec:
+    """``spec`` with the names of a ``vocabulary.file`` read in (other vocabularies are already inline).
+
+    Raises:
+        ConfigError: the file cannot be read (naming ``vocabulary.file``); SpecError: bad names in it."""
+    v = spec.vocabulary
+    if v is None or not v.file:
+        return spec
+    from .vocabularies import parse_vocabulary_file
+
+    fs, path = filesystem(v.file, dict(spec.input.storage_options))
+    try:
+        text = fs.cat_file(path).decode("utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        shown = redact_uri(v.file)
+        raise ConfigError(f"vocabulary.file: cannot read {shown!r}: {type(e).__name__}: {e}") from None
+    return spec.with_vocabulary_names(parse_vocabulary_file(text))
+
+
+def with_io_defaults_spec(spec: JobSpec) -> JobSpec:
+    """``spec`` with ``resources.io_retries`` / ``read_timeout_s`` merged into the ``storage_options`` of every part
+    that may touch ``s3://`` (input: when the manifest is on S3 or S3 URIs are allowed; output; weights), unless the
+    user set them (``clipmaps.schemas.storage.with_io_defaults``)."""
+    r = spec.resources
+
+    def merged(options, *uris: str | None) -> dict:
+        if not any(u and uri_scheme(u) in ("s3", "s3a") for u in uris):
+            return dict(options)
+        return with_io_defaults(dict(options), attempts=r.io_retries, timeout_s=r.read_timeout_s)
+
+    i, o, m = spec.input, spec.output, spec.model
+    image_s3 = "s3://x" if {"s3", "s3a"} & set(i.allowed_schemes) else None
+    return spec.model_copy(
+        update={
+            "input": i.model_copy(update={"storage_options": merged(i.storage_options, i.manifest, image_s3)}),
+            "output": o.model_copy(update={"storage_options": merged(o.storage_options, o.uri)}),
+            "model": m.model_copy(update={"storage_options": merged(m.storage_options, m.weights)}),
+        }
+    )
+
+
+def make_plan(spec: JobSpec) -> Plan:
+    """Read and validate the manifest, resolve the vocabulary and prompt sources, fingerprint the job: everything up
+    to running models.
+
+    Raises:
+        ManifestError: the manifest as a whole is unusable; SpecError: the job does not fit the manifest."""
+    from .sources import read_manifest_table, validate_manifest
+
+    spec = resolve_vocabulary(with_io_defaults_spec(spec))
+    table = read_manifest_table(
+        spec.input.manifest, storage_options=dict(spec.input.storage_options), limit=spec.input.limit
+    )
+    valid, refused = validate_manifest(table, allowed_schemes=tuple(spec.input.allowed_schemes))
+    has_masks = "masks" in valid.column_names and any(valid.column("masks").to_pylist())
+    has_prompts = "prompts" in valid.column_names and valid.column("prompts").null_count < valid.num_rows
+    spec.check_manifest(has_masks=has_masks, has_prompts=has_prompts)
+    methods = spec.enabled_methods()
+    shard_rows = spec.output.shard_rows
+    shards = np.arange(valid.num_rows, dtype=np.int64) // shard_rows
+    fingerprint = fp.job_fingerprint(spec, manifest_has_prompts=has_prompts)
+    return Plan(
+        spec=spec,
+        manifest=valid.append_column(cols.SHARD, pa.array(shards, pa.int64())),
+        refused=refused,
+        vocabulary=list(spec.vocabulary.class_names()) if spec.vocabulary is not None else None,
+        methods=methods,
+        prompt_sources={
+            m: spec.prompt_source(m, manifest_has_prompts=has_prompts) for m in methods if spec.method(m).heatmaps
+        },
+        fingerprint=fingerprint,
+        params_hash=fp.params_hashes(fingerprint),
+        shard_digests=fp.shard_digests(valid, shard_rows),
+    )
 
 
 def sink_retry_exceptions() -> list[type[BaseException]]:
@@ -118,7 +213,10 @@ def sink_retry_exceptions() -> list[type[BaseException]]:
 
 def check_resources(spec: JobSpec, available: dict) -> list[str]:
     """Refuse plans whose pools cannot all start next to the decode tasks (on 2 CPUs, pools that reserve every
-    CPU starve the read and decode stages and the job hangs). Returns notes; raises ``ValueError`` if infeasible."""
+    CPU starve the read and decode stages and the job hangs). Returns notes.
+
+    Raises:
+        ConfigError: the cluster lacks what the pools' minimum sizes reserve (naming the fields to change)."""
     cpus = float(available.get("CPU", 0))
     gpus = float(available.get("GPU", 0))
     need_cpu = spec.resources.decode_cpus
@@ -148,7 +246,7 @@ def check_resources(spec: JobSpec, available: dict) -> list[str]:
             "set methods.<name>.resources.num_gpus to 0 to run on CPUs, or add GPU nodes"
         )
     if problems:
-        raise ValueError("; ".join(problems))
+        raise ConfigError("; ".join(problems))
     return [f"reserves {need_cpu:g}/{cpus:g} CPUs and {need_gpu:g}/{gpus:g} GPUs at minimum pool sizes"]
 
 
@@ -163,12 +261,12 @@ def _map_batches(ds, fn, **kwargs):
 
 def build_dataset(plan: Plan, table: pa.Table | None = None, *, blocks: int = 0):
     """The Ray dataset of per-batch, per-shard counts (``shard`` and ``schemas.batches.STATS`` columns) for the
-    rows of ``table`` (default: all of the plan's manifest)."""
+    rows of ``table`` (default: all of the plan's manifest): decode → one actor pool per method → sink."""
     import ray
     from ray.data import ActorPoolStrategy
 
-    from clipmaps.actors.actor import ActorConfig, MethodActor, ModelSource
-    from clipmaps.actors.runners import ORIGINAL_GEM, OutputOptions, Vocabulary
+    from clipmaps.actors.actor import ActorConfig, MethodActor
+    from clipmaps.actors.predictors import OutputOptions, Vocabulary
 
     from .decode import DecodeConfig, decode_batch
     from .sinks import Provenance, SinkConfig, sink_batch
@@ -179,10 +277,11 @@ def build_dataset(plan: Plan, table: pa.Table | None = None, *, blocks: int = 0)
     step = max(1, -(-table.num_rows // n_blocks))
     ds = ray.data.from_arrow([table.slice(i, step) for i in range(0, table.num_rows, step)])
 
+    square = [m for m in plan.methods if REGISTRY[m].square_input]
     decode_cfg = DecodeConfig(
-        square_size=plan.square_size,
+        square_size=spec.method(square[0]).size if square else None,
         maskclip=spec.preprocess("maskclip") if "maskclip" in plan.methods else None,
-        need_masks="maskinversion" in plan.methods,
+        need_masks=spec.requires_masks,
         max_pixels=spec.resources.max_pixels,
         storage_options=dict(spec.input.storage_options),
         allowed_schemes=tuple(spec.input.allowed_schemes),
@@ -199,34 +298,29 @@ def build_dataset(plan: Plan, table: pa.Table | None = None, *, blocks: int = 0)
         num_cpus=spec.resources.decode_cpus,
         max_retries=retries,
     )
-
-    m = spec.model
-    model = ModelSource(
-        name=m.name,
-        pretrained=m.pretrained,
-        weights=m.weights,
-        weights_sha256=m.weights_sha256,
-        seed=m.seed,
-        storage_options=dict(m.storage_options),
-        device=m.device,
-        precision=m.precision,
-    )
     vocab = None
     if plan.vocabulary is not None:
         v = spec.vocabulary
         vocab = Vocabulary(names=tuple(plan.vocabulary), background=tuple(v.background), threshold=v.threshold)
+    out = spec.output
     for index, name in enumerate(plan.methods):
-        later = {c for other in plan.methods[index + 1 :] for c in METHOD_INPUTS[other]}
-        drop = tuple(c for c in METHOD_INPUTS[name] if c not in later)
-        pool = spec.method(name).resources
+        entry = REGISTRY[name]
+        later = {c for other in plan.methods[index + 1 :] for c in REGISTRY[other].inputs}
+        settings = spec.method(name)
+        pool = settings.resources
         config = ActorConfig(
             method=name,
-            model=model,
-            params=spec.method_params(name),
+            model=spec.model,
+            settings=settings,
+            templates=spec.templates(name) if entry.encodes_text else None,
             vocabulary=vocab,
-            options=OutputOptions(**spec.output_options(name)),
-            drop_columns=drop,
-            torch_threads=pool.torch_threads,
+            options=OutputOptions(
+                heatmap_encoding=out.heatmap_encoding,
+                heatmap_size=out.heatmap_size,
+                write_expl_maps=out.write_expl_maps,
+                prompt_source=plan.prompt_sources.get(name),
+            ),
+            drop_columns=tuple(c for c in entry.inputs if c not in later),
         )
         ds = _map_batches(
             ds,
@@ -245,20 +339,18 @@ def build_dataset(plan: Plan, table: pa.Table | None = None, *, blocks: int = 0)
     provenance = {
         name: Provenance(
             method=name,
-            model=m.name,
-            weights=m.weights_id,
-            params_hash=spec.method_params_hash(name),
-            vocabulary_id=method_vocabulary_id(spec, name),
+            model=spec.model.name,
+            weights=spec.model.weights_id,
+            params_hash=plan.params_hash[name],
+            vocabulary_id=plan.vocabulary_id(name),
         )
-        for name in plan.methods
+        for name in plan.outputs
     }
-    if "gem" in plan.methods and spec.method("gem").original:
-        provenance[ORIGINAL_GEM] = dataclasses.replace(provenance["gem"], method=ORIGINAL_GEM)
     sink = SinkConfig(
-        output_uri=spec.output.uri,
+        output_uri=out.uri,
         methods=provenance,
-        heatmap_encoding=spec.output.heatmap_encoding,
-        storage_options=dict(spec.output.storage_options),
+        heatmap_encoding=out.heatmap_encoding,
+        storage_options=dict(out.storage_options),
     )
     return _map_batches(
         ds,

@@ -6,8 +6,9 @@ When the driver has seen every row of a shard written, it writes the shard's com
 ``_shards/<shard>.json`` with the shard's counts and the list of its files. A re-run of the same job on the same
 output:
 
-1. refuses if ``_job.json`` says the results were made with other parameters (unless ``output.overwrite``, the
-   CLI's ``--overwrite``);
+1. refuses if ``_job.json``'s result fingerprint differs from this job's (naming each method, field and the two
+   values), or if a complete shard's rows changed (its marker's content digest differs; naming the shards), unless
+   ``output.overwrite`` (the CLI's ``--overwrite``) clears the output; see :mod:`clipmaps.pipeline.fingerprint`;
 2. keeps the shards that have a marker and deletes everything else a job writes: result files of shards without a
    marker (work of the interrupted attempt), temporary files, and files of a complete shard that its marker does
    not list — and runs the same cleanup once more at its end, against files written late by tasks of a killed
@@ -30,8 +31,10 @@ import posixpath
 import time
 from dataclasses import dataclass, field
 
-from clipmaps.schemas.storage import TMP_PREFIX, write_bytes
+from clipmaps.schemas.errors import OutputConflict
+from clipmaps.schemas.storage import TMP_PREFIX, redact_uri, write_bytes
 
+from .fingerprint import differences
 from .sinks import FILES, shard_of_file
 
 logger = logging.getLogger(__name__)
@@ -46,23 +49,11 @@ class OutputState:
     """What an output URI already holds."""
 
     job: dict | None
-    complete: dict[int, dict] = field(default_factory=dict)  # shard → its marker (counts)
+    complete: dict[int, dict] = field(default_factory=dict)  # shard → its marker (counts, files, digest)
 
     @property
     def attempts(self) -> list[dict]:
         return list((self.job or {}).get("attempts", []))
-
-
-def fingerprint(spec, plan) -> dict:
-    """What must match for results in an output to be resumable by this job."""
-    return {
-        "params": {m: spec.method_params_hash(m) for m in plan.methods},
-        "shard_rows": spec.output.shard_rows,
-        "images": plan.manifest.num_rows,
-        "manifest": plan.manifest_digest,
-        "heatmap_encoding": spec.output.heatmap_encoding,
-        "heatmap_size": list(spec.output.heatmap_size) if spec.output.heatmap_size else None,
-    }
 
 
 def read_state(fs, root: str) -> OutputState:
@@ -75,7 +66,7 @@ def read_state(fs, root: str) -> OutputState:
         try:
             job = json.loads(fs.cat(job_path))
         except ValueError as e:  # written atomically, so only a foreign or hand-edited file gets here
-            raise FileExistsError(f"{job_path} is not valid JSON ({e}); use a new output.uri or overwrite") from None
+            raise OutputConflict(f"{job_path} is not valid JSON ({e}); use a new output.uri or --overwrite") from None
     complete = {}
     marker_dir = posixpath.join(root, MARKERS)
     if fs.exists(marker_dir):
@@ -89,20 +80,36 @@ def read_state(fs, root: str) -> OutputState:
     return OutputState(job=job, complete=complete)
 
 
-def check_resumable(state: OutputState, expected: dict, uri: str) -> None:
-    """Refuse to add results made with other parameters to an output (``output.overwrite`` clears it instead)."""
+def conflicts(state: OutputState, plan) -> list[str]:
+    """Why this plan must not add to the output, one line per reason; empty when it may (a fresh output, or the same
+    fingerprint and unchanged rows in every complete shard)."""
     if state.job is None:
-        if state.complete:
-            raise FileExistsError(
-                f"{uri} holds shard markers but no {JOB_JSON}; use a new output.uri, or --overwrite to replace them"
-            )
-        return
-    previous = state.job.get("fingerprint")
-    if previous != expected:
-        changed = sorted(k for k in set(previous or {}) | set(expected) if (previous or {}).get(k) != expected.get(k))
-        raise FileExistsError(
-            f"{uri} holds results of a job with other settings ({', '.join(changed) or 'unknown'} differ); "
-            "choose a new output.uri, or replace them with --overwrite (output.overwrite: true)"
+        return [f"it holds shard markers but no {JOB_JSON} (not a clipmaps output, or a damaged one)"] * bool(
+            state.complete
+        )
+    lines = differences(state.job.get("fingerprint"), plan.fingerprint)
+    if lines:
+        return lines
+    n = plan.spec.output.shard_rows
+    changed = [s for s, marker in sorted(state.complete.items()) if plan.shard_digests.get(s) != marker.get("digest")]
+    if changed:
+        shown = ", ".join(f"{s} (manifest rows {s * n}-{s * n + n - 1})" for s in changed[:5])
+        more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
+        lines.append(f"the manifest rows of complete shard(s) {shown}{more} changed (ids, URIs, masks or prompts)")
+    return lines
+
+
+def check_resumable(state: OutputState, plan, uri: str) -> None:
+    """Refuse to add to an output what :func:`conflicts` names.
+
+    Raises:
+        OutputConflict: with every reason, and what to do (a new ``output.uri``, or ``--overwrite``)."""
+    lines = conflicts(state, plan)
+    if lines:
+        raise OutputConflict(
+            f"{redact_uri(uri)} holds results this job must not be mixed with:\n"
+            + "\n".join(f"  {line}" for line in lines)
+            + "\nchoose a new output.uri, or replace them with --overwrite (output.overwrite: true)"
         )
 
 
@@ -138,7 +145,8 @@ def remove_incomplete(fs, root: str, complete: dict[int, dict]) -> int:
 
 
 def write_marker(fs, root: str, shard: int, counts: dict) -> None:
-    """Mark ``shard`` complete (written after all its result files are in place)."""
+    """Mark ``shard`` complete (written after all its result files are in place); ``counts`` holds its counts, its
+    files and the content digest of its manifest rows."""
     path = posixpath.join(root, MARKERS, f"{shard:07d}.json")
     write_bytes(json.dumps({**counts, "finished_at": time.time()}).encode(), fs, path)
 

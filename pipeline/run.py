@@ -6,8 +6,6 @@ results never pass through it.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import logging
 import os
 import platform
@@ -19,28 +17,22 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from clipmaps.schemas import batches as cols
 from clipmaps.schemas import storage
 from clipmaps.schemas.datasets import ERRORS, VOCABULARY
-from clipmaps.schemas.storage import filesystem, uri_scheme, with_io_defaults, write_table
+from clipmaps.schemas.errors import ConfigError, JobFailed
+from clipmaps.schemas.storage import filesystem, write_table
 
 from . import resume
-from .plan import SQUARE_METHODS, Plan, build_dataset, check_resources, method_vocabulary_id
+from .dryrun import check_sources, output_report
+from .plan import Plan, build_dataset, check_resources, make_plan
 from .sinks import FILES
-from .sources import read_manifest_table, validate_manifest
 from .spec import JobSpec
-from .vocabularies import parse_vocabulary_file
 
 logger = logging.getLogger(__name__)
-
-
-class JobFailed(RuntimeError):
-    """The run stopped before every shard was written (a stage failed for good, or nothing progressed for
-    ``run.stall_timeout_s``). What was finished is kept: re-running the same job resumes it."""
 
 
 @dataclass
@@ -62,79 +54,28 @@ class RunResult:
         return self.errors / self.total if self.total else 0.0
 
 
-def resolve_vocabulary(spec: JobSpec) -> JobSpec:
-    """``spec`` with the names of a ``vocabulary.file`` read in (other vocabularies are already inline)."""
-    v = spec.vocabulary
-    if v is None or not v.file:
-        return spec
-    import fsspec
-
-    with fsspec.open(v.file, "rt", encoding="utf-8", **dict(spec.input.storage_options)) as f:
-        names = parse_vocabulary_file(f.read())
-    return spec.with_vocabulary_names(names)
-
-
-def with_io_defaults_spec(spec: JobSpec) -> JobSpec:
-    """``spec`` with ``resources.io_retries`` / ``read_timeout_s`` merged into the ``storage_options`` of every part
-    that may touch ``s3://`` (input: when the manifest is on S3 or S3 URIs are allowed; output; weights), unless the
-    user set them (see :func:`clipmaps.pipeline.sinks.with_io_defaults`)."""
-    r = spec.resources
-
-    def merged(options, *uris: str | None) -> dict:
-        if not any(u and uri_scheme(u) in ("s3", "s3a") for u in uris):
-            return dict(options)
-        return with_io_defaults(dict(options), attempts=r.io_retries, timeout_s=r.read_timeout_s)
-
-    i, o, m = spec.input, spec.output, spec.model
-    image_s3 = "s3://x" if {"s3", "s3a"} & set(i.allowed_schemes) else None
-    return dataclasses.replace(
-        spec,
-        input=dataclasses.replace(i, storage_options=merged(i.storage_options, i.manifest, image_s3)),
-        output=dataclasses.replace(o, storage_options=merged(o.storage_options, o.uri)),
-        model=dataclasses.replace(m, storage_options=merged(m.storage_options, m.weights)),
-    )
-
-
-def make_plan(spec: JobSpec) -> Plan:
-    """Read and validate the manifest, resolve the vocabulary: everything up to running models."""
-    spec = resolve_vocabulary(with_io_defaults_spec(spec))
-    table = read_manifest_table(
-        spec.input.manifest, storage_options=dict(spec.input.storage_options), limit=spec.input.limit
-    )
-    valid, refused = validate_manifest(table, allowed_schemes=tuple(spec.input.allowed_schemes))
-    has_masks = "masks" in valid.column_names and any(valid.column("masks").to_pylist())
-    has_prompts = "prompts" in valid.column_names and valid.column("prompts").null_count < valid.num_rows
-    spec.check_manifest(has_masks=has_masks, has_prompts=has_prompts)
-    methods = spec.enabled_methods()
-    square = [spec.method(m).size for m in methods if m in SQUARE_METHODS]
-    vocabulary = list(spec.vocabulary.class_names()) if spec.vocabulary is not None else None
-    shards = np.arange(valid.num_rows, dtype=np.int64) // spec.output.shard_rows
-    valid = valid.append_column(cols.SHARD, pa.array(shards, pa.int64()))
-    digest = hashlib.sha256()
-    for image_id, uri in zip(valid.column("image_id").to_pylist(), valid.column("image_uri").to_pylist()):
-        digest.update(f"{image_id}\t{uri}\n".encode())
-    return Plan(
-        spec=spec,
-        manifest=valid,
-        refused=refused,
-        vocabulary=vocabulary,
-        methods=methods,
-        square_size=square[0] if square else None,
-        manifest_digest=digest.hexdigest()[:32],
-        shard_sizes=dict(Counter(shards.tolist())),
-    )
-
-
 def run(spec: JobSpec, *, dry_run: bool = False, progress: Callable[[str], None] | None = None) -> RunResult:
-    """Run the job described by ``spec``; ``dry_run`` validates, resolves inputs and returns the plan only.
+    """Run the job described by ``spec``.
 
-    Re-running the same job on the same output resumes it (see :mod:`clipmaps.pipeline.resume`).
+    Re-running the same job on the same output resumes it (see :mod:`clipmaps.pipeline.resume`). With ``dry_run``,
+    everything that needs no model and no Ray is checked (``clipmaps.pipeline.dryrun``: the manifest, the
+    vocabulary, the weights, what the output holds) and the plan is returned; nothing is written.
+
+    Raises:
+        ConfigError: the job cannot run as configured (spec, manifest, weights, output refusal); never resumable.
+        JobFailed: a stage failed for good; what is finished is kept and a re-run resumes.
     """
     started = time.time()
     say = progress or (lambda line: logger.info("%s", line))
     plan = make_plan(spec)
     spec = plan.spec
     if dry_run:
+        plan.notes.extend(check_sources(spec))
+    # a run the output would refuse fails here, in a second, before Ray starts (prepare_output checks again:
+    # another writer may act while Ray starts)
+    report = output_report(plan)
+    if dry_run:
+        plan.notes.extend(report)
         text = plan.describe()
         return RunResult(spec.output.uri, plan.total, 0, len(plan.refused), {}, time.time() - started, True, text)
 
@@ -161,7 +102,7 @@ def run(spec: JobSpec, *, dry_run: bool = False, progress: Callable[[str], None]
         }
         doc = {
             "spec": spec.to_dict(redact=True),
-            "fingerprint": resume.fingerprint(spec, plan),
+            "fingerprint": plan.fingerprint,
             "status": "running",
             "attempts": [*_previous_attempts(state), attempt],
         }
@@ -245,6 +186,7 @@ def execute(
             errors += int(batch["errors"][j])
             if c["rows"] == remaining[shard]:
                 c[FILES] = sorted(set(c[FILES]))
+                c["digest"] = plan.shard_digests[shard]
                 resume.write_marker(fs, root, shard, c)
                 done[shard] = per_shard.pop(shard)
         if plan.spec.run.progress:
@@ -267,7 +209,7 @@ def prepare_output(plan: Plan, fs, root: str) -> tuple[resume.OutputState, pa.Ta
     if spec.output.overwrite and (state.job is not None or state.complete):
         resume.clear_output(fs, root)
         state = resume.OutputState(job=None)
-    resume.check_resumable(state, resume.fingerprint(spec, plan), spec.output.uri)
+    resume.check_resumable(state, plan, spec.output.uri)
     removed = resume.remove_incomplete(fs, root, state.complete)
     if removed:
         logger.info("removed %d result files of unfinished shards", removed)
@@ -322,7 +264,7 @@ def write_vocabulary(plan: Plan, fs, root: str) -> None:
     spec = plan.spec
     v = spec.vocabulary
     for method in plan.methods:
-        vid = method_vocabulary_id(spec, method)
+        vid = plan.vocabulary_id(method)
         if vid is None:
             continue
         templates = spec.templates(method)
@@ -381,11 +323,28 @@ def _failed(
         logger.warning("could not record the failure in %s", resume.JOB_JSON, exc_info=True)
     if interrupted or not isinstance(error, Exception):
         return error
+    config = _config_error(error)
+    if config is not None:  # re-running cannot fix a configuration error: say what to change instead
+        return type(config)(f"{config.message} ({len(complete)} of {len(plan.shard_sizes)} shards complete and kept)")
     total = len(plan.shard_sizes)
     return JobFailed(
         f"the job stopped: {reason}. {len(complete)} of {total} shards are complete and kept; re-run the same "
         "command to resume (only unfinished shards are redone)"
     )
+
+
+def _config_error(error: BaseException) -> ConfigError | None:
+    """The :class:`ConfigError` behind ``error`` (raised in a worker, e.g. an actor's weights that do not fit the
+    architecture), following causes and Ray's ``RayTaskError.cause``; None if there is none."""
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, ConfigError):
+            return e
+        cause = getattr(e, "cause", None)  # ray.exceptions.RayTaskError keeps the worker's exception here
+        e = cause if isinstance(cause, BaseException) else (e.__cause__ or e.__context__)
+    return None
 
 
 def _error_text(error: BaseException, spec: JobSpec) -> str:
@@ -421,14 +380,6 @@ def _describe_error(e: BaseException) -> str:
     if not text:
         return ""
     return f"{type(e).__name__}: {text[:700]}"
-
-
-_USERINFO = re.compile(r"\b([A-Za-z][A-Za-z0-9+.-]*://)([^\s/@]*:[^\s@]*|[^\s/@:]+)@")
-
-
-def redact_text(text: str) -> str:
-    """``text`` without the credentials of the URIs in it (``clipmaps.schemas.storage.redact_text``)."""
-    return storage.redact_text(text)
 
 
 def _previous_attempts(state: resume.OutputState) -> list[dict]:

@@ -45,9 +45,30 @@ HEATMAP_HW = "heatmap_hw"  # int64 [2]: (h, w) of the encoded heatmaps; (0, 0) o
 EMBEDDINGS = "embeddings"  # float32 [M, D], L2-normalised (MaskInversion)
 LOSS = "loss"  # float32 [M]
 EXPL_MAPS = "expl_maps"  # list[bytes] | None (MaskInversion's final maps, PNG 8-bit)
-ERROR = "error"  # str | None: "ErrorType: message" when the method failed on this row
+ERROR_TYPE_OF = "error_type"  # {method}__error_type: str | None, set when the method failed on this row
+ERROR_MESSAGE_OF = "error_message"  # {method}__error_message: str | None
+
+#: The heatmap output kinds, written together.
+HEATMAP_KINDS = (HEATMAPS, HEATMAP_PROMPTS, HEATMAP_HW)
 
 STATS = ("rows", "errors", "labels", "heatmaps", "regions")  # the sink's per-batch count columns
+
+
+def fill(kind: str, *, dim: int = 0):
+    """The value of method output ``kind`` on a row the method did not produce (failed upstream or in the method).
+
+    ``None`` in byte and list columns; an empty (or zero) array of the right ``ndim`` in array columns, because Ray
+    turns a numpy column into a tensor column when every value is an array and cannot mix it with ``None``
+    ("Found columns with both objects and tensors")."""
+    if kind == HEATMAP_HW:
+        return np.zeros(2, np.int64)
+    if kind == EMBEDDINGS:
+        return np.zeros((0, dim), np.float32)
+    if kind == LOSS:
+        return np.zeros((0,), np.float32)
+    if kind in (LABELS, HEATMAPS, HEATMAP_PROMPTS, EXPL_MAPS, ERROR_TYPE_OF, ERROR_MESSAGE_OF):
+        return None
+    raise KeyError(f"undeclared method output kind {kind!r}")
 
 
 def present(value) -> bool:

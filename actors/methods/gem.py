@@ -11,44 +11,15 @@ temperature folded into the queries, so it can differ per image). Upstream: ``ge
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..params import GEMParams
 from ..text import PHOTO_TEMPLATE, TextEncoder, resolve_templates
 from ..vit import VisionTower, min_max
 from .common import PromptLists, check_prompt_lists, patch_logits_to_maps
-
-
-@dataclass(frozen=True)
-class GEMParams:
-    """GEM hyper-parameters, upstream defaults (``gem.create_gem_model``).
-
-    Attributes:
-        depth: the last ``depth - 1`` blocks get the self-self attention path (7 ⇒ 6 blocks).
-        ss_attn_iter: refinement iterations of each branch before the assignment to v.
-        ss_attn_temp: fixed *inverse* temperature multiplying the cosine logits (upstream's name);
-            ``None`` uses per-image ``mean_i ||ln_1(x)_i|| / sqrt(head_dim)`` as upstream.
-        templates: prompt templates (upstream: the single ``"a photo of a {}."``).
-    """
-
-    depth: int = 7
-    ss_attn_iter: int = 1
-    ss_attn_temp: float | None = None
-    templates: tuple[str, ...] = PHOTO_TEMPLATE
-
-    def validate(self, num_layers: int) -> None:
-        if not 2 <= self.depth <= num_layers + 1:
-            raise ValueError(
-                f"GEM depth must be in [2, {num_layers + 1}] for a {num_layers}-layer ViT, got {self.depth}"
-            )
-        if self.ss_attn_iter < 0:
-            raise ValueError(f"ss_attn_iter must be >= 0, got {self.ss_attn_iter}")
-        if self.ss_attn_temp is not None and not self.ss_attn_temp > 0:
-            raise ValueError(f"ss_attn_temp must be > 0 or None, got {self.ss_attn_temp}")
-        resolve_templates(self.templates)
 
 
 class GEM:
@@ -62,11 +33,14 @@ class GEM:
     """
 
     def __init__(
-        self, model: nn.Module, tokenizer, params: GEMParams = GEMParams(), *, text_encoder: TextEncoder | None = None
+        self, model: nn.Module, tokenizer, params: GEMParams | None = None, *, text_encoder: TextEncoder | None = None
     ):
+        params = params if params is not None else GEMParams()
         self.tower = VisionTower(model.visual)
-        params.validate(self.tower.num_layers)
+        params.check_model(self.tower.info(model))
         self.params = params
+        # null templates (a job falls back to its vocabulary's) mean the method's own upstream default here
+        self.templates = resolve_templates(params.templates if params.templates is not None else PHOTO_TEMPLATE)
         self.text = text_encoder or TextEncoder(model, tokenizer)
 
     @torch.no_grad()
@@ -151,7 +125,7 @@ class GEM:
         size = tuple(output_size) if output_size else tuple(images.shape[-2:])
         out = []
         for i, plist in enumerate(prompts):
-            text = self.text.encode(plist, self.params.templates).to(feats.dtype)
+            text = self.text.encode(plist, self.templates).to(feats.dtype)
             out.append(patch_logits_to_maps(feats[i] @ text.T, grid, size))
         return out
 

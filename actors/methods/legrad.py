@@ -15,33 +15,15 @@ The map is linear in ``t`` up to the ReLU and differentiable in ``t``, which Mas
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..params import LeGradParams
 from ..text import RAW_TEMPLATE, TextEncoder, resolve_templates
 from ..vit import VisionTower, activation_derivative, min_max, mlp_layers
 from .common import PromptLists, check_prompt_lists
-
-
-@dataclass(frozen=True)
-class LeGradParams:
-    """LeGrad hyper-parameters.
-
-    Attributes:
-        layers: how many of the last blocks contribute (upstream ``layer_index=-2`` ⇒ 2; the paper uses all).
-        templates: prompt templates for text prompts (upstream's README encodes the raw prompt: ``"{}"``).
-    """
-
-    layers: int = 2
-    templates: tuple[str, ...] = RAW_TEMPLATE
-
-    def validate(self, num_layers: int) -> None:
-        if not 1 <= self.layers <= num_layers:
-            raise ValueError(f"LeGrad layers must be in [1, {num_layers}], got {self.layers}")
-        resolve_templates(self.templates)
 
 
 class _LayerNormLinearization:
@@ -171,13 +153,16 @@ class LeGrad:
         self,
         model: nn.Module,
         tokenizer,
-        params: LeGradParams = LeGradParams(),
+        params: LeGradParams | None = None,
         *,
         text_encoder: TextEncoder | None = None,
     ):
+        params = params if params is not None else LeGradParams()
         self.tower = VisionTower(model.visual)
-        params.validate(self.tower.num_layers)
+        params.check_model(self.tower.info(model))
         self.params = params
+        # null templates (a job falls back to its vocabulary's) mean the method's own upstream default here
+        self.templates = resolve_templates(params.templates if params.templates is not None else RAW_TEMPLATE)
         self.text = text_encoder or TextEncoder(model, tokenizer)
 
     def heatmaps(
@@ -207,7 +192,7 @@ class LeGrad:
             raise ValueError("give either prompts or text_embeddings")
         if prompts is not None:
             lists = check_prompt_lists(prompts, batch)
-            text_embeddings = [self.text.encode(p, self.params.templates) for p in lists]
+            text_embeddings = [self.text.encode(p, self.templates) for p in lists]
         elif len(text_embeddings) != batch:
             raise ValueError(f"got {len(text_embeddings)} text embedding sets for {batch} images")
         per_image, _, grid = trace_blocks(self.tower, images, self.params.layers)

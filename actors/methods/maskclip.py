@@ -17,7 +17,6 @@ weights trained with 1e-5), and inputs padded to a patch multiple are cropped ba
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -25,29 +24,9 @@ from open_clip.modified_resnet import ModifiedResNet
 from open_clip.transformer import VisionTransformer
 from torch import Tensor, nn
 
+from ..params import MaskCLIPParams
 from ..text import ENSEMBLE_85, TextEncoder, resolve_templates
 from ..vit import VisionTower
-
-
-@dataclass(frozen=True)
-class MaskCLIPParams:
-    """MaskCLIP hyper-parameters, defaults of the original MaskCLIP configs.
-
-    Attributes:
-        templates: prompt templates; the original's prompt engineering uses the 85-template ensemble
-            (``--no-prompt-eng``: ``("a photo of a {}.",)``).
-        ks_thresh: key-smoothing confidence threshold (0 = off; MaskCLIP+ configs use 1.0).
-        pd_thresh: prompt-denoising threshold (0 = off; MaskCLIP+ configs use 0.5).
-    """
-
-    templates: tuple[str, ...] = ENSEMBLE_85
-    ks_thresh: float = 0.0
-    pd_thresh: float = 0.0
-
-    def validate(self) -> None:
-        if not 0.0 <= self.ks_thresh <= 1.0 or not 0.0 <= self.pd_thresh <= 1.0:
-            raise ValueError(f"ks_thresh and pd_thresh must be in [0, 1], got {self.ks_thresh}, {self.pd_thresh}")
-        resolve_templates(self.templates)
 
 
 class MaskCLIP:
@@ -64,11 +43,11 @@ class MaskCLIP:
         self,
         model: nn.Module,
         tokenizer,
-        params: MaskCLIPParams = MaskCLIPParams(),
+        params: MaskCLIPParams | None = None,
         *,
         text_encoder: TextEncoder | None = None,
     ):
-        params.validate()
+        params = params if params is not None else MaskCLIPParams()
         visual = model.visual
         if isinstance(visual, VisionTransformer):
             self.tower: VisionTower | None = VisionTower(visual)
@@ -80,6 +59,8 @@ class MaskCLIP:
             raise TypeError(f"MaskCLIP supports ViT and ModifiedResNet image towers, got {type(visual).__name__}")
         self.visual = visual
         self.params = params
+        # null templates (a job falls back to its vocabulary's) mean the method's own upstream default here
+        self.templates = resolve_templates(params.templates if params.templates is not None else ENSEMBLE_85)
         self.text = text_encoder or TextEncoder(model, tokenizer)
 
     @torch.no_grad()
@@ -136,7 +117,7 @@ class MaskCLIP:
             images: ``[B, 3, H, W]`` normalised.
             class_names: the vocabulary (K names, background names included if any).
         """
-        text = self.text.encode(class_names, self.params.templates)  # [K, D]
+        text = self.text.encode(class_names, self.templates)  # [K, D]
         feats, keys = self.dense_features(images, with_keys=self.params.ks_thresh > 0)
         feats = F.normalize(feats, dim=1)
         logits = torch.einsum("bdhw,kd->bkhw", feats, text.to(feats.dtype))

@@ -19,43 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..params import MaskInversionParams
 from ..vit import VisionTower, min_max
 from .legrad import relevance_maps, trace_blocks
 
 OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
-
-
-@dataclass(frozen=True)
-class MaskInversionParams:
-    """MaskInversion hyper-parameters, upstream defaults (``MaskInversion.__init__``).
-
-    Attributes:
-        iterations: optimisation steps.
-        lr: learning rate (upstream's example uses 0.5; the class default is 0.1).
-        alpha: weight of the regulariser ``1 - cos(e0, embedding)``.
-        wd: weight decay passed to the optimiser.
-        optimizer: ``"adamw"`` (upstream), ``"adam"`` or ``"sgd"``.
-        layers: how many of the last blocks form the explainability map (upstream ``layer_index=-1`` ⇒ 1).
-    """
-
-    iterations: int = 10
-    lr: float = 0.1
-    alpha: float = 0.0
-    wd: float = 0.0
-    optimizer: str = "adamw"
-    layers: int = 1
-
-    def validate(self, num_layers: int) -> None:
-        if self.iterations < 0:
-            raise ValueError(f"iterations must be >= 0, got {self.iterations}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.alpha < 0 or self.wd < 0:
-            raise ValueError("alpha and wd must be >= 0")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {self.optimizer!r}")
-        if not 1 <= self.layers <= num_layers:
-            raise ValueError(f"layers must be in [1, {num_layers}], got {self.layers}")
 
 
 @dataclass
@@ -87,9 +55,10 @@ class MaskInversion:
         params: :class:`MaskInversionParams`.
     """
 
-    def __init__(self, model: nn.Module, params: MaskInversionParams = MaskInversionParams()):
+    def __init__(self, model: nn.Module, params: MaskInversionParams | None = None):
+        params = params if params is not None else MaskInversionParams()
         self.tower = VisionTower(model.visual)
-        params.validate(self.tower.num_layers)
+        params.check_model(self.tower.info(model))
         self.params = params
 
     def embed(self, images: Tensor, masks: Sequence[Tensor], *, return_maps: bool = False) -> list[RegionEmbeddings]:

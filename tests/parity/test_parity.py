@@ -19,8 +19,8 @@ from clipmaps.actors.methods.legrad import LeGrad, LeGradParams
 from clipmaps.actors.methods.maskclip import MaskCLIP, MaskCLIPParams
 from clipmaps.actors.methods.maskinversion import MaskInversion, MaskInversionParams
 from clipmaps.actors.models import load_model, save_weights, state_dict_sha256
-from clipmaps.pipeline.decode.preprocess import Preprocess
 from clipmaps.actors.text import ENSEMBLE_85, PHOTO_TEMPLATE, RAW_TEMPLATE, TextEncoder
+from clipmaps.pipeline.decode.preprocess import Preprocess
 
 FIXTURES = Path(__file__).parent / "fixtures"
 MANIFEST = json.loads((FIXTURES / "manifest.json").read_text())
@@ -129,7 +129,7 @@ def test_legrad(vit, case_id):
         assert _rel_l2(accum[b], arr(out["accum"])[0]) <= 1e-4
         assert (heat[b] - arr(out["heat"])[0]).abs().max() <= 1e-3
         assert _rel_l2(from_prompts[b], arr(out["accum"])[0]) <= 1e-4  # our raw-prompt text path agrees too
-    assert legrad.params.templates == RAW_TEMPLATE
+    assert legrad.templates == RAW_TEMPLATE
 
 
 # ---------------------------------------------------------------------------------------------------- MaskInversion

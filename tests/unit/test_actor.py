@@ -5,10 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from clipmaps.actors.actor import ActorConfig, MethodActor, ModelSource
-from clipmaps.pipeline.decode.preprocess import Preprocess
-from clipmaps.actors.runners import OutputOptions, Vocabulary
+from clipmaps.actors.actor import ActorConfig, MethodActor
+from clipmaps.actors.params import ModelSpec
+from clipmaps.actors.predictors import OutputOptions, Vocabulary
+from clipmaps.actors.registry import REGISTRY
 from clipmaps.jobs.synth.scenes import make_scene
+from clipmaps.pipeline.decode.preprocess import Preprocess
 from clipmaps.schemas import batches as cols
 from clipmaps.schemas.encodings import decode_heatmap, decode_label_map
 
@@ -44,16 +46,24 @@ def batch():
     }
 
 
-def _actor(method, **options):
+def _actor(method, write_expl_maps=False, **settings):
+    entry = REGISTRY[method]
     return MethodActor(
         ActorConfig(
             method=method,
-            model=ModelSource(name="clipmaps-tiny-vit", seed=0),
-            params={},
+            model=ModelSpec(name="clipmaps-tiny-vit", seed=0),
+            settings=entry.settings(size=64, **settings),
+            templates="photo" if entry.encodes_text else None,
             vocabulary=Vocabulary(names=("cat", "dog"), background=("sky",)),
-            options=OutputOptions(**options),
+            options=OutputOptions(
+                write_expl_maps=write_expl_maps, prompt_source="auto" if entry.settings().heatmaps else None
+            ),
         )
     )
+
+
+def _errors(out, method):
+    return list(zip(out[cols.col(method, cols.ERROR_TYPE_OF)], out[cols.col(method, cols.ERROR_MESSAGE_OF)]))
 
 
 def test_gem_writes_labels_heatmaps_and_the_baseline(batch):
@@ -78,16 +88,16 @@ def test_a_bad_row_fails_alone(batch):
         },
     )
     out = _actor("legrad")(bad)
-    errors = out[cols.col("legrad", cols.ERROR)]
-    assert errors[0] is None and errors[1] is None  # row 1 failed upstream: not this method's error
-    assert errors[2].startswith("ValueError") and "multiple of the patch size" in errors[2]
+    errors = _errors(out, "legrad")
+    assert errors[0] == (None, None) and errors[1] == (None, None)  # row 1 failed upstream: not this method's error
+    assert errors[2][0] == "ValueError" and "multiple of the patch size" in errors[2][1]
     assert out[cols.col("legrad", cols.HEATMAPS)][0] is not None
 
 
 def test_maskinversion_reports_rows_without_masks(batch):
     out = _actor("maskinversion")(batch)
-    errors = out[cols.col("maskinversion", cols.ERROR)]
-    assert errors[0] is None and errors[2].startswith("NoMasks")
+    errors = _errors(out, "maskinversion")
+    assert errors[0] == (None, None) and errors[2][0] == "NoMasks"
     emb = out[cols.col("maskinversion", cols.EMBEDDINGS)]
     assert emb[0].shape == (3, 32) and emb[2].shape == (0, 32)  # empty arrays, not None, for Ray's tensor columns
     np.testing.assert_allclose(np.linalg.norm(emb[0], axis=1), 1.0, rtol=1e-5)
@@ -99,14 +109,15 @@ def test_maskinversion_reports_rows_without_masks(batch):
 )
 def test_every_output_column_is_declared_and_always_written(batch, method, options):
     actor = _actor(method, **options)
-    declared = set(actor.runner.output_columns())
+    declared = set(actor.predictor.output_columns())
+    error_columns = {actor.error_type, actor.error_message}
     out = actor(batch)
-    assert set(out) - set(batch) - {actor.error_column} == declared
-    # a column the runner writes but does not declare fails its rows loudly (KeyError naming output_columns)
-    assert not any(isinstance(e, str) and "output_columns" in e for e in out[actor.error_column])
+    assert set(out) - set(batch) - error_columns == declared
+    # a column the predictor writes but the registry does not declare fails its rows loudly (KeyError)
+    assert not any(isinstance(e, str) and "does not declare" in e for e in out[actor.error_message])
     assert cols.present(out[next(iter(declared))][0])  # the good row got real values, not the fill
     all_failed = dict(batch, **{cols.ERROR_STAGE: _objects(["read"] * 3)})
-    assert set(actor(all_failed)) - set(batch) - {actor.error_column} == declared  # even when no row ran
+    assert set(actor(all_failed)) - set(batch) - error_columns == declared  # even when no row ran
     hw = actor(batch).get(cols.col(method, cols.HEATMAP_HW))
     if hw is not None:
         assert hw[1].tolist() == [0, 0] and hw[0].tolist() == [240, 320]  # zeros, never None, on a failed row

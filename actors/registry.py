@@ -1,0 +1,338 @@
+"""The method registry: one entry per method, carrying everything the rest of clipmaps needs to know about it.
+
+An entry (:class:`MethodEntry`) names the method's settings class (its section of the job spec, with one set of
+bounds; :mod:`clipmaps.actors.params`), the in-flight columns it reads and writes (``schemas.batches``), the backbone
+families it runs on, its preprocessing as data, whether it encodes text, its default pool resources and its
+predictor (the per-method batch logic in :mod:`clipmaps.actors.predictors`, named as a string so that this module
+never imports torch). The job spec, plan building, the actor, the sink, ``clipmaps models`` and the fingerprint all
+read it; adding a method touches its entry, its module, its predictor and its tests. (Modelled on NeMo Curator's
+``ProcessingStage``, one object per stage, and open_clip's ``pretrained.py``, preprocessing as data.)
+
+:func:`model_info` reads an architecture's configuration (open_clip's ``model_configs/*.json`` or clipmaps' own)
+without importing open_clip or torch, so ``--dry-run`` and spec validation check layer counts, patch sizes and
+backbone families in milliseconds.
+
+Imports pydantic and the standard library only.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import importlib.util
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from clipmaps.schemas import batches as cols
+
+from .params import (
+    GEMParams,
+    GEMSettings,
+    LeGradParams,
+    LeGradSettings,
+    MaskCLIPParams,
+    MaskCLIPSettings,
+    MaskInversionParams,
+    MaskInversionSettings,
+    MethodParams,
+    ModelInfo,
+    PoolSpec,
+)
+
+__all__ = [
+    "BUNDLED_WEIGHTS",
+    "FAMILIES",
+    "bundled_weights",
+    "ORIGINAL_GEM",
+    "REGISTRY",
+    "MethodEntry",
+    "ModelInfo",
+    "UnknownModel",
+    "entry",
+    "list_model_names",
+    "model_info",
+    "supported_methods",
+]
+
+#: Backbone families :func:`model_info` tells apart, and what each is.
+FAMILIES: dict[str, str] = {
+    "vit": "CLIP ViT (open_clip VisionTransformer: class token or pooled, plain softmax attention)",
+    "resnet": "CLIP ModifiedResNet (RN50, RN101, RN50x4…; attention pooling)",
+    "siglip": "SigLIP / SigLIP 2 (timm ViT with an attention-pooling head)",
+    "coca": "CoCa (open_clip ViT with an attentional pooler and a text decoder)",
+    "timm": "another timm image tower (ConvNeXt, EVA, ViTamin, MobileCLIP, PE…)",
+}
+#: The output name of GEM's baseline maps from the unmodified model (upstream ``return_ori``).
+ORIGINAL_GEM = "gem_original"
+
+_BUNDLED_CONFIGS = Path(__file__).parent / "model_configs"
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    """Everything about one method (or, for GEM's baseline, one output produced by another method's pass).
+
+    Attributes:
+        name: the key in the job spec and the ``method`` column of outputs (``gem``).
+        display: the name people use (``GEM``).
+        paper: the paper, for docs and ``clipmaps models``.
+        upstream: the upstream file the implementation follows.
+        settings: the spec section class (``methods.<name>``); ``None`` for an output of another method.
+        params: the hyper-parameter class the method module takes (a base class of ``settings``).
+        families: backbone families (:data:`FAMILIES`) the method is defined for.
+        why_not: the reason given when the model's family is not in ``families``.
+        inputs: in-flight columns the method reads (``schemas.batches``).
+        square_input: takes the shared ``size × size`` input (else MaskCLIP's keep-ratio input).
+        encodes_text: encodes class names or prompts (so its outputs carry a vocabulary id).
+        predictor: ``"module:Class"`` of its predictor, imported by the actor only.
+        default_resources: the pool a method section gets when it names none.
+        parent: for an output produced inside another method's pass (GEM's baseline), that method.
+    """
+
+    name: str
+    display: str
+    paper: str
+    upstream: str
+    settings: type[MethodParams] | None
+    params: type[MethodParams] | None
+    families: frozenset[str]
+    why_not: str
+    inputs: tuple[str, ...]
+    square_input: bool
+    encodes_text: bool
+    predictor: str | None
+    default_resources: PoolSpec = field(default_factory=PoolSpec)
+    parent: str | None = None
+
+    # ------------------------------------------------------------------ what it writes
+
+    def output_kinds(self, settings: Any, *, vocabulary: bool, write_expl_maps: bool) -> tuple[str, ...]:
+        """The in-flight output kinds (``schemas.batches`` names: ``labels``, ``heatmaps``…) the method writes
+        with these settings; the actor emits ``col(name, kind)`` for each, on every batch."""
+        if self.name == "maskinversion":
+            return (cols.EMBEDDINGS, cols.LOSS) + ((cols.EXPL_MAPS,) if write_expl_maps else ())
+        kinds: tuple[str, ...] = ()
+        if settings.labels and vocabulary:
+            kinds += (cols.LABELS,)
+        if settings.heatmaps:
+            kinds += cols.HEATMAP_KINDS
+        return kinds
+
+    def outputs(self, settings: Any) -> tuple[str, ...]:
+        """Output names (the ``method`` column values) one enabled section produces: its own, plus GEM's baseline
+        when ``original`` is set."""
+        if self.name == "gem" and settings.original:
+            return (self.name, ORIGINAL_GEM)
+        return (self.name,)
+
+    # ------------------------------------------------------------------ preprocessing as data
+
+    def preprocess(self, settings: Any) -> dict[str, Any]:
+        """How the decode stage resizes and normalises images for this method (plain values, fingerprinted)."""
+        if self.square_input:
+            return {"mode": "square", "size": settings.size, "normalize": "clip", "resample": "bicubic"}
+        return {
+            "mode": "short_side",
+            "size": settings.size,
+            "max_long_side": settings.max_long_side,
+            "normalize": settings.normalize,
+            "resample": "bilinear",
+        }
+
+    # ------------------------------------------------------------------ the model
+
+    def model_problems(self, settings: Any, info: ModelInfo) -> list[tuple[str, str]]:
+        """``[(field, reason)]``: the backbone family is unsupported, or a model-dependent bound fails."""
+        if info.family not in self.families:
+            return [("", f"{self.display} cannot run on {info.name} ({FAMILIES[info.family]}): {self.why_not}")]
+        return settings.model_problems(info)
+
+    def load_predictor(self) -> Callable:
+        """The predictor class (imports torch; workers only)."""
+        module, _, name = self.predictor.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+
+_VIT_ONLY = (
+    "its paper and upstream code modify CLIP ViT attention blocks (class token, q/k/v of open_clip's "
+    "VisionTransformer), which this backbone does not have"
+)
+_SIGLIP_COCA_NOTE = "; LeGrad and MaskInversion on SigLIP and CoCa are planned (issue 15)"
+
+REGISTRY: dict[str, MethodEntry] = {
+    e.name: e
+    for e in (
+        MethodEntry(
+            name="maskclip",
+            display="MaskCLIP",
+            paper="Extract Free Dense Labels from CLIP (arXiv 2112.01071)",
+            upstream="mmseg/models/decode_heads/maskclip_head.py, mmseg/models/backbones/vit.py",
+            settings=MaskCLIPSettings,
+            params=MaskCLIPParams,
+            families=frozenset({"vit", "resnet"}),
+            why_not="MaskCLIP is defined for CLIP's ViT (value path of the last block) and ModifiedResNet "
+            "(attention pool as 1x1 convolutions)",
+            inputs=(cols.PIXELS_MASKCLIP,),
+            square_input=False,
+            encodes_text=True,
+            predictor="clipmaps.actors.predictors:MaskCLIPPredictor",
+        ),
+        MethodEntry(
+            name="gem",
+            display="GEM",
+            paper="Grounding Everything (arXiv 2312.00878)",
+            upstream="gem/gem_utils.py, gem/gem_wrapper.py",
+            settings=GEMSettings,
+            params=GEMParams,
+            families=frozenset({"vit"}),
+            why_not=_VIT_ONLY,
+            inputs=(cols.PIXELS_SQUARE,),
+            square_input=True,
+            encodes_text=True,
+            predictor="clipmaps.actors.predictors:GEMPredictor",
+        ),
+        MethodEntry(
+            name="legrad",
+            display="LeGrad",
+            paper="An Explainability Method for Vision Transformers via Feature Formation Sensitivity "
+            "(arXiv 2404.03214)",
+            upstream="legrad/wrapper.py, legrad/utils.py",
+            settings=LeGradSettings,
+            params=LeGradParams,
+            families=frozenset({"vit"}),
+            why_not=_VIT_ONLY + _SIGLIP_COCA_NOTE,
+            inputs=(cols.PIXELS_SQUARE,),
+            square_input=True,
+            encodes_text=True,
+            predictor="clipmaps.actors.predictors:LeGradPredictor",
+        ),
+        MethodEntry(
+            name="maskinversion",
+            display="MaskInversion",
+            paper="Visual Prompting via Mask Inversion: localized embeddings via optimization of explainability "
+            "maps (arXiv 2407.20034)",
+            upstream="maskinversion/maskinversion.py",
+            settings=MaskInversionSettings,
+            params=MaskInversionParams,
+            families=frozenset({"vit"}),
+            why_not=_VIT_ONLY + _SIGLIP_COCA_NOTE,
+            inputs=(cols.PIXELS_SQUARE, cols.MASKS_SQUARE),
+            square_input=True,
+            encodes_text=False,
+            predictor="clipmaps.actors.predictors:MaskInversionPredictor",
+        ),
+        MethodEntry(
+            name=ORIGINAL_GEM,
+            display="GEM baseline (unmodified model)",
+            paper="the raw CLIP patch-text map GEM reports beside its own (upstream return_ori)",
+            upstream="gem/gem_wrapper.py (return_ori=True)",
+            settings=None,
+            params=None,
+            families=frozenset({"vit"}),
+            why_not=_VIT_ONLY,
+            inputs=(cols.PIXELS_SQUARE,),
+            square_input=True,
+            encodes_text=True,
+            predictor=None,
+            parent="gem",
+        ),
+    )
+}
+#: Methods a job spec can enable, in pipeline order (GEM's baseline is enabled by ``methods.gem.original``).
+METHODS: tuple[str, ...] = tuple(name for name, e in REGISTRY.items() if e.settings is not None)
+
+
+def entry(name: str) -> MethodEntry:
+    """The registry entry of ``name``; ``KeyError`` naming the methods on offer."""
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown method {name!r}; methods: {', '.join(REGISTRY)}") from None
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+#: Weights shipped inside the package, by (architecture, pretrained tag): file under ``weights/`` and its sha256.
+#: ``load_model(name, pretrained=tag)`` reads these from disk instead of asking open_clip's hub.
+BUNDLED_WEIGHTS: dict[tuple[str, str], tuple[str, str]] = {
+    # `clipmaps train` with its defaults; model card: weights/clipmaps-synth-vit.md
+    ("clipmaps-synth-vit", "synth-shapes-v1"): (
+        "clipmaps-synth-vit-v1.safetensors",
+        "0a63e24c4495ea8c57c6fa4a9a88e7aaf0c8354be38057f8673a1ab827fe3595",
+    ),
+}
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+
+
+def bundled_weights(name: str, tag: str | None) -> Path | None:
+    """The packaged weight file of ``(name, tag)``, or ``None`` when it is not one of clipmaps' own."""
+    entry = BUNDLED_WEIGHTS.get((name, tag)) if tag is not None else None
+    return WEIGHTS_DIR / entry[0] if entry else None
+
+
+class UnknownModel(KeyError):
+    """An architecture name neither open_clip nor clipmaps knows; ``str(e)`` suggests close names."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+@functools.lru_cache(maxsize=1)
+def _config_files() -> dict[str, Path]:
+    """Architecture name → its JSON config: open_clip's (located without importing open_clip), then clipmaps'."""
+    files: dict[str, Path] = {}
+    spec = importlib.util.find_spec("open_clip")
+    for location in (spec.submodule_search_locations or []) if spec is not None else []:
+        for path in sorted((Path(location) / "model_configs").glob("*.json")):
+            files[path.stem] = path
+    for path in sorted(_BUNDLED_CONFIGS.glob("*.json")):
+        files[path.stem] = path
+    return files
+
+
+def list_model_names() -> list[str]:
+    """Every architecture name :func:`model_info` knows, sorted."""
+    return sorted(_config_files())
+
+
+@functools.lru_cache(maxsize=256)
+def model_info(name: str) -> ModelInfo:
+    """What the configuration of architecture ``name`` says (no weights, no torch).
+
+    Raises:
+        UnknownModel: ``name`` is not an open_clip or clipmaps architecture (with a "did you mean").
+    """
+    path = _config_files().get(name)
+    if path is None:
+        close = difflib.get_close_matches(name, list(_config_files()), n=3, cutoff=0.6)
+        hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+        raise UnknownModel(f"unknown model {name!r}{hint}; `clipmaps models` lists the architectures")
+    cfg = json.loads(path.read_text())
+    vision = cfg.get("vision_cfg", {})
+    layers = vision.get("layers")
+    if vision.get("timm_model_name"):
+        family = "siglip" if "siglip" in str(vision["timm_model_name"]).lower() else "timm"
+        layers = None
+    elif isinstance(layers, (list, tuple)):
+        family, layers = "resnet", None
+    elif "multimodal_cfg" in cfg:
+        family = "coca"
+    else:
+        family = "vit"
+    image_size = vision.get("image_size")
+    return ModelInfo(
+        name=name,
+        family=family,
+        layers=int(layers) if isinstance(layers, int) else None,
+        patch_size=vision.get("patch_size") if family in ("vit", "coca") else None,
+        image_size=image_size[0] if isinstance(image_size, (list, tuple)) else image_size,
+        embed_dim=cfg.get("embed_dim"),
+    )
+
+
+def supported_methods(info: ModelInfo) -> list[str]:
+    """Names of the methods (spec keys) that run on this model's backbone family."""
+    return [m for m in METHODS if info.family in REGISTRY[m].families]

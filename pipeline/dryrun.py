@@ -1,0 +1,95 @@
+"""What ``clipmaps run --dry-run`` checks beyond the spec and the manifest, without running a model or Ray.
+
+The spec itself (fields, bounds against the model's configuration, backbone families) is checked by
+:func:`clipmaps.pipeline.spec.load_spec`, and the manifest, the vocabulary and the prompt sources by
+:func:`clipmaps.pipeline.plan.make_plan`; here: that the weights can be read (and match their digest when one is
+given) and what the output holds (complete shards, shards to do, whether the run would be refused and why).
+Every failure is a :class:`~clipmaps.schemas.errors.ConfigError` naming the field (CLI exit code 2).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+
+from clipmaps.actors.registry import bundled_weights
+from clipmaps.schemas.errors import ConfigError, OutputConflict
+from clipmaps.schemas.storage import filesystem, redact_text, redact_uri
+
+from . import resume
+from .plan import Plan
+from .spec import JobSpec
+
+logger = logging.getLogger(__name__)
+
+_CHUNK = 8 << 20
+
+
+def check_sources(spec: JobSpec) -> list[str]:
+    """Check that the model's weights can be had; returns notes for the plan.
+
+    Raises:
+        ConfigError: ``model.weights`` is unreadable or does not match ``model.weights_sha256``; ``model.pretrained``
+            is a tag neither clipmaps nor open_clip knows for ``model.name``."""
+    m = spec.model
+    if m.weights is not None:
+        return [_check_weights(m.weights, m.weights_sha256, dict(m.storage_options))]
+    if m.pretrained is not None:
+        path = bundled_weights(m.name, m.pretrained)
+        if path is not None:
+            return [f"weights   {m.name}/{m.pretrained}: shipped with clipmaps ({path.stat().st_size} bytes)"]
+        import open_clip  # only here: open_clip's pretrained registry needs its package (and torch)
+
+        tags = open_clip.list_pretrained_tags_by_model(m.name)
+        if m.pretrained not in tags:
+            known = ", ".join(tags) or "none"
+            raise ConfigError(
+                f"model.pretrained: {m.pretrained!r} is not a pretrained tag of {m.name} (open_clip knows: {known})"
+            )
+        return [f"weights   {m.name}/{m.pretrained}: downloaded by open_clip on each node (needs hub access)"]
+    return [f"weights   random (seed {m.seed}): the maps are noise"]
+
+
+def _check_weights(uri: str, sha256: str | None, storage_options: dict) -> str:
+    shown = redact_uri(uri)
+    try:
+        fs, path = filesystem(uri, storage_options)
+        size = int(fs.info(path).get("size") or 0)
+        if sha256 is None:
+            return f"weights   {shown}: {size} bytes (no weights_sha256: a <uri>.sha256 file is used if present)"
+        digest = hashlib.sha256()
+        with fs.open(path, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                digest.update(chunk)
+    except FileNotFoundError:
+        raise ConfigError(f"model.weights: {shown} not found") from None
+    except Exception as e:  # noqa: BLE001 - any client error means the actors could not read it either
+        text = redact_text(f"{type(e).__name__}: {e}", storage_options=storage_options, uris=[uri])
+        raise ConfigError(f"model.weights: cannot read {shown}: {text}") from None
+    if digest.hexdigest() != sha256.lower():
+        raise ConfigError(f"model.weights_sha256: {shown} has sha256 {digest.hexdigest()}, expected {sha256.lower()}")
+    return f"weights   {shown}: {size} bytes, sha256 matches"
+
+
+def output_report(plan: Plan) -> list[str]:
+    """What the output URI holds and what a run would do there; nothing is changed.
+
+    Raises:
+        OutputConflict: the run would be refused (naming each changed field or shard), unless ``output.overwrite``.
+    """
+    spec = plan.spec
+    fs, root = filesystem(spec.output.uri, dict(spec.output.storage_options))
+    state = resume.read_state(fs, root) if fs.exists(root) else resume.OutputState(job=None)
+    shards = len(plan.shard_digests)
+    if spec.output.overwrite and (state.job is not None or state.complete):
+        return [f"output    holds {len(state.complete)} complete shards; --overwrite replaces them: {shards} to do"]
+    resume.check_resumable(state, plan, spec.output.uri)  # raises OutputConflict naming what differs
+    done = [s for s in plan.shard_digests if s in state.complete]
+    todo_rows = sum(n for s, n in plan.shard_sizes.items() if s not in state.complete)
+    if not done:
+        return [f"output    empty: {shards} shards ({todo_rows} images) to do"]
+    left = shards - len(done)
+    return [f"output    {len(done)} of {shards} shards complete (resumed); {left} ({todo_rows} images) to do"]
+
+
+__all__ = ["OutputConflict", "check_sources", "output_report"]

@@ -1,0 +1,182 @@
+"""The result fingerprint: every setting that can change which rows a job writes or what they hold.
+
+A job's fingerprint (``_job.json`` key ``fingerprint``) is plain JSON data::
+
+    {"version": 2,
+     "model": {"name", "weights", "weights_sha256", "precision"},
+     "methods": {"gem": {<every settings field but resources>, "templates", "preprocess", "vocabulary_id",
+                         "threshold", "prompt_source", "heatmap_encoding", "heatmap_size", …}, …},
+     "shard_rows": 64}
+
+and the manifest is fingerprinted by content, per shard (:func:`shard_digests`: ids, URIs, masks and prompts of
+every row), in each shard's completion marker. A re-run compares both: a changed setting is refused naming the method,
+the field and the two values (:func:`differences`); a complete shard whose rows changed is refused naming the shard.
+Shards that are new (rows added after the last complete shard) are simply processed, which is what append mode
+builds on. Each method's ``params_hash`` (in every output row) is a hash of its fingerprint with the model's.
+
+Which fields count comes from the method registry: a settings field counts unless it is in
+``clipmaps.actors.params.OPERATIONAL_FIELDS`` (pool resources); so a new field is fingerprinted by default.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import pyarrow as pa
+
+from clipmaps.actors.params import OPERATIONAL_FIELDS
+from clipmaps.actors.registry import ORIGINAL_GEM, REGISTRY
+
+from .spec import JobSpec
+
+VERSION = 2
+#: Manifest columns a shard's digest covers.
+DIGEST_COLUMNS = ("image_id", "image_uri", "masks", "prompts")
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def _hash(value: Any, n: int = 16) -> str:
+    return hashlib.sha256(_canonical(value).encode("utf-8")).hexdigest()[:n]
+
+
+def model_fingerprint(spec: JobSpec) -> dict[str, Any]:
+    """The model part: architecture, weights (tag, redacted URI or seed) and their digest, precision."""
+    m = spec.model
+    return {"name": m.name, "weights": m.weights_id, "weights_sha256": m.weights_sha256, "precision": m.precision}
+
+
+def method_fingerprint(
+    spec: JobSpec, method: str, *, manifest_has_prompts: bool, class_names: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """Everything that decides ``method``'s rows, as plain data.
+
+    Args:
+        spec: the job.
+        method: a method enabled in ``spec`` (a registry key with settings).
+        manifest_has_prompts: whether the manifest has a ``prompts`` column (resolves ``prompts: auto``).
+        class_names: the names of a ``vocabulary.file`` read at plan time.
+    """
+    e = REGISTRY[method]
+    settings = spec.method(method)
+    out: dict[str, Any] = settings.model_dump(mode="json", exclude=set(OPERATIONAL_FIELDS))
+    out["preprocess"] = e.preprocess(settings)
+    source = None
+    if settings.heatmaps:
+        source = spec.prompt_source(method, manifest_has_prompts=manifest_has_prompts)
+        out["prompt_source"] = source
+        out["heatmap_encoding"] = spec.output.heatmap_encoding
+        out["heatmap_size"] = list(spec.output.heatmap_size) if spec.output.heatmap_size else None
+    if e.encodes_text:
+        templates = spec.templates(method)
+        out["templates"] = templates if isinstance(templates, str) else list(templates)
+        if spec.vocabulary is not None and (settings.labels or source == "vocabulary"):
+            out["vocabulary_id"] = spec.vocabulary_id(method, class_names)
+            out["threshold"] = spec.vocabulary.threshold if settings.labels else None
+    if method == "maskinversion":
+        out["write_expl_maps"] = spec.output.write_expl_maps
+    return out
+
+
+def job_fingerprint(
+    spec: JobSpec, *, manifest_has_prompts: bool, class_names: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """The fingerprint written to ``_job.json`` (see the module docstring)."""
+    return {
+        "version": VERSION,
+        "model": model_fingerprint(spec),
+        "methods": {
+            m: method_fingerprint(spec, m, manifest_has_prompts=manifest_has_prompts, class_names=class_names)
+            for m in spec.enabled_methods()
+        },
+        "shard_rows": spec.output.shard_rows,
+    }
+
+
+def params_hashes(fingerprint: dict[str, Any]) -> dict[str, str]:
+    """Output name → ``params_hash`` (16 hex digits) for every output of a job fingerprint (GEM's baseline shares
+    GEM's settings, and is told apart by its ``method`` column)."""
+    out = {}
+    for m, fp in fingerprint["methods"].items():
+        h = _hash({"method": m, "model": fingerprint["model"], **fp})
+        for name in REGISTRY[m].outputs(_Flags(fp)):
+            out[name] = h
+    return out
+
+
+def params_hash(
+    spec: JobSpec, method: str, *, manifest_has_prompts: bool = False, class_names: Sequence[str] | None = None
+) -> str:
+    """The ``params_hash`` that ``method``'s rows carry (16 hex digits), for one job."""
+    fingerprint = job_fingerprint(spec, manifest_has_prompts=manifest_has_prompts, class_names=class_names)
+    return params_hashes(fingerprint)[method]
+
+
+class _Flags:
+    """Attribute view of a method fingerprint, for :meth:`MethodEntry.outputs`."""
+
+    def __init__(self, fp: dict[str, Any]):
+        self.original = bool(fp.get("original"))
+
+
+def differences(previous: dict[str, Any] | None, current: dict[str, Any]) -> list[str]:
+    """Lines naming each field that differs, ``methods.gem.original: false → true``, in a stable order; a method
+    added or removed is one line. Empty when the two fingerprints match."""
+    if not previous or previous.get("version") != current.get("version"):
+        return ["the output was written by another clipmaps version (its result fingerprint has another format)"]
+    lines: list[str] = []
+
+    def walk(path: str, a: Any, b: Any) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b)):
+                walk(f"{path}.{k}" if path else k, a.get(k), b.get(k))
+        elif a != b:
+            lines.append(f"{path}: {_show(a)} → {_show(b)}")
+
+    for m in sorted(set(previous["methods"]) | set(current["methods"])):
+        a, b = previous["methods"].get(m), current["methods"].get(m)
+        if a is None or b is None:
+            lines.append(f"methods.{m}: {'added' if a is None else 'removed'} (the output holds "
+                         f"{', '.join(sorted(previous['methods']))})")  # fmt: skip
+        else:
+            walk(f"methods.{m}", a, b)
+    walk("model", previous.get("model"), current.get("model"))
+    walk("output.shard_rows", previous.get("shard_rows"), current.get("shard_rows"))
+    return lines
+
+
+def _show(v: Any) -> str:
+    text = _canonical(v) if v is not None else "unset"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def shard_digests(table: pa.Table, shard_rows: int) -> dict[int, str]:
+    """Shard index → 32 hex digits of a sha256 over the canonical JSON of each row's id, URI, masks and prompts,
+    in manifest order. Shard ``k`` holds rows ``[k · shard_rows, (k + 1) · shard_rows)``."""
+    names = [c for c in DIGEST_COLUMNS if c in table.column_names]
+    out: dict[int, str] = {}
+    for start in range(0, table.num_rows, shard_rows):
+        digest = hashlib.sha256()
+        for row in table.slice(start, shard_rows).select(names).to_pylist():
+            digest.update(_canonical([row.get(c) for c in DIGEST_COLUMNS]).encode("utf-8"))
+            digest.update(b"\n")
+        out[start // shard_rows] = digest.hexdigest()[:32]
+    return out
+
+
+__all__ = [
+    "DIGEST_COLUMNS",
+    "ORIGINAL_GEM",
+    "differences",
+    "job_fingerprint",
+    "method_fingerprint",
+    "model_fingerprint",
+    "params_hash",
+    "params_hashes",
+    "shard_digests",
+]

@@ -1,0 +1,114 @@
+"""The result fingerprint: every result-affecting field, changed alone, is named with both values; operational
+settings are not fingerprinted; shard digests cover ids, URIs, masks and prompts, shard by shard."""
+
+from __future__ import annotations
+
+import copy
+
+import pyarrow as pa
+import pytest
+
+from clipmaps.pipeline.fingerprint import differences, job_fingerprint, params_hashes, shard_digests
+from clipmaps.pipeline.spec import load_spec
+from clipmaps.schemas.datasets import MANIFEST
+
+BASE = {
+    "input": {"manifest": "data/manifest.parquet"},
+    "output": {"uri": "results"},
+    "model": {"name": "clipmaps-tiny-vit", "seed": 0},
+    "vocabulary": {"names": ["cat", "dog", "sofa"], "background": ["background"]},
+    "methods": {"gem": {"size": 64}, "maskclip": {}, "legrad": {"size": 64}, "maskinversion": {"size": 64}},
+}
+
+
+def fingerprint(overrides=(), *, prompts: bool = True) -> dict:
+    return job_fingerprint(load_spec(copy.deepcopy(BASE), overrides), manifest_has_prompts=prompts)
+
+
+# every setting that can change which rows exist or what they hold, and the field the refusal names
+RESULT_AFFECTING = [
+    ("methods.gem.depth=5", "methods.gem.depth: 7 → 5"),
+    ("methods.gem.ss_attn_iter=2", "methods.gem.ss_attn_iter: 1 → 2"),
+    ("methods.gem.ss_attn_temp=2.0", "methods.gem.ss_attn_temp: unset → 2.0"),
+    ("methods.gem.original=true", "methods.gem.original: false → true"),
+    ("methods.gem.heatmaps=false", "methods.gem.heatmaps: true → false"),
+    ("methods.gem.labels=false", "methods.gem.labels: true → false"),
+    ("methods.gem.templates=raw", 'methods.gem.templates: "photo" → "raw"'),
+    ("methods.legrad.prompts=vocabulary", 'methods.legrad.prompts: "auto" → "vocabulary"'),
+    ("methods.legrad.layers=3", "methods.legrad.layers: 2 → 3"),
+    ("methods.maskclip.ks_thresh=0.5", "methods.maskclip.ks_thresh: 0.0 → 0.5"),
+    ("methods.maskclip.normalize=clip", 'methods.maskclip.normalize: "imagenet" → "clip"'),
+    ("methods.maskclip.size=256", "methods.maskclip.size: 512 → 256"),
+    ("methods.maskinversion.lr=0.5", "methods.maskinversion.lr: 0.1 → 0.5"),
+    ("methods.maskinversion.optimizer=sgd", 'methods.maskinversion.optimizer: "adamw" → "sgd"'),
+    ("output.heatmap_encoding=float16", 'methods.gem.heatmap_encoding: "png8" → "float16"'),
+    ("output.heatmap_size=[32, 32]", "methods.gem.heatmap_size: unset → [32,32]"),
+    ("output.write_expl_maps=true", "methods.maskinversion.write_expl_maps: false → true"),
+    ("vocabulary.names=[cat, dog]", "methods.gem.vocabulary_id:"),
+    ("vocabulary.templates=raw", 'methods.gem.templates: "photo" → "raw"'),
+    ("vocabulary.threshold=0.5", "methods.gem.threshold: unset → 0.5"),
+    ("model.seed=1", 'model.weights: "random:seed=0" → "random:seed=1"'),
+    ("model.name=clipmaps-synth-vit", 'model.name: "clipmaps-tiny-vit" → "clipmaps-synth-vit"'),
+    ("output.shard_rows=10", "output.shard_rows: 64 → 10"),
+    ("methods.legrad=null", "methods.legrad: removed"),
+]
+
+
+@pytest.mark.parametrize(("override", "named"), RESULT_AFFECTING, ids=[o for o, _ in RESULT_AFFECTING])
+def test_each_result_affecting_field_is_named(override, named):
+    lines = differences(fingerprint(), fingerprint([override]))
+    assert any(line.startswith(named) for line in lines), lines
+    assert all(line.startswith(("methods.", "model.", "output.")) for line in lines)
+
+
+def test_gem_size_is_shared_so_all_square_methods_change():
+    sizes = [f"methods.{m}.size=128" for m in ("gem", "legrad", "maskinversion")]
+    lines = differences(fingerprint(), fingerprint(sizes))
+    assert {line.split(":")[0] for line in lines} >= {"methods.gem.size", "methods.gem.preprocess.size"}
+
+
+def test_prompt_source_of_auto_follows_the_manifest():
+    lines = differences(fingerprint(prompts=True), fingerprint(prompts=False))
+    assert 'methods.gem.prompt_source: "auto" → "vocabulary"' in lines
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "methods.gem.resources.batch_size=32",
+        "methods.gem.resources.max_actors=8",
+        "methods.maskinversion.resources.torch_threads=2",
+        "resources.decode_cpus=2",
+        "resources.retries=0",
+        "run.max_error_fraction=0.5",
+        "run.progress=false",
+        "output.overwrite=true",
+    ],
+)
+def test_operational_settings_are_not_fingerprinted(override):
+    assert differences(fingerprint(), fingerprint([override])) == []
+
+
+def test_params_hash_per_output_and_baseline():
+    fp = fingerprint(["methods.gem.original=true"])
+    hashes = params_hashes(fp)
+    assert set(hashes) == {"gem", "gem_original", "maskclip", "legrad", "maskinversion"}
+    assert hashes["gem"] == hashes["gem_original"] and len(set(hashes.values())) == 4
+    assert params_hashes(fingerprint(["methods.maskclip.pd_thresh=0.5"]))["gem"] == params_hashes(fingerprint())["gem"]
+
+
+def test_shard_digests_cover_every_row_field_shard_by_shard():
+    rows = [
+        {"image_id": f"i{k}", "image_uri": f"/d/{k}.png", "prompts": ["a cat"], "masks": [
+            {"region_id": "r", "rle": {"size": [2, 2], "counts": "04"}, "uri": None, "polygon": None}]}
+        for k in range(10)
+    ]  # fmt: skip
+    base = shard_digests(pa.Table.from_pylist(rows, schema=MANIFEST), 4)
+    assert sorted(base) == [0, 1, 2]
+    for field, value in (("prompts", ["a dog"]), ("image_uri", "/d/x.png"), ("masks", []), ("image_id", "z")):
+        changed = copy.deepcopy(rows)
+        changed[5][field] = value
+        digests = shard_digests(pa.Table.from_pylist(changed, schema=MANIFEST), 4)
+        assert [s for s in base if base[s] != digests[s]] == [1], field
+    appended = shard_digests(pa.Table.from_pylist(rows + rows[:3], schema=MANIFEST), 4)
+    assert appended[0] == base[0] and appended[1] == base[1] and appended[2] != base[2] and 3 in appended
