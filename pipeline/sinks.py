@@ -18,8 +18,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
+from clipmaps.actors.registry import REGISTRY
 from clipmaps.schemas import batches as cols
 from clipmaps.schemas.datasets import ERRORS, HEATMAPS, LABELS, regions_schema
+from clipmaps.schemas.errors import error_record
 from clipmaps.schemas.storage import filesystem, redact_text, redact_uri, write_table
 
 logger = logging.getLogger(__name__)
@@ -123,10 +125,11 @@ class SinkStage:
                         _error(image_id, uri, None, e.get("region_id"), "mask", e.get("error_type"), e.get("message"))
                     )
             for method, prov in self.config.methods.items():
-                err = batch.get(cols.col(method, cols.ERROR))
-                if err is not None and cols.present(err[i]):
-                    etype, _, message = str(err[i]).partition(": ")
-                    errors.append(_error(image_id, uri, method, None, "model", etype, message))
+                source = REGISTRY[method].parent or method  # GEM's baseline fails with GEM's pass
+                etype = batch.get(cols.col(source, cols.ERROR_TYPE_OF))
+                if etype is not None and cols.present(etype[i]):
+                    message = batch[cols.col(source, cols.ERROR_MESSAGE_OF)][i]
+                    errors.append(_error(image_id, uri, method, None, "model", etype[i], message))
                     continue
                 self._rows(batch, i, image_id, prov, labels, heatmaps, regions, errors, uri)
         out = {
@@ -212,12 +215,13 @@ def sink_batch(batch: dict[str, np.ndarray], config: SinkConfig) -> dict[str, np
 
 
 def _error(image_id, uri, method, region_id, stage, error_type, message) -> dict:
-    return {
-        "image_id": image_id,
-        "uri": uri,
-        "method": method,
-        "region_id": region_id,
-        "stage": str(stage),
-        "error_type": str(error_type or "Error"),
-        "message": redact_text(str(message or "")),  # the last line of defence: upstream messages are redacted
-    }
+    # the last line of defence: upstream messages are redacted already
+    return error_record(
+        image_id=image_id,
+        uri=uri,
+        method=method,
+        region_id=region_id,
+        stage=stage,
+        error_type=error_type,
+        message=redact_text(str(message or "")),
+    )
