@@ -1,0 +1,92 @@
+"""The method registry: every entry is complete and consistent with what the actors and the sink use; backbone
+families are read from model configs without torch; methods run only on the families they are defined for."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from clipmaps.actors.params import OPERATIONAL_FIELDS, ModelInfo
+from clipmaps.actors.registry import (
+    FAMILIES,
+    METHODS,
+    ORIGINAL_GEM,
+    REGISTRY,
+    UnknownModel,
+    list_model_names,
+    model_info,
+    supported_methods,
+)
+from clipmaps.schemas import batches as cols
+
+
+def test_every_method_entry_is_complete():
+    assert METHODS == ("maskclip", "gem", "legrad", "maskinversion")
+    for name, e in REGISTRY.items():
+        assert e.name == name and e.display and e.paper and e.upstream and e.families <= set(FAMILIES)
+        assert all(c in vars(cols).values() for c in e.inputs), name
+        if e.parent is not None:  # GEM's baseline: produced by its parent's pass, configured by its settings
+            assert e.settings is None and REGISTRY[e.parent].settings is not None
+            continue
+        assert issubclass(e.settings, e.params) and "resources" in e.settings.model_fields
+        assert set(e.params.model_fields) <= set(e.settings.model_fields)
+        assert set(e.settings.model_fields) >= OPERATIONAL_FIELDS
+        predictor = e.load_predictor()
+        assert predictor.method == name
+        defaults = e.settings()
+        kinds = e.output_kinds(defaults, vocabulary=True, write_expl_maps=True)
+        assert kinds and all(cols.fill(k, dim=4) is None or k in (cols.HEATMAP_HW, cols.EMBEDDINGS, cols.LOSS)
+                             for k in kinds)  # fmt: skip
+        assert e.preprocess(defaults)["size"] == defaults.size
+
+
+def test_outputs_include_the_gem_baseline_only_when_asked():
+    gem = REGISTRY["gem"]
+    assert gem.outputs(gem.settings()) == ("gem",)
+    assert gem.outputs(gem.settings(original=True)) == ("gem", ORIGINAL_GEM)
+
+
+@pytest.mark.parametrize(
+    ("name", "family", "methods"),
+    [
+        ("ViT-B-16", "vit", ["maskclip", "gem", "legrad", "maskinversion"]),
+        ("clipmaps-synth-vit", "vit", ["maskclip", "gem", "legrad", "maskinversion"]),
+        ("RN50", "resnet", ["maskclip"]),
+        ("clipmaps-tiny-rn", "resnet", ["maskclip"]),
+        ("convnext_tiny", "timm", []),
+        ("EVA02-B-16", "timm", []),
+        ("MobileCLIP-B", "timm", []),
+        ("ViT-B-16-SigLIP", "siglip", []),
+        ("ViT-B-16-SigLIP2", "siglip", []),
+        ("coca_ViT-B-32", "coca", []),
+    ],
+)
+def test_families_and_what_runs_on_them(name, family, methods):
+    info = model_info(name)
+    assert info.family == family and supported_methods(info) == methods
+
+
+def test_unknown_models_are_named_with_suggestions():
+    with pytest.raises(UnknownModel, match=r"unknown model 'ViT-B16' \(did you mean 'ViT-B-16'"):
+        model_info("ViT-B16")
+    assert "ViT-B-16" in list_model_names() and "clipmaps-tiny-vit" in list_model_names()
+
+
+def test_model_bounds_come_from_the_params():
+    info = ModelInfo(name="m", family="vit", layers=4, patch_size=8)
+    gem = REGISTRY["gem"]
+    assert gem.model_problems(gem.settings(depth=5, size=64), info) == []
+    assert [f for f, _ in gem.model_problems(gem.settings(depth=6, size=60), info)] == ["depth", "size"]
+    resnet = ModelInfo(name="RN50", family="resnet")
+    assert gem.model_problems(gem.settings(), resnet)[0][0] == ""
+    assert REGISTRY["maskclip"].model_problems(REGISTRY["maskclip"].settings(), resnet) == []
+
+
+def test_the_registry_imports_no_torch():
+    code = (
+        "import sys, clipmaps.actors.registry as r; r.model_info('ViT-B-16'); r.REGISTRY['gem'].settings(); "
+        "bad = [m for m in ('torch', 'open_clip', 'ray') if m in sys.modules]; assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
