@@ -1,4 +1,6 @@
-"""The driver side of clipmaps (job spec, sources, CPU decode, plan building, sinks, resume).
+"""The driver side of clipmaps: the job spec (``spec``), planning (``plan``: manifest, vocabulary, fingerprint and the
+Ray Data pipeline), the CPU decode stage (``decode/``), sinks, resume and refusals (``resume``, ``fingerprint``),
+``--dry-run`` checks (``dryrun``) and the driver loop (``run``).
 
-Imports no torch at module level. Not written yet: the pipeline issue builds it on top of ``clipmaps.actors``.
+Imports no torch at module level; the method registry it reads (``clipmaps.actors.registry``) is torch-free.
 """
