@@ -1,59 +1,16 @@
-"""The ``clipmaps`` command line."""
+"""The ``clipmaps`` command line: the entry point, the parser and the handlers of ``run`` and ``models``.
+
+Each command's arguments are declared in :mod:`.commands`, which imports no library; a command's handler (there or
+here) imports what it runs, so ``clipmaps --help`` and ``clipmaps k8s render`` start without torch or Ray.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
-from pathlib import Path
 
-
-def _demo(args: argparse.Namespace) -> int:
-    from .demo import DEMO_MODEL, DEMO_TAG, HOW_TO_READ, DemoConfig, run_demo
-
-    custom = args.weights is not None or args.seed is not None
-    if args.model != DEMO_MODEL and not custom and args.pretrained is None:
-        print(
-            f"clipmaps demo: --model {args.model} needs its weights: --pretrained TAG, --weights URI or --seed N",
-            file=sys.stderr,
-        )
-        return 2
-    cfg = DemoConfig(
-        folder=Path(args.output),
-        scenes=args.scenes,
-        model=args.model,
-        pretrained=args.pretrained or (None if custom else DEMO_TAG),
-        weights=args.weights,
-        seed=args.seed,
-        size=args.size,
-    )
-    spec, result = run_demo(cfg, progress=print)
-    out = Path(spec.output.uri)
-    print(summary_table(result))
-    print(f"\noutputs under {out}:")
-    for name in ("labels", "heatmaps", "regions", "errors", "vocabulary", "_job.json"):
-        print(f"  {out / name}")
-    print(HOW_TO_READ.format(out=out))
-    if cfg.random_weights:
-        print(
-            "\nNOTE: the model has random weights, so these maps are meaningless noise; they only show that the\n"
-            "      pipeline runs end to end."
-        )
-    elif cfg.pretrained == DEMO_TAG:
-        from .evaluate import evaluate, format_table
-
-        print(
-            "\nThe model is clipmaps' tiny CLIP trained on scenes like these (not a real CLIP: it knows 18\n"
-            "coloured shapes and nothing else). How well each method localises them, against baselines\n"
-            f"(clipmaps eval {out}; more scenes: clipmaps demo --scenes 100):\n"
-        )
-        print(format_table(evaluate(str(out))))
-        print(
-            f"Pictures: clipmaps figures {out} --out figures; HTML: clipmaps report {out}\n"
-            "With a real CLIP: clipmaps demo --model ViT-B-16 --pretrained openai (needs hub access) or\n"
-            "  --weights s3://bucket/ViT-B-16.safetensors (or a local file)."
-        )
-    return 0 if result.ok else 3
+from .commands import COMMANDS
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -92,7 +49,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def summary_table(result) -> str:
-    """The end-of-run table: images, outputs, errors, time."""
+    """The end-of-run table of a ``RunResult`` (``clipmaps run`` and ``demo``): images, outputs, errors, time."""
     rows = [
         ("images in manifest", result.total),
         ("images processed", result.processed),
@@ -124,60 +81,17 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``clipmaps`` parser with every command (imports no command's library); ``args.func(args)`` runs one."""
     parser = argparse.ArgumentParser(prog="clipmaps", description="Dense open-vocabulary annotations with CLIP.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run the whole pipeline (local Ray, all four methods) on sample scenes")
-    demo.add_argument("--output", default="clipmaps-demo", help="folder for the generated inputs and the outputs")
-    demo.add_argument("--model", default="clipmaps-synth-vit", help="open_clip model name")
-    demo.add_argument(
-        "--pretrained",
-        default=None,
-        help="pretrained tag: synth-shapes-v1 (the default, shipped) or an open_clip tag (needs hub access)",
-    )
-    demo.add_argument("--seed", type=int, default=None, help="random weights from this seed instead (noise maps)")
-    demo.add_argument("--weights", default=None, help="weights file or URI (safetensors or a torch state dict)")
-    demo.add_argument("--size", type=int, default=None, help="input size in pixels (default: the demo spec's)")
-    demo.add_argument("--scenes", type=int, default=8, help="number of sample scenes")
-    demo.set_defaults(func=_demo)
-    run = sub.add_parser("run", help="run a job spec (YAML) on Ray")
-    run.add_argument("spec", help="job spec YAML file")
-    run.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="override a spec field (repeatable)")
-    run.add_argument("--dry-run", action="store_true", help="validate, resolve inputs and print the plan only")
-    run.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace what output.uri holds (same as --set output.overwrite=true); without it a re-run "
-        "resumes, and a changed spec is refused",
-    )
-    run.set_defaults(func=_run)
-    from .manifest import add_manifest_parser
-
-    add_manifest_parser(sub)
-    from .k8s import add_k8s_parser
-
-    add_k8s_parser(sub)
-    models = sub.add_parser("models", help="list model architectures, the methods they support and pretrained tags")
-    models.add_argument("filter", nargs="?", default=None, help="substring of the name")
-    models.set_defaults(func=_models)
-    from .index import add_index_parser
-    from .query import add_query_parser
-    from .report import add_report_parser
-
-    add_index_parser(sub)
-    add_query_parser(sub)
-    add_report_parser(sub)
-    from .evaluate import add_eval_parser, run_eval_cli
-    from .figures import add_figures_parser
-    from .train import add_train_parser
-
-    add_eval_parser(sub).set_defaults(func=run_eval_cli)
-    add_train_parser(sub)
-    add_figures_parser(sub)
+    for add in COMMANDS:
+        add(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``clipmaps`` with ``argv`` (default: the process's arguments); returns the exit code."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"

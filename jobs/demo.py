@@ -8,7 +8,9 @@ come with ground truth, so ``clipmaps eval`` scores the result.
 
 from __future__ import annotations
 
+import argparse
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +44,8 @@ class DemoConfig:
 
 
 def write_scenes(folder: Path, count: int) -> Path:
-    """Generate ``count`` scenes with masks, prompts and ground truth (``jobs.scene_set``); return the manifest."""
+    """Generate ``count`` scenes with masks, prompts and ground truth (``jobs.synth.scene_set``); returns the
+    manifest."""
     manifest = folder / "manifest.jsonl"
     write_scene_set(str(manifest.resolve()), count)
     return manifest
@@ -83,3 +86,53 @@ Read the outputs with any Parquet reader, e.g.
   duckdb -c "SELECT method, count(*) FROM '{out}/heatmaps/*.parquet' GROUP BY method"
 Label maps and heatmaps are PNG bytes (label 0 = background; classes in vocabulary/):
   from clipmaps.schemas.encodings import decode_label_map, decode_heatmap"""
+
+
+def run_demo_cli(args: argparse.Namespace) -> int:
+    """``clipmaps demo`` (arguments: :func:`clipmaps.jobs.commands.add_demo_parser`); returns the exit code: 0, 2 for
+    a model without weights, 3 when the error fraction is above the spec's limit."""
+    from .cli import summary_table
+
+    custom = args.weights is not None or args.seed is not None
+    if args.model != DEMO_MODEL and not custom and args.pretrained is None:
+        print(
+            f"clipmaps demo: --model {args.model} needs its weights: --pretrained TAG, --weights URI or --seed N",
+            file=sys.stderr,
+        )
+        return 2
+    cfg = DemoConfig(
+        folder=Path(args.output),
+        scenes=args.scenes,
+        model=args.model,
+        pretrained=args.pretrained or (None if custom else DEMO_TAG),
+        weights=args.weights,
+        seed=args.seed,
+        size=args.size,
+    )
+    spec, result = run_demo(cfg, progress=print)
+    out = Path(spec.output.uri)
+    print(summary_table(result))
+    print(f"\noutputs under {out}:")
+    for name in ("labels", "heatmaps", "regions", "errors", "vocabulary", "_job.json"):
+        print(f"  {out / name}")
+    print(HOW_TO_READ.format(out=out))
+    if cfg.random_weights:
+        print(
+            "\nNOTE: the model has random weights, so these maps are meaningless noise; they only show that the\n"
+            "      pipeline runs end to end."
+        )
+    elif cfg.pretrained == DEMO_TAG:
+        from .evaluate import evaluate, format_table
+
+        print(
+            "\nThe model is clipmaps' tiny CLIP trained on scenes like these (not a real CLIP: it knows 18\n"
+            "coloured shapes and nothing else). How well each method localises them, against baselines\n"
+            f"(clipmaps eval {out}; more scenes: clipmaps demo --scenes 100):\n"
+        )
+        print(format_table(evaluate(str(out))))
+        print(
+            f"Pictures: clipmaps figures {out} --out figures; HTML: clipmaps report {out}\n"
+            "With a real CLIP: clipmaps demo --model ViT-B-16 --pretrained openai (needs hub access) or\n"
+            "  --weights s3://bucket/ViT-B-16.safetensors (or a local file)."
+        )
+    return 0 if result.ok else 3

@@ -32,14 +32,21 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
+from clipmaps.schemas.errors import ConfigError
+from clipmaps.schemas.storage import filesystem
+
+from .outputs import JobOutputs, read_image
 from .synth.scenes import CLASSES
 from .synth.truth import TRUTH_FILE, Truth, read_truth
 
 logger = logging.getLogger(__name__)
 
 
-class EvalError(ValueError):
-    """The output cannot be evaluated (no ground truth, no results); the message says what is missing."""
+class EvalError(ConfigError):
+    """The output cannot be evaluated (no ground truth, no results); the message says what is missing. The CLI
+    exits with 2."""
+
+    default_stage = "eval"
 
 
 @dataclass
@@ -54,13 +61,11 @@ class Row:
     baseline: bool = False
 
 
-def load_truth(job: dict, truth_uri: str | None = None, storage_options: dict | None = None) -> dict[str, Truth]:
-    """The ground truth of a job's scenes: ``truth_uri``, by default ``truth.parquet`` beside its manifest."""
-    from .index import filesystem
-
-    manifest = job.get("spec", {}).get("input", {}).get("manifest", "")
-    truth_uri = truth_uri or posixpath.join(posixpath.dirname(str(manifest)), TRUTH_FILE)
-    fs, path = filesystem(truth_uri, storage_options)
+def load_truth(outputs: JobOutputs, truth_uri: str | None = None) -> dict[str, Truth]:
+    """The ground truth of a job's scenes: ``truth_uri``, by default ``truth.parquet`` beside its manifest (read
+    with the input's storage options)."""
+    truth_uri = truth_uri or posixpath.join(posixpath.dirname(outputs.manifest_uri or ""), TRUTH_FILE)
+    fs, path = filesystem(truth_uri, outputs.input_options)
     if not fs.exists(path):
         raise EvalError(
             f"no ground truth at {truth_uri}: evaluate outputs of generated scenes (clipmaps demo, or "
@@ -174,40 +179,25 @@ def evaluate(
 ) -> list[Row]:
     """Score every method the job at ``output_uri`` ran, with baselines; returns the table's rows.
 
-    ``truth_uri`` defaults to ``truth.parquet`` beside the job's manifest. Raises :class:`EvalError` when the
-    ground truth or the job's outputs are missing.
+    ``truth_uri`` defaults to ``truth.parquet`` beside the job's manifest. ``storage_options`` are the output's
+    (:class:`~clipmaps.jobs.outputs.JobOutputs`). Raises :class:`EvalError` when the ground truth or the job's
+    outputs are missing.
     """
-    from .index import filesystem, read_job, usable_options
-
-    so = dict(storage_options or {})
-    job = read_job(output_uri, so)
-    if not job:
+    outputs = JobOutputs(output_uri, storage_options)
+    if not outputs.job:
         raise EvalError(f"{output_uri} has no _job.json: run a job there first (clipmaps demo or clipmaps run)")
-    so = {**usable_options(job.get("spec", {}).get("output", {}).get("storage_options")), **so}
-    truths = load_truth(job, truth_uri, so)
-    fs, root = filesystem(output_uri, so)
-    tables = {
-        name: _read_dataset(fs, posixpath.join(root, name)) for name in ("labels", "heatmaps", "regions", "vocabulary")
-    }
+    truths = load_truth(outputs, truth_uri)
+    tables = {name: outputs.table(name) for name in ("labels", "heatmaps", "regions", "vocabulary")}
     rows: list[Row] = []
     if tables["labels"] is not None and tables["vocabulary"] is not None:
         rows += segmentation_rows(tables["labels"], tables["vocabulary"], truths, seed)
     if tables["heatmaps"] is not None:
         rows += pointing_rows(tables["heatmaps"], truths)
     if tables["regions"] is not None:
-        rows += region_rows(tables["regions"], truths, job, so)
+        rows += region_rows(tables["regions"], truths, outputs)
     if not rows:
         raise EvalError(f"{output_uri} holds no label maps, heatmaps or regions to evaluate")
     return rows
-
-
-def _read_dataset(fs, path: str) -> pa.Table | None:
-    import pyarrow.dataset as pads
-
-    if not fs.exists(path):
-        return None
-    table = pads.dataset(path, filesystem=fs, format="parquet").to_table()
-    return table if table.num_rows else None
 
 
 def segmentation_rows(labels: pa.Table, vocab: pa.Table, truths: dict[str, Truth], seed: int) -> list[Row]:
@@ -296,11 +286,11 @@ def pointing_rows(heatmaps: pa.Table, truths: dict[str, Truth]) -> list[Row]:
     return rows
 
 
-def region_rows(regions: pa.Table, truths: dict[str, Truth], job: dict, storage_options: dict) -> list[Row]:
+def region_rows(regions: pa.Table, truths: dict[str, Truth], outputs: JobOutputs) -> list[Row]:
     """MaskInversion region → class top-1 accuracy, and the same for the feature baselines (model forward here)."""
     import torch
 
-    lm, text = class_text(job)
+    lm, text = class_text(outputs.job)
     correct: dict[str, list[bool]] = defaultdict(list)
     own: dict[str, list[bool]] = defaultdict(list)
     wanted: dict[str, dict[str, int]] = defaultdict(dict)  # image → region id → class index
@@ -320,13 +310,13 @@ def region_rows(regions: pa.Table, truths: dict[str, Truth], job: dict, storage_
         Row("region top-1", m, float(np.mean(v)), len(v), {"own_object": float(np.mean(own[m]))})
         for m, v in sorted(correct.items())
     ]
-    uris = _image_uris(job, storage_options)
+    uris = outputs.image_uri_map()
     base: dict[str, list[bool]] = defaultdict(list)
     base_own: dict[str, list[bool]] = defaultdict(list)
     with torch.no_grad():
         for image_id, regions_k in wanted.items():
             truth = truths[image_id]
-            image = _load(uris.get(image_id), storage_options)
+            image = _baseline_image(uris.get(image_id), outputs.input_options)
             if image is None:
                 continue
             for name, emb in _baseline_embeddings(lm, image, truth, sorted(regions_k.values())).items():
@@ -365,17 +355,8 @@ def _own_object(scores: np.ndarray, truth: Truth, k: int) -> bool:
     return present[int(np.argmax(scores[present]))] == CLASSES.index(truth.names[k])
 
 
-def _image_uris(job: dict, storage_options: dict) -> dict[str, str]:
-    from clipmaps.pipeline.sources import read_manifest_table
-
-    manifest = job["spec"]["input"]["manifest"]
-    table = read_manifest_table(manifest, storage_options=storage_options)
-    return dict(zip(table.column("image_id").to_pylist(), table.column("image_uri").to_pylist()))
-
-
-def _load(uri: str | None, storage_options: dict):
-    from .report import read_image
-
+def _baseline_image(uri: str | None, storage_options: dict):
+    """The input image of the region baselines, or ``None`` when it cannot be read."""
     if uri is None:
         return None
     try:
@@ -392,8 +373,8 @@ def _baseline_embeddings(lm, image, truth: Truth, objects: list[int]) -> dict[st
     import torch.nn.functional as F
     from PIL import Image
 
-    from clipmaps.pipeline.decode.preprocess import Preprocess
     from clipmaps.actors.vit import VisionTower
+    from clipmaps.actors.preprocess import Preprocess
 
     size = lm.model.visual.image_size
     size = int(size[0] if isinstance(size, (tuple, list)) else size)
@@ -444,23 +425,11 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def add_eval_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "eval",
-        help="score a job's outputs on generated scenes against their ground truth",
-        description=__doc__.split("\n\n")[0],
-    )
-    p.add_argument("output", nargs="?", help="the job's output URI (default: run the evaluation job first)")
-    p.add_argument("--truth", help="truth.parquet (default: beside the job's manifest)")
-    p.add_argument("--json", action="store_true", help="print the rows as JSON")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random baselines")
-    return p
-
-
 def run_eval_cli(args: argparse.Namespace) -> int:
+    """``clipmaps eval`` (arguments: :func:`clipmaps.jobs.commands.add_eval_parser`); returns the exit code."""
     try:
         rows = evaluate(args.output, truth_uri=args.truth, seed=args.seed)
-    except EvalError as e:
+    except ConfigError as e:  # EvalError, or an output without a readable manifest
         print(f"clipmaps eval: {e}", file=sys.stderr)
         return 2
     if args.json:

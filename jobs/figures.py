@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .outputs import JobOutputs, read_image
+
 logger = logging.getLogger(__name__)
 
 TILE = 200  # long side of one tile in pixels
@@ -52,16 +54,13 @@ def make_figures(output_uri: str, folder: str | Path, *, images: int = 3) -> lis
     """Write ``<method>.jpg`` for every method the job at ``output_uri`` ran, over its first ``images`` scenes."""
     from clipmaps.schemas.encodings import decode_heatmap, decode_label_map
 
-    from .evaluate import _image_uris, _load, _read_dataset
-    from .index import filesystem, read_job
     from .report import heat_overlay, label_overlay
 
-    job = read_job(output_uri)
-    fs, root = filesystem(output_uri, None)
-    tables = {n: _read_dataset(fs, f"{root}/{n}") for n in ("labels", "heatmaps", "regions")}
-    uris = _image_uris(job, {})
+    outputs = JobOutputs(output_uri)
+    tables = {n: outputs.table(n) for n in ("labels", "heatmaps", "regions")}
+    uris = outputs.image_uri_map()
     ids = sorted(uris)[:images]
-    base = {i: np.asarray(_load(uris[i], {})) for i in ids}
+    base = {i: np.asarray(read_image(uris[i], outputs.input_options)) for i in ids}
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     written = []
@@ -89,16 +88,16 @@ def make_figures(output_uri: str, folder: str | Path, *, images: int = 3) -> lis
             _grid(rows, captions).save(written[-1], quality=88)
     if tables["regions"] is not None:
         written.append(folder / "maskinversion.jpg")
-        _regions_figure(job, tables["regions"], base, written[-1])
+        _regions_figure(outputs, tables["regions"], base, written[-1])
     return written
 
 
-def _regions_figure(job: dict, regions, base: dict[str, np.ndarray], path: Path) -> None:
+def _regions_figure(outputs: JobOutputs, regions, base: dict[str, np.ndarray], path: Path) -> None:
     from .evaluate import class_text, load_truth
     from .synth.scenes import CLASSES
 
-    _, text = class_text(job)
-    truths = load_truth(job)
+    _, text = class_text(outputs.job)
+    truths = load_truth(outputs)
     rows = []
     for image_id, pixels in base.items():
         truth = truths[image_id]
@@ -117,15 +116,8 @@ def _regions_figure(job: dict, regions, base: dict[str, np.ndarray], path: Path)
     _grid(rows, ["image", "region -> nearest class"]).save(path, quality=88)
 
 
-def add_figures_parser(subparsers) -> None:
-    p = subparsers.add_parser("figures", help="one picture per method from a job over generated scenes (README)")
-    p.add_argument("output", help="the job's output URI (e.g. clipmaps-demo/output)")
-    p.add_argument("--out", default="figures", help="folder for the PNGs")
-    p.add_argument("--images", type=int, default=3, help="scenes per picture")
-    p.set_defaults(func=_figures_cli)
-
-
-def _figures_cli(args: argparse.Namespace) -> int:
+def run_figures_cli(args: argparse.Namespace) -> int:
+    """``clipmaps figures`` (arguments: :func:`clipmaps.jobs.commands.add_figures_parser`); returns the exit code."""
     for path in make_figures(args.output, args.out, images=args.images):
         print(path)
     return 0

@@ -18,8 +18,8 @@ mixed in one index: a ``regions/`` dataset that holds several ``params_hash`` va
 starting point, the image embedding, is not written), and a mean of region embeddings is not a CLIP image
 embedding, so it is not offered as one.
 
-Local paths and fsspec URIs (``s3://…``) work alike: the files are built in a local temporary folder and
-uploaded. Imports no torch.
+Local paths and fsspec URIs (``s3://…``) work alike (the output is read through :mod:`.outputs`): the files are
+built in a local temporary folder and uploaded. Imports no torch.
 """
 
 from __future__ import annotations
@@ -43,6 +43,12 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from clipmaps.schemas.datasets import PROVENANCE
+from clipmaps.schemas.errors import ConfigError
+from clipmaps.schemas.storage import filesystem, join_uri, redact_uri
+
+from .outputs import JobOutputs, dataset_schema, is_local, parse_storage_options
+
 logger = logging.getLogger(__name__)
 
 INDEX_DIR = "index"
@@ -58,7 +64,7 @@ EF_CONSTRUCTION = 100
 EF_SEARCH = 128
 #: Rows per row group of ``ids.parquet`` (a query reads only the row groups that hold its hits).
 IDS_ROW_GROUP = 65_536
-PROVENANCE_COLUMNS = ("method", "model", "weights", "params_hash")
+PROVENANCE_COLUMNS = tuple(f.name for f in PROVENANCE)  # method, model, weights, params_hash
 ID_COLUMNS = ("image_id", "region_id")
 IDS_SCHEMA = pa.schema(
     [
@@ -74,92 +80,35 @@ IDS_SCHEMA = pa.schema(
 )
 
 
-class IndexError_(ValueError):
-    """Something the user can fix: no ``regions/``, mixed models or parameters, a missing or stale index…"""
+class RegionIndexError(ConfigError):
+    """The region index cannot be built or used as asked (no ``regions/``, mixed models or parameters, a missing or
+    stale index…): something the user can fix; the CLI exits with 2."""
 
-
-# ---------------------------------------------------------------------------------------------- filesystems
-def parse_storage_options(values: Sequence[str] | None) -> dict:
-    """``KEY=VALUE`` strings (``--storage-option``) → fsspec options; values parsed as JSON when they can be."""
-    out: dict[str, Any] = {}
-    for item in values or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise IndexError_(f"--storage-option needs KEY=VALUE, got {item!r}")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
-def filesystem(uri: str, storage_options: dict | None = None):
-    """``(fsspec filesystem, path)`` for a local path or URI."""
-    import fsspec
-
-    return fsspec.core.url_to_fs(uri, **(storage_options or {}))
-
-
-def join(root: str, *names: str) -> str:
-    """``root/name/…`` with ``/`` (keeps a URI's scheme)."""
-    return "/".join([root.rstrip("/"), *(n.strip("/") for n in names)])
-
-
-def is_local(fs) -> bool:
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return protocol in ("file", "local")
-
-
-def shown(uri: str) -> str:
-    """``uri`` without credentials (for messages)."""
-    from clipmaps.schemas.storage import redact_uri
-
-    return redact_uri(uri)
-
-
-def read_job(output_uri: str, storage_options: dict | None = None) -> dict:
-    """``OUTPUT_URI/_job.json`` as a dict (``{}`` when the file is missing)."""
-    fs, root = filesystem(output_uri, storage_options)
-    path = join(root, "_job.json")
-    if not fs.exists(path):
-        return {}
-    with fs.open(path, "rb") as f:
-        return json.loads(f.read())
-
-
-def usable_options(options: dict | None) -> dict:
-    """Storage options from ``_job.json`` without the redacted (``***``) values, which would only fail."""
-
-    def clean(v):
-        if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items() if x != "***"}
-        return v
-
-    return clean(dict(options or {}))
+    default_stage = "index"
 
 
 # ---------------------------------------------------------------------------------------------- regions/
-def regions_dataset(output_uri: str, storage_options: dict | None = None) -> pads.Dataset:
-    """The ``regions/`` Parquet dataset under ``output_uri`` (refused when missing or empty)."""
-    fs, root = filesystem(output_uri, storage_options)
-    path = join(root, "regions")
-    if not fs.exists(path):
-        raise IndexError_(
-            f"{shown(join(output_uri, 'regions'))} does not exist: the job wrote no region "
-            "embeddings (run it with methods.maskinversion and a manifest with masks)"
+def regions_dataset(outputs: JobOutputs) -> pads.Dataset:
+    """The output's ``regions/`` dataset (refused when missing, empty or without the columns an index needs)."""
+    where = outputs.shown("regions")
+    ds = outputs.dataset("regions")
+    if ds is None:
+        raise RegionIndexError(
+            f"{where} does not exist: the job wrote no region embeddings "
+            "(run it with methods.maskinversion and a manifest with masks)"
         )
-    ds = pads.dataset(path, filesystem=fs, format="parquet")
     if not ds.files:
-        raise IndexError_(f"{shown(join(output_uri, 'regions'))} holds no Parquet files: nothing to index")
+        raise RegionIndexError(f"{where} holds no Parquet files: nothing to index")
     emb = ds.schema.field("embedding").type if "embedding" in ds.schema.names else None
-    if not (pa.types.is_fixed_size_list(emb) and pa.types.is_float32(emb.value_type)):
-        raise IndexError_(
-            f"{shown(output_uri)}/regions has no fixed_size_list<float32, D> 'embedding' column "
-            f"(got {emb}); is it a clipmaps regions dataset?"
+    dim = emb.list_size if emb is not None and pa.types.is_fixed_size_list(emb) else None
+    if dim is None or emb != dataset_schema("regions", dim).field("embedding").type:
+        raise RegionIndexError(
+            f"{where} has no fixed_size_list<float32, D> 'embedding' column (got {emb}); "
+            "is it a clipmaps regions dataset?"
         )
     missing = [c for c in (*ID_COLUMNS, *PROVENANCE_COLUMNS) if c not in ds.schema.names]
     if missing:
-        raise IndexError_(f"{shown(output_uri)}/regions lacks the columns {missing}")
+        raise RegionIndexError(f"{where} lacks the columns {missing}")
     return ds
 
 
@@ -198,16 +147,16 @@ def describe_groups(groups: Counter) -> str:
 def choose_group(groups: Counter, params_hash: str | None, where: str) -> tuple[str, str, str, str]:
     """The one provenance group to index: the only one, or the one ``params_hash`` names."""
     if not groups:
-        raise IndexError_(f"{where} holds no rows: nothing to index")
+        raise RegionIndexError(f"{where} holds no rows: nothing to index")
     if params_hash is not None:
         match = [g for g in groups if g[3] == params_hash]
         if not match:
-            raise IndexError_(
+            raise RegionIndexError(
                 f"{where} has no rows with params_hash {params_hash!r}; it has: {describe_groups(groups)}"
             )
         return match[0]
     if len(groups) > 1:
-        raise IndexError_(
+        raise RegionIndexError(
             f"{where} mixes embeddings of {len(groups)} model/parameter sets, which live in different spaces and "
             f"cannot share one index: {describe_groups(groups)}. Pick one with --params-hash."
         )
@@ -220,51 +169,25 @@ def embedding_matrix(column: pa.Array | pa.ChunkedArray, dim: int) -> np.ndarray
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
     if column.null_count:
-        raise IndexError_(f"{column.null_count} region embeddings are null")
+        raise RegionIndexError(f"{column.null_count} region embeddings are null")
     x = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, dim)
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     if not np.all(np.isfinite(norms)) or np.any(norms == 0):
-        raise IndexError_("some region embeddings are zero, NaN or infinite; they cannot be indexed")
+        raise RegionIndexError("some region embeddings are zero, NaN or infinite; they cannot be indexed")
     return np.ascontiguousarray(x / norms, dtype=np.float32)
 
 
 # ---------------------------------------------------------------------------------------------- manifest URIs
-def manifest_uris(job: dict, storage_options: dict | None = None) -> pa.Table | None:
-    """``image_id → image_uri`` from the manifest named in ``_job.json`` (``spec.input.manifest``), or ``None``
-    when there is none or it cannot be read (then the id map's ``image_uri`` is null)."""
-    spec = job.get("spec") or {}
-    uri = (spec.get("input") or {}).get("manifest")
-    if not uri:
+def manifest_uris(outputs: JobOutputs) -> pa.Table | None:
+    """``image_id → image_uri`` from the job's manifest, or ``None`` when ``_job.json`` names none or it cannot be
+    read (then the id map's ``image_uri`` is null)."""
+    if outputs.manifest_uri is None:
         return None
-    options = {**usable_options((spec.get("input") or {}).get("storage_options")), **(storage_options or {})}
     try:
-        table = read_manifest_columns(uri, ["image_id", "image_uri"], options)
+        return outputs.image_uris()
     except Exception as e:  # noqa: BLE001 - URIs are a convenience: index without them
-        logger.warning("image URIs left out: cannot read the manifest %s: %s", shown(uri), e)
+        logger.warning("image URIs left out: cannot read the manifest %s: %s", redact_uri(outputs.manifest_uri), e)
         return None
-    table = table.filter(pc.is_valid(table["image_id"]))
-    first = table.group_by("image_id", use_threads=False).aggregate([("image_uri", "first")])
-    return pa.table({"image_id": first["image_id"], "image_uri": first["image_uri_first"]})
-
-
-def read_manifest_columns(
-    uri: str, columns: Sequence[str], storage_options: dict | None = None, image_ids: Sequence[str] | None = None
-) -> pa.Table:
-    """Some columns of a manifest (Parquet: only those columns and, with ``image_ids``, only those rows are
-    read; JSONL/CSV go through :func:`clipmaps.pipeline.sources.read_manifest_table`)."""
-    fs, path = filesystem(uri, storage_options)
-    name = path.rsplit("/", 1)[-1].lower()
-    if fs.isdir(path) or name.endswith((".parquet", ".pq")):
-        ds = pads.dataset(path, filesystem=fs, format="parquet")
-        cols = [c for c in columns if c in ds.schema.names]
-        flt = pc.field("image_id").isin(list(image_ids)) if image_ids is not None else None
-        return ds.to_table(columns=cols, filter=flt)
-    from clipmaps.pipeline.sources import read_manifest_table
-
-    table = read_manifest_table(uri, storage_options=storage_options)
-    if image_ids is not None:
-        table = table.filter(pc.is_in(table["image_id"], value_set=pa.array(list(image_ids), pa.string())))
-    return table.select([c for c in columns if c in table.column_names])
 
 
 def with_uris(batch: pa.Table, uris: pa.Table | None) -> pa.Array:
@@ -280,7 +203,7 @@ def _faiss():
     try:
         import faiss
     except ImportError as e:  # pragma: no cover - a dependency
-        raise IndexError_("the 'faiss-cpu' package is missing: pip install faiss-cpu") from e
+        raise RegionIndexError("the 'faiss-cpu' package is missing: pip install faiss-cpu") from e
     return faiss
 
 
@@ -325,7 +248,7 @@ class VectorIndex:
         ``k' = min(k, len)``; score = inner product = cosine; row -1 where HNSW found fewer than ``k'``."""
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         if queries.shape[1] != self.dim:
-            raise IndexError_(f"query vectors have dimension {queries.shape[1]}, the index {self.dim}")
+            raise RegionIndexError(f"query vectors have dimension {queries.shape[1]}, the index {self.dim}")
         k = min(k, len(self))
         if k <= 0:
             return np.zeros((len(queries), 0), np.int64), np.zeros((len(queries), 0), np.float32)
@@ -343,9 +266,9 @@ class VectorIndex:
         try:
             idx = faiss.read_index(path)
         except RuntimeError as e:
-            raise IndexError_(f"cannot read the FAISS index {path}: {e}") from e
+            raise RegionIndexError(f"cannot read the FAISS index {path}: {e}") from e
         if idx.d != dim:
-            raise IndexError_(f"the FAISS index {path} has dimension {idx.d}, index.json says {dim}")
+            raise RegionIndexError(f"the FAISS index {path} has dimension {idx.d}, index.json says {dim}")
         return cls(kind, dim, idx, ef_search)
 
 
@@ -389,8 +312,9 @@ def build_index(
     """
     say = progress or (lambda s: None)
     t0 = time.perf_counter()
-    ds = regions_dataset(output_uri, storage_options)
-    where = f"{shown(output_uri)}/regions"
+    outputs = JobOutputs(output_uri, storage_options)
+    ds = regions_dataset(outputs)
+    where = outputs.shown("regions")
     dim = ds.schema.field("embedding").type.list_size
     groups = provenance_groups(ds)
     method, model, weights, phash = choose_group(groups, params_hash, where)
@@ -398,8 +322,7 @@ def build_index(
     flt = pc.field("params_hash") == phash
     if kind == "auto":
         kind = "exact" if count < exact_below else "hnsw"
-    job = read_job(output_uri, storage_options)
-    uris = manifest_uris(job, storage_options) if image_uris else None
+    uris = manifest_uris(outputs) if image_uris else None
     say(
         f"indexing {count} regions ({dim}-d, model {model}, weights {weights}, params_hash {phash}) "
         f"as {'an exact' if kind == 'exact' else 'an HNSW'} index"
@@ -438,7 +361,7 @@ def build_index(
             writer.write_table(pa.concat_tables(pending), row_group_size=IDS_ROW_GROUP)
         writer.close()
         if n != count:
-            raise IndexError_(f"{where} changed while it was indexed ({count} rows counted, {n} read); run again")
+            raise RegionIndexError(f"{where} changed while it was indexed ({count} rows counted, {n} read); run again")
         vindex.save(os.path.join(tmp, VECTORS_FILE))
         seconds = time.perf_counter() - t0
         meta = {
@@ -471,7 +394,7 @@ def build_index(
         }
         with open(os.path.join(tmp, META_FILE), "w") as f:
             json.dump(meta, f, indent=2)
-        dest = _publish(tmp, output_uri, storage_options)
+        dest = _publish(tmp, outputs)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return BuildResult(meta=meta, uri=dest, seconds=time.perf_counter() - t0, files=[VECTORS_FILE, IDS_FILE, META_FILE])
@@ -486,24 +409,23 @@ def _scan(ds: pads.Dataset, flt, batch_rows: int) -> Iterator[pa.Table]:
             yield pa.Table.from_batches([batch])
 
 
-def _publish(tmp: str, output_uri: str, storage_options: dict | None) -> str:
+def _publish(tmp: str, outputs: JobOutputs) -> str:
     """Move the built files to ``OUTPUT_URI/index/``: ``index.json`` last (it marks a complete index); the old
     ``index.json`` is removed first so that a half-replaced index is never taken for a complete one."""
-    fs, root = filesystem(output_uri, storage_options)
-    dest = join(root, INDEX_DIR)
-    meta = join(dest, META_FILE)
+    fs, dest = outputs.fs, outputs.path(INDEX_DIR)
+    meta = join_uri(dest, META_FILE)
     if fs.exists(meta):
         fs.rm(meta)
     fs.makedirs(dest, exist_ok=True)
     for name in (VECTORS_FILE, IDS_FILE, META_FILE):
         src = os.path.join(tmp, name)
         if is_local(fs):
-            part = join(dest, f".{name}.part")
+            part = join_uri(dest, f".{name}.part")
             shutil.copyfile(src, part)
-            os.replace(part, join(dest, name))
+            os.replace(part, join_uri(dest, name))
         else:
-            fs.put_file(src, join(dest, name))
-    return join(output_uri, INDEX_DIR)
+            fs.put_file(src, join_uri(dest, name))
+    return join_uri(outputs.uri, INDEX_DIR)
 
 
 def _version(package: str) -> str | None:
@@ -524,7 +446,6 @@ class LoadedIndex:
     vectors: VectorIndex
     ids_uri: str
     storage_options: dict
-    _ids: pa.Table | None = None
 
     @property
     def source(self) -> dict:
@@ -550,38 +471,31 @@ class LoadedIndex:
         return [found.get(r, {"row": r}) for r in rows]
 
 
-def index_uri(output_uri: str) -> str:
-    return join(output_uri, INDEX_DIR)
-
-
 def load_index(
     output_uri: str, *, storage_options: dict | None = None, ef_search: int | None = None, check_stale: bool = True
 ) -> LoadedIndex:
     """Read ``OUTPUT_URI/index/`` (downloading the vectors file from object storage to a temporary file)."""
-    fs, root = filesystem(output_uri, storage_options)
-    meta_path = join(root, INDEX_DIR, META_FILE)
+    outputs = JobOutputs(output_uri, storage_options)
+    fs, where = outputs.fs, outputs.shown(INDEX_DIR)
+    meta_path = outputs.path(INDEX_DIR, META_FILE)
     if not fs.exists(meta_path):
-        raise IndexError_(
-            f"no index at {shown(index_uri(output_uri))}: build it with `clipmaps index {shown(output_uri)}`"
-        )
+        raise RegionIndexError(f"no index at {where}: build it with `clipmaps index {outputs.shown()}`")
     with fs.open(meta_path, "rb") as f:
         meta = json.loads(f.read())
     if meta.get("format") != FORMAT_VERSION or meta.get("library") != "faiss":
-        raise IndexError_(
-            f"the index at {shown(index_uri(output_uri))} has format {meta.get('format')} "
-            f"({meta.get('library')}); this clipmaps reads format {FORMAT_VERSION}: rebuild it"
+        raise RegionIndexError(
+            f"the index at {where} has format {meta.get('format')} ({meta.get('library')}); this clipmaps reads "
+            f"format {FORMAT_VERSION}: rebuild it"
         )
     src = meta.get("source") or {}
     if (
         len({src.get("model"), src.get("weights"), src.get("params_hash")} - {None}) != 3
         or src.get("groups_in_dataset", 1) < 1
     ):
-        raise IndexError_(
-            f"the index at {shown(index_uri(output_uri))} does not name one model, weights and params_hash; rebuild it"
-        )
+        raise RegionIndexError(f"the index at {where} does not name one model, weights and params_hash; rebuild it")
     if check_stale:
-        _warn_if_stale(output_uri, storage_options, meta)
-    vec_path = join(root, INDEX_DIR, meta["files"]["vectors"])
+        _warn_if_stale(outputs, meta)
+    vec_path = outputs.path(INDEX_DIR, meta["files"]["vectors"])
     ef = ef_search or (meta.get("hnsw") or {}).get("ef_search") or EF_SEARCH
     if is_local(fs):
         vectors = VectorIndex.load(vec_path, meta["kind"], meta["dim"], ef)
@@ -590,17 +504,16 @@ def load_index(
             local = os.path.join(tmp, VECTORS_FILE)
             fs.get_file(vec_path, local)
             vectors = VectorIndex.load(local, meta["kind"], meta["dim"], ef)
-    check_homogeneous(join(root, INDEX_DIR, meta["files"]["ids"]), fs, meta, shown(index_uri(output_uri)))
+    check_homogeneous(outputs.path(INDEX_DIR, meta["files"]["ids"]), fs, meta, where)
     if len(vectors) != meta["count"]:
-        raise IndexError_(
-            f"the index at {shown(index_uri(output_uri))} holds {len(vectors)} vectors, its "
-            f"index.json says {meta['count']}: rebuild it"
+        raise RegionIndexError(
+            f"the index at {where} holds {len(vectors)} vectors, its index.json says {meta['count']}: rebuild it"
         )
     return LoadedIndex(
         meta=meta,
         vectors=vectors,
-        ids_uri=join(output_uri, INDEX_DIR, meta["files"]["ids"]),
-        storage_options=dict(storage_options or {}),
+        ids_uri=join_uri(output_uri, INDEX_DIR, meta["files"]["ids"]),
+        storage_options=outputs.storage_options,
     )
 
 
@@ -624,28 +537,30 @@ def check_homogeneous(ids_path: str, fs, meta: dict, where: str) -> None:
                     found[c].update(pc.unique(pf.read_row_group(g, columns=[c]).column(0)).to_pylist())
     for c, values in found.items():
         if values - {src[c]}:
-            raise IndexError_(
+            raise RegionIndexError(
                 f"the index at {where} mixes several {c} values ({sorted(map(str, values))}); "
                 f"embeddings of different models or parameters cannot be searched together: rebuild "
                 f"it with `clipmaps index --params-hash …` for one of them"
             )
 
 
-def _warn_if_stale(output_uri: str, storage_options: dict | None, meta: dict) -> None:
+def _warn_if_stale(outputs: JobOutputs, meta: dict) -> None:
     try:
-        now = files_fingerprint(regions_dataset(output_uri, storage_options))
+        now = files_fingerprint(regions_dataset(outputs))
     except Exception:  # noqa: BLE001 - the index can be used without its source
         return
     if now != meta["source"].get("files"):
-        print(
-            f"warning: {shown(output_uri)}/regions changed since the index was built "
-            f"({meta.get('created_at')}); rebuild it with `clipmaps index {shown(output_uri)}`",
-            file=sys.stderr,
+        logger.warning(
+            "%s changed since the index was built (%s); rebuild it with `clipmaps index %s`",
+            outputs.shown("regions"),
+            meta.get("created_at"),
+            outputs.shown(),
         )
 
 
 # ---------------------------------------------------------------------------------------------- CLI
 def run_index_cli(args: argparse.Namespace) -> int:
+    """``clipmaps index`` (arguments: :func:`clipmaps.jobs.commands.add_index_parser`); returns the exit code."""
     try:
         so = parse_storage_options(args.storage_option)
         result = build_index(
@@ -661,7 +576,7 @@ def run_index_cli(args: argparse.Namespace) -> int:
             ef_search=args.ef_search,
             progress=print,
         )
-    except (IndexError_, OSError, ValueError) as e:
+    except (OSError, ValueError) as e:  # RegionIndexError and the other ConfigErrors are ValueErrors, as Arrow's
         print(f"clipmaps index: error: {e}", file=sys.stderr)
         return 2
     m = result.meta
@@ -673,45 +588,4 @@ def run_index_cli(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_index_parser(subparsers) -> argparse.ArgumentParser:
-    """Add ``index`` to ``subparsers`` (from ``parser.add_subparsers``); ``func`` runs it."""
-    p = subparsers.add_parser("index", help="build a nearest-neighbour index over a job's regions/ embeddings")
-    p.add_argument("output_uri", help="the job's output URI (local path or s3://…)")
-    p.add_argument(
-        "--params-hash",
-        default=None,
-        help="index only the regions with this params_hash (needed when regions/ mixes several)",
-    )
-    p.add_argument(
-        "--kind",
-        choices=("auto", "exact", "hnsw"),
-        default="auto",
-        help="exact (exhaustive) or HNSW search; auto: exact below --exact-below vectors",
-    )
-    p.add_argument("--exact-below", type=int, default=EXACT_BELOW, help="default: %(default)s")
-    p.add_argument("--batch-rows", type=int, default=16_384, help="rows per Parquet scanner batch")
-    p.add_argument("--m", type=int, default=HNSW_M, help="HNSW links per node (default: %(default)s)")
-    p.add_argument(
-        "--ef-construction",
-        type=int,
-        default=EF_CONSTRUCTION,
-        help="HNSW candidates when adding (default: %(default)s)",
-    )
-    p.add_argument(
-        "--ef-search",
-        type=int,
-        default=EF_SEARCH,
-        help="HNSW candidates when searching, stored as the index's default (default: %(default)s)",
-    )
-    p.add_argument("--no-image-uris", action="store_true", help="do not join image URIs from the manifest")
-    p.add_argument(
-        "--storage-option",
-        action="append",
-        metavar="KEY=VALUE",
-        help="fsspec storage option for the output URI (repeatable; VALUE parsed as JSON if it can be)",
-    )
-    p.set_defaults(func=run_index_cli)
-    return p
-
-
-__all__ = ["LoadedIndex", "VectorIndex", "add_index_parser", "build_index", "load_index", "run_index_cli"]
+__all__ = ["LoadedIndex", "RegionIndexError", "VectorIndex", "build_index", "load_index", "run_index_cli"]

@@ -76,7 +76,6 @@ __all__ = [
     "SPEC_PATH",
     "K8sError",
     "RenderOptions",
-    "add_k8s_parser",
     "check_spec",
     "dump_manifests",
     "render",
@@ -557,88 +556,3 @@ def _sample_input_cli(args: argparse.Namespace) -> int:
         return 2
     print(f"{'wrote' if written else 'kept the existing'} sample input {uri}")
     return 0
-
-
-def add_k8s_parser(subparsers) -> argparse.ArgumentParser:
-    """Add ``k8s {render,sample-input}`` to ``subparsers`` (from ``parser.add_subparsers``); ``func`` runs it."""
-    parser = subparsers.add_parser("k8s", help="KubeRay RayJob manifests for a job spec")
-    commands = parser.add_subparsers(dest="k8s_command", required=True)
-    d = RenderOptions()
-    render_p = commands.add_parser(
-        "render",
-        help="write the RayJob, ConfigMap and ServiceAccount that run a job spec on KubeRay",
-        description="Write the ServiceAccount, ConfigMap (the job spec) and RayJob that run `clipmaps run` on the "
-        "spec on a KubeRay cluster. Credentials come from a Secret with AWS_* keys, not from the spec.",
-    )
-    render_p.add_argument("spec", help="job spec YAML file")
-    render_p.add_argument(
-        "--set",
-        action="append",
-        metavar="KEY.PATH=VALUE",
-        help="override a spec field before it goes into the ConfigMap (repeatable)",
-    )
-    render_p.add_argument(
-        "--image", default=d.image, help="clipmaps image, built from k8s/Dockerfile (default: %(default)s)"
-    )
-    render_p.add_argument(
-        "--name", default=d.name, help="name of the RayJob, ConfigMap and ServiceAccount (default: %(default)s)"
-    )
-    render_p.add_argument("--namespace", default=None, help="namespace of every object (default: kubectl's)")
-    render_p.add_argument(
-        "--gpus-per-worker",
-        type=int,
-        default=d.gpus_per_worker,
-        help="nvidia.com/gpu per worker pod; 0 = CPU-only workers (default: %(default)s)",
-    )
-    render_p.add_argument("--min-workers", type=int, default=d.min_workers, help="default: %(default)s")
-    render_p.add_argument("--max-workers", type=int, default=d.max_workers, help="default: %(default)s")
-    render_p.add_argument("--worker-cpus", default=None, help="CPUs per worker pod (default: 8 per GPU, 4 without)")
-    render_p.add_argument(
-        "--worker-memory", default=None, help="memory per worker pod (default: 48Gi per GPU, 8Gi without)"
-    )
-    render_p.add_argument("--head-cpus", default=d.head_cpus, help="default: %(default)s")
-    render_p.add_argument("--head-memory", default=d.head_memory, help="default: %(default)s")
-    render_p.add_argument("--secret", default=d.secret, help="Secret with the AWS_* credentials (default: %(default)s)")
-    render_p.add_argument(
-        "--no-secret",
-        action="store_true",
-        help="take no credentials from a Secret (IRSA / workload identity on the ServiceAccount)",
-    )
-    render_p.add_argument(
-        "--backoff-limit",
-        type=int,
-        default=d.backoff_limit,
-        help="retries of a failed job, each resuming the same output (default: %(default)s)",
-    )
-    render_p.add_argument(
-        "--active-deadline-seconds",
-        type=int,
-        default=d.active_deadline_seconds,
-        help="time limit of each attempt (default: %(default)s)",
-    )
-    render_p.add_argument(
-        "--ttl-seconds-after-finished",
-        type=int,
-        default=d.ttl_seconds_after_finished,
-        help="keep the finished cluster this long (default: %(default)s)",
-    )
-    render_p.add_argument(
-        "--sample-input",
-        type=int,
-        default=0,
-        metavar="SCENES",
-        help="first write SCENES generated scenes to input.manifest (smoke test)",
-    )
-    render_p.add_argument("-o", "--output", default=None, help="file to write (default: stdout)")
-    render_p.set_defaults(func=_render_cli)
-    sample = commands.add_parser(
-        "sample-input",
-        help="write generated scenes and their manifest to a job spec's input.manifest",
-        description="Write generated scenes (JPEGs with masks and prompts) beside input.manifest and the JSON-lines "
-        "manifest itself; nothing is written when the manifest exists.",
-    )
-    sample.add_argument("spec", help="job spec YAML file")
-    sample.add_argument("--scenes", type=int, default=6, help="number of scenes (default: %(default)s)")
-    sample.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="override a spec field")
-    sample.set_defaults(func=_sample_input_cli)
-    return parser

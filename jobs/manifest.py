@@ -300,43 +300,8 @@ def run_manifest_cli(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_manifest_parser(subparsers) -> argparse.ArgumentParser:
-    """Add ``manifest {coco,sa1b,folder}`` to ``subparsers`` (from ``parser.add_subparsers``); ``func`` runs it."""
-    parser = subparsers.add_parser("manifest", help="write a manifest from COCO, SA-1B or a folder of images")
-    sources = parser.add_subparsers(dest="source", required=True)
-
-    def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("-o", "--output", required=True, help="manifest to write (.parquet, .jsonl or .csv)")
-        p.add_argument(
-            "--storage-option",
-            action="append",
-            metavar="KEY=VALUE",
-            help="fsspec storage option (repeatable; VALUE parsed as JSON when it can be)",
-        )
-        p.set_defaults(func=run_manifest_cli)
-
-    coco = sources.add_parser("coco", help="COCO instances JSON (polygons and RLE masks)")
-    coco.add_argument("instances_json", help="instances JSON file or URI")
-    coco.add_argument("images_root", help="folder or URI prefix that holds the images' file_name")
-    common(coco)
-    sa1b = sources.add_parser("sa1b", help="SA-1B per-image JSON files (image next to each JSON)")
-    sa1b.add_argument("json", nargs="+", help="JSON files, URIs or globs")
-    common(sa1b)
-    folder = sources.add_parser("folder", help="a folder or glob of images, with per-instance PNG masks")
-    folder.add_argument("path", help="folder, file glob or URI (s3://bucket/dir/*.jpg)")
-    folder.add_argument(
-        "--mask-pattern",
-        default="{stem}_mask_*.png",
-        help="mask file names next to each image; * is the region id (default: %(default)s)",
-    )
-    folder.add_argument("--recursive", action="store_true", help="include sub-folders of a folder")
-    common(folder)
-    return parser
-
-
 __all__ = [
     "IMAGE_EXTENSIONS",
-    "add_manifest_parser",
     "from_coco",
     "from_folder",
     "from_sa1b",

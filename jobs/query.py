@@ -26,11 +26,18 @@ from typing import Any
 
 import numpy as np
 
-from .index import IndexError_, LoadedIndex, load_index, parse_storage_options, read_job, shown, usable_options
+from clipmaps.schemas.errors import ConfigError
+from clipmaps.schemas.storage import redact_uri
+
+from .index import INDEX_DIR, LoadedIndex, load_index
+from .outputs import JOB_FILE, JobOutputs, parse_storage_options, usable_options
 
 
-class QueryError(ValueError):
-    """A query that cannot be answered as asked (mismatched model, missing job spec, unreadable mask…)."""
+class QueryError(ConfigError):
+    """A query that cannot be answered as asked (mismatched model, missing job spec, unreadable mask…); the CLI
+    exits with 2."""
+
+    default_stage = "query"
 
 
 @dataclass
@@ -61,8 +68,6 @@ def job_model(job: dict) -> dict:
 
 def weights_id(model: dict) -> str:
     """The ``weights`` value result rows carry for a ``spec.model`` (as ``ModelSpec.weights_id``)."""
-    from clipmaps.schemas.storage import redact_uri
-
     if model.get("pretrained") is not None:
         return str(model["pretrained"])
     if model.get("weights") is not None:
@@ -167,16 +172,16 @@ def region_embedding(
             data = f.read()
         img = load_image(data, uri=image_uri)
     except Exception as e:  # noqa: BLE001 - RowError, FileNotFoundError…
-        raise QueryError(f"cannot read the image {shown(image_uri)}: {getattr(e, 'message', e)}") from e
+        raise QueryError(f"cannot read the image {redact_uri(image_uri)}: {getattr(e, 'message', e)}") from e
     width, height = img.size
     try:
         with fsspec.open(mask_uri, "rb", **so) as f:
             mask_bytes = f.read()
         mask = decode_mask({"uri": mask_uri}, height, width, fetched=mask_bytes)
     except Exception as e:  # noqa: BLE001 - the pipeline's mask errors carry a message
-        raise QueryError(f"cannot use the mask {shown(mask_uri)}: {getattr(e, 'message', e)}") from e
+        raise QueryError(f"cannot use the mask {redact_uri(mask_uri)}: {getattr(e, 'message', e)}") from e
     if not mask.any():
-        raise QueryError(f"the mask {shown(mask_uri)} is empty (no non-zero pixel)")
+        raise QueryError(f"the mask {redact_uri(mask_uri)} is empty (no non-zero pixel)")
     pre = spec.preprocess("maskinversion")
     x = torch.from_numpy(pre.image(img))[None].to(lm.device)
     m = torch.from_numpy(pre.mask(mask, (width, height)))[None].to(lm.device)
@@ -237,10 +242,11 @@ def query(
     src = index.source
     if model is not None and model != src["model"]:  # before reading anything else
         check_model(index, {}, model)
-    job = read_job(output_uri, storage_options)
+    outputs = JobOutputs(output_uri, storage_options)
+    job = outputs.job
     if not job:
         raise QueryError(
-            f"{shown(output_uri)}/_job.json is missing: cannot tell how to load the model that wrote the embeddings"
+            f"{outputs.shown(JOB_FILE)} is missing: cannot tell how to load the model that wrote the embeddings"
         )
     spec_model = check_model(index, job, model)
     lm = load_job_model(spec_model, device=device)
@@ -256,7 +262,7 @@ def query(
     return {
         "query": {**what, "k": k},
         "index": {
-            "uri": shown(output_uri.rstrip("/") + "/index"),
+            "uri": outputs.shown(INDEX_DIR),
             "kind": index.meta["kind"],
             "count": index.meta["count"],
             "model": src["model"],
@@ -289,6 +295,7 @@ def format_results(result: dict) -> str:
 
 # ---------------------------------------------------------------------------------------------- CLI
 def run_query_cli(args: argparse.Namespace) -> int:
+    """``clipmaps query`` (arguments: :func:`clipmaps.jobs.commands.add_query_parser`); returns the exit code."""
     try:
         so = parse_storage_options(args.storage_option)
         result = query(
@@ -303,33 +310,11 @@ def run_query_cli(args: argparse.Namespace) -> int:
             storage_options=so,
             input_storage_options=so,
         )
-    except (QueryError, IndexError_, OSError) as e:
+    except (ConfigError, OSError) as e:  # QueryError, RegionIndexError, a bad --storage-option
         print(f"clipmaps query: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=2) if args.json else format_results(result))
     return 0
 
 
-def add_query_parser(subparsers) -> argparse.ArgumentParser:
-    """Add ``query`` to ``subparsers`` (from ``parser.add_subparsers``); ``func`` runs it."""
-    p = subparsers.add_parser("query", help="search the region index by text or by a region of an image")
-    p.add_argument("output_uri", help="the job's output URI (with index/ built by `clipmaps index`)")
-    p.add_argument("text", nargs="?", default=None, help="text query (leave out with --image/--mask)")
-    p.add_argument("--image", default=None, help="image (path or URI) for a region-to-region query")
-    p.add_argument("--mask", default=None, help="mask image of the region (same size as the image; non-zero = in)")
-    p.add_argument("-k", type=int, default=20, help="number of results (default: %(default)s)")
-    p.add_argument("--model", default=None, help="refuse unless the index was built with this model")
-    p.add_argument("--template", default=None, help='prompt template for the text, e.g. "a photo of a {}."')
-    p.add_argument("--device", default="cpu", help="torch device for embedding the query (default: cpu)")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument(
-        "--storage-option",
-        action="append",
-        metavar="KEY=VALUE",
-        help="fsspec storage option for the output URI and the query image (repeatable)",
-    )
-    p.set_defaults(func=run_query_cli)
-    return p
-
-
-__all__ = ["Hit", "QueryError", "add_query_parser", "format_results", "query", "run_query_cli"]
+__all__ = ["Hit", "QueryError", "format_results", "query", "run_query_cli"]

@@ -44,18 +44,21 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 from PIL import Image, ImageDraw
 
-from .index import filesystem, is_local, join, parse_storage_options, read_job, read_manifest_columns, shown
-from .index import usable_options as _usable
+from clipmaps.schemas.errors import ConfigError
+from clipmaps.schemas.storage import filesystem, join_uri, redact_uri
+
+from .outputs import DATASET_NAMES, JobOutputs, is_local, parse_storage_options, read_image
 
 logger = logging.getLogger(__name__)
 
-DATASET_NAMES = ("labels", "heatmaps", "regions", "errors", "vocabulary")
 THUMB = 320  # long side of the images on the page, in pixels
 OVERLAY_ALPHA = 0.55
 
 
-class ReportError(ValueError):
-    """The output cannot be reported on (nothing there, unreadable…)."""
+class ReportError(ConfigError):
+    """The output cannot be reported on (nothing there, unreadable…); the CLI exits with 2."""
+
+    default_stage = "report"
 
 
 # ---------------------------------------------------------------------------------------------- colours
@@ -106,15 +109,12 @@ def hex_colour(rgb: Sequence[int]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- reading
-def open_dataset(output_uri: str, name: str, storage_options: dict | None) -> pads.Dataset | None:
-    fs, root = filesystem(output_uri, storage_options)
-    path = join(root, name)
-    if not fs.exists(path):
-        return None
+def open_dataset(outputs: JobOutputs, name: str) -> pads.Dataset | None:
+    """The dataset ``name``, or ``None`` when it is missing or cannot be read (the report shows what there is)."""
     try:
-        return pads.dataset(path, filesystem=fs, format="parquet")
+        return outputs.dataset(name)
     except Exception as e:  # noqa: BLE001 - a dataset that cannot be read is reported as such
-        logger.warning("cannot read %s/%s: %s", shown(output_uri), name, e)
+        logger.warning("cannot read %s: %s", outputs.shown(name), e)
         return None
 
 
@@ -240,17 +240,6 @@ def thumb_size(width: int, height: int, long_side: int = THUMB) -> tuple[int, in
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def read_image(uri: str, storage_options: dict) -> Image.Image:
-    """An input image as the pipeline reads it (EXIF orientation applied, RGB)."""
-    import fsspec
-
-    from clipmaps.pipeline.decode import load_image
-
-    with fsspec.open(uri, "rb", **storage_options) as f:
-        data = f.read()
-    return load_image(data, uri=uri)
-
-
 def blend(base: np.ndarray, colour: np.ndarray, alpha: np.ndarray | float) -> np.ndarray:
     a = alpha if np.isscalar(alpha) else np.asarray(alpha, np.float32)[..., None]
     return (base.astype(np.float32) * (1 - a) + colour.astype(np.float32) * a).clip(0, 255).astype(np.uint8)
@@ -323,28 +312,25 @@ def build_report(
     say = progress or (lambda s: None)
     t0 = time.perf_counter()
     so = dict(storage_options or {})
-    fs, root = filesystem(output_uri, so)
-    if not fs.exists(root):
-        raise ReportError(f"{shown(output_uri)} does not exist")
-    job = read_job(output_uri, so)
-    spec = job.get("spec") or {}
-    in_so = input_storage_options
-    if in_so is None:
-        in_so = {**_usable((spec.get("input") or {}).get("storage_options")), **so}
-    datasets = {n: open_dataset(output_uri, n, so) for n in DATASET_NAMES}
+    outputs = JobOutputs(output_uri, so, input_storage_options=input_storage_options)
+    if not outputs.exists():
+        raise ReportError(f"{redact_uri(output_uri)} does not exist")
+    job = outputs.job
+    in_so = outputs.input_options
+    datasets = {n: open_dataset(outputs, n) for n in DATASET_NAMES}
     if not job and all(d is None for d in datasets.values()):
-        raise ReportError(f"{shown(output_uri)} holds no clipmaps output (no _job.json, no datasets)")
+        raise ReportError(f"{redact_uri(output_uri)} holds no clipmaps output (no _job.json, no datasets)")
     counts = {n: count_rows(d) for n, d in datasets.items()}
 
     # the population of images and the sample
-    manifest_uri = (spec.get("input") or {}).get("manifest")
+    manifest_uri = outputs.manifest_uri
     ids: list[str] = []
     population_source = "manifest"
     if manifest_uri:
         try:
-            ids = [v for v in read_manifest_columns(manifest_uri, ["image_id"], in_so)["image_id"].to_pylist() if v]
+            ids = [v for v in outputs.manifest(["image_id"])["image_id"].to_pylist() if v]
         except Exception as e:  # noqa: BLE001 - fall back on the datasets' ids
-            logger.warning("cannot read the manifest %s: %s", shown(manifest_uri), e)
+            logger.warning("cannot read the manifest %s: %s", redact_uri(manifest_uri), e)
     if not ids:
         population_source = "datasets"
         found: set[str] = set()
@@ -358,7 +344,7 @@ def build_report(
     manifest_rows: dict[str, dict] = {}
     if manifest_uri and chosen:
         try:
-            t = read_manifest_columns(manifest_uri, ["image_id", "image_uri", "masks"], in_so, image_ids=chosen)
+            t = outputs.manifest(["image_id", "image_uri", "masks"], image_ids=chosen)
             manifest_rows = {r["image_id"]: r for r in t.to_pylist()}
         except Exception as e:  # noqa: BLE001
             logger.warning("cannot read the manifest rows: %s", e)
@@ -411,7 +397,7 @@ def build_report(
         )
         data.seconds = time.perf_counter() - t0
         (tmp / "index.html").write_text(render(data), encoding="utf-8")
-        dest = out_dir or join(output_uri, "report")
+        dest = out_dir or join_uri(output_uri, "report")
         publish(tmp, dest, so)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -429,10 +415,10 @@ def publish(tmp: Path, dest: str, storage_options: dict) -> None:
         shutil.copytree(tmp / "assets", os.path.join(path, "assets"))
         shutil.copyfile(tmp / "index.html", os.path.join(path, "index.html"))
         return
-    if fs.exists(join(path, "assets")):
-        fs.rm(join(path, "assets"), recursive=True)
-    fs.put(str(tmp / "assets") + "/", join(path, "assets") + "/", recursive=True)
-    fs.put_file(str(tmp / "index.html"), join(path, "index.html"))
+    if fs.exists(join_uri(path, "assets")):
+        fs.rm(join_uri(path, "assets"), recursive=True)
+    fs.put(str(tmp / "assets") + "/", join_uri(path, "assets") + "/", recursive=True)
+    fs.put_file(str(tmp / "index.html"), join_uri(path, "index.html"))
 
 
 def _decode_masks(masks: list | None, height: int, width: int, storage_options: dict) -> list[tuple[str, Any]]:
@@ -667,8 +653,8 @@ def render(d: ReportData) -> str:
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>clipmaps report — {_e(shown(d.output_uri))}</title><style>{CSS}</style></head><body>",
-        f"<header><h1>clipmaps report</h1><div class='sub'>{_e(shown(d.output_uri))} · status "
+        f"<title>clipmaps report — {_e(redact_uri(d.output_uri))}</title><style>{CSS}</style></head><body>",
+        f"<header><h1>clipmaps report</h1><div class='sub'>{_e(redact_uri(d.output_uri))} · status "
         f"{_e(job.get('status', 'unknown'))} · generated {_e(time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime()))}"
         f"</div></header><main>",
     ]
@@ -693,10 +679,10 @@ def render_run(d: ReportData, spec: dict, model: dict) -> str:
         or (f"random:seed={model.get('seed')}" if model.get("seed") is not None else None)
     )
     rows = [
-        ("output", _e(shown(d.output_uri))),
+        ("output", _e(redact_uri(d.output_uri))),
         ("status", _e(job.get("status", "no _job.json"))),
         ("ok", _e(job.get("ok"))),
-        ("manifest", _e(shown((spec.get("input") or {}).get("manifest") or "-"))),
+        ("manifest", _e(redact_uri((spec.get("input") or {}).get("manifest") or "-"))),
         ("model", _e(f"{model.get('name', '-')} ({weights or '-'}), precision {model.get('precision', '-')}")),
     ]
     voc = spec.get("vocabulary") or {}
@@ -836,7 +822,7 @@ def render_cards(d: ReportData) -> str:
         size = f"{c.size[0]}×{c.size[1]}" if c.size else "size unknown"
         parts.append(
             f"<div class='card' id='img-{_e(c.image_id)}'><h3>{_e(c.image_id)} <span class='muted'>"
-            f"{size} · {_e(shown(c.image_uri) if c.image_uri else 'no URI')}</span></h3>"
+            f"{size} · {_e(redact_uri(c.image_uri) if c.image_uri else 'no URI')}</span></h3>"
         )
         if c.problem:
             parts.append(f"<p class='problem'>{_e(c.problem)}</p>")
@@ -885,6 +871,7 @@ def render_cards(d: ReportData) -> str:
 
 # ---------------------------------------------------------------------------------------------- CLI
 def run_report_cli(args: argparse.Namespace) -> int:
+    """``clipmaps report`` (arguments: :func:`clipmaps.jobs.commands.add_report_parser`); returns the exit code."""
     try:
         so = parse_storage_options(args.storage_option)
         dest = build_report(
@@ -899,29 +886,11 @@ def run_report_cli(args: argparse.Namespace) -> int:
     except (ReportError, OSError, ValueError) as e:
         print(f"clipmaps report: error: {e}", file=sys.stderr)
         return 2
-    page = join(dest, "index.html")
+    page = join_uri(dest, "index.html")
     fs, _ = filesystem(dest, so)
-    shown_page = Path(page).resolve().as_uri() if is_local(fs) else shown(page)
+    shown_page = Path(page).resolve().as_uri() if is_local(fs) else redact_uri(page)
     print(f"clipmaps report: {shown_page}")
     return 0
 
 
-def add_report_parser(subparsers) -> argparse.ArgumentParser:
-    """Add ``report`` to ``subparsers`` (from ``parser.add_subparsers``); ``func`` runs it."""
-    p = subparsers.add_parser("report", help="write a static HTML report of a job's outputs (opens from disk)")
-    p.add_argument("output_uri", help="the job's output URI (local path or s3://…)")
-    p.add_argument("-o", "--output", default=None, help="report folder (default: OUTPUT_URI/report)")
-    p.add_argument("--sample", type=int, default=12, help="images shown (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sample (default: %(default)s)")
-    p.add_argument("--max-heatmaps", type=int, default=24, help="heatmaps shown per image at most")
-    p.add_argument(
-        "--storage-option",
-        action="append",
-        metavar="KEY=VALUE",
-        help="fsspec storage option for the output URI (repeatable; VALUE parsed as JSON if it can be)",
-    )
-    p.set_defaults(func=run_report_cli)
-    return p
-
-
-__all__ = ["ReportError", "add_report_parser", "build_report", "class_colour", "run_report_cli"]
+__all__ = ["ReportError", "build_report", "class_colour", "run_report_cli"]

@@ -20,6 +20,7 @@ random aspect ratio, bicubic resize to the model's input size), so training sees
 
 from __future__ import annotations
 
+import argparse
 import logging
 import math
 import time
@@ -89,7 +90,7 @@ def make_batch(rng: np.random.Generator, cfg: TrainConfig, image_size: int) -> B
     """Draw ``cfg.batch_size`` scenes and their captions (see :class:`Batch`)."""
     from PIL import Image
 
-    from clipmaps.pipeline.decode.preprocess import Preprocess
+    from clipmaps.actors.preprocess import Preprocess
 
     pre = Preprocess(size=image_size)
     images, captions, contents, named = [], [], [], []
@@ -207,29 +208,8 @@ def file_sha256(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def add_train_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "train",
-        help="train the tiny CLIP of the demo (clipmaps-synth-vit) from a seed on generated scenes",
-        description="Train clipmaps-synth-vit on generated scenes and save fp16 safetensors. The defaults reproduce "
-        "the shipped checkpoint (about 25 minutes on 2 CPU cores).",
-    )
-    d = TrainConfig()
-    p.add_argument("--out", default="clipmaps-synth-vit.safetensors", help="where to write the weights")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=d.threads,
-        help="torch threads (the shipped checkpoint used the default; other counts change the bits)",
-    )
-    p.set_defaults(func=_train_cli)
-
-
-def _train_cli(args) -> int:
+def run_train_cli(args: argparse.Namespace) -> int:
+    """``clipmaps train`` (arguments: :func:`clipmaps.jobs.commands.add_train_parser`); returns the exit code."""
     from clipmaps.actors.models import BUNDLED_WEIGHTS
 
     logging.getLogger(__name__).setLevel(logging.INFO)

@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from clipmaps.jobs.cli import main
-from clipmaps.jobs.index import IndexError_, build_index, load_index, read_job
+from clipmaps.jobs.index import RegionIndexError, build_index, load_index
+from clipmaps.jobs.outputs import JobOutputs
 from tests.helpers.outputs import MODEL, PHASH, WEIGHTS, clustered, unit, write_job, write_regions
 
 
@@ -94,14 +95,14 @@ def test_mixed_params_are_refused_unless_one_is_picked(tmp_path):
     a, b = clustered(100, 32, seed=1), clustered(60, 32, seed=2)
     write_regions(tmp_path, a, ids_prefix="a")
     write_regions(tmp_path, b, ids_prefix="b", params_hash="fedcba9876543210", weights="random:seed=1")
-    with pytest.raises(IndexError_, match=r"mixes embeddings of 2 model/parameter sets.*--params-hash"):
+    with pytest.raises(RegionIndexError, match=r"mixes embeddings of 2 model/parameter sets.*--params-hash"):
         build_index(str(tmp_path), image_uris=False)
     meta = build_index(str(tmp_path), params_hash="fedcba9876543210", image_uris=False).meta
     assert meta["count"] == 60 and meta["source"]["weights"] == "random:seed=1"
     assert meta["source"]["groups_in_dataset"] == 2
     index = load_index(str(tmp_path))
     assert {r["image_id"][0] for r in index.lookup(range(60))} == {"b"}
-    with pytest.raises(IndexError_, match="no rows with params_hash 'nope'"):
+    with pytest.raises(RegionIndexError, match="no rows with params_hash 'nope'"):
         build_index(str(tmp_path), params_hash="nope")
 
 
@@ -116,7 +117,7 @@ def test_an_index_with_mixed_id_map_is_refused(tmp_path):
         ids.set_column(ids.schema.get_field_index("params_hash"), "params_hash", pa.array(hashes)),
         tmp_path / "index" / "ids.parquet",
     )
-    with pytest.raises(IndexError_, match="mixes several params_hash values"):
+    with pytest.raises(RegionIndexError, match="mixes several params_hash values"):
         load_index(str(tmp_path))
 
 
@@ -143,10 +144,10 @@ def test_cli_joins_image_uris_from_the_manifest(tmp_path, capsys):
 def test_missing_regions_is_a_clear_error(tmp_path, capsys):
     assert main(["index", str(tmp_path)]) == 2
     assert "does not exist: the job wrote no region embeddings" in capsys.readouterr().err
-    with pytest.raises(IndexError_, match="no index at"):
+    with pytest.raises(RegionIndexError, match="no index at"):
         load_index(str(tmp_path))
     (tmp_path / "regions").mkdir()
-    with pytest.raises(IndexError_, match="holds no Parquet files"):
+    with pytest.raises(RegionIndexError, match="holds no Parquet files"):
         build_index(str(tmp_path))
 
 
@@ -159,7 +160,7 @@ def test_s3_build_and_load(s3, tmp_path):
     write_job(tmp_path / "out", {"model": {"name": MODEL, "seed": 0}})
     fs.put_file(str(tmp_path / "out" / "_job.json"), "clipmaps/index-test/_job.json")
     uri = "s3://clipmaps/index-test"
-    assert read_job(uri, s3.storage_options)["spec"]["model"]["name"] == MODEL
+    assert JobOutputs(uri, s3.storage_options).job["spec"]["model"]["name"] == MODEL
     meta = build_index(uri, storage_options=s3.storage_options, image_uris=False).meta
     assert meta["count"] == 500
     assert fs.exists("clipmaps/index-test/index/index.json")
@@ -169,11 +170,11 @@ def test_s3_build_and_load(s3, tmp_path):
     assert index.lookup([3])[0]["region_id"] == "r3"
 
 
-def test_stale_index_warns(tmp_path, capsys):
+def test_stale_index_warns(tmp_path, caplog):
     write_regions(tmp_path, clustered(30, 16))
     build_index(str(tmp_path), image_uris=False)
     load_index(str(tmp_path))
-    assert "changed since the index was built" not in capsys.readouterr().err
+    assert "changed since the index was built" not in caplog.text
     write_regions(tmp_path, clustered(10, 16, seed=3), ids_prefix="late")
     assert len(load_index(str(tmp_path)).vectors) == 30
-    assert "regions changed since the index was built" in capsys.readouterr().err
+    assert "regions changed since the index was built" in caplog.text

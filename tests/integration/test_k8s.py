@@ -34,6 +34,7 @@ import pytest
 import yaml
 
 from clipmaps.jobs import k8s
+from clipmaps.jobs.commands import add_k8s_parser
 from clipmaps.jobs.k8s import K8sError, RenderOptions, render, render_file
 from clipmaps.pipeline.spec import SpecError, load_spec
 
@@ -244,7 +245,7 @@ def _render_line(root: Path) -> list[str]:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clipmaps")
-    k8s.add_k8s_parser(parser.add_subparsers(dest="command", required=True))
+    add_k8s_parser(parser.add_subparsers(dest="command", required=True))
     return parser
 
 

@@ -1,0 +1,116 @@
+"""The command line: building the parser imports no command's library, handlers resolve, defaults agree.
+
+``clipmaps --help``, ``clipmaps run --help`` and ``clipmaps k8s render`` run in a fresh interpreter, which then
+reports what it imported: none of torch, Ray, FAISS or open_clip may be among it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from clipmaps.jobs.cli import build_parser
+from clipmaps.jobs.commands import Handler
+
+ROOT = Path(__file__).resolve().parents[2]
+HEAVY = ("torch", "ray", "faiss", "open_clip")
+COMMANDS = {"demo", "run", "manifest", "k8s", "models", "index", "query", "report", "eval", "train", "figures"}
+
+PROBE = """
+import json, sys
+from clipmaps.jobs.cli import main
+try:
+    rc = main(json.loads(sys.argv[1]))
+except SystemExit as e:  # --help exits
+    rc = e.code
+print(json.dumps({"rc": rc, "heavy": sorted(m for m in json.loads(sys.argv[2]) if m in sys.modules)}))
+"""
+
+
+def imported_by(argv: list[str], cwd: Path) -> dict:
+    """Run ``clipmaps argv`` in a fresh interpreter; its exit code and which of :data:`HEAVY` it imported."""
+    proc = subprocess.run(
+        [sys.executable, "-c", PROBE, json.dumps(argv), json.dumps(HEAVY)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["run", "--help"], ["k8s", "render", "--help"]], ids=" ".join)
+def test_help_imports_no_heavy_library(argv, tmp_path):
+    assert imported_by(argv, tmp_path) == {"rc": 0, "heavy": []}
+
+
+def test_k8s_render_imports_no_heavy_library(tmp_path):
+    spec = tmp_path / "job.yaml"
+    shutil.copy(ROOT / "k8s" / "overlays" / "cpu-smoke" / "job.yaml", spec)
+    out = tmp_path / "rayjob.yaml"
+    argv = ["k8s", "render", str(spec), "--gpus-per-worker", "0", "--max-workers", "2", "-o", str(out)]
+    assert imported_by(argv, tmp_path) == {"rc": 0, "heavy": []}
+    assert "kind: RayJob" in out.read_text()
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
+def _leaves(parser: argparse.ArgumentParser, prefix: str = ""):
+    """Every runnable (sub)command: ``(name, its parser)``."""
+    children = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not children:
+        yield prefix.strip(), parser
+    for action in children:
+        for name, sub in action.choices.items():
+            yield from _leaves(sub, f"{prefix} {name}")
+
+
+def test_every_command_is_there_and_its_handler_resolves():
+    parser = build_parser()
+    assert set(_subparsers(parser)) == COMMANDS
+    leaves = dict(_leaves(parser))
+    assert {"manifest coco", "manifest sa1b", "manifest folder", "k8s render", "k8s sample-input"} <= set(leaves)
+    for name, sub in leaves.items():
+        handler = sub.get_default("func")
+        assert isinstance(handler, Handler), name
+        module, _, function = handler.target.partition(":")
+        assert callable(getattr(__import__(module, fromlist=[function]), function)), name
+
+
+def test_defaults_agree_with_the_libraries():
+    """The parser repeats some library defaults (so that it imports no library); they must not drift."""
+    from clipmaps.jobs.index import build_index
+    from clipmaps.jobs.k8s import RenderOptions
+    from clipmaps.jobs.train import TrainConfig
+
+    parser = build_parser()
+    index = vars(parser.parse_args(["index", "out"]))
+    for name, p in inspect.signature(build_index).parameters.items():
+        if name in index and p.default is not inspect.Parameter.empty:
+            assert index[name] == p.default, name
+    render = vars(parser.parse_args(["k8s", "render", "job.yaml"]))
+    for f in dataclasses.fields(RenderOptions):
+        if f.name in render:
+            assert render[f.name] == f.default, f.name
+    assert render["secret"] == RenderOptions().secret and not render["no_secret"]
+    train = vars(parser.parse_args(["train"]))
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in train:
+            assert train[f.name] == f.default, f.name
+
+
+def test_a_command_without_its_required_argument_exits_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["eval"])
+    assert e.value.code == 2 and "the following arguments are required: output" in capsys.readouterr().err
