@@ -374,7 +374,7 @@ def _baseline_embeddings(lm, image, truth: Truth, objects: list[int]) -> dict[st
     from PIL import Image
 
     from clipmaps.actors.vit import VisionTower
-    from clipmaps.actors.preprocess import Preprocess
+    from clipmaps.pipeline.decode.preprocess import Preprocess
 
     size = lm.model.visual.image_size
     size = int(size[0] if isinstance(size, (tuple, list)) else size)

@@ -90,7 +90,7 @@ def make_batch(rng: np.random.Generator, cfg: TrainConfig, image_size: int) -> B
     """Draw ``cfg.batch_size`` scenes and their captions (see :class:`Batch`)."""
     from PIL import Image
 
-    from clipmaps.actors.preprocess import Preprocess
+    from clipmaps.pipeline.decode.preprocess import Preprocess
 
     pre = Preprocess(size=image_size)
     images, captions, contents, named = [], [], [], []
