@@ -153,13 +153,14 @@ def region_embedding(
     import torch
     import torch.nn.functional as F
 
-    from clipmaps.actors.methods.maskinversion import MaskInversion, MaskInversionParams
+    from clipmaps.actors.methods.maskinversion import MaskInversion
     from clipmaps.pipeline.decode import decode_mask, load_image
+    from clipmaps.pipeline.fingerprint import params_hash
 
     spec = job_spec(job)
     if "maskinversion" not in spec.enabled_methods():
         raise QueryError("_job.json's spec has no methods.maskinversion: no parameters to embed a region with")
-    phash = spec.method_params_hash("maskinversion")
+    phash = params_hash(spec, "maskinversion")
     if phash != index.source["params_hash"]:
         raise QueryError(
             f"_job.json's MaskInversion parameters hash to {phash}, the index holds embeddings with "
@@ -185,8 +186,7 @@ def region_embedding(
     pre = spec.preprocess("maskinversion")
     x = torch.from_numpy(pre.image(img))[None].to(lm.device)
     m = torch.from_numpy(pre.mask(mask, (width, height)))[None].to(lm.device)
-    params = MaskInversionParams(**spec.method_params("maskinversion"))
-    result = MaskInversion(lm.model, params).embed(x, [m])[0]
+    result = MaskInversion(lm.model, spec.method_params("maskinversion")).embed(x, [m])[0]
     return F.normalize(result.embeddings.float(), dim=-1)[0].cpu().numpy()
 
 

@@ -19,6 +19,7 @@ from clipmaps.jobs.cli import main
 from clipmaps.jobs.index import build_index
 from clipmaps.jobs.query import QueryError, query
 from clipmaps.jobs.synth.scenes import make_scene
+from clipmaps.pipeline.fingerprint import params_hash
 from clipmaps.pipeline.spec import load_spec
 from tests.helpers.outputs import regions_table, unit, write_job
 
@@ -45,12 +46,12 @@ def scene_files(tmp_path_factory):
 def pipeline_region_embedding(lm, spec, scene) -> np.ndarray:
     """What the pipeline writes to regions/ for a mask: decode-stage preprocessing, MaskInversion with the job's
     parameters, L2 normalisation (``MaskInversionRunner``)."""
-    from clipmaps.actors.methods.maskinversion import MaskInversion, MaskInversionParams
+    from clipmaps.actors.methods.maskinversion import MaskInversion
 
     pre = spec.preprocess("maskinversion")
     x = torch.from_numpy(pre.image(scene.image))[None]
     m = torch.from_numpy(pre.mask(scene.masks[1], scene.image.size))[None]
-    out = MaskInversion(lm.model, MaskInversionParams(**spec.method_params("maskinversion"))).embed(x, [m])[0]
+    out = MaskInversion(lm.model, spec.method_params("maskinversion")).embed(x, [m])[0]
     return F.normalize(out.embeddings.float(), dim=-1)[0].numpy()
 
 
@@ -74,7 +75,7 @@ def planted(tmp_path_factory, spec, tiny_vit, scene_files):
     region_ids = [f"r{i}" for i in range(n)]
     image_ids[1234], region_ids[1234] = "dress-photo", "red-dress"
     image_ids[1500], region_ids[1500] = "scene-7", "mask-1"
-    phash = spec.method_params_hash("maskinversion")
+    phash = params_hash(spec, "maskinversion")
     (out / "regions").mkdir()
     import pyarrow.parquet as pq
 
