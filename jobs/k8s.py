@@ -472,7 +472,7 @@ def dump_manifests(objects: Sequence[Mapping], header: str = "") -> str:
 
 
 def write_sample_input(spec, scenes: int = 6) -> tuple[str, bool]:
-    """Write ``scenes`` generated scenes (``jobs.scene_set``: JPEGs, masks, prompts, ground truth; what
+    """Write ``scenes`` generated scenes (``jobs.synth.scene_set``: JPEGs, masks, prompts, ground truth; what
     ``clipmaps demo`` uses) next to ``input.manifest`` and the JSON-lines manifest itself, through fsspec with
     ``input.storage_options``.
 

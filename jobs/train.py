@@ -14,8 +14,8 @@ dense loss:
 No dense or mask-level loss is used: the model only ever sees image–caption pairs, like a real CLIP, so what the
 methods get out of it is what they would get out of CLIP's training signal.
 
-Images go through the pipeline's own square preprocessing (``actors.preprocess.Preprocess``: render larger with a
-random aspect ratio, bicubic resize to the model's input size), so training sees what the methods see.
+Images go through the pipeline's own square preprocessing (``pipeline.decode.preprocess.Preprocess``: render larger
+with a random aspect ratio, bicubic resize to the model's input size), so training sees what the methods see.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Planted regions: one whose embedding is the tiny seeded model's text embedding of "a red dress" (raw text), one
 with the embedding of "a photo of a red dress." and one with the MaskInversion embedding of a region of a sample
-scene, computed here the way the pipeline's MaskInversion runner computes it, among 2,000 random distractors.
+scene, computed here the way the pipeline's MaskInversion predictor computes it, among 2,000 random distractors.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def scene_files(tmp_path_factory):
 
 def pipeline_region_embedding(lm, spec, scene) -> np.ndarray:
     """What the pipeline writes to regions/ for a mask: decode-stage preprocessing, MaskInversion with the job's
-    parameters, L2 normalisation (``MaskInversionRunner``)."""
+    parameters, L2 normalisation (``MaskInversionPredictor``)."""
     from clipmaps.actors.methods.maskinversion import MaskInversion
 
     pre = spec.preprocess("maskinversion")
