@@ -109,13 +109,12 @@ class MethodActor:
             valid = [i for i in valid if row_errors[i] is None]
         if valid:
             self._run(batch, valid, outputs, row_errors)
-        out = cols.restore_nulls({k: v for k, v in batch.items() if k not in self.config.drop_columns})
-        for name, missing in self.output_columns.items():
-            values = outputs.get(name) or [None] * n
-            out[name] = _object_array([missing if v is None else v for v in values])
-        out[self.error_type] = _object_array([e[0] if e else None for e in row_errors])
-        out[self.error_message] = _object_array([e[1] if e else None for e in row_errors])
-        return out
+        out = {k: v for k, v in batch.items() if k not in self.config.drop_columns}
+        for name in self.output_columns:
+            out[name] = cols.objects(outputs.get(name) or [None] * n)
+        out[self.error_type] = cols.objects(e[0] if e else None for e in row_errors)
+        out[self.error_message] = cols.objects(e[1] if e else None for e in row_errors)
+        return cols.conform(out)
 
     def _run(self, batch: dict, valid: list[int], outputs: dict[str, list], row_errors: list) -> None:
         n = len(batch[cols.IMAGE_ID])
@@ -141,10 +140,3 @@ class MethodActor:
             column = outputs.setdefault(name, [None] * n)
             for i, value in zip(rows, values):
                 column[i] = value
-
-
-def _object_array(values: list) -> np.ndarray:
-    arr = np.empty(len(values), dtype=object)
-    for i, v in enumerate(values):
-        arr[i] = v
-    return arr

@@ -141,19 +141,13 @@ class Predictor:
     def device(self) -> torch.device:
         return self.lm.device
 
-    @property
-    def embed_dim(self) -> int:
-        visual = self.lm.model.visual
-        return int(visual.proj.shape[1]) if getattr(visual, "proj", None) is not None else int(visual.output_dim)
-
-    def output_columns(self) -> dict[str, object]:
-        """Every column :meth:`run` writes with these settings (from the registry), with the fill value of a row
-        the method did not produce (``schemas.batches.fill``)."""
+    def output_columns(self) -> tuple[str, ...]:
+        """Every column :meth:`run` writes with these settings, as the registry declares them (their types and fill
+        values are declared in ``schemas.batches.COLUMNS``)."""
         kinds = self.entry.output_kinds(
             self.settings, vocabulary=self.vocabulary is not None, write_expl_maps=self.options.write_expl_maps
         )
-        dim = self.embed_dim if cols.EMBEDDINGS in kinds else 0
-        return {cols.col(name, k): cols.fill(k, dim=dim) for name in self.entry.outputs(self.settings) for k in kinds}
+        return tuple(cols.col(name, k) for name in self.entry.outputs(self.settings) for k in kinds)
 
     def stack(self, values: Sequence[np.ndarray]) -> torch.Tensor:
         return torch.from_numpy(np.stack(values)).to(self.device)

@@ -48,10 +48,12 @@ orientation, transparency, bit depths, bomb guard), :mod:`.masks` (RLE, polygon 
 ``clipmaps.schemas.errors.RowError``: a row's carries its stage, a mask's also its ``region_id``.
 """
 
+from clipmaps.schemas.batches import failed_rows
+
 from .fetch import fetch_bytes, is_transient
 from .image import DEFAULT_FORMATS, DEFAULT_MAX_PIXELS, load_image, to_rgb
 from .masks import decode_mask
-from .stage import OUTPUT_COLUMNS, DecodeConfig, DecodeStage, decode_batch, failed_rows, output_columns
+from .stage import OUTPUT_COLUMNS, DecodeConfig, DecodeStage, decode_batch, output_columns
 
 __all__ = [
     "DEFAULT_FORMATS",

@@ -127,7 +127,7 @@ class DecodeStage:
         uris = columns[B.IMAGE_URI]
         masks_col = columns.get("masks")
         pre_errors = columns.get(B.ERROR_STAGE)
-        has_error = failed_rows(columns) if pre_errors is not None else np.zeros(n, bool)
+        has_error = B.failed_rows(columns)
         todo = [i for i in range(n) if not has_error[i]]
 
         jobs = [(uris[i], self._mask_uris(masks_col[i] if masks_col is not None else None)) for i in todo]
@@ -145,8 +145,6 @@ class DecodeStage:
         prompts = columns.get(B.PROMPTS)
         for i in range(n):
             out[B.PROMPTS][i] = _norm_prompts(prompts[i]) if prompts is not None else None
-            for name, value in self._failed_values().items():
-                out[name][i] = value
         if pre_errors is not None:  # rows an earlier step already failed: keep their error
             for name in (B.ERROR_STAGE, B.ERROR_TYPE, B.ERROR_MESSAGE):
                 if name in columns:
@@ -162,26 +160,8 @@ class DecodeStage:
             if name != "masks" and name not in out:
                 result[name] = values if isinstance(values, np.ndarray) else _objects(n, values)
         result.update(out)
-        return B.restore_nulls(result)
+        return B.conform(result, names)  # a failed row's arrays: the declared empty fill
 
-    def _failed_values(self) -> dict[str, Any]:
-        """The values of a failed row's array/list columns: empty, of the same ``ndim`` as a good row's."""
-        size = self._square.size if self._square is not None else 0
-        values: dict[str, Any] = {}
-        if self._square is not None:
-            values[B.PIXELS_SQUARE] = np.zeros((3, 0, 0), np.float32)
-        if self.config.maskclip is not None:
-            values[B.PIXELS_MASKCLIP] = np.zeros((3, 0, 0), np.float32)
-        if self.config.need_masks:
-            values[B.MASK_IDS] = []
-            if self._square is not None:
-                values[B.MASKS_SQUARE] = np.zeros((0, size, size), np.float32)
-            values[B.MASK_AREA] = np.zeros(0, np.int64)
-            values[B.MASK_BBOX] = np.zeros((0, 4), np.int32)
-            values[B.MASK_ERRORS] = []
-        return values
-
-    # -- fetching (threads)
     def _mask_uris(self, masks: Any) -> dict[int, str]:
         if not self.config.need_masks or masks is None:
             return {}
@@ -305,16 +285,6 @@ def output_columns(config: DecodeConfig) -> tuple[str, ...]:
     if not config.need_masks:
         skip |= {B.MASK_IDS, B.MASKS_SQUARE, B.MASK_AREA, B.MASK_BBOX, B.MASK_ERRORS}
     return tuple(c for c in OUTPUT_COLUMNS if c not in skip)
-
-
-def failed_rows(batch: Mapping[str, Any]) -> np.ndarray:
-    """``bool [N]``: which rows of a batch carry an error (``error_stage`` a non-empty string). Robust to Ray's
-    round trip, where an all-``None`` column comes back as float NaN; use this, not ``is None``."""
-    col = batch.get(B.ERROR_STAGE)
-    if col is None:
-        n = len(next(iter(batch.values()))) if len(batch) else 0
-        return np.zeros(n, bool)
-    return np.fromiter((isinstance(v, str) and v != "" for v in col), dtype=bool, count=len(col))
 
 
 def _columns(batch: Mapping[str, Any] | pa.Table) -> dict[str, Any]:

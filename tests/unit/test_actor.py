@@ -99,7 +99,7 @@ def test_maskinversion_reports_rows_without_masks(batch):
     errors = _errors(out, "maskinversion")
     assert errors[0] == (None, None) and errors[2][0] == "NoMasks"
     emb = out[cols.col("maskinversion", cols.EMBEDDINGS)]
-    assert emb[0].shape == (3, 32) and emb[2].shape == (0, 32)  # empty arrays, not None, for Ray's tensor columns
+    assert emb[0].shape == (3, 32) and emb[2].shape == (0, 0)  # empty arrays, not None, for Ray's tensor columns
     np.testing.assert_allclose(np.linalg.norm(emb[0], axis=1), 1.0, rtol=1e-5)
 
 

@@ -68,7 +68,8 @@ def assert_ok(r: dict):
 
 
 def assert_error(r: dict, stage: str, error_type: str, *fragments: str):
-    """A failed row: error columns set; sizes 0 and every array/list column empty with a good row's ``ndim``."""
+    """A failed row: error columns set; sizes 0, every tensor column the declared empty fill (a good row's ``ndim``),
+    list columns null."""
     assert (r[B.ERROR_STAGE], r[B.ERROR_TYPE]) == (stage, error_type), r[B.ERROR_MESSAGE]
     for fragment in fragments:
         assert fragment in r[B.ERROR_MESSAGE]
@@ -76,15 +77,15 @@ def assert_error(r: dict, stage: str, error_type: str, *fragments: str):
     for name, shape in (
         (B.PIXELS_SQUARE, (3, 0, 0)),
         (B.PIXELS_MASKCLIP, (3, 0, 0)),
-        (B.MASKS_SQUARE, (0, S, S)),
+        (B.MASKS_SQUARE, (0, 0, 0)),
         (B.MASK_AREA, (0,)),
         (B.MASK_BBOX, (0, 4)),
     ):
         if name in r:
-            assert r[name].shape == shape, name
+            assert r[name].shape == shape and r[name].ndim == B.COLUMNS[name].ndim, name
     for name in (B.MASK_IDS, B.MASK_ERRORS):
         if name in r:
-            assert r[name] == []
+            assert r[name] is None
 
 
 def unnormalise(chw: np.ndarray) -> np.ndarray:

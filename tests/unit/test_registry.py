@@ -37,8 +37,7 @@ def test_every_method_entry_is_complete():
         assert predictor.method == name
         defaults = e.settings()
         kinds = e.output_kinds(defaults, vocabulary=True, write_expl_maps=True)
-        assert kinds and all(cols.fill(k, dim=4) is None or k in (cols.HEATMAP_HW, cols.EMBEDDINGS, cols.LOSS)
-                             for k in kinds)  # fmt: skip
+        assert kinds and all(cols.declared(cols.col(name, k)) for k in kinds)  # every output column is declared
         assert e.preprocess(defaults)["size"] == defaults.size
 
 
