@@ -9,8 +9,9 @@ Every actor that loads the model calls :func:`cached_weights`, which returns a l
   download instead of each downloading; the download goes to a temporary file that is renamed into place only once
   complete and verified, so a crashed download never looks like a cached file;
 * the expected sha256 is ``sha256=`` (the job spec's ``model.weights_sha256``) or, when not given, the first word of a
-  ``<uri>.sha256`` sidecar file (``sha256sum`` output) if one exists. A mismatch raises :class:`WeightsChecksumError`
-  and the bad file is removed. Without either, the file is used unverified (a warning names the digest it had).
+  ``<uri>.sha256`` sidecar file (``sha256sum`` output) if one exists (not looked for beside a presigned URL). A
+  mismatch raises :class:`WeightsChecksumError` and the bad file is removed. Without either, the file is used
+  unverified (a warning names the digest it had).
 * a cached copy is reused while its recorded sha256 equals the expected one (no re-hashing); when the expected
   digest changes (new weights uploaded under the same URI, with a new sidecar), the file is downloaded again.
 
@@ -34,6 +35,8 @@ import time
 import uuid
 from pathlib import Path
 
+from clipmaps.schemas.storage import filesystem, redact_error, redact_uri, uri_scheme
+
 logger = logging.getLogger(__name__)
 
 #: Environment variable naming the cache directory.
@@ -42,7 +45,6 @@ CACHE_ENV = "CLIPMAPS_CACHE"
 SIDECAR_SUFFIX = ".sha256"
 _CHUNK = 8 << 20
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
-_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 __all__ = [
     "CACHE_ENV",
@@ -67,24 +69,11 @@ def default_cache_dir() -> Path:
 
 def is_local(uri: str) -> bool:
     """Whether ``uri`` is a local path or a ``file://``/``local://`` URI (read in place, never cached)."""
-    m = _SCHEME.match(uri)
-    return m is None or m.group(1).lower() in ("file", "local")
+    return uri_scheme(uri) in ("file", "local")
 
 
 def _local_path(uri: str) -> Path:
-    m = _SCHEME.match(uri)
-    return Path(uri[m.end() :] if m else uri).expanduser()
-
-
-def _redact(uri: str) -> str:
-    """The URI without userinfo or query (which may carry credentials), for messages and ``meta.json``."""
-    m = _SCHEME.match(uri)
-    if not m:
-        return uri
-    rest = uri[m.end() :].split("?", 1)[0]
-    if "@" in rest.split("/", 1)[0]:
-        rest = "***@" + rest.split("@", 1)[1]
-    return uri[: m.end()] + rest
+    return Path(uri.split("://", 1)[1] if "://" in uri else uri).expanduser()
 
 
 def _normalise_digest(value: str | None, what: str) -> str | None:
@@ -124,7 +113,7 @@ def cached_weights(
     """A local file holding the weights at ``uri``, downloaded at most once per cache directory.
 
     Args:
-        uri: local path or fsspec URI (``s3://…``, ``gs://…``, ``https://…``) of a weights file.
+        uri: local path or fsspec URI (``s3://…``, ``gs://…``, ``https://…``, presigned URLs) of a weights file.
         cache_dir: cache directory (default :func:`default_cache_dir`).
         sha256: expected hex digest; ``None`` = the ``<uri>.sha256`` sidecar when there is one.
         storage_options: fsspec options for ``uri`` (s3: ``key``, ``secret``, ``client_kwargs``…; empty = the
@@ -139,21 +128,37 @@ def cached_weights(
         FileNotFoundError: nothing at ``uri``.
         ValueError: ``sha256`` or the sidecar is not a sha256.
         filelock.Timeout: another process held the download lock for longer than ``lock_timeout_s``.
+        Exception: the filesystem's own errors, of the same type (``OSError`` when that type cannot be rebuilt) with
+            the URI's credentials and the storage options' secrets taken out of the message.
+
+    Every URI this function logs, puts in a message or writes into ``meta.json`` is redacted
+    (``clipmaps.schemas.storage.redact_uri``).
     """
     expected = _normalise_digest(sha256, "sha256")
     if is_local(uri):
         return _verify_local(uri, expected)
+    try:
+        return _cached_remote(uri, cache_dir, expected, storage_options or {}, lock_timeout_s)
+    except Exception as e:
+        # client errors quote the URI's credentials (botocore: 'Invalid bucket name "user:secret@bucket"'); the
+        # actor's traceback goes to Ray's worker logs
+        clean = redact_error(e, storage_options=storage_options, uris=[uri])
+        if clean is e:
+            raise
+        raise clean from None
 
-    import fsspec
+
+def _cached_remote(uri: str, cache_dir, expected: str | None, storage_options: dict, lock_timeout_s: float) -> Path:
     from filelock import FileLock
 
-    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    fs, path = filesystem(uri, storage_options)
     source = "sha256="
     if expected is None:
         expected = _read_sidecar(fs, path, uri)
-        source = f"{_redact(uri)}{SIDECAR_SUFFIX}"
+        source = f"{redact_uri(uri)}{SIDECAR_SUFFIX}"
     entry = cache_entry(uri, cache_dir)
-    name = posixpath.basename(path.rstrip("/")) or "weights"
+    # the name without a query: a presigned URL's signature must not become a local file name that logs show
+    name = posixpath.basename(path.split("?", 1)[0].rstrip("/")) or "weights"
     target, meta = entry / name, entry / "meta.json"
     if _cached(target, meta, expected):
         return target
@@ -198,7 +203,9 @@ def _parse_sidecar(text: str, where: str) -> str:
 
 
 def _read_sidecar(fs, path: str, uri: str) -> str | None:
-    where = f"{_redact(uri)}{SIDECAR_SUFFIX}"
+    if "?" in uri:  # a presigned URL: its signature covers its own key only, the sidecar's URL is unknown
+        return None
+    where = f"{redact_uri(uri)}{SIDECAR_SUFFIX}"
     try:
         data = fs.cat_file(path + SIDECAR_SUFFIX)
     except (FileNotFoundError, PermissionError):
@@ -239,7 +246,7 @@ def _download(
         digest = h.hexdigest()
         if expected is not None and digest != expected:
             raise WeightsChecksumError(
-                f"sha256 of {_redact(uri)} is {digest}, expected {expected} (from {source}); the downloaded file "
+                f"sha256 of {redact_uri(uri)} is {digest}, expected {expected} (from {source}); the downloaded file "
                 f"was removed — check that the weights and their checksum were uploaded together"
             )
         os.replace(tmp, target)
@@ -249,12 +256,12 @@ def _download(
     if expected is None:
         logger.warning(
             "weights %s are not verified: no sha256 given and no %s sidecar (sha256 of the download: %s)",
-            _redact(uri),
+            redact_uri(uri),
             SIDECAR_SUFFIX,
             digest,
         )
     doc = {
-        "uri": _redact(uri),
+        "uri": redact_uri(uri),
         "sha256": digest,
         "size": size,
         "verified": expected is not None,
@@ -267,5 +274,5 @@ def _download(
     tmp_meta.write_text(json.dumps(doc, indent=2))
     os.replace(tmp_meta, meta)
     logger.info(
-        "downloaded %s (%d bytes, sha256 %s) to %s in %.1f s", _redact(uri), size, digest, target, doc["seconds"]
+        "downloaded %s (%d bytes, sha256 %s) to %s in %.1f s", redact_uri(uri), size, digest, target, doc["seconds"]
     )

@@ -37,7 +37,7 @@ from typing import Any
 
 import yaml
 
-from clipmaps.schemas.storage import is_secret_name, redact_uri, uri_scheme
+from clipmaps.schemas.storage import filesystem, is_secret_name, redact_uri, uri_scheme
 
 #: Ray version of the image built by ``k8s/Dockerfile`` (its base image tag) and the RayCluster's ``rayVersion``.
 RAY_VERSION = "2.58.0"
@@ -479,15 +479,13 @@ def write_sample_input(spec, scenes: int = 6) -> tuple[str, bool]:
     Does nothing when the manifest already exists, so a retried smoke job reuses its input. Returns
     ``(manifest URI, written)``.
     """
-    import fsspec
-
     from .synth.scene_set import write_scene_set
 
     if spec.input.manifest_format != "jsonl":
         raise K8sError(
             f"sample input is a JSON-lines manifest; input.manifest {redact_uri(spec.input.manifest)!r} is not .jsonl"
         )
-    fs, path = fsspec.core.url_to_fs(spec.input.manifest, **dict(spec.input.storage_options))
+    fs, path = filesystem(spec.input.manifest, spec.input.storage_options)
     if fs.exists(path):
         return spec.input.manifest, False
     write_scene_set(spec.input.manifest, scenes, storage_options=dict(spec.input.storage_options))

@@ -99,7 +99,7 @@ def _expand(uris: str | Sequence[str], storage_options: dict | None) -> list[str
     out: list[str] = []
     for uri in uris:
         if any(c in uri for c in "*?["):
-            fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+            fs, path = filesystem(uri, storage_options)
             out.extend(_full_uri(fs, p) for p in sorted(fs.glob(path)))
         else:
             out.append(uri)

@@ -283,6 +283,31 @@ def _hide_quoted_pair(m: re.Match) -> str:
     return f"{m['q']}{m['name']}{m['q']}{m['sep']}{m['v']}{REDACTED}{m['v']}"
 
 
+def redact_error(
+    error: BaseException,
+    *,
+    storage_options: Mapping[str, Any] | Iterable[Mapping[str, Any]] | None = None,
+    uris: Iterable[Any] = (),
+) -> BaseException:
+    """An exception safe to raise on from ``error``: ``error`` itself when neither its text nor its causes' holds a
+    secret (:func:`redact_text`), else one of the same type (``OSError`` when that type cannot be built from a
+    message) with the redacted text. Raise the result ``from None``: tracebacks print the causes' texts, which
+    Ray copies into worker logs."""
+    uris = list(uris)
+    texts, seen, e = [], set(), error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        texts.append(str(e))
+        e = e.__cause__ or e.__context__
+    clean = [redact_text(t, storage_options=storage_options, uris=uris) for t in texts]
+    if clean == texts:
+        return error
+    try:
+        return type(error)(clean[0])
+    except Exception:  # noqa: BLE001 — a type whose constructor wants more than a message (botocore's)
+        return OSError(f"{type(error).__name__}: {clean[0]}")
+
+
 def secret_values(
     storage_options: Mapping[str, Any] | Iterable[Mapping[str, Any]] | None = None, uris: Iterable[Any] = ()
 ) -> set[str]:
@@ -355,6 +380,7 @@ __all__ = [
     "is_inside",
     "is_secret_name",
     "join_uri",
+    "redact_error",
     "redact_options",
     "redact_text",
     "redact_uri",

@@ -224,3 +224,33 @@ def test_s3_weights_are_cached_and_load(s3, tmp_path, monkeypatch, tiny_vit):
     with pytest.raises(WeightsChecksumError):
         cached_weights(uri, storage_options=s3.storage_options)
     assert not path.exists()
+
+
+def test_credentials_in_weights_uris_are_never_shown(s3, tmp_path, monkeypatch, caplog):
+    """A presigned URL (its signature and credential in the query) and a ``user:secret@`` URI: the cached file's
+    name, ``meta.json``, the log and the errors raised carry neither (clients quote them without the scheme)."""
+    import json
+    import logging
+
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**s3.storage_options, config_kwargs={"signature_version": "s3v4"})
+    key = f"{s3.bucket}/weights-cache-test/{os.getpid()}/presigned.safetensors"
+    data = b"presigned weights" * 1000
+    fs.pipe_file(key, data)
+    presigned = fs.sign(key, expiration=600)  # X-Amz-Algorithm, -Credential, -Date, -Expires, -Signature…
+    query = dict(item.split("=", 1) for item in presigned.split("?", 1)[1].split("&"))
+    secrets = [query["X-Amz-Signature"], query["X-Amz-Credential"], s3.secret]
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    caplog.set_level(logging.DEBUG, logger="clipmaps")  # fsspec's own DEBUG log prints the URLs it requests
+    path = cached_weights(presigned)  # no digest, no sidecar: downloaded unverified, with a warning
+    assert path.read_bytes() == data and path.name == "presigned.safetensors"
+    meta = (path.parent / "meta.json").read_text()
+    assert "X-Amz-Signature=***" in json.loads(meta)["uri"]
+    planted = "planted-se/cr+et@x"
+    with pytest.raises(Exception) as failed:  # noqa: PT011 - s3fs's own error type, redacted
+        cached_weights(f"s3://AKIAPLANTED:{planted}@{key}", storage_options=s3.storage_options)
+    shown = [meta, caplog.text, str(failed.value), repr(failed.value)]
+    for secret in [*secrets, planted, "AKIAPLANTED"]:
+        assert not [text for text in shown if secret in text], secret
+    assert failed.value.__cause__ is None and failed.value.__suppress_context__

@@ -15,6 +15,7 @@ from clipmaps.schemas.storage import (
     is_inside,
     is_secret_name,
     join_uri,
+    redact_error,
     redact_options,
     redact_text,
     redact_uri,
@@ -189,6 +190,27 @@ def test_redact_text_without_being_told_the_secrets():
     assert redact_text('"X-Amz-Signature": "deadbeef"') == '"X-Amz-Signature": "***"'
     plain = "image 12 of s3://bucket/me@example.com/k.jpg: 3x4 pixels, max_attempts=5"
     assert redact_text(plain) == plain
+
+
+def test_redact_error_keeps_the_type_and_drops_secret_causes():
+    uri = f"s3://AKIA:{SECRET}@bucket/w.safetensors"
+    plain = FileNotFoundError("bucket/w.safetensors")
+    assert redact_error(plain, uris=[uri]) is plain  # nothing to hide: raised as it is, with its causes
+    try:
+        try:
+            raise KeyError(f"bucket AKIA:{SECRET}@bucket")
+        except KeyError as inner:
+            raise ValueError("Invalid bucket name") from inner
+    except ValueError as e:
+        clean = redact_error(e, uris=[uri])  # the message is clean, its cause is not
+    assert type(clean) is ValueError and str(clean) == "Invalid bucket name" and clean.__cause__ is None
+
+    class ClientError(Exception):  # botocore's needs (error_response, operation_name)
+        def __init__(self, response, operation):
+            super().__init__(f"{operation}: {response}")
+
+    clean = redact_error(ClientError(f"token={SECRET}", "GetObject"), storage_options={"secret": SECRET})
+    assert type(clean) is OSError and str(clean) == "ClientError: GetObject: token=***"
 
 
 # ------------------------------------------------------------------------------------------------ filesystems, writes
