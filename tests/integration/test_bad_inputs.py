@@ -285,7 +285,7 @@ def test_a_changed_spec_is_refused_unless_overwrite(matrix, tmp_path, capsys):
     sets = ["--set", f"output.uri={out}", "--set", "methods.gem.depth=5"]
     assert main(["run", str(matrix["job"]), *sets]) == 2
     err = capsys.readouterr().err
-    assert "other settings (params differ)" in err and "--overwrite" in err
+    assert "methods.gem.depth: 7 → 5" in err and "--overwrite" in err and "resume" not in err
     assert build_parser().parse_args(["run", "job.yaml", "--overwrite"]).overwrite
     # --overwrite replaces the old results (two rows of the manifest keep the run short)
     assert main(["run", str(matrix["job"]), *sets, "--overwrite", "--set", "input.limit=2"]) == 0

@@ -12,10 +12,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from clipmaps.actors.actor import ActorConfig, MethodActor, ModelSource
-from clipmaps.pipeline.decode.preprocess import Preprocess
-from clipmaps.actors.runners import OutputOptions, Vocabulary
+from clipmaps.actors.actor import ActorConfig, MethodActor
+from clipmaps.actors.params import ModelSpec
+from clipmaps.actors.predictors import OutputOptions, Vocabulary
+from clipmaps.actors.registry import REGISTRY
 from clipmaps.jobs.synth.scenes import make_scene
+from clipmaps.pipeline.decode.preprocess import Preprocess
 from clipmaps.schemas import batches as cols
 
 PRE = Preprocess(size=64)
@@ -51,13 +53,15 @@ def _block(first: int, failed: list[bool]) -> dict:
 
 class _Actor(MethodActor):
     def __init__(self, method: str, options: dict):
+        entry = REGISTRY[method]
         super().__init__(
             ActorConfig(
                 method=method,
-                model=ModelSource(name="clipmaps-tiny-vit", seed=0),
-                params={},
+                model=ModelSpec(name="clipmaps-tiny-vit", seed=0),
+                settings=entry.settings(size=64, **options),
+                templates="photo" if entry.encodes_text else None,
                 vocabulary=VOCAB,
-                options=OutputOptions(**options),
+                options=OutputOptions(prompt_source="vocabulary" if entry.settings().heatmaps else None),
                 drop_columns=(cols.PIXELS_SQUARE, cols.MASKS_SQUARE),
             )
         )

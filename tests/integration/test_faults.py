@@ -429,7 +429,8 @@ def node_loss_scenario(folder: str) -> None:
     import ray
     from ray.cluster_utils import Cluster
 
-    from clipmaps.pipeline.run import JobFailed, run
+    from clipmaps.pipeline.run import run
+    from clipmaps.schemas.errors import JobFailed
 
     tmp_path = Path(folder)
     count, stall_s, shards = 24, 15, 12
@@ -511,7 +512,7 @@ def node_loss_scenario(folder: str) -> None:
 
 def test_io_retry_defaults_merge_into_s3_storage_options():
     """``resources.io_retries`` / ``read_timeout_s`` reach every S3 storage_options unless the user set them."""
-    from clipmaps.pipeline.run import with_io_defaults_spec
+    from clipmaps.pipeline.plan import with_io_defaults_spec
 
     user = "{config_kwargs: {retries: {max_attempts: 2, mode: adaptive}}, key: k}"
     spec = load_spec(JOB_SPEC, overrides=[

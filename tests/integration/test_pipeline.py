@@ -14,6 +14,7 @@ from clipmaps.pipeline.run import run
 from clipmaps.pipeline.spec import load_spec
 from clipmaps.schemas.datasets import ERRORS, HEATMAPS, LABELS
 from clipmaps.schemas.encodings import decode_heatmap, decode_label_map, rle_encode
+from clipmaps.schemas.errors import OutputConflict
 from tests.helpers.specs import JOB_SPEC
 
 SCENES = 4
@@ -121,7 +122,7 @@ def test_rerunning_the_finished_job_does_nothing_and_a_changed_job_is_refused(fi
     job = json.loads((out / "_job.json").read_text())
     assert len(job["attempts"]) == 2 and job["attempts"][1]["todo_images"] == 0
     changed = load_spec(spec.to_dict(redact=False) | {}, overrides=["methods.gem.depth=5"])
-    with pytest.raises(FileExistsError, match="other settings.*params"):
+    with pytest.raises(OutputConflict, match="methods.gem.depth: 7 → 5"):
         run(changed)
 
 
@@ -129,5 +130,6 @@ def test_dry_run_resolves_without_running(tmp_path):
     manifest = write_scenes(tmp_path / "input", 2)
     spec = load_spec(JOB_SPEC, overrides=[f"input.manifest={manifest}", f"output.uri={tmp_path / 'out'}"])
     result = run(spec, dry_run=True)
-    assert "2 images to process" in result.plan_text and "maskinversion" in result.plan_text
+    assert "2 images in 1 shards" in result.plan_text and "maskinversion" in result.plan_text
+    assert "output    empty: 1 shards (2 images) to do" in result.plan_text
     assert not (tmp_path / "out").exists()
