@@ -1,4 +1,4 @@
-"""The ``clipmaps`` command line: the entry point, the parser and the handlers of ``run`` and ``models``.
+"""The ``clipmaps`` command line: the entry point, the parser and the handlers of ``run``, ``schema`` and ``models``.
 
 Each command's arguments are declared in :mod:`.commands`, which imports no library; a command's handler (there or
 here) imports what it runs, so ``clipmaps --help`` and ``clipmaps k8s render`` start without torch or Ray.
@@ -14,28 +14,22 @@ from .commands import COMMANDS
 
 
 def _run(args: argparse.Namespace) -> int:
+    """``clipmaps run``: exit 0 done, 2 the job cannot run as configured (spec, manifest, weights, a refused
+    output: nothing to resume), 3 too many images with errors, 4 a stage failed for good (re-run to resume)."""
     from clipmaps.pipeline.run import run
-    from clipmaps.pipeline.spec import SpecError, load_spec
+    from clipmaps.pipeline.spec import load_spec
+    from clipmaps.schemas.errors import ClipmapsError
 
     overrides = [*(args.set or ()), *(["output.overwrite=true"] if args.overwrite else [])]
     try:
         spec = load_spec(args.spec, overrides=overrides)
-    except (SpecError, OSError) as e:
-        print(f"clipmaps run: invalid job spec: {e}", file=sys.stderr)
-        return 2
-    from clipmaps.pipeline.run import JobFailed
-
-    try:
         result = run(spec, dry_run=args.dry_run, progress=print)
-    except JobFailed as e:  # what is complete is kept: re-running the same command resumes
+    except ClipmapsError as e:  # the family maps to its documented exit code (schemas/errors.py)
         print(f"clipmaps run: {e}", file=sys.stderr)
-        return 4
-    except (ValueError, FileExistsError, FileNotFoundError) as e:
-        print(f"clipmaps run: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     if args.dry_run:
         print(result.plan_text)
-        print("dry run: the spec is valid and the inputs resolve; no model was run")
+        print("dry run: the spec is valid, the inputs resolve and the output accepts this job; no model was run")
         return 0
     print(summary_table(result))
     if not result.ok:
@@ -45,6 +39,21 @@ def _run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 3
+    return 0
+
+
+def _schema(args: argparse.Namespace) -> int:
+    """``clipmaps schema``: the job spec's JSON Schema, for editors (yaml-language-server)."""
+    import json
+
+    from clipmaps.pipeline.spec import json_schema
+
+    text = json.dumps(json_schema(), indent=2)
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+    else:
+        print(text)
     return 0
 
 
@@ -67,16 +76,26 @@ def summary_table(result) -> str:
 
 
 def _models(args: argparse.Namespace) -> int:
-    from clipmaps.actors.models import list_models, list_pretrained
+    """``clipmaps models``: each architecture, its backbone family, the methods that run on it (from the method
+    registry, read from the model's config) and its pretrained tags."""
+    from clipmaps.actors.registry import BUNDLED_WEIGHTS, FAMILIES, list_model_names, model_info, supported_methods
 
+    names = [n for n in list_model_names() if not args.filter or args.filter.lower() in n.lower()]
     tags: dict[str, list[str]] = {}
-    for name, tag in list_pretrained():
+    for name, tag in BUNDLED_WEIGHTS:
         tags.setdefault(name, []).append(tag)
-    for name in list_models():
-        if args.filter and args.filter.lower() not in name.lower():
-            continue
-        methods = "maskclip" if name.startswith("RN") or "-rn" in name else "gem,legrad,maskinversion,maskclip"
-        print(f"{name:40s} {methods:34s} {','.join(tags.get(name, [])) or '-'}")
+    if names and not args.no_tags:  # open_clip's tag registry needs open_clip (and torch): only when asked
+        import open_clip
+
+        for name, tag in open_clip.list_pretrained():
+            tags.setdefault(name, []).append(tag)
+    print(f"{'model':40s} {'family':7s} {'methods':34s} pretrained")
+    for name in names:
+        info = model_info(name)
+        methods = ",".join(supported_methods(info)) or "-"
+        print(f"{name:40s} {info.family:7s} {methods:34s} {','.join(tags.get(name, [])) or '-'}")
+    if names:
+        print("\nfamilies: " + "; ".join(f"{k}: {v}" for k, v in FAMILIES.items()))
     return 0
 
 

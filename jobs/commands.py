@@ -111,7 +111,16 @@ def add_models_parser(sub) -> argparse.ArgumentParser:
     """``clipmaps models [FILTER]``: list architectures, methods and pretrained tags."""
     p = sub.add_parser("models", help="list model architectures, the methods they support and pretrained tags")
     p.add_argument("filter", nargs="?", default=None, help="substring of the name")
+    p.add_argument("--no-tags", action="store_true", help="skip open_clip's pretrained tags (no torch import)")
     p.set_defaults(func=Handler("clipmaps.jobs.cli:_models"))
+    return p
+
+
+def add_schema_parser(sub) -> argparse.ArgumentParser:
+    """``clipmaps schema``: the job spec's JSON Schema."""
+    p = sub.add_parser("schema", help="print the job spec's JSON Schema (for editors: yaml-language-server)")
+    p.add_argument("-o", "--output", default=None, help="write it to this file instead of stdout")
+    p.set_defaults(func=Handler("clipmaps.jobs.cli:_schema"))
     return p
 
 
@@ -321,6 +330,7 @@ COMMANDS: tuple[Callable[..., argparse.ArgumentParser], ...] = (
     add_manifest_parser,
     add_k8s_parser,
     add_models_parser,
+    add_schema_parser,
     add_index_parser,
     add_query_parser,
     add_report_parser,

@@ -22,7 +22,20 @@ from clipmaps.jobs.commands import Handler
 
 ROOT = Path(__file__).resolve().parents[2]
 HEAVY = ("torch", "ray", "faiss", "open_clip")
-COMMANDS = {"demo", "run", "manifest", "k8s", "models", "index", "query", "report", "eval", "train", "figures"}
+COMMANDS = {
+    "demo",
+    "run",
+    "manifest",
+    "k8s",
+    "models",
+    "schema",
+    "index",
+    "query",
+    "report",
+    "eval",
+    "train",
+    "figures",
+}
 
 PROBE = """
 import json, sys
@@ -114,3 +127,74 @@ def test_a_command_without_its_required_argument_exits_2(capsys):
     with pytest.raises(SystemExit) as e:
         build_parser().parse_args(["eval"])
     assert e.value.code == 2 and "the following arguments are required: output" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- run refusals
+
+
+def _job(tmp_path: Path, **model) -> Path:
+    spec = {
+        "input": {"manifest": str(tmp_path / "manifest.jsonl")},
+        "output": {"uri": str(tmp_path / "out")},
+        "model": {"name": "clipmaps-tiny-vit", "seed": 0, **model},
+        "methods": {"legrad": {"size": 64}},
+    }
+    path = tmp_path / "job.yaml"
+    path.write_text(json.dumps(spec))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (["model.name=clipmaps-tiny-vt"], "model.name: unknown model 'clipmaps-tiny-vt' (did you mean"),
+        (["model.name=convnext_tiny"], "methods.legrad: LeGrad cannot run on convnext_tiny (another timm image tower"),
+        (["model.name=coca_ViT-B-32"], "methods.legrad: LeGrad cannot run on coca_ViT-B-32 (CoCa"),
+        (["methods.legrad.layers=9"], "methods.legrad.layers: 9 is out of range for the 8-layer image tower"),
+        (["methods.legrad.size=60"], "methods.legrad.size: 60 is not a multiple of the patch size 8"),
+        (["methods.legrad.layers=0", "methods.legrad.templates=[no placeholder]"], "2 problems in the job spec"),
+        (["methods.gem.dept=2"], "methods.gem: --set 'methods.gem.dept=2': unknown key 'dept' (did you mean 'depth'?)"),
+    ],
+)
+def test_dry_run_refuses_what_cannot_run_with_exit_2(tmp_path, capsys, sets, message):
+    """The spec is checked against the model's configuration before anything is read or started: a typo, a backbone
+    the method is not defined for, a parameter out of the model's range (no manifest exists here)."""
+    from clipmaps.jobs.cli import main
+
+    argv = ["run", str(_job(tmp_path)), "--dry-run", *[a for s in sets for a in ("--set", s)]]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "resume" not in err and "Traceback" not in err
+
+
+def test_dry_run_checks_the_weights(tmp_path, capsys):
+    from clipmaps.jobs.cli import main
+
+    (tmp_path / "manifest.jsonl").write_text(
+        json.dumps({"image_id": "a", "image_uri": "/nowhere/a.png", "prompts": ["x"]}) + "\n"
+    )
+    job = _job(tmp_path)
+    missing = ["--set", "model.seed=null", "--set", f"model.weights={tmp_path / 'nope.safetensors'}"]
+    assert main(["run", str(job), "--dry-run", *missing]) == 2
+    assert "model.weights: " in capsys.readouterr().err
+    (tmp_path / "w.safetensors").write_bytes(b"not really weights")
+    wrong = ["--set", "model.seed=null", "--set", f"model.weights={tmp_path / 'w.safetensors'}"]
+    assert main(["run", str(job), "--dry-run", *wrong, "--set", f"model.weights_sha256={'0' * 64}"]) == 2
+    assert "model.weights_sha256: " in capsys.readouterr().err
+    assert main(["run", str(job), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "output    empty: 1 shards (1 images) to do" in out and "weights   random (seed 0)" in out
+
+
+def test_schema_and_models_commands(tmp_path, capsys):
+    from clipmaps.jobs.cli import main
+
+    assert main(["schema", "-o", str(tmp_path / "schema.json")]) == 0
+    schema = json.loads((tmp_path / "schema.json").read_text())
+    assert schema["title"] == "clipmaps job spec" and "GEMSettings" in schema["$defs"]
+    assert main(["models", "--no-tags", "convnext"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("convnext")]
+    assert rows and all(r[1] == "timm" and r[2] == "-" for r in rows)  # none of the methods runs on ConvNeXt
+    assert main(["models", "--no-tags", "clipmaps-tiny"]) == 0
+    rows = {line.split()[0]: line.split()[2] for line in capsys.readouterr().out.splitlines()[1:3]}
+    assert rows == {"clipmaps-tiny-rn": "maskclip", "clipmaps-tiny-vit": "maskclip,gem,legrad,maskinversion"}
