@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 
 from clipmaps.schemas.datasets import PROVENANCE
 from clipmaps.schemas.errors import ConfigError
-from clipmaps.schemas.storage import filesystem, join_uri, redact_uri
+from clipmaps.schemas.storage import filesystem, join_uri, redact_text, redact_uri
 
 from .outputs import JobOutputs, dataset_schema, is_local, parse_storage_options
 
@@ -186,7 +186,8 @@ def manifest_uris(outputs: JobOutputs) -> pa.Table | None:
     try:
         return outputs.image_uris()
     except Exception as e:  # noqa: BLE001 - URIs are a convenience: index without them
-        logger.warning("image URIs left out: cannot read the manifest %s: %s", redact_uri(outputs.manifest_uri), e)
+        detail = redact_text(str(e), storage_options=outputs.input_options, uris=[outputs.manifest_uri])
+        logger.warning("image URIs left out: cannot read the manifest %s: %s", redact_uri(outputs.manifest_uri), detail)
         return None
 
 
@@ -561,6 +562,7 @@ def _warn_if_stale(outputs: JobOutputs, meta: dict) -> None:
 # ---------------------------------------------------------------------------------------------- CLI
 def run_index_cli(args: argparse.Namespace) -> int:
     """``clipmaps index`` (arguments: :func:`clipmaps.jobs.commands.add_index_parser`); returns the exit code."""
+    so: dict = {}
     try:
         so = parse_storage_options(args.storage_option)
         result = build_index(
@@ -577,7 +579,8 @@ def run_index_cli(args: argparse.Namespace) -> int:
             progress=print,
         )
     except (OSError, ValueError) as e:  # RegionIndexError and the other ConfigErrors are ValueErrors, as Arrow's
-        print(f"clipmaps index: error: {e}", file=sys.stderr)
+        text = redact_text(str(e), storage_options=so, uris=[args.output_uri])
+        print(f"clipmaps index: error: {text}", file=sys.stderr)
         return 2
     m = result.meta
     print(

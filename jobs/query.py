@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from clipmaps.schemas.errors import ConfigError
-from clipmaps.schemas.storage import redact_uri
+from clipmaps.schemas.storage import redact_text, redact_uri
 
 from .index import INDEX_DIR, LoadedIndex, load_index
 from .outputs import JOB_FILE, JobOutputs, parse_storage_options, usable_options
@@ -111,7 +111,8 @@ def load_job_model(model: dict, device: str = "cpu", storage_options: dict | Non
             storage_options=so or None,
         )
     except Exception as e:  # noqa: BLE001 - hub unreachable, weights unreadable…
-        raise QueryError(f"cannot load {model['name']} ({weights_id(model)}): {type(e).__name__}: {e}") from e
+        detail = redact_text(str(e), storage_options=so, uris=[model.get("weights")])
+        raise QueryError(f"cannot load {model['name']} ({weights_id(model)}): {type(e).__name__}: {detail}") from None
     finally:
         logging.getLogger().removeFilter(quiet)
 
@@ -296,6 +297,7 @@ def format_results(result: dict) -> str:
 # ---------------------------------------------------------------------------------------------- CLI
 def run_query_cli(args: argparse.Namespace) -> int:
     """``clipmaps query`` (arguments: :func:`clipmaps.jobs.commands.add_query_parser`); returns the exit code."""
+    so: dict = {}
     try:
         so = parse_storage_options(args.storage_option)
         result = query(
@@ -311,7 +313,8 @@ def run_query_cli(args: argparse.Namespace) -> int:
             input_storage_options=so,
         )
     except (ConfigError, OSError) as e:  # QueryError, RegionIndexError, a bad --storage-option
-        print(f"clipmaps query: error: {e}", file=sys.stderr)
+        uris = [args.output_uri, args.image, args.mask]
+        print(f"clipmaps query: error: {redact_text(str(e), storage_options=so, uris=uris)}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=2) if args.json else format_results(result))
     return 0

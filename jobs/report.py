@@ -45,7 +45,7 @@ import pyarrow.dataset as pads
 from PIL import Image, ImageDraw
 
 from clipmaps.schemas.errors import ConfigError
-from clipmaps.schemas.storage import filesystem, join_uri, redact_uri
+from clipmaps.schemas.storage import filesystem, join_uri, redact_text, redact_uri
 
 from .outputs import DATASET_NAMES, JobOutputs, is_local, parse_storage_options, read_image
 
@@ -114,7 +114,9 @@ def open_dataset(outputs: JobOutputs, name: str) -> pads.Dataset | None:
     try:
         return outputs.dataset(name)
     except Exception as e:  # noqa: BLE001 - a dataset that cannot be read is reported as such
-        logger.warning("cannot read %s: %s", outputs.shown(name), e)
+        logger.warning(
+            "cannot read %s: %s", outputs.shown(name), redact_text(str(e), storage_options=outputs.storage_options)
+        )
         return None
 
 
@@ -330,7 +332,8 @@ def build_report(
         try:
             ids = [v for v in outputs.manifest(["image_id"])["image_id"].to_pylist() if v]
         except Exception as e:  # noqa: BLE001 - fall back on the datasets' ids
-            logger.warning("cannot read the manifest %s: %s", redact_uri(manifest_uri), e)
+            detail = redact_text(str(e), storage_options=outputs.input_options, uris=[manifest_uri])
+            logger.warning("cannot read the manifest %s: %s", redact_uri(manifest_uri), detail)
     if not ids:
         population_source = "datasets"
         found: set[str] = set()
@@ -460,7 +463,8 @@ def make_card(
         try:
             img = read_image(uri, storage_options)
         except Exception as e:  # noqa: BLE001 - shown on the card
-            card.problem = f"image not readable: {getattr(e, 'message', None) or f'{type(e).__name__}: {e}'}"
+            detail = getattr(e, "message", None) or f"{type(e).__name__}: {e}"
+            card.problem = f"image not readable: {redact_text(detail, storage_options=storage_options, uris=[uri])}"
     else:
         card.problem = "no image URI (the manifest could not be read or does not list this image)"
     size = img.size if img is not None else None
@@ -872,6 +876,7 @@ def render_cards(d: ReportData) -> str:
 # ---------------------------------------------------------------------------------------------- CLI
 def run_report_cli(args: argparse.Namespace) -> int:
     """``clipmaps report`` (arguments: :func:`clipmaps.jobs.commands.add_report_parser`); returns the exit code."""
+    so: dict = {}
     try:
         so = parse_storage_options(args.storage_option)
         dest = build_report(
@@ -884,7 +889,8 @@ def run_report_cli(args: argparse.Namespace) -> int:
             progress=print,
         )
     except (ReportError, OSError, ValueError) as e:
-        print(f"clipmaps report: error: {e}", file=sys.stderr)
+        uris = [args.output_uri, args.output]
+        print(f"clipmaps report: error: {redact_text(str(e), storage_options=so, uris=uris)}", file=sys.stderr)
         return 2
     page = join_uri(dest, "index.html")
     fs, _ = filesystem(dest, so)
