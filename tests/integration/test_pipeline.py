@@ -10,6 +10,7 @@ import pyarrow.dataset as pads
 import pytest
 
 from clipmaps.jobs.demo import write_scenes
+from clipmaps.pipeline.fingerprint import params_hash
 from clipmaps.pipeline.run import run
 from clipmaps.pipeline.spec import load_spec
 from clipmaps.schemas.datasets import ERRORS, HEATMAPS, LABELS
@@ -94,7 +95,8 @@ def test_outputs_follow_the_schemas_and_decode(finished_job):
     assert regions.schema.field("embedding").type == pa.list_(pa.float32(), 32)
     emb = np.stack(regions.column("embedding").to_numpy(zero_copy_only=False))
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
-    assert set(regions.column("params_hash").to_pylist()) == {spec.method_params_hash("maskinversion")}
+    expected = params_hash(spec, "maskinversion", manifest_has_prompts=True)
+    assert set(regions.column("params_hash").to_pylist()) == {expected}
     assert set(labels.column("weights").to_pylist()) == {"random:seed=0"}
     vocab = _read(out, "vocabulary").to_pylist()
     assert {v["vocabulary_id"] for v in vocab} >= set(labels.column("vocabulary_id").to_pylist())
