@@ -21,8 +21,9 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from clipmaps.pipeline.sources import ManifestError, compress_rle_counts, manifest_from_rows
+from clipmaps.pipeline.sources import compress_rle_counts, manifest_from_rows
 from clipmaps.schemas.datasets import MANIFEST
+from clipmaps.schemas.errors import ManifestError
 from clipmaps.schemas.storage import filesystem, join_uri, redact_text, redact_uri
 
 log = logging.getLogger(__name__)

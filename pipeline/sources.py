@@ -4,7 +4,7 @@ A manifest has one row per image: ``image_id``, ``image_uri`` (required), ``mask
 ``prompts`` (list of strings), both optional (see :mod:`clipmaps.schemas.datasets`). Reading happens on the driver
 and never lists object-store prefixes; the Ray dataset is built from the returned table.
 
-* :func:`read_manifest_table` reads and conforms types. It raises :class:`ManifestError` (a ``ValueError``) for
+* :func:`read_manifest_table` reads and conforms types. It raises ``clipmaps.schemas.errors.ManifestError`` (exit 2) for
   what makes the whole manifest unusable: unreadable file, unknown format, missing required columns, no rows,
   values of the wrong type (naming the line). It does not drop rows.
 * :func:`validate_manifest` splits the rows that cannot be processed into error records (stage ``"manifest"``):
@@ -36,6 +36,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from clipmaps.schemas.datasets import MANIFEST, MANIFEST_REQUIRED
+from clipmaps.schemas.errors import ManifestError
 from clipmaps.schemas.storage import (
     DEFAULT_ALLOWED_SCHEMES,
     filesystem,
@@ -57,10 +58,6 @@ _CSV_EXT = (".csv",)
 _COMPRESSION_EXT = (".gz", ".bz2", ".xz", ".zst")
 _CHUNK_ROWS = 65_536
 _MASK_FIELDS = ("rle", "uri", "polygon")
-
-
-class ManifestError(ValueError):
-    """The manifest as a whole cannot be used (the message says why; the CLI prints it)."""
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -558,7 +555,6 @@ def manifest_from_rows(rows: Iterable[dict]) -> pa.Table:
 
 __all__ = [
     "MANIFEST_READ",
-    "ManifestError",
     "compress_rle_counts",
     "iter_table_batches",
     "manifest_from_rows",

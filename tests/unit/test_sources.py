@@ -18,13 +18,13 @@ from clipmaps.jobs.commands import add_manifest_parser
 from clipmaps.jobs.manifest import from_coco, from_folder, from_sa1b, write_manifest
 from clipmaps.pipeline.sources import (
     MANIFEST_READ,
-    ManifestError,
     iter_table_batches,
     read_manifest_table,
     validate_manifest,
 )
 from clipmaps.schemas.datasets import ERRORS, MANIFEST
 from clipmaps.schemas.encodings import rle_decode, rle_encode
+from clipmaps.schemas.errors import ManifestError
 from tests.helpers.data_images import coco_instances, png_mask, sa1b_file
 
 SOLID = np.zeros((6, 8), bool)
