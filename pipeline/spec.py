@@ -183,13 +183,8 @@ class VocabularySpec(Section):
         if self.names is not None:
             problems += _name_problems(self.names, "names")
         if self.preset is not None and self.preset not in PRESETS:
-            problems.append(
-                (
-                    ("preset",),
-                    f"unknown preset {self.preset!r}{_suggest(self.preset, list(PRESETS))}; "
-                    f"presets: {', '.join(PRESETS)}",
-                )
-            )
+            hint = _suggest(self.preset, list(PRESETS))
+            problems.append((("preset",), f"unknown preset {self.preset!r}{hint}; presets: {', '.join(PRESETS)}"))
         if self.background:
             problems += _name_problems(self.background, "background")
             if self.file is None and not problems:
@@ -336,74 +331,45 @@ class JobSpec(Section):
 
     def _problems(self) -> list[tuple[tuple[str, ...], str]]:
         problems: list[tuple[tuple[str, ...], str]] = []
+
+        def add(path: str, reason: str) -> None:
+            problems.append((_path(path), reason))
+
         model = self.model
         try:
             info = model.info
         except UnknownModel as e:
-            problems.append((("model", "name"), str(e)))
+            add("model.name", str(e))
             info = None
         for m in self.enabled_methods():
-            s, where = self.method(m), ("methods", m)
+            s, gpus = self.method(m), self.method(m).resources.num_gpus
             if info is not None:
-                problems += [((*where, *_path(f)), r) for f, r in REGISTRY[m].model_problems(s, info)]
+                problems += [(_path(f"methods.{m}", f), r) for f, r in REGISTRY[m].model_problems(s, info)]
             if s.labels and self.vocabulary is None:
-                problems.append(
-                    (
-                        ("vocabulary",),
-                        f"required by methods.{m}.labels (segmentation needs class "
-                        "names): set vocabulary.names, .preset or .file",
-                    )
-                )
+                add("vocabulary", f"required by methods.{m}.labels (segmentation needs class names): set "
+                    "vocabulary.names, .preset or .file")  # fmt: skip
             if s.heatmaps and getattr(s, "prompts", None) == "vocabulary" and self.vocabulary is None:
-                problems.append((("vocabulary",), f"required by methods.{m}.prompts: vocabulary"))
-            gpus = s.resources.num_gpus
+                add("vocabulary", f"required by methods.{m}.prompts: vocabulary")
             if model.device == "cuda" and gpus == 0:
-                problems.append(
-                    (
-                        (*where, "resources", "num_gpus"),
-                        "is 0 but model.device is 'cuda': Ray hides "
-                        "GPUs from actors that reserve none (set num_gpus > 0, or device: auto)",
-                    )
-                )
+                add(f"methods.{m}.resources.num_gpus", "is 0 but model.device is 'cuda': Ray hides GPUs from actors "
+                    "that reserve none (set num_gpus > 0, or device: auto)")  # fmt: skip
             if model.device == "cpu" and gpus > 0:
-                problems.append(
-                    (
-                        ("model", "device"),
-                        f"is 'cpu' but methods.{m}.resources.num_gpus reserves "
-                        f"{gpus:g} GPU(s) (set device: auto, or num_gpus: 0)",
-                    )
-                )
+                add("model.device", f"is 'cpu' but methods.{m}.resources.num_gpus reserves {gpus:g} GPU(s) (set "
+                    "device: auto, or num_gpus: 0)")  # fmt: skip
             if model.precision == "bf16" and gpus == 0:
-                problems.append(
-                    ((*where, "resources", "num_gpus"), "is 0 but model.precision is bf16, which needs a GPU")
-                )
+                add(f"methods.{m}.resources.num_gpus", "is 0 but model.precision is bf16, which needs a GPU")
         square = [(m, self.method(m).size) for m in self.enabled_methods() if REGISTRY[m].square_input]
         for m, size in square[1:]:
             if size != square[0][1]:
-                problems.append(
-                    (
-                        ("methods", m, "size"),
-                        f"{size} differs from methods.{square[0][0]}.size "
-                        f"({square[0][1]}): GEM, LeGrad and MaskInversion share one square input",
-                    )
-                )
+                add(f"methods.{m}.size", f"{size} differs from methods.{square[0][0]}.size ({square[0][1]}): GEM, "
+                    "LeGrad and MaskInversion share one square input")  # fmt: skip
         if self.output.write_expl_maps and self.methods.maskinversion is None:
-            problems.append(
-                (
-                    ("output", "write_expl_maps"),
-                    "only MaskInversion writes explainability maps, and methods.maskinversion is not set",
-                )
-            )
+            add("output.write_expl_maps", "only MaskInversion writes explainability maps, and methods.maskinversion "
+                "is not set")  # fmt: skip
         out, manifest = self.output.uri, self.input.manifest
         if is_inside(out, manifest) or is_inside(manifest, out):
-            problems.append(
-                (
-                    ("output", "uri"),
-                    f"{redact_uri(out)!r} and the input manifest "
-                    f"{redact_uri(manifest)!r} overlap; writing there (or overwrite) could clobber the "
-                    "input",
-                )
-            )
+            add("output.uri", f"{redact_uri(out)!r} and the input manifest {redact_uri(manifest)!r} overlap; writing "
+                "there (or overwrite) could clobber the input")  # fmt: skip
         return problems
 
     # ------------------------------------------------------------------ what runs
@@ -453,14 +419,11 @@ class JobSpec(Section):
             SpecError: MaskInversion without masks, heatmaps without prompts; every problem at once."""
         problems: list[tuple[tuple[str, ...], str]] = []
         if self.requires_masks and not has_masks:
-            problems.append(
-                (
-                    ("methods", "maskinversion"),
-                    f"needs region masks, but the manifest "
-                    f"{redact_uri(self.input.manifest)!r} has no 'masks' column (give a manifest with masks, "
-                    "or remove methods.maskinversion)",
-                )
+            shown = redact_uri(self.input.manifest)
+            reason = (
+                f"needs region masks, but the manifest {shown!r} has no 'masks' column (give a manifest with masks, "
             )
+            problems.append((_path("methods.maskinversion"), reason + "or remove methods.maskinversion)"))
         for m in self.enabled_methods():
             if self.method(m).heatmaps:
                 try:
