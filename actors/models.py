@@ -17,6 +17,9 @@ import open_clip
 import torch
 from torch import nn
 
+from clipmaps.schemas.errors import ConfigError
+from clipmaps.schemas.storage import redact_text, redact_uri
+
 from .registry import BUNDLED_WEIGHTS, bundled_weights
 
 logger = logging.getLogger(__name__)
@@ -118,8 +121,8 @@ def load_model(
         source = f"random:seed={seed}"
         if weights is not None:
             state = read_state_dict(weights, storage_options=storage_options, sha256=weights_sha256)
-            _load_strict(model, state, weights)
-            source = weights
+            source = redact_uri(weights)  # recorded in outputs and logs: never with credentials
+            _load_strict(model, state, source)
         model = model.to(device)
     model.eval()
     for p in model.parameters():
@@ -137,22 +140,32 @@ def read_state_dict(
     verified against ``sha256`` or a ``<uri>.sha256`` sidecar); a local path is read in place (and verified the
     same way when a digest is known). ``*.safetensors`` files are parsed by safetensors; anything else goes through
     ``torch.load`` with ``weights_only=True`` (no pickled code runs). A ``{"state_dict": …}`` wrapper is unwrapped.
+
+    Raises:
+        ConfigError: the bytes are neither safetensors nor a plain state dict (the message names the URI, redacted).
     """
     from safetensors.torch import load as load_safetensors
 
     from .weights_cache import cached_weights
 
+    shown = redact_uri(uri)
     data = cached_weights(uri, sha256=sha256, storage_options=storage_options).read_bytes()
-    if uri.endswith(".safetensors"):
+    if uri.split("?", 1)[0].endswith(".safetensors"):  # a presigned URL ends in its query
         return load_safetensors(data)
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # the unpickler refuses anything but tensors and plain containers
-        raise ValueError(f"cannot read weights from {uri}: not a safetensors file or a plain state dict ({e})") from e
+        reason = redact_text(str(e), storage_options=storage_options, uris=[uri])[:300]
+        raise ConfigError(
+            f"model.weights: cannot read {shown}: not a safetensors file or a plain state dict ({reason})",
+            stage="model",
+        ) from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
-        raise ValueError(f"weights at {uri} hold a {type(state).__name__}, expected a state dict")
+        raise ConfigError(
+            f"model.weights: {shown} holds a {type(state).__name__}, expected a state dict", stage="model"
+        )
     return state
 
 
@@ -161,11 +174,14 @@ def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], uri: str) -> 
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shape mismatches
-        raise ValueError(f"weights at {uri} do not fit the architecture: {str(e)[:500]}") from e
+        raise ConfigError(
+            f"model.weights: {uri} does not fit the architecture: {str(e)[:500]}", stage="model"
+        ) from None
     if result.missing_keys or result.unexpected_keys:
-        raise ValueError(
-            f"weights at {uri} do not fit the architecture: missing {result.missing_keys[:5]}, "
-            f"unexpected {result.unexpected_keys[:5]} (is the model name right?)"
+        raise ConfigError(
+            f"model.weights: {uri} does not fit the architecture: missing {result.missing_keys[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]} (is model.name right?)",
+            stage="model",
         )
 
 

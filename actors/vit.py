@@ -92,7 +92,7 @@ class VisionTower:
         if height % p or width % p:
             raise ValueError(
                 f"image size {height}x{width} is not a multiple of the patch size {p}; "
-                "resize or pad the input (the preprocessing in clipmaps.actors.preprocess does this)"
+                "resize or pad the input (clipmaps.pipeline.decode.preprocess does this)"
             )
         return height // p, width // p
 

@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 from clipmaps.schemas import batches as cols
 from clipmaps.schemas import storage
 from clipmaps.schemas.datasets import ERRORS, VOCABULARY
-from clipmaps.schemas.errors import ConfigError, JobFailed
+from clipmaps.schemas.errors import ConfigError, JobFailed, error_record
 from clipmaps.schemas.storage import filesystem, write_table
 
 from . import resume
@@ -325,7 +325,8 @@ def _failed(
         return error
     config = _config_error(error)
     if config is not None:  # re-running cannot fix a configuration error: say what to change instead
-        return type(config)(f"{config.message} ({len(complete)} of {len(plan.shard_sizes)} shards complete and kept)")
+        message = storage.redact_text(config.message, storage_options=_options(plan.spec), uris=_uris(plan.spec))
+        return ConfigError(f"{message} ({len(complete)} of {len(plan.shard_sizes)} shards complete and kept)")
     total = len(plan.shard_sizes)
     return JobFailed(
         f"the job stopped: {reason}. {len(complete)} of {total} shards are complete and kept; re-run the same "
@@ -333,15 +334,23 @@ def _failed(
     )
 
 
+_CONFIG_ERROR_LINE = re.compile(r"(?:clipmaps\.schemas\.errors\.)?(ConfigError|SpecError|ManifestError): (.+)")
+
+
 def _config_error(error: BaseException) -> ConfigError | None:
-    """The :class:`ConfigError` behind ``error`` (raised in a worker, e.g. an actor's weights that do not fit the
-    architecture), following causes and Ray's ``RayTaskError.cause``; None if there is none."""
+    """The :class:`ConfigError` behind ``error`` (raised in a worker, e.g. by an actor whose weights do not fit the
+    architecture), following causes and Ray's ``RayTaskError.cause``; None if there is none. An actor that dies in
+    its constructor reaches the driver as an ``ActorDiedError`` that keeps only the text of the worker's exception,
+    so its last ``ConfigError: …`` line is read back from that text."""
     seen: set[int] = set()
     e: BaseException | None = error
     while e is not None and id(e) not in seen:
         seen.add(id(e))
         if isinstance(e, ConfigError):
             return e
+        found = _CONFIG_ERROR_LINE.findall(_ANSI.sub("", str(e)))
+        if found:
+            return ConfigError(found[-1][1].strip(), stage="model")
         cause = getattr(e, "cause", None)  # ray.exceptions.RayTaskError keeps the worker's exception here
         e = cause if isinstance(cause, BaseException) else (e.__cause__ or e.__context__)
     return None
@@ -358,10 +367,16 @@ def _error_text(error: BaseException, spec: JobSpec) -> str:
         if line and not any(line in c for c in causes):
             causes.append(line)
         e = e.__cause__ or e.__context__
-    uris = (spec.input.manifest, spec.output.uri, spec.model.weights, spec.vocabulary.file if spec.vocabulary else None)
-    options = (spec.input.storage_options, spec.output.storage_options, spec.model.storage_options)
     # redacted before cutting: a secret cut in two would no longer match
-    return storage.redact_text(" <- ".join(causes), storage_options=options, uris=uris)[:1500]
+    return storage.redact_text(" <- ".join(causes), storage_options=_options(spec), uris=_uris(spec))[:1500]
+
+
+def _uris(spec: JobSpec) -> tuple:
+    return (spec.input.manifest, spec.output.uri, spec.model.weights, spec.vocabulary.file if spec.vocabulary else None)
+
+
+def _options(spec: JobSpec) -> tuple:
+    return (spec.input.storage_options, spec.output.storage_options, spec.model.storage_options)
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -416,12 +431,12 @@ def _failed_images(fs, root: str) -> int:
 
 
 def _refused_row(r: dict) -> dict:
-    return {
-        "image_id": r.get("image_id"),
-        "uri": r.get("uri"),
-        "method": None,
-        "region_id": None,
-        "stage": r.get("stage", "manifest"),
-        "error_type": r.get("error_type", "Error"),
-        "message": r.get("message", ""),
-    }
+    """A manifest-stage refusal (``sources.validate_manifest``) as an ``errors/`` row, its mask's region id kept."""
+    return error_record(
+        image_id=r.get("image_id"),
+        uri=r.get("uri"),
+        region_id=r.get("region_id"),
+        stage=r.get("stage", "manifest"),
+        error_type=r.get("error_type"),
+        message=r.get("message"),
+    )

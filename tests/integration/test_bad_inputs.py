@@ -1,4 +1,4 @@
-"""The bad-input matrix: 30 kinds of broken or odd input, all through ONE real pipeline run (local Ray, GEM and
+"""The bad-input matrix: 31 kinds of broken or odd input, all through ONE real pipeline run (local Ray, GEM and
 MaskInversion), each with its expected outcome — processed correctly, or an error row that names the stage and the
 reason — and no input silently dropped. Then the CLI: an empty manifest, a manifest without its required columns,
 ``run.max_error_fraction`` on both sides, and a changed spec refused unless ``--overwrite``.
@@ -136,7 +136,7 @@ def build_cases(folder: Path) -> list[Case]:
     os.chmod(locked, 0)
     fails("permission_denied", locked, "read", "PermissionError",
           skip="running as root: chmod 000 does not deny root's reads (directory_not_file covers an unreadable "
-               "path, tests/test_decode.py the PermissionError mapping)" if IS_ROOT else None)  # fmt: skip
+               "path, tests/unit/test_decode.py the PermissionError mapping)" if IS_ROOT else None)  # fmt: skip
     fails("decompression_bomb", png_claiming_size(folder / "bomb.png", 12_000, 12_000), "decode", "DecompressionBomb")
 
     # masks that must fail while the image is processed
@@ -162,6 +162,15 @@ def build_cases(folder: Path) -> list[Case]:
     c = Case("unsupported_scheme", "error", stage="manifest", error_type="UnsupportedScheme")
     c.rows = [_row(c, "http://127.0.0.1:9/remote.jpg", [box])]
     cases.append(c)
+    c = Case("mask_scheme_refused", "error", stage="manifest", error_type="UnsupportedScheme", region_id="remote")
+    c.rows = [
+        _row(
+            c,
+            save(marked_rgb(w, h), folder / "remote-mask.png"),
+            [{"region_id": "remote", "uri": "http://127.0.0.1:9/m.png"}],
+        )
+    ]
+    cases.append(c)
     return cases
 
 
@@ -171,6 +180,7 @@ CASE_NAMES = [
     "truncated_jpeg", "zero_byte_file", "not_an_image", "missing_file", "directory_not_file", "permission_denied",
     "decompression_bomb", "mask_wrong_size", "mask_empty", "mask_uri_missing", "malformed_rle",
     "only_mask_malformed", "duplicate_image_id", "missing_image_uri", "missing_image_id", "unsupported_scheme",
+    "mask_scheme_refused",
 ]  # fmt: skip
 
 
@@ -230,7 +240,7 @@ def test_case_outcome(matrix, name):
     regions = _rows(t["regions"], image_id=image_id)
     found = sorted((e["stage"], e["error_type"], e["region_id"]) for e in errors)
     if case.outcome == "error":
-        assert [(e["stage"], e["error_type"]) for e in errors] == [(case.stage, case.error_type)], found
+        assert found == [(case.stage, case.error_type, case.region_id)], found  # a refused mask keeps its id
         assert errors[0]["message"] and not labels and not heatmaps and not regions
         return
     # processed: one label map of the expected size, one heatmap (one prompt), the regions

@@ -79,10 +79,12 @@ def _scenes(folder: Path, count: int, put=None, prefix: str = "") -> list[dict]:
 # ------------------------------------------------------------------------------------------------ weights
 def test_pickled_weights_are_refused_through_the_pipeline(tmp_path):
     """A ``.pt`` whose unpickling would run a command: the pool actor refuses it (``weights_only=True``), the run
-    stops with a clear error naming the file, ``_job.json`` says ``failed``, and the command never ran."""
+    stops with a configuration error naming the file (exit 2: a re-run cannot help, so none is advised),
+    ``_job.json`` says ``failed``, and the command never ran."""
     import ray
 
-    from clipmaps.pipeline.run import JobFailed, run
+    from clipmaps.pipeline.run import run
+    from clipmaps.schemas.errors import ConfigError
 
     ran = tmp_path / "payload-ran"
     weights = tmp_path / "evil.pt"
@@ -94,11 +96,11 @@ def test_pickled_weights_are_refused_through_the_pipeline(tmp_path):
     spec = load_spec(JOB_SPEC, overrides=_sets(manifest, out, "model.seed=null", f"model.weights={weights}"))
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
-        with pytest.raises(JobFailed, match="not a safetensors file or a plain state dict") as info:
+        with pytest.raises(ConfigError, match="not a safetensors file or a plain state dict") as info:
             run(spec)
     finally:
         ray.shutdown()
-    assert "evil.pt" in str(info.value) and "re-run" in str(info.value)
+    assert "evil.pt" in str(info.value) and "re-run" not in str(info.value) and info.value.exit_code == 2
     assert not ran.exists(), "the pickled payload ran"
     job = json.loads((out / "_job.json").read_text())
     assert job["status"] == "failed" and "weights" in job["attempts"][0]["error"].lower()

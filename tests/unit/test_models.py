@@ -48,7 +48,7 @@ def test_pickled_code_is_refused(tmp_path):
 
 def test_wrong_architecture_is_named(tmp_path, tiny_rn):
     path = save_weights(tiny_rn.model, tmp_path / "rn.safetensors")
-    with pytest.raises(ValueError, match="do not fit the architecture"):
+    with pytest.raises(ValueError, match="does not fit the architecture"):
         load_model("clipmaps-tiny-vit", weights=str(path))
 
 
