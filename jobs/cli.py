@@ -115,6 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
+    from clipmaps.schemas.storage import RedactingFilter
+
+    for handler in logging.getLogger().handlers:  # one redaction rule wherever text leaves the process
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())
     return args.func(args)
 
 

@@ -270,12 +270,12 @@ def build_dataset(plan: Plan, table: pa.Table | None = None, *, blocks: int = 0)
 
     from .decode import DecodeConfig, decode_batch
     from .sinks import Provenance, SinkConfig, sink_batch
+    from .sources import iter_table_batches
 
     spec = plan.spec
     table = plan.manifest if table is None else table
     n_blocks = blocks or max(1, min(table.num_rows, 200))
-    step = max(1, -(-table.num_rows // n_blocks))
-    ds = ray.data.from_arrow([table.slice(i, step) for i in range(0, table.num_rows, step)])
+    ds = ray.data.from_arrow(iter_table_batches(table, max(1, -(-table.num_rows // n_blocks))))
 
     square = [m for m in plan.methods if REGISTRY[m].square_input]
     decode_cfg = DecodeConfig(

@@ -17,6 +17,7 @@ Imports only the standard library, fsspec and pyarrow: the driver, the workers a
 
 from __future__ import annotations
 
+import logging
 import os
 import posixpath
 import re
@@ -270,6 +271,20 @@ def redact_text(
     text = _URI_IN_TEXT.sub(lambda m: redact_uri(m.group()), text)
     text = _PAIR_IN_TEXT.sub(_hide_pair, text)
     return _QUOTED_PAIR.sub(_hide_quoted_pair, text)
+
+
+class RedactingFilter(logging.Filter):
+    """A logging filter that passes every record's text through :func:`redact_text`, so that libraries that log
+    URLs (fsspec's HTTP filesystem at DEBUG, botocore) cannot leak presigned signatures or credentials. The CLI
+    installs it on its log handlers; ``logging.getLogger().handlers[0].addFilter(RedactingFilter())`` does the
+    same in a program of one's own."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        clean = redact_text(text)
+        if clean != text:
+            record.msg, record.args = clean, None
+        return True
 
 
 def _hide_pair(m: re.Match) -> str:

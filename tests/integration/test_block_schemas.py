@@ -108,3 +108,39 @@ def test_blocks_with_and_without_failed_rows_merge(ray_local, method, options, b
     assert len(rows) == sum(map(len, blocks))
     errors = {r[cols.IMAGE_ID]: r[cols.ERROR_STAGE] for r in rows}
     assert sum(isinstance(v, str) for v in errors.values()) == sum(map(sum, blocks))
+
+
+def test_decoded_blocks_with_and_without_failures_concatenate(ray_local, tmp_path):
+    """The decode stage's side of the same guard: all-good, mixed and all-failed blocks of decoded rows (conformed
+    to ``schemas.batches.COLUMNS``) concatenate in Ray Data."""
+    from clipmaps.pipeline.decode import DecodeConfig, DecodeStage
+    from clipmaps.pipeline.decode.preprocess import METHOD_PREPROCESS
+    from clipmaps.pipeline.sources import iter_table_batches, manifest_from_rows
+    from clipmaps.schemas.encodings import rle_encode
+    from tests.helpers.data_images import marked_rgb, save
+
+    good = save(marked_rgb(30, 20), tmp_path / "g.png")
+    m = np.zeros((20, 30), bool)
+    m[2:5, 3:9] = True
+    uris = [good, good, good, str(tmp_path / "x.png"), str(tmp_path / "y.png"), str(tmp_path / "z.png")]
+    rows = [
+        {"image_id": str(i), "image_uri": u, "masks": [{"region_id": "0", "rle": rle_encode(m)}] if i == 0 else None}
+        for i, u in enumerate(uris)
+    ]
+    config = DecodeConfig(square_size=32, maskclip=METHOD_PREPROCESS["maskclip"], need_masks=True)
+    ds = ray_local.data.from_arrow(iter_table_batches(manifest_from_rows(rows), 2)).map_batches(
+        DecodeStage, fn_constructor_kwargs={"config": config}, batch_format="numpy", batch_size=2, concurrency=1
+    )
+
+    def summary(b):
+        return {
+            "id": b[cols.IMAGE_ID],
+            "failed": cols.failed_rows(b),
+            "px": np.array([str(x.shape) for x in b[cols.PIXELS_SQUARE]]),
+            "masks": np.array([len(x) if cols.present(x) else 0 for x in b[cols.MASK_IDS]]),
+        }
+
+    out = sorted(ds.map_batches(summary, batch_size=6, batch_format="numpy").take_all(), key=lambda r: r["id"])
+    assert [r["failed"] for r in out] == [False] * 3 + [True] * 3
+    assert [r["px"] for r in out] == [str((3, 32, 32))] * 3 + ["(3, 0, 0)"] * 3
+    assert [r["masks"] for r in out] == [1, 0, 0, 0, 0, 0]

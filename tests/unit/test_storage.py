@@ -239,3 +239,19 @@ def test_atomic_writes_local_and_memory(tmp_path):
     assert mem.cat_file("/clipmaps-storage-test/b.bin") == b"x"
     s3, path = filesystem("s3://bucket/k", {"anon": True})
     assert atomic_put(s3) and path == "bucket/k"
+
+
+def test_log_records_pass_the_redaction_rule(caplog):
+    """A library that logs a presigned URL (fsspec's HTTP filesystem at DEBUG does) cannot leak it through the CLI's
+    handlers."""
+    import logging
+
+    from clipmaps.schemas.storage import RedactingFilter
+
+    log = logging.getLogger("fsspec.http.test")
+    caplog.handler.addFilter(RedactingFilter())
+    with caplog.at_level(logging.DEBUG, logger="fsspec.http.test"):
+        log.debug("GET %s", PRESIGNED)
+        log.debug("plain %s", "https://example.com/a.png")
+    assert SIG not in caplog.text and "X-Amz-Signature=***" in caplog.text
+    assert "plain https://example.com/a.png" in caplog.text
