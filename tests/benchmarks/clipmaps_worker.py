@@ -36,7 +36,8 @@ import bench_inputs as bi  # noqa: E402
 from clipmaps.actors.methods.gem import GEM  # noqa: E402
 from clipmaps.actors.methods.legrad import LeGrad  # noqa: E402
 from clipmaps.actors.methods.maskclip import MaskCLIP  # noqa: E402
-from clipmaps.actors.methods.maskinversion import MaskInversion, MaskInversionParams  # noqa: E402
+from clipmaps.actors.methods.maskinversion import MaskInversion  # noqa: E402
+from clipmaps.actors.params import MaskInversionParams  # noqa: E402
 from clipmaps.actors.text import ENSEMBLE_85, RAW_TEMPLATE, TextEncoder  # noqa: E402
 
 
