@@ -88,6 +88,13 @@ class MethodEntry:
         square_input: takes the shared ``size × size`` input (else MaskCLIP's keep-ratio input).
         encodes_text: encodes class names or prompts (so its outputs carry a vocabulary id).
         predictor: ``"module:Class"`` of its predictor, imported by the actor only.
+        default_templates: the template set a text method encodes with when neither it nor the vocabulary names one
+            (its upstream prompt).
+        region_outputs: writes region embeddings (``regions/``) rather than label maps and heatmaps.
+        baseline: the output name of the unmodified model's maps, written beside the method's own when its settings
+            set ``original`` (GEM's upstream ``return_ori``).
+        output_options: the ``output.*`` fields its rows depend on (fingerprinted with it); heatmap methods add
+            the heatmap encoding and size while they write heatmaps.
         default_resources: the pool a method section gets when it names none.
         parent: for an output produced inside another method's pass (GEM's baseline), that method.
     """
@@ -104,6 +111,10 @@ class MethodEntry:
     square_input: bool
     encodes_text: bool
     predictor: str | None
+    default_templates: str | None = None
+    region_outputs: bool = False
+    baseline: str | None = None
+    output_options: tuple[str, ...] = ()
     default_resources: PoolSpec = field(default_factory=PoolSpec)
     parent: str | None = None
 
@@ -112,7 +123,7 @@ class MethodEntry:
     def output_kinds(self, settings: Any, *, vocabulary: bool, write_expl_maps: bool) -> tuple[str, ...]:
         """The in-flight output kinds (``schemas.batches`` names: ``labels``, ``heatmaps``…) the method writes
         with these settings; the actor emits ``col(name, kind)`` for each, on every batch."""
-        if self.name == "maskinversion":
+        if self.region_outputs:
             return (cols.EMBEDDINGS, cols.LOSS) + ((cols.EXPL_MAPS,) if write_expl_maps else ())
         kinds: tuple[str, ...] = ()
         if settings.labels and vocabulary:
@@ -122,11 +133,16 @@ class MethodEntry:
         return kinds
 
     def outputs(self, settings: Any) -> tuple[str, ...]:
-        """Output names (the ``method`` column values) one enabled section produces: its own, plus GEM's baseline
-        when ``original`` is set."""
-        if self.name == "gem" and settings.original:
-            return (self.name, ORIGINAL_GEM)
+        """Output names (the ``method`` column values) one enabled section produces: its own, plus its baseline's
+        when its settings set ``original``."""
+        if self.baseline is not None and settings.original:
+            return (self.name, self.baseline)
         return (self.name,)
+
+    def output_fields(self, settings: Any) -> tuple[str, ...]:
+        """The ``output.*`` fields this method's rows depend on with these settings (fingerprinted with it)."""
+        heatmap = ("heatmap_encoding", "heatmap_size") if settings.heatmaps else ()
+        return heatmap + self.output_options
 
     # ------------------------------------------------------------------ preprocessing as data
 
@@ -179,6 +195,7 @@ REGISTRY: dict[str, MethodEntry] = {
             square_input=False,
             encodes_text=True,
             predictor="clipmaps.actors.predictors:MaskCLIPPredictor",
+            default_templates="ensemble85",
         ),
         MethodEntry(
             name="gem",
@@ -193,6 +210,8 @@ REGISTRY: dict[str, MethodEntry] = {
             square_input=True,
             encodes_text=True,
             predictor="clipmaps.actors.predictors:GEMPredictor",
+            default_templates="photo",
+            baseline=ORIGINAL_GEM,
         ),
         MethodEntry(
             name="legrad",
@@ -208,6 +227,7 @@ REGISTRY: dict[str, MethodEntry] = {
             square_input=True,
             encodes_text=True,
             predictor="clipmaps.actors.predictors:LeGradPredictor",
+            default_templates="raw",
         ),
         MethodEntry(
             name="maskinversion",
@@ -223,6 +243,8 @@ REGISTRY: dict[str, MethodEntry] = {
             square_input=True,
             encodes_text=False,
             predictor="clipmaps.actors.predictors:MaskInversionPredictor",
+            region_outputs=True,
+            output_options=("write_expl_maps",),
         ),
         MethodEntry(
             name=ORIGINAL_GEM,

@@ -70,16 +70,14 @@ def method_fingerprint(
     if settings.heatmaps:
         source = spec.prompt_source(method, manifest_has_prompts=manifest_has_prompts)
         out["prompt_source"] = source
-        out["heatmap_encoding"] = spec.output.heatmap_encoding
-        out["heatmap_size"] = list(spec.output.heatmap_size) if spec.output.heatmap_size else None
+    output = spec.output.model_dump(mode="json")
+    out.update({name: output[name] for name in e.output_fields(settings)})
     if e.encodes_text:
         templates = spec.templates(method)
         out["templates"] = templates if isinstance(templates, str) else list(templates)
         if spec.vocabulary is not None and (settings.labels or source == "vocabulary"):
             out["vocabulary_id"] = spec.vocabulary_id(method, class_names)
             out["threshold"] = spec.vocabulary.threshold if settings.labels else None
-    if method == "maskinversion":
-        out["write_expl_maps"] = spec.output.write_expl_maps
     return out
 
 

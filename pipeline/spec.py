@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
 
 from clipmaps.actors.params import Bool, Int, ModelSpec, PoolSpec, Problems, Section, Str, check, template_problems
 from clipmaps.actors.registry import METHODS, REGISTRY, UnknownModel
@@ -66,8 +66,6 @@ __all__ = [
 ]
 
 _SCHEME_NAME = re.compile(r"^[a-z][a-z0-9+.-]*$")
-#: The template set a method falls back to when its ``templates`` is null and there is no vocabulary.
-_FALLBACK_TEMPLATES = {"gem": "photo", "legrad": "raw", "maskclip": "ensemble85"}
 
 
 def _path(*parts: str) -> tuple[str, ...]:
@@ -235,39 +233,36 @@ def _overlap(names: Sequence[str], background: Sequence[str]) -> list[tuple[tupl
     return [(("background",), f"{both[0]!r} is both a class name and a background name")] if both else []
 
 
-def _method_field(name: str):
-    settings = REGISTRY[name].settings
-    return Annotated[settings | None, Field(None, description=settings.__doc__.split("\n", 1)[0])]
-
-
-class MethodsSpec(Section):
+class _Methods(Section):
     """Which methods run (an absent key does not run; ``{}`` runs one with its defaults). At least one.
 
-    Each value is the method's settings class from ``clipmaps.actors.params`` (via the registry)."""
-
-    maskclip: _method_field("maskclip")
-    gem: _method_field("gem")
-    legrad: _method_field("legrad")
-    maskinversion: _method_field("maskinversion")
+    One optional field per method of the registry (``clipmaps.actors.registry.METHODS``), typed by its settings
+    class, so a new method needs no change here."""
 
     @model_validator(mode="before")
     @classmethod
     def _no_nulls(cls, data: Any) -> Any:
         if isinstance(data, Mapping):
-            check(
-                [
-                    ((name,), f"is empty (null): write '{name}: {{}}' to run it with its defaults, or remove the key")
-                    for name, value in data.items()
-                    if value is None and name in METHODS
-                ]
-            )
+            check([((name,), f"is empty (null): write '{name}: {{}}' to run it with its defaults, or remove the "
+                    "key") for name, value in data.items() if value is None and name in METHODS])  # fmt: skip
         return data
 
     @model_validator(mode="after")
-    def _at_least_one(self) -> MethodsSpec:
+    def _at_least_one(self) -> _Methods:
         if not any(getattr(self, m) is not None for m in METHODS):
             raise ValueError(f"at least one method is required: {', '.join(METHODS)}")
         return self
+
+
+MethodsSpec = create_model(
+    "MethodsSpec",
+    __base__=_Methods,
+    __module__=__name__,
+    **{
+        m: (REGISTRY[m].settings | None, Field(None, description=REGISTRY[m].settings.__doc__.split("\n", 1)[0]))
+        for m in METHODS
+    },
+)
 
 
 class ResourcesSpec(Section):
@@ -451,7 +446,7 @@ class JobSpec(Section):
         own = self.method(method).templates
         if own is not None:
             return own
-        return self.vocabulary.templates if self.vocabulary is not None else _FALLBACK_TEMPLATES[method]
+        return self.vocabulary.templates if self.vocabulary is not None else REGISTRY[method].default_templates
 
     def method_params(self, method: str):
         """The method module's params (``clipmaps.actors.params.<Method>Params``), templates resolved."""

@@ -115,10 +115,10 @@ class Preprocess:
         return np.clip(np.asarray(pil, dtype=np.float32), 0.0, 1.0)
 
 
-#: Defaults per method, as upstream.
-METHOD_PREPROCESS: dict[str, Preprocess] = {
-    "gem": Preprocess(size=448),
-    "legrad": Preprocess(size=448),
-    "maskinversion": Preprocess(size=448),
-    "maskclip": Preprocess(size=512, mode="short_side", mean=IMAGENET_MEAN, std=IMAGENET_STD, resample="bilinear"),
-}
+def default_preprocess(method: str) -> Preprocess:
+    """``method``'s preprocessing with its default settings, as its method registry entry describes it (upstream's
+    defaults: GEM, LeGrad, MaskInversion square 448 px; MaskCLIP short side 512, ImageNet mean/std)."""
+    from clipmaps.actors.registry import REGISTRY
+
+    entry = REGISTRY[method]
+    return Preprocess.from_params(entry.preprocess(entry.settings()))

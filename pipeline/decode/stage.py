@@ -50,8 +50,8 @@ class DecodeConfig:
 
     Attributes:
         square_size: side of ``pixels_square``/``masks_square`` (GEM, LeGrad, MaskInversion input, OpenAI
-            mean/std, bicubic, as ``preprocess.METHOD_PREPROCESS``); ``None`` when no method needs a square input.
-        maskclip: MaskCLIP's preprocessing (``preprocess.METHOD_PREPROCESS["maskclip"]``) or ``None``.
+            mean/std, bicubic, as the registry's square methods); ``None`` when no method needs a square input.
+        maskclip: MaskCLIP's preprocessing (``JobSpec.preprocess("maskclip")``) or ``None``.
         need_masks: decode the rows' region masks (MaskInversion).
         max_pixels: largest ``width × height`` accepted (checked from the header, before decoding).
         storage_options: fsspec options for ``fsspec.open`` (credentials, endpoint…); never in messages.

@@ -114,7 +114,7 @@ def test_decoded_blocks_with_and_without_failures_concatenate(ray_local, tmp_pat
     """The decode stage's side of the same guard: all-good, mixed and all-failed blocks of decoded rows (conformed
     to ``schemas.batches.COLUMNS``) concatenate in Ray Data."""
     from clipmaps.pipeline.decode import DecodeConfig, DecodeStage
-    from clipmaps.pipeline.decode.preprocess import METHOD_PREPROCESS
+    from clipmaps.pipeline.decode.preprocess import default_preprocess
     from clipmaps.pipeline.sources import iter_table_batches, manifest_from_rows
     from clipmaps.schemas.encodings import rle_encode
     from tests.helpers.data_images import marked_rgb, save
@@ -127,7 +127,7 @@ def test_decoded_blocks_with_and_without_failures_concatenate(ray_local, tmp_pat
         {"image_id": str(i), "image_uri": u, "masks": [{"region_id": "0", "rle": rle_encode(m)}] if i == 0 else None}
         for i, u in enumerate(uris)
     ]
-    config = DecodeConfig(square_size=32, maskclip=METHOD_PREPROCESS["maskclip"], need_masks=True)
+    config = DecodeConfig(square_size=32, maskclip=default_preprocess("maskclip"), need_masks=True)
     ds = ray_local.data.from_arrow(iter_table_batches(manifest_from_rows(rows), 2)).map_batches(
         DecodeStage, fn_constructor_kwargs={"config": config}, batch_format="numpy", batch_size=2, concurrency=1
     )

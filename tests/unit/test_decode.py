@@ -21,7 +21,7 @@ from clipmaps.pipeline.decode import (
     output_columns,
     to_rgb,
 )
-from clipmaps.pipeline.decode.preprocess import METHOD_PREPROCESS, OPENAI_MEAN, OPENAI_STD, Preprocess
+from clipmaps.pipeline.decode.preprocess import OPENAI_MEAN, OPENAI_STD, Preprocess, default_preprocess
 from clipmaps.schemas import batches as B
 from clipmaps.schemas.datasets import MANIFEST
 from clipmaps.schemas.encodings import rle_encode
@@ -131,7 +131,7 @@ def test_jpeg_and_png_shapes_dtypes_and_columns(tmp_path):
 
 def test_square_none_and_maskclip_default(tmp_path):
     p = save(marked_rgb(600, 400), tmp_path / "a.png")
-    out = decode_batch(batch(p), cfg(square_size=None, maskclip=METHOD_PREPROCESS["maskclip"]))
+    out = decode_batch(batch(p), cfg(square_size=None, maskclip=default_preprocess("maskclip")))
     r = row(out, 0)
     assert B.PIXELS_SQUARE not in r and r[B.PIXELS_MASKCLIP].shape == (3, 512, 768)
     assert output_columns(cfg(square_size=None, need_masks=True)) == (
@@ -146,7 +146,7 @@ def test_square_none_and_maskclip_default(tmp_path):
         B.MASK_BBOX,
         B.MASK_ERRORS,
     )
-    assert set(output_columns(cfg(maskclip=METHOD_PREPROCESS["maskclip"], need_masks=True))) == set(OUTPUT_COLUMNS)
+    assert set(output_columns(cfg(maskclip=default_preprocess("maskclip"), need_masks=True))) == set(OUTPUT_COLUMNS)
 
 
 def test_cmyk_jpeg(tmp_path):
@@ -236,7 +236,7 @@ def test_exif_orientation_is_applied(tmp_path, orientation, size, corner):
 def test_tiny_and_extreme_aspect_images(tmp_path):
     one = save(Image.new("RGB", (1, 1), (10, 200, 30)), tmp_path / "one.png")
     long = save(Image.new("RGB", (4000, 10), (1, 2, 3)), tmp_path / "long.jpg")
-    out = decode_batch(batch(one, long), cfg(maskclip=METHOD_PREPROCESS["maskclip"]))
+    out = decode_batch(batch(one, long), cfg(maskclip=default_preprocess("maskclip")))
     a, b = row(out, 0), row(out, 1)
     assert_ok(a)
     assert_ok(b)
@@ -280,7 +280,7 @@ def test_broken_files_become_error_rows_in_order(tmp_path):
         str(eps),
         None,
     ]
-    out = decode_batch(batch(*uris), cfg(need_masks=True, maskclip=METHOD_PREPROCESS["maskclip"]))
+    out = decode_batch(batch(*uris), cfg(need_masks=True, maskclip=default_preprocess("maskclip")))
     assert all(len(v) == len(uris) for v in out.values())
     assert failed_rows(out).tolist() == [False, True, True, True, True, True, False, True, True, True]
     assert list(out[B.IMAGE_URI]) == uris and list(out[B.IMAGE_ID]) == [f"id{i}" for i in range(len(uris))]
