@@ -58,17 +58,26 @@ def _schema(args: argparse.Namespace) -> int:
 
 
 def summary_table(result) -> str:
-    """The end-of-run table of a ``RunResult`` (``clipmaps run`` and ``demo``): images, outputs, errors, time."""
+    """The end-of-run table of a ``RunResult`` (``clipmaps run`` and ``demo``): images, outputs, errors, time.
+
+    Images this attempt processed are shown apart from the shards and images kept from earlier attempts, and
+    images/s counts only this attempt's images over its execution time (a resumed run that redid one shard of ten
+    would otherwise report ten shards' worth of speed). The output counts (label maps, heatmaps, regions, error
+    rows) are the whole output's."""
+    rate = getattr(result, "images_per_second", None)
+    attempt_images = getattr(result, "attempt_images", result.processed)
     rows = [
         ("images in manifest", result.total),
         ("images processed", result.processed),
+        ("  by this run", attempt_images),
+        ("  kept", f"{getattr(result, 'kept_images', 0)} ({getattr(result, 'kept_shards', 0)} shards of earlier runs)"),
         ("images with errors", result.errors),
         ("label maps", result.counts.get("labels", 0)),
         ("heatmaps", result.counts.get("heatmaps", 0)),
         ("regions", result.counts.get("regions", 0)),
         ("error rows", result.counts.get("errors", 0)),
         ("seconds", f"{result.seconds:.1f}"),
-        ("images/s", f"{result.processed / result.seconds:.2f}" if result.seconds else "-"),
+        ("images/s", f"{rate:.2f} (this run)" if rate else "-"),
         ("output", result.output_uri),
     ]
     width = max(len(k) for k, _ in rows)

@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 
 from clipmaps.schemas.datasets import PROVENANCE
 from clipmaps.schemas.errors import ConfigError
-from clipmaps.schemas.storage import filesystem, join_uri, redact_text, redact_uri
+from clipmaps.schemas.storage import filesystem, join_uri, redact_text, redact_uri, remove
 
 from .outputs import JobOutputs, dataset_schema, is_local, parse_storage_options
 
@@ -415,8 +415,7 @@ def _publish(tmp: str, outputs: JobOutputs) -> str:
     ``index.json`` is removed first so that a half-replaced index is never taken for a complete one."""
     fs, dest = outputs.fs, outputs.path(INDEX_DIR)
     meta = join_uri(dest, META_FILE)
-    if fs.exists(meta):
-        fs.rm(meta)
+    remove(fs, meta)  # literal: the output folder may be named like a glob pattern
     fs.makedirs(dest, exist_ok=True)
     for name in (VECTORS_FILE, IDS_FILE, META_FILE):
         src = os.path.join(tmp, name)

@@ -45,7 +45,7 @@ import pyarrow.dataset as pads
 from PIL import Image, ImageDraw
 
 from clipmaps.schemas.errors import ConfigError
-from clipmaps.schemas.storage import filesystem, join_uri, redact_text, redact_uri
+from clipmaps.schemas.storage import filesystem, join_uri, redact_text, redact_uri, remove
 
 from .outputs import DATASET_NAMES, JobOutputs, is_local, parse_storage_options, read_image
 
@@ -418,8 +418,7 @@ def publish(tmp: Path, dest: str, storage_options: dict) -> None:
         shutil.copytree(tmp / "assets", os.path.join(path, "assets"))
         shutil.copyfile(tmp / "index.html", os.path.join(path, "index.html"))
         return
-    if fs.exists(join_uri(path, "assets")):
-        fs.rm(join_uri(path, "assets"), recursive=True)
+    remove(fs, join_uri(path, "assets"), recursive=True)  # literal: the folder may be named like a glob pattern
     fs.put(str(tmp / "assets") + "/", join_uri(path, "assets") + "/", recursive=True)
     fs.put_file(str(tmp / "index.html"), join_uri(path, "index.html"))
 

@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass, field
 
 from clipmaps.schemas.errors import OutputConflict
-from clipmaps.schemas.storage import TMP_PREFIX, redact_uri, write_bytes
+from clipmaps.schemas.storage import TMP_PREFIX, read_bytes, redact_uri, remove, write_bytes
 
 from .fingerprint import differences
 from .sinks import FILES, shard_of_file
@@ -64,7 +64,7 @@ def read_state(fs, root: str) -> OutputState:
     job = None
     if fs.exists(job_path):
         try:
-            job = json.loads(fs.cat(job_path))
+            job = json.loads(read_bytes(fs, job_path))
         except ValueError as e:  # written atomically, so only a foreign or hand-edited file gets here
             raise OutputConflict(f"{job_path} is not valid JSON ({e}); use a new output.uri or --overwrite") from None
     complete = {}
@@ -74,7 +74,7 @@ def read_state(fs, root: str) -> OutputState:
             name = posixpath.basename(path)
             if name.endswith(".json") and name[:-5].isdigit():
                 try:
-                    complete[int(name[:-5])] = json.loads(fs.cat(path))
+                    complete[int(name[:-5])] = json.loads(read_bytes(fs, path))
                 except ValueError:  # not a marker we wrote (they are atomic): the shard is redone
                     logger.warning("ignoring unreadable shard marker %s; the shard will be recomputed", path)
     return OutputState(job=job, complete=complete)
@@ -117,8 +117,7 @@ def clear_output(fs, root: str) -> None:
     """Remove everything a job writes under ``root``."""
     for name in (*RESULT_DATASETS, "vocabulary", MARKERS, JOB_JSON):
         path = posixpath.join(root, name)
-        if fs.exists(path):
-            fs.rm(path, recursive=True)
+        remove(fs, path, recursive=True)  # literal: an output folder may be named like a glob pattern
 
 
 def remove_incomplete(fs, root: str, complete: dict[int, dict]) -> int:
@@ -139,7 +138,7 @@ def remove_incomplete(fs, root: str, complete: dict[int, dict]) -> int:
                 listed = complete[shard].get(FILES)
                 stray = listed is not None and posixpath.join(name, base) not in listed
             if stray:
-                fs.rm(path)
+                remove(fs, path)
                 removed += 1
     return removed
 

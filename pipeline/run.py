@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from clipmaps.actors.registry import model_info
 from clipmaps.schemas import batches as cols
 from clipmaps.schemas import storage
 from clipmaps.schemas.datasets import ERRORS, VOCABULARY
@@ -29,7 +30,7 @@ from clipmaps.schemas.storage import filesystem, write_table
 from . import resume
 from .dryrun import check_sources, output_report
 from .plan import Plan, build_dataset, check_resources, make_plan
-from .sinks import FILES
+from .sinks import EMPTY_FILE, FILES, write_empty_datasets
 from .spec import JobSpec
 
 logger = logging.getLogger(__name__)
@@ -37,7 +38,12 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class RunResult:
-    """What a run did. ``ok`` is False when the error fraction exceeded ``run.max_error_fraction``."""
+    """What a run did. ``ok`` is False when the error fraction exceeded ``run.max_error_fraction``.
+
+    ``processed``, ``errors`` and ``counts`` describe the whole output (this attempt and the shards kept from
+    earlier ones: what the output holds); ``attempt_images`` and ``attempt_seconds`` this attempt's own work, so
+    that a resumed run's rate is not inflated by images it did not process; ``kept_shards`` / ``kept_images`` what
+    it found complete and kept."""
 
     output_uri: str
     total: int
@@ -48,10 +54,21 @@ class RunResult:
     ok: bool
     plan_text: str = ""
     timings: dict[str, float] = field(default_factory=dict)
+    attempt_images: int = 0
+    attempt_seconds: float = 0.0
+    kept_shards: int = 0
+    kept_images: int = 0
 
     @property
     def error_fraction(self) -> float:
         return self.errors / self.total if self.total else 0.0
+
+    @property
+    def images_per_second(self) -> float | None:
+        """Images this attempt processed per second of its execution (None when it processed none)."""
+        if not self.attempt_images or self.attempt_seconds <= 0:
+            return None
+        return self.attempt_images / self.attempt_seconds
 
 
 def run(spec: JobSpec, *, dry_run: bool = False, progress: Callable[[str], None] | None = None) -> RunResult:
@@ -108,7 +125,10 @@ def run(spec: JobSpec, *, dry_run: bool = False, progress: Callable[[str], None]
         }
         resume.write_job(fs, root, {**doc, "versions": versions()})
         write_vocabulary(plan, fs, root)
-        # the errors dataset always exists (readers of an empty run see its schema); refused rows go in first
+        # every dataset exists from the start, with its schema, whatever the methods write and however the run
+        # ends: readers (pandas, DuckDB, Polars, datasets) fail on a missing folder but read a 0-row file
+        write_empty_datasets(fs, root, model_info(spec.model.name).embed_dim)
+        # the errors dataset always exists too; refused rows go in first
         write_table(
             pa.Table.from_pylist([_refused_row(r) for r in plan.refused], schema=ERRORS),
             fs,
@@ -128,14 +148,16 @@ def run(spec: JobSpec, *, dry_run: bool = False, progress: Callable[[str], None]
             if strays:  # written after this run's start by a task of an earlier, killed attempt
                 logger.warning("removed %d result files not written by this run", strays)
                 attempt["removed_strays"] = strays
+        execute_s = time.time() - t0
         counts = {name: sum(int(c.get(name, 0)) for c in complete.values()) for name in cols.STATS}
         counts["errors"] += len(plan.refused)
+        kept_images = sum(int(c.get("rows", 0)) for c in state.complete.values())
+        attempt_images = counts["rows"] - kept_images
         attempt.update(
             status="finished",
             finished_at=_now(),
-            processed_images=sum(int(c.get("rows", 0)) for c in complete.values())
-            - sum(int(c.get("rows", 0)) for c in state.complete.values()),
-            execute_s=round(time.time() - t0, 3),
+            processed_images=attempt_images,
+            execute_s=round(execute_s, 3),
         )
         failed_images = _failed_images(fs, root) if counts["errors"] else 0
         result = RunResult(
@@ -147,7 +169,11 @@ def run(spec: JobSpec, *, dry_run: bool = False, progress: Callable[[str], None]
             time.time() - started,
             ok=True,
             plan_text=text,
-            timings={"execute_s": time.time() - t0},
+            timings={"execute_s": execute_s},
+            attempt_images=attempt_images,
+            attempt_seconds=execute_s,
+            kept_shards=len(state.complete),
+            kept_images=kept_images,
         )
         result.ok = result.error_fraction <= spec.run.max_error_fraction
         doc.update(
@@ -155,7 +181,7 @@ def run(spec: JobSpec, *, dry_run: bool = False, progress: Callable[[str], None]
             ok=result.ok,
             versions=versions(),
             counts=_job_counts(result),
-            timings={"total_s": round(result.seconds, 3), "execute_s": round(time.time() - t0, 3)},
+            timings={"total_s": round(result.seconds, 3), "execute_s": round(execute_s, 3)},
         )
         resume.write_job(fs, root, doc)
         return result
@@ -257,38 +283,57 @@ def quiet_ray_data() -> None:
         logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
+def vocabulary_rows(plan: Plan, method: str) -> list[dict]:
+    """The ``vocabulary/`` rows of ``method``'s vocabulary: one per label value of its label maps.
+
+    Label 0 (background) is one row, whatever the number of background names: every background prompt's winning
+    pixels get label 0 (``BackgroundRule``), so a row per name would give label 0 several names. Its ``name`` is
+    the first background name (``"background"`` when the spec gives none: then label 0 comes from the threshold
+    alone, or never appears), and ``background_names`` lists every background prompt in the spec's order. Class
+    ``c`` of the vocabulary is label ``c + 1``; its ``background_names`` is null. Empty when ``method`` uses no
+    vocabulary."""
+    vid = plan.vocabulary_id(method)
+    if plan.vocabulary is None or vid is None:
+        return []
+    templates = plan.spec.templates(method)
+    templates = [templates] if isinstance(templates, str) else list(templates)
+    background = list(plan.spec.vocabulary.background)
+    row = {"vocabulary_id": vid, "templates": templates}
+    rows = [
+        {
+            **row,
+            "class_index": 0,
+            "name": background[0] if background else "background",
+            "is_background": True,
+            "background_names": background,
+        }
+    ]
+    rows += [
+        {**row, "class_index": i + 1, "name": n, "is_background": False, "background_names": None}
+        for i, n in enumerate(plan.vocabulary)
+    ]
+    return rows
+
+
 def write_vocabulary(plan: Plan, fs, root: str) -> None:
-    """One ``vocabulary/`` file per vocabulary id in use (methods with different templates have different ids)."""
-    if plan.vocabulary is None:
-        return
-    spec = plan.spec
-    v = spec.vocabulary
+    """One ``vocabulary/`` file per vocabulary id in use (methods with different templates have different ids), of
+    :func:`vocabulary_rows`; a job whose methods use no vocabulary writes :data:`~.sinks.EMPTY_FILE` instead, so
+    the dataset exists with its schema.
+
+    Raises:
+        OSError: the output cannot be written."""
+    written = False
     for method in plan.methods:
-        vid = plan.vocabulary_id(method)
-        if vid is None:
+        rows = vocabulary_rows(plan, method)
+        if not rows:
             continue
-        templates = spec.templates(method)
-        templates = [templates] if isinstance(templates, str) else list(templates)
-        rows = [
-            {
-                "vocabulary_id": vid,
-                "class_index": 0,
-                "name": "background",
-                "is_background": True,
-                "templates": templates,
-            }
-        ]
-        rows += [
-            {"vocabulary_id": vid, "class_index": i + 1, "name": n, "is_background": False, "templates": templates}
-            for i, n in enumerate(plan.vocabulary)
-        ]
-        rows += [
-            {"vocabulary_id": vid, "class_index": 0, "name": n, "is_background": True, "templates": templates}
-            for n in v.background
-        ]
-        path = posixpath.join(root, "vocabulary", f"{vid}.parquet")
-        if not fs.exists(path):
+        path = posixpath.join(root, "vocabulary", f"{rows[0]['vocabulary_id']}.parquet")
+        if not fs.exists(path):  # a resumed job's vocabulary is the same (the fingerprint holds its id)
             write_table(pa.Table.from_pylist(rows, schema=VOCABULARY), fs, path)
+        written = True
+    empty = posixpath.join(root, "vocabulary", EMPTY_FILE)
+    if not written and not fs.exists(empty):
+        write_table(VOCABULARY.empty_table(), fs, empty)
 
 
 def versions() -> dict:

@@ -52,6 +52,41 @@ class SinkConfig:
 FILES = "files"
 
 
+#: The file every result dataset (``labels/``, ``heatmaps/``, ``regions/``; ``vocabulary/`` when no method uses a
+#: vocabulary) gets when a job starts: its schema and no rows, so that a run in which nothing succeeded, or a
+#: method wrote nothing, still leaves datasets that pandas, DuckDB, Polars and ``datasets`` open (a folder that
+#: does not exist makes every one of them fail). Its name holds no shard, so resume keeps it
+#: (:func:`shard_of_file`). ``errors/`` has ``part-manifest.parquet`` (the manifest-stage refusals, maybe none).
+EMPTY_FILE = "part-empty.parquet"
+
+
+def output_schemas(embed_dim: int) -> dict[str, pa.Schema]:
+    """The schemas of the result datasets a job writes, ``regions/``'s for embeddings of width ``embed_dim`` (the
+    model's joint-space width, from its config: ``clipmaps.actors.registry.model_info(name).embed_dim``).
+
+    Raises:
+        ValueError: ``embed_dim`` is not positive.
+    """
+    return {"labels": LABELS, "heatmaps": HEATMAPS, "regions": regions_schema(embed_dim)}
+
+
+def write_empty_datasets(fs, root: str, embed_dim: int) -> list[str]:
+    """Write :data:`EMPTY_FILE` into ``labels/``, ``heatmaps/`` and ``regions/`` under ``root`` where it is
+    missing (a resumed job finds them from its first attempt); returns the paths written.
+
+    Raises:
+        ValueError: ``embed_dim`` is not positive.
+        OSError: the output cannot be written (the filesystem's error, with its errno and path).
+    """
+    written = []
+    for name, schema in output_schemas(embed_dim).items():
+        path = posixpath.join(root, name, EMPTY_FILE)
+        if not fs.exists(path):
+            write_table(schema.empty_table(), fs, path)
+            written.append(path)
+    return written
+
+
 def shard_file(shard: int, token: str) -> str:
     """File name of one batch's rows of one shard: ``part-<shard>-<hash of its image ids>.parquet``."""
     return f"part-{shard:07d}-{token}.parquet"

@@ -1,8 +1,9 @@
 """Arrow schemas of every dataset clipmaps reads or writes: the single source of truth.
 
 Output datasets (under the job's output URI): ``labels/``, ``heatmaps/``, ``regions/``, ``errors/``,
-``vocabulary/``. Every result row names the model, the weights (pretrained tag or URI) and a hash of the method's
-parameters, so datasets from different runs can be joined or told apart.
+``vocabulary/`` (every one always exists, with its schema, also without rows). Every result row names the model,
+the weights (pretrained tag or URI) and a hash of the method's parameters, so datasets from different runs can be
+joined or told apart.
 """
 
 from __future__ import annotations
@@ -101,6 +102,9 @@ VOCABULARY = pa.schema(
         pa.field("name", pa.string(), nullable=False),
         pa.field("is_background", pa.bool_(), nullable=False),
         pa.field("templates", pa.list_(pa.string()), nullable=False),
+        # on the background row (class_index 0) only: every background prompt whose winning pixels get label 0, in
+        # the spec's order (``name`` is the first); null on class rows
+        pa.field("background_names", pa.list_(pa.string())),
     ]
 )
 

@@ -8,6 +8,10 @@ secret-looking names and one way of hiding credentials:
   values of query parameters named like a secret (presigned ``X-Amz-Signature``, ``X-Goog-Credential``, Azure SAS
   ``sig``…); :func:`is_secret_name` is the naming rule.
 * :func:`redact_options` hides storage-option values under secret-like keys, at any depth (``client_kwargs``…).
+* :func:`read_bytes`, :func:`remove` and :func:`exists` take every path literally: fsspec expands ``[ ]``, ``*``,
+  ``?`` (and ``{ }`` in some filesystems) as glob patterns in ``cat``, ``rm`` and ``expand_path``, so an output
+  folder named ``run[1]`` would be read, or deleted, as the pattern ``run1``. ``open``, ``exists``, ``ls``,
+  ``find``, ``cat_file`` and ``rm_file`` are literal in fsspec and may be called on the filesystem directly.
 * :func:`redact_text` scrubs free text: client libraries quote secrets without their scheme (botocore:
   ``Invalid bucket name "user:secret@bucket"``), so it removes every secret value it is told about (from storage
   options and URIs), the credentials of every URI in the text, and ``name=value`` pairs with secret-like names.
@@ -17,6 +21,7 @@ Imports only the standard library, fsspec and pyarrow: the driver, the workers a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import posixpath
@@ -132,6 +137,65 @@ def filesystem(uri: str, storage_options: Mapping[str, Any] | None = None) -> tu
     return fsspec.core.url_to_fs(uri, **dict(storage_options or {}))
 
 
+#: Characters fsspec's ``glob`` and ``expand_path`` read as a pattern (``has_magic``: ``*``, ``?``, ``[``; braces too).
+GLOB_CHARACTERS = frozenset("*?[]{}")
+
+
+def has_glob_characters(path: str) -> bool:
+    """Whether fsspec would take ``path`` for a glob pattern (it holds ``*``, ``?``, ``[``, ``]``, ``{`` or ``}``)."""
+    return any(c in GLOB_CHARACTERS for c in path)
+
+
+def exists(fs: Any, path: str) -> bool:
+    """Whether ``path`` exists, taken literally (``fs.exists`` asks for the path's info and never globs; this
+    wrapper is here so callers need not know which fsspec calls are safe)."""
+    return bool(fs.exists(path))
+
+
+def read_bytes(fs: Any, path: str) -> bytes:
+    """The bytes of the file at ``path``, taken literally (``fs.cat`` would expand ``[1]`` as a pattern).
+
+    Raises:
+        FileNotFoundError: no file at ``path``; other ``OSError``: the filesystem's read errors.
+    """
+    return fs.cat_file(path)
+
+
+def remove(fs: Any, path: str, *, recursive: bool = False) -> int:
+    """Delete the file ``path`` (or, with ``recursive``, the folder ``path`` and everything under it), taken
+    literally; returns how many files were removed. A missing path removes nothing.
+
+    fsspec's ``rm`` expands its argument as a glob pattern when it holds pattern characters: ``rm("out[1]",
+    recursive=True)`` would delete ``out1`` and leave ``out[1]``. Paths without such characters keep ``rm``'s
+    bulk deletes (one request per 1000 keys on S3); the others are listed with ``find`` (literal) and deleted one
+    file at a time with ``rm_file``.
+
+    Raises:
+        OSError: the filesystem's delete errors (permission denied, a read-only store…).
+    """
+    if not fs.exists(path):
+        return 0
+    if not fs.isdir(path):
+        fs.rm_file(path)
+        return 1
+    if not recursive:
+        raise IsADirectoryError(f"{path} is a folder; pass recursive=True to delete it")
+    files = fs.find(path)
+    if not has_glob_characters(path):
+        fs.rm(path, recursive=True)
+        return len(files)
+    for name in files:
+        fs.rm_file(name)
+    # local folders (and other filesystems with real directories) are left behind by rm_file: remove them deepest
+    # first; object stores have no directories, and rmdir there is a no-op or not implemented
+    folders = sorted(fs.find(path, withdirs=True, detail=False), key=len, reverse=True)
+    for folder in [*[f for f in folders if f not in files], path]:
+        with contextlib.suppress(OSError, NotImplementedError):
+            fs.rmdir(folder)
+    fs.invalidate_cache(path)
+    return len(files)
+
+
 def with_io_defaults(storage_options: dict | None, *, attempts: int, timeout_s: float | None) -> dict:
     """s3fs ``storage_options`` with clipmaps' retry and timeout defaults merged in where the user set none.
 
@@ -176,15 +240,23 @@ def write_bytes(data: bytes, fs: Any, path: str) -> None:
             fs.mv(tmp, path)  # a rename on local and POSIX-like filesystems
         finally:
             if fs.exists(tmp):
-                fs.rm(tmp)
+                fs.rm_file(tmp)  # literal: rm would glob a parent folder named like a pattern
         return
     fs.pipe_file(path, data)
 
 
 def write_table(table: pa.Table, fs: Any, path: str) -> None:
-    """Write ``table`` as zstd Parquet to ``path`` atomically (see :func:`write_bytes`)."""
+    """Write ``table`` as zstd Parquet to ``path`` atomically (see :func:`write_bytes`).
+
+    A table without rows is written as a file with its schema and no row group: ``pq.write_table`` would write
+    one row group of 0 rows, which Hugging Face ``datasets`` reads with a batch size of 0 and fails on
+    (``ArrowInvalid: BatchSize must be greater than 0``), breaking ``load_dataset("parquet", …)`` on the whole
+    folder."""
     buf = pa.BufferOutputStream()
-    pq.write_table(table, buf, compression="zstd")
+    if table.num_rows:
+        pq.write_table(table, buf, compression="zstd")
+    else:
+        pq.ParquetWriter(buf, table.schema, compression="zstd").close()
     write_bytes(buf.getvalue().to_pybytes(), fs, path)
 
 
@@ -387,18 +459,23 @@ def _split_userinfo(rest: str) -> tuple[str | None, str]:
 __all__ = [
     "ATOMIC_PUT_PROTOCOLS",
     "DEFAULT_ALLOWED_SCHEMES",
+    "GLOB_CHARACTERS",
     "REDACTED",
     "SCHEME_PATTERN",
     "TMP_PREFIX",
     "atomic_put",
+    "exists",
     "filesystem",
+    "has_glob_characters",
     "is_inside",
     "is_secret_name",
     "join_uri",
+    "read_bytes",
     "redact_error",
     "redact_options",
     "redact_text",
     "redact_uri",
+    "remove",
     "scheme_error",
     "secret_values",
     "uri_scheme",

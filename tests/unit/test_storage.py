@@ -11,14 +11,18 @@ import pytest
 from clipmaps.schemas.storage import (
     REDACTED,
     atomic_put,
+    exists,
     filesystem,
+    has_glob_characters,
     is_inside,
     is_secret_name,
     join_uri,
+    read_bytes,
     redact_error,
     redact_options,
     redact_text,
     redact_uri,
+    remove,
     scheme_error,
     secret_values,
     uri_scheme,
@@ -255,3 +259,55 @@ def test_log_records_pass_the_redaction_rule(caplog):
         log.debug("plain %s", "https://example.com/a.png")
     assert SIG not in caplog.text and "X-Amz-Signature=***" in caplog.text
     assert "plain https://example.com/a.png" in caplog.text
+
+
+PATTERN_NAMES = ["run[1]", "a*b", "what?", "x{a,b}"]
+
+
+@pytest.mark.parametrize("name", PATTERN_NAMES)
+def test_paths_with_glob_characters_are_literal(tmp_path, name):
+    """A folder named like a glob pattern is read, written and deleted as itself, never as the pattern: a sibling
+    the pattern matches (``run1`` for ``run[1]``, ``aXb`` for ``a*b``…) is left alone."""
+    fs, root = filesystem(str(tmp_path))
+    literal = join_uri(root, name)
+    sibling = join_uri(root, {"run[1]": "run1", "a*b": "aXb", "what?": "whatX", "x{a,b}": "xa"}[name])
+    for folder in (literal, sibling):
+        write_bytes(folder.encode(), fs, join_uri(folder, "f[0].bin"))
+        write_table(pa.table({"a": [1]}), fs, join_uri(folder, "sub", "part-0.parquet"))
+    assert has_glob_characters(literal) and not has_glob_characters(sibling)
+    assert read_bytes(fs, join_uri(literal, "f[0].bin")) == literal.encode()
+    assert exists(fs, join_uri(literal, "sub", "part-0.parquet"))
+    assert remove(fs, join_uri(literal, "f[0].bin")) == 1
+    assert not exists(fs, join_uri(literal, "f[0].bin")) and exists(fs, join_uri(sibling, "f[0].bin"))
+    assert remove(fs, literal, recursive=True) == 1
+    assert not (tmp_path / name).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [sibling.rsplit("/", 1)[-1]]
+    assert read_bytes(fs, join_uri(sibling, "f[0].bin")) == sibling.encode()
+    assert remove(fs, literal, recursive=True) == 0  # gone: nothing to do, no error
+
+
+def test_remove_refuses_a_folder_without_recursive(tmp_path):
+    fs, root = filesystem(str(tmp_path))
+    write_bytes(b"x", fs, join_uri(root, "d[1]", "f"))
+    with pytest.raises(IsADirectoryError):
+        remove(fs, join_uri(root, "d[1]"))
+    assert (tmp_path / "d[1]" / "f").exists()
+
+
+def test_remove_on_an_object_store_with_pattern_keys():
+    """The memory filesystem stands for an object store (no directories, bulk rm): pattern keys are still exact."""
+    fs = fsspec.filesystem("memory")
+    for key in ("/lit/k[1]/a", "/lit/k[1]/b", "/lit/k1/a"):
+        fs.pipe_file(key, b"x")
+    assert remove(fs, "/lit/k[1]", recursive=True) == 2
+    assert fs.find("/lit") == ["/lit/k1/a"]
+
+
+def test_an_empty_table_is_a_schema_without_row_groups(tmp_path):
+    """0 rows: the schema is there and no row group (a 0-row row group makes Hugging Face datasets fail)."""
+    fs, root = filesystem(str(tmp_path))
+    schema = pa.schema([pa.field("a", pa.int32(), nullable=False), pa.field("b", pa.list_(pa.float32(), 4))])
+    write_table(schema.empty_table(), fs, join_uri(root, "e.parquet"))
+    meta = pq.read_metadata(tmp_path / "e.parquet")
+    assert meta.num_row_groups == 0 and meta.num_rows == 0
+    assert pq.read_schema(tmp_path / "e.parquet").equals(schema)
