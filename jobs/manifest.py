@@ -15,7 +15,8 @@ import posixpath
 import re
 import sys
 from collections.abc import Iterable, Sequence
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import fsspec
 import pyarrow as pa
@@ -46,25 +47,126 @@ def _load_json(uri: str, storage_options: dict | None) -> Any:
         raise ManifestError(f"{redact_uri(uri)}: not valid JSON ({e.msg}, line {e.lineno})") from None
 
 
-def _segmentation_to_mask(seg: Any, region_id: str, where: str) -> dict:
-    """A COCO ``segmentation`` (polygons, compressed or uncompressed RLE) → a ``MASK`` dict."""
+def _segmentation_to_mask(seg: Any, region_id: str | None, where: str) -> dict:
+    """A COCO ``segmentation`` (polygons, compressed or uncompressed RLE) → a ``MASK`` dict.
+
+    Polygon parts are copied as they are, degenerate ones included: the decode stage drops those with a warning
+    naming the region and the part (as pycocotools and detectron2 skip them) and fails the region only when no part
+    is usable. Uncompressed (``iscrowd``) counts are converted to COCO's compressed string.
+
+    Raises:
+        ManifestError: a segmentation that is neither, or values of the wrong type, naming ``where``.
+    """
     if isinstance(seg, list):  # polygons, original coordinates; several lists = a multi-part object
+        if seg and all(_is_number(v) for v in seg):
+            seg = [seg]  # one flat polygon, as some exporters write
+        if not all(isinstance(p, list) and all(_is_number(v) for v in p) for p in seg):
+            raise ManifestError(f"{where}: polygon segmentation must be lists of numbers, got {str(seg)[:80]!r}")
         return {"region_id": region_id, "polygon": [[float(v) for v in poly] for poly in seg]}
     if isinstance(seg, dict) and "counts" in seg and "size" in seg:
-        counts = seg["counts"]
+        counts, size = seg["counts"], seg["size"]
+        if not (isinstance(size, list) and len(size) == 2 and all(_is_int(v) for v in size)):
+            raise ManifestError(f"{where}: RLE 'size' must be [height, width] integers, got {str(size)[:40]!r}")
         if isinstance(counts, list):  # uncompressed (iscrowd) → COCO's compressed string
+            if not all(_is_int(c) for c in counts):
+                raise ManifestError(f"{where}: uncompressed RLE 'counts' must be integers")
             counts = compress_rle_counts(counts)
         elif isinstance(counts, bytes):
             counts = counts.decode("ascii")
-        return {"region_id": region_id, "rle": {"size": [int(s) for s in seg["size"]], "counts": counts}}
+        elif not isinstance(counts, str):
+            raise ManifestError(f"{where}: RLE 'counts' must be a string or a list of integers")
+        return {"region_id": region_id, "rle": {"size": [int(s) for s in size], "counts": counts}}
     raise ManifestError(f"{where}: unrecognised segmentation {str(seg)[:80]!r}")
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+@dataclass
+class IdReport:
+    """What an adapter found wrong with annotation ids (``region_id`` in the manifest), for its summary.
+
+    Ids are never renumbered: a repeated id stays on every mask that has it (the decode stage keeps the first mask
+    of an image with that id and reports each later one as a ``DuplicateRegionId`` error row with the id), and an
+    annotation without an id gets a null ``region_id``, which the decode stage replaces by the mask's position in
+    the image's list (``"0"``, ``"1"``…).
+
+    Attributes:
+        duplicates: number of annotations whose id an earlier annotation of the same image already has.
+        duplicate_examples: up to :attr:`MAX_EXAMPLES` ``(image_id, annotation_id)`` of those.
+        missing: number of annotations without an ``id``.
+        missing_examples: up to :attr:`MAX_EXAMPLES` ``(image_id, position in the image's masks)``.
+    """
+
+    MAX_EXAMPLES: ClassVar[int] = 5
+    duplicates: int = 0
+    duplicate_examples: list[tuple[str, str]] = field(default_factory=list)
+    missing: int = 0
+    missing_examples: list[tuple[str, int]] = field(default_factory=list)
+
+    def add_image(self, image_id: str, region_ids: list[str | None]) -> None:
+        """Count the clashes and missing ids among one image's ``region_ids`` (in mask order)."""
+        seen: set[str] = set()
+        for k, rid in enumerate(region_ids):
+            if rid is None:
+                self.missing += 1
+                if len(self.missing_examples) < self.MAX_EXAMPLES:
+                    self.missing_examples.append((image_id, k))
+            elif rid in seen:
+                self.duplicates += 1
+                if len(self.duplicate_examples) < self.MAX_EXAMPLES:
+                    self.duplicate_examples.append((image_id, rid))
+            else:
+                seen.add(rid)
+
+    def lines(self) -> list[str]:
+        """Human-readable summary lines (none when every id is present and unique within its image)."""
+        out = []
+        if self.duplicates:
+            shown = ", ".join(f"image {i} annotation {a}" for i, a in self.duplicate_examples)
+            more = ", …" if self.duplicates > len(self.duplicate_examples) else ""
+            out.append(
+                f"{self.duplicates} annotation(s) repeat an id already used in their image (kept as they are; each "
+                f"later one becomes a DuplicateRegionId error row when the job runs): {shown}{more}"
+            )
+        if self.missing:
+            shown = ", ".join(f"image {i} mask {k}" for i, k in self.missing_examples)
+            more = ", …" if self.missing > len(self.missing_examples) else ""
+            out.append(
+                f"{self.missing} annotation(s) have no id (region_id left empty: the job names such a region by its "
+                f"position in the image's masks): {shown}{more}"
+            )
+        return out
+
+
+def _region_id(ann: dict) -> str | None:
+    rid = ann.get("id")
+    return None if rid is None or rid == "" else str(rid)
+
+
 # ---------------------------------------------------------------------------------------------- COCO
-def from_coco(instances_json_uri: str, images_root_uri: str, *, storage_options: dict | None = None) -> pa.Table:
+def from_coco(
+    instances_json_uri: str,
+    images_root_uri: str,
+    *,
+    storage_options: dict | None = None,
+    report: IdReport | None = None,
+) -> pa.Table:
     """COCO instances JSON → manifest: one row per entry of ``images`` (in file order, also without annotations),
     its annotations as masks (``region_id`` = annotation id; polygons kept in original coordinates; RLE counts as
     COCO's compressed string, uncompressed crowd RLE converted). ``image_uri`` = ``images_root_uri``/``file_name``.
+
+    Annotation ids are kept as they are (see :class:`IdReport`): repeated ids within an image and annotations
+    without an id are counted into ``report`` when given, and logged as a warning.
+
+    Raises:
+        ManifestError: unreadable file, not a COCO instances file, an unrecognised segmentation (naming the
+            annotation).
     """
     data = _load_json(instances_json_uri, storage_options)
     shown = redact_uri(instances_json_uri)
@@ -77,6 +179,7 @@ def from_coco(instances_json_uri: str, images_root_uri: str, *, storage_options:
     orphans = sum(len(v) for k, v in by_image.items() if k not in known)
     if orphans:
         log.warning("%s: %d annotation(s) refer to images not in 'images'; skipped", shown, orphans)
+    ids = report if report is not None else IdReport()
 
     def rows():
         for img in data["images"]:
@@ -86,10 +189,15 @@ def from_coco(instances_json_uri: str, images_root_uri: str, *, storage_options:
                 if seg is None or seg == []:
                     log.warning("%s: annotation %s has no segmentation; skipped", shown, ann.get("id"))
                     continue
-                masks.append(_segmentation_to_mask(seg, str(ann.get("id")), f"{shown} annotation {ann.get('id')}"))
+                where = f"{shown} image {img.get('id')} annotation {ann.get('id')}"
+                masks.append(_segmentation_to_mask(seg, _region_id(ann), where))
+            ids.add_image(str(img["id"]), [m["region_id"] for m in masks])
             yield {"image_id": str(img["id"]), "image_uri": join_uri(images_root_uri, img["file_name"]), "masks": masks}
 
-    return _finish(rows())
+    table = _finish(rows())
+    for line in ids.lines():
+        log.warning("%s: %s", shown, line)
+    return table
 
 
 # ---------------------------------------------------------------------------------------------- SA-1B
@@ -115,15 +223,19 @@ def _full_uri(fs, path: str) -> str:
     return fs.unstrip_protocol(path)
 
 
-def from_sa1b(json_uris: str | Sequence[str], *, storage_options: dict | None = None) -> pa.Table:
+def from_sa1b(
+    json_uris: str | Sequence[str], *, storage_options: dict | None = None, report: IdReport | None = None
+) -> pa.Table:
     """SA-1B per-image JSON files (URIs or globs, e.g. ``s3://sa1b/sa_000000/*.json``) → manifest.
 
     Each file is ``{"image": {"image_id", "file_name", …}, "annotations": [{"id", "segmentation": {"size",
-    "counts"}}, …]}``; the image lies next to its JSON (same folder, ``file_name``). ``region_id`` = annotation id.
+    "counts"}}, …]}``; the image lies next to its JSON (same folder, ``file_name``). ``region_id`` = annotation id,
+    kept as it is; clashes and missing ids are counted into ``report`` as :func:`from_coco` does.
     """
     uris = _expand(json_uris, storage_options)
     if not uris:
         raise ManifestError(f"no SA-1B JSON files match {json_uris!r}")
+    ids = report if report is not None else IdReport()
 
     def rows():
         for uri in uris:
@@ -136,11 +248,15 @@ def from_sa1b(json_uris: str | Sequence[str], *, storage_options: dict | None = 
             folder = uri.rsplit("/", 1)[0] if "/" in uri else ""
             masks = []
             for ann in data.get("annotations") or []:
-                rid = str(ann.get("id"))
+                rid = _region_id(ann)
                 masks.append(_segmentation_to_mask(ann.get("segmentation"), rid, f"{shown} annotation {rid}"))
+            ids.add_image(str(image_id), [m["region_id"] for m in masks])
             yield {"image_id": str(image_id), "image_uri": join_uri(folder, image["file_name"]), "masks": masks}
 
-    return _finish(rows())
+    table = _finish(rows())
+    for line in ids.lines():
+        log.warning("SA-1B files %s: %s", redact_uri(str(json_uris)), line)
+    return table
 
 
 # ---------------------------------------------------------------------------------------------- folder
@@ -281,14 +397,16 @@ def _storage_options(values: list[str] | None) -> dict:
 
 
 def run_manifest_cli(args: argparse.Namespace) -> int:
-    """Run ``clipmaps manifest …`` from parsed arguments; prints a one-line summary. Returns the exit code."""
+    """Run ``clipmaps manifest …`` from parsed arguments; prints a one-line summary, then one line per kind of
+    annotation-id problem found (:class:`IdReport`). Returns the exit code."""
     so: dict = {}
+    ids = IdReport()
     try:
         so = _storage_options(args.storage_option)
         if args.source == "coco":
-            table = from_coco(args.instances_json, args.images_root, storage_options=so)
+            table = from_coco(args.instances_json, args.images_root, storage_options=so, report=ids)
         elif args.source == "sa1b":
-            table = from_sa1b(args.json, storage_options=so)
+            table = from_sa1b(args.json, storage_options=so, report=ids)
         else:
             table = from_folder(args.path, mask_pattern=args.mask_pattern, recursive=args.recursive, storage_options=so)
         write_manifest(table, args.output, storage_options=so)
@@ -298,11 +416,14 @@ def run_manifest_cli(args: argparse.Namespace) -> int:
         return 2
     n_masks = sum(len(m) for m in table["masks"].to_pylist() if m)
     print(f"clipmaps manifest: {table.num_rows} images, {n_masks} masks -> {redact_uri(args.output)}")
+    for line in ids.lines():
+        print(f"clipmaps manifest: warning: {line}")
     return 0
 
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "IdReport",
     "from_coco",
     "from_folder",
     "from_sa1b",

@@ -175,8 +175,10 @@ def make_plan(spec: JobSpec) -> Plan:
         spec.input.manifest, storage_options=dict(spec.input.storage_options), limit=spec.input.limit
     )
     valid, refused = validate_manifest(table, allowed_schemes=tuple(spec.input.allowed_schemes))
-    has_masks = "masks" in valid.column_names and any(valid.column("masks").to_pylist())
-    has_prompts = "prompts" in valid.column_names and valid.column("prompts").null_count < valid.num_rows
+    has_masks = "masks" in table.column_names and bool(
+        pa.compute.sum(pa.compute.list_value_length(table["masks"])).as_py()
+    )
+    has_prompts = "prompts" in table.column_names and table["prompts"].null_count < table.num_rows
     spec.check_manifest(has_masks=has_masks, has_prompts=has_prompts)
     methods = spec.enabled_methods()
     shard_rows = spec.output.shard_rows

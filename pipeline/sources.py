@@ -9,14 +9,17 @@ and never lists object-store prefixes; the Ray dataset is built from the returne
   values of the wrong type (naming the line). It does not drop rows.
 * :func:`validate_manifest` splits the rows that cannot be processed into error records (stage ``"manifest"``):
   missing id or URI, duplicate ``image_id`` (2nd+ occurrence), URI scheme not allowed, malformed mask structs.
+  What concerns one region only (a repeated ``region_id``, a degenerate polygon part, an RLE whose size is not
+  the image's) is left to the decode stage, which reports it per region and keeps the image.
 
 Formats, by file name (a trailing ``.gz``/``.bz2``/``.xz``/``.zst`` on JSONL/CSV is decompressed):
 
 * Parquet (``.parquet``, ``.pq``, or a directory of Parquet files), read with ``pyarrow.dataset`` so that
   ``limit`` reads only the first row groups needed. Struct fields are matched by name; missing ones are null.
 * JSONL (``.jsonl``, ``.ndjson``): one JSON object per line. ``masks`` is a list of objects with ``region_id``
-  and one of ``rle`` (``{"size": [H, W], "counts": str | list[int]}``; uncompressed counts are converted to the
-  compressed string), ``uri``, ``polygon`` (list of ``[x0, y0, x1, y1, …]``; a single flat list is accepted).
+  and one of ``rle`` (``{"size": [H, W], "counts": str | list[int]}``; uncompressed counts, as COCO's ``iscrowd``
+  annotations have, are converted to the compressed string), ``uri``, ``polygon`` (list of ``[x0, y0, x1, y1, …]``
+  parts; a single flat list is accepted; degenerate parts are kept here and dropped when the mask is decoded).
 * CSV (``.csv``): a header row; ``masks`` is a JSON string (as in JSONL); ``prompts`` a JSON list string or a
   ``|``-separated string. Every value is read as text (``image_id`` ``007`` stays ``"007"``).
 """
@@ -415,9 +418,12 @@ def validate_manifest(
     * ``UnsupportedScheme`` — the image URI's scheme (bare path = ``file``) is not in ``allowed_schemes`` (exact,
       case-insensitive names: ``s3a`` is not ``s3``), or a mask URI's;
     * ``MalformedMask`` — a mask with none or several of ``rle``/``uri``/``polygon``, or an ``rle`` without
-      ``size``/``counts``;
-    * ``DuplicateRegionId`` — two masks of one image with the same ``region_id`` (they would collide in
-      ``regions/``).
+      ``size``/``counts``.
+
+    Two masks of one image with the same ``region_id`` do not make the row invalid: the image is processed and
+    the decode stage turns each later mask of that id into an error of stage ``mask`` (``DuplicateRegionId``,
+    carrying the ``region_id``), so a clash costs at most the clashing regions. Likewise a polygon's degenerate
+    parts and its geometry against the image are judged per region when the mask is decoded.
 
     Returns:
         ``(valid, errors)``: the valid rows, in order, in exactly the ``MANIFEST`` schema; and one dict per
@@ -524,14 +530,9 @@ def _validate_masks(masks: pa.ListArray, allowed: set[str], flag) -> None:
             r = ("MalformedMask", f"{label}: rle needs both size and counts", rid)
         flag([row], lambda _i, r=r: r)
 
-    # duplicate region ids within one image
-    has_rid = pc.is_valid(region_ids)
-    if pc.any(has_rid).as_py():
-        pairs = pa.table({"p": parent, "r": region_ids}).filter(has_rid)
-        counts = pairs.group_by(["p", "r"]).aggregate([("p", "count")])
-        dups = counts.filter(pc.greater(counts["p_count"], 1))
-        for row, rid in sorted(zip(dups["p"].to_pylist(), dups["r"].to_pylist())):
-            flag([row], lambda _i, rid=rid: ("DuplicateRegionId", f"region_id {rid!r} appears on several masks", rid))
+    # Two masks of one image with the same region_id are deliberately not refused here: refusing the row would
+    # cost the image's label maps and heatmaps, which do not depend on region ids. The decode stage keeps the
+    # first mask of an id and reports each later one as a per-region error (stage "mask", DuplicateRegionId).
 
 
 def _where(mask: pa.Array) -> list[int]:

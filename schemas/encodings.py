@@ -143,32 +143,92 @@ def _string_to_counts(s: str) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------------- polygons
-def polygons_to_mask(polygons: list[list[float]], height: int, width: int) -> np.ndarray:
-    """COCO polygons (each ``[x0, y0, x1, y1, …]`` in pixels) → ``bool [H, W]`` (union of all polygons).
+def polygon_part_problem(part: list[float] | np.ndarray) -> str | None:
+    """Why one COCO polygon part (``[x0, y0, x1, y1, …]``) cannot enclose any pixel, or ``None`` when it can.
+
+    A part is degenerate when it has an odd number of coordinates, fewer than 3 points (6 coordinates), a
+    non-finite coordinate, or zero area (all points on one line). pycocotools rasterises such parts to nothing and
+    detectron2 drops them (``len(poly) >= 6``), keeping the instance's other parts; this function names the reason
+    so callers can drop the part and say which one.
+    """
+    n = len(part)
+    if n % 2:
+        return f"an odd number of coordinates ({n})"
+    if n < 6:
+        return f"{n // 2} point(s), a polygon needs at least 3 (6 coordinates)"
+    pts = np.asarray(part, dtype=np.float64).reshape(-1, 2)
+    if not np.isfinite(pts).all():
+        return "a coordinate that is not a finite number"
+    x, y = pts[:, 0], pts[:, 1]
+    # shoelace area; exactly 0 for collinear points given as integers, so compare with a scale-aware epsilon
+    area = 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
+    scale = max(1.0, float(np.ptp(x)) * float(np.ptp(y)))
+    if area <= 1e-12 * scale:
+        return "zero area (its points are on one line)"
+    return None
+
+
+def polygons_to_mask(
+    polygons: list[list[float]],
+    height: int,
+    width: int,
+    *,
+    dropped: list[tuple[int, str]] | None = None,
+) -> np.ndarray:
+    """COCO polygons (each ``[x0, y0, x1, y1, …]`` in pixels) → ``bool [height, width]`` (union of all parts).
 
     A pixel is inside when its centre ``(x + 0.5, y + 0.5)`` is inside the polygon (even-odd rule), so a square
     from (2, 2) to (6, 6) covers 4 × 4 pixels, as COCO's rasteriser does (Pillow's fill would give 5 × 5).
+    Parts partly or wholly outside the image are clipped to it (a part wholly outside adds no pixel), as
+    pycocotools' ``frPyObjects`` does; the result may be empty, which callers report.
+
+    Degenerate parts (see :func:`polygon_part_problem`) are skipped, as pycocotools and detectron2 do, so an
+    annotation mixing a real polygon with a stray 2-point "polygon" keeps its real part.
+
+    Args:
+        polygons: the parts; numbers (``float`` or ``int``) in image pixel coordinates.
+        height, width: the image's size (≥ 0).
+        dropped: when given, ``(part index, reason)`` is appended for each skipped part.
+
+    Raises:
+        ValueError: no part is usable (message names every part and why), or ``polygons`` is empty.
     """
+    if len(polygons) == 0:
+        raise ValueError("no polygon parts")
     mask = np.zeros((height, width), dtype=bool)
-    for poly in polygons:
-        if len(poly) < 6 or len(poly) % 2:
-            raise ValueError(f"a polygon needs an even number (≥ 6) of coordinates, got {len(poly)}")
-        pts = np.asarray(poly, dtype=np.float64).reshape(-1, 2)
-        x0, y0 = max(0, int(np.floor(pts[:, 0].min()))), max(0, int(np.floor(pts[:, 1].min())))
-        x1, y1 = min(width, int(np.ceil(pts[:, 0].max())) + 1), min(height, int(np.ceil(pts[:, 1].max())) + 1)
-        if x0 >= x1 or y0 >= y1:
+    problems: list[tuple[int, str]] = []
+    for k, poly in enumerate(polygons):
+        problem = polygon_part_problem(poly)
+        if problem is not None:
+            problems.append((k, problem))
             continue
-        cx = np.arange(x0, x1, dtype=np.float64)[None, :] + 0.5
-        cy = np.arange(y0, y1, dtype=np.float64)[:, None] + 0.5
-        inside = np.zeros((y1 - y0, x1 - x0), dtype=bool)
-        for (ax, ay), (bx, by) in zip(pts, np.roll(pts, -1, axis=0)):
-            if ay == by:
-                continue
-            crosses = (ay > cy) != (by > cy)  # the edge spans this row's centre line
-            x_at = ax + (cy - ay) * (bx - ax) / (by - ay)
-            inside ^= crosses & (cx < x_at)
-        mask[y0:y1, x0:x1] |= inside
+        _fill_polygon(mask, np.asarray(poly, dtype=np.float64).reshape(-1, 2))
+    if len(problems) == len(polygons):
+        parts = "; ".join(f"part {k}: {why}" for k, why in problems)
+        raise ValueError(f"no usable polygon part ({parts})")
+    if dropped is not None:
+        dropped.extend(problems)
     return mask
+
+
+def _fill_polygon(mask: np.ndarray, pts: np.ndarray) -> None:
+    """OR the pixels whose centres are inside polygon ``pts`` (``float64 [N, 2]``, x/y) into ``mask`` in place,
+    looking only at the part of the polygon's bounding box inside the image (that is the clipping)."""
+    height, width = mask.shape
+    x0, y0 = max(0, int(np.floor(pts[:, 0].min()))), max(0, int(np.floor(pts[:, 1].min())))
+    x1, y1 = min(width, int(np.ceil(pts[:, 0].max())) + 1), min(height, int(np.ceil(pts[:, 1].max())) + 1)
+    if x0 >= x1 or y0 >= y1:
+        return  # wholly outside the image
+    cx = np.arange(x0, x1, dtype=np.float64)[None, :] + 0.5
+    cy = np.arange(y0, y1, dtype=np.float64)[:, None] + 0.5
+    inside = np.zeros((y1 - y0, x1 - x0), dtype=bool)
+    for (ax, ay), (bx, by) in zip(pts, np.roll(pts, -1, axis=0)):
+        if ay == by:
+            continue
+        crosses = (ay > cy) != (by > cy)  # the edge spans this row's centre line
+        x_at = ax + (cy - ay) * (bx - ax) / (by - ay)
+        inside ^= crosses & (cx < x_at)
+    mask[y0:y1, x0:x1] |= inside
 
 
 def mask_bbox(mask: np.ndarray) -> tuple[int, int, int, int]:

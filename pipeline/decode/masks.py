@@ -5,6 +5,7 @@ non-zero and alpha non-zero); mask images are read as they are (not re-oriented 
 from __future__ import annotations
 
 import io
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,6 +15,8 @@ from PIL import Image, UnidentifiedImageError
 from clipmaps.schemas.encodings import polygons_to_mask, rle_decode
 from clipmaps.schemas.errors import RowError
 from clipmaps.schemas.storage import redact_uri
+
+log = logging.getLogger(__name__)
 
 
 def get_field(obj: Any, key: str) -> Any:
@@ -75,9 +78,14 @@ def decode_mask(
         fetched: the bytes (or the read error) of the mask's ``uri``.
         region_id: carried by the error raised.
 
+    Polygons follow :func:`clipmaps.schemas.encodings.polygons_to_mask`: degenerate parts are dropped with a
+    warning naming the region and the part; parts outside the image are clipped. An RLE is decoded at its own
+    ``size`` (compressed or uncompressed counts), which must equal the image's.
+
     Raises:
         RowError: stage ``mask``, with ``region_id``; the type is ``MalformedMask``, ``MalformedRLE``,
-            ``MalformedPolygon``, ``MaskSizeMismatch``, ``MaskNotFound``, ``MalformedMaskImage``, or a read error's.
+            ``MalformedPolygon`` (also when no polygon part is usable; the message names each part and why),
+            ``MaskSizeMismatch`` (naming both sizes), ``MaskNotFound``, ``MalformedMaskImage``, or a read error's.
     """
     rle, uri, polygon = get_field(mask, "rle"), get_field(mask, "uri"), get_field(mask, "polygon")
     set_fields = [n for n, v in (("rle", rle), ("uri", uri), ("polygon", polygon)) if v is not None]
@@ -102,17 +110,21 @@ def decode_mask(
             raise _error(
                 region_id,
                 "MaskSizeMismatch",
-                f"RLE mask is {m.shape[1]}x{m.shape[0]}, the image is {width}x{height} (after EXIF orientation)",
+                f"RLE size [H, W] = {[m.shape[0], m.shape[1]]} differs from the image's {[height, width]} "
+                f"(RLE mask {m.shape[1]}x{m.shape[0]}, image {width}x{height} after EXIF orientation)",
             )
         return m
     if polygon is not None:
+        dropped: list[tuple[int, str]] = []
         try:
             polys = [[float(v) for v in p] for p in polygon]
-            if not polys:
-                raise ValueError("no polygon")
-            return polygons_to_mask(polys, height, width)
+            m = polygons_to_mask(polys, height, width, dropped=dropped)
         except (ValueError, TypeError) as e:
             raise _error(region_id, "MalformedPolygon", f"malformed polygon: {e}") from None
+        for k, why in dropped:
+            # the region is kept from its other parts (as pycocotools/detectron2 do); say what was left out
+            log.warning("region %r: dropped degenerate polygon part %d (%s)", region_id, k, why)
+        return m
     shown = redact_uri(str(uri))
     if isinstance(fetched, RowError):
         if fetched.error_type == "FileNotFoundError":

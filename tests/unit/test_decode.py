@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -359,7 +360,7 @@ def test_masks(tmp_path):
     assert out[B.MASK_BBOX].tolist()[2] == [30, 20, 6, 4]
     assert out[B.MASK_BBOX].tolist()[3] == [0, 0, w, h]
     errors = {e["region_id"]: (e["error_type"], e["message"]) for e in out[B.MASK_ERRORS]}
-    assert errors["4"][0] == "MaskSizeMismatch" and "24x36, the image is 36x24" in errors["4"][1]
+    assert errors["4"][0] == "MaskSizeMismatch" and "[36, 24] differs from the image's [24, 36]" in errors["4"][1]
     assert errors["empty"][0] == "EmptyMask"
     assert errors["malformed"][0] == "MalformedRLE"
     assert errors["gone"][0] == "MaskNotFound" and "nope.png" in errors["gone"][1]
@@ -423,6 +424,98 @@ def test_masks_in_ray_numpy_form_and_rows_without_masks(tmp_path):
     assert a[B.MASK_IDS] == ["x", "y"] and a[B.MASK_ERRORS] == []
     assert b[B.MASK_IDS] == [] and b[B.MASKS_SQUARE].shape == (0, S, S) and b[B.MASK_BBOX].shape == (0, 4)
     assert b[B.MASK_AREA].shape == (0,)
+
+
+def _case_image(tmp_path) -> str:
+    """A 96 x 72 PNG, as the field cases use."""
+    return save(Image.fromarray(np.full((72, 96, 3), 128, np.uint8)), tmp_path / "a.png")
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_polygon_with_a_degenerate_part_keeps_its_real_part(tmp_path, caplog):
+    coco = pytest.importorskip("pycocotools.coco")
+    box = [24.0, 18.0, 48.0, 18.0, 48.0, 54.0, 24.0, 54.0]
+    parts = {
+        "10": [box, [60.0, 10.0, 60.0, 12.0]],  # the field case: a stray 2-point part
+        "13": [[60.0, 10.0, 60.0, 12.0, 60.0, 14.0], box],  # a zero-area part first
+        "14": [box, [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]],  # an odd number of coordinates
+        "15": [[60.5, 30.2], [60.5, 30.2]],  # nothing usable (as coco-point-segmentation)
+        "16": [[-40.0, -40.0, -10.0, -40.0, -10.0, -10.0]],  # wholly outside the image
+        "17": [[-10.0, -10.0, 20.0, -10.0, 20.0, 20.0, -10.0, 20.0]],  # partly outside: clipped
+    }
+    masks = [{"region_id": rid, "polygon": p} for rid, p in parts.items()]
+    with caplog.at_level(logging.WARNING, logger="clipmaps.pipeline.decode.masks"):
+        out = row(decode_batch(batch(_case_image(tmp_path), masks=[masks]), cfg(need_masks=True)), 0)
+    assert_ok(out)
+    # reference: pycocotools' COCO.annToMask on the same annotations (the usable ones: it cannot read "15")
+    ref = coco.COCO()
+    ref.dataset = {
+        "images": [{"id": 1, "width": 96, "height": 72}],
+        "annotations": [
+            {"id": int(rid), "image_id": 1, "category_id": 1, "iscrowd": 0, "segmentation": p}
+            for rid, p in parts.items()
+            if rid not in ("15", "16")
+        ],
+        "categories": [{"id": 1, "name": "x"}],
+    }
+    ref.createIndex()
+    want = {str(a["id"]): ref.annToMask(a) for a in ref.dataset["annotations"]}
+    assert out[B.MASK_IDS] == ["10", "13", "14", "17"]
+    assert out[B.MASK_AREA].tolist() == [int(want[r].sum()) for r in out[B.MASK_IDS]] == [864, 864, 864, 400]
+    assert out[B.MASK_BBOX].tolist()[0] == [24, 18, 24, 36] and out[B.MASK_BBOX].tolist()[3] == [0, 0, 20, 20]
+    errors = {e["region_id"]: (e["error_type"], e["message"]) for e in out[B.MASK_ERRORS]}
+    assert set(errors) == {"15", "16"}
+    assert errors["15"][0] == "MalformedPolygon"
+    assert "part 0: 1 point(s)" in errors["15"][1] and "part 1: 1 point(s)" in errors["15"][1]
+    assert errors["16"] == ("EmptyMask", "the mask has no pixels inside the image")
+    warned = [r.getMessage() for r in caplog.records if "degenerate polygon part" in r.getMessage()]
+    assert any("region '10'" in w and "part 1" in w and "2 point(s)" in w for w in warned)
+    assert any("region '13'" in w and "part 0" in w and "zero area" in w for w in warned)
+    assert any("region '14'" in w and "part 1" in w and "odd number" in w for w in warned)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_rle_forms_and_sizes(tmp_path):
+    mask_utils = pytest.importorskip("pycocotools.mask")
+    truth = np.zeros((72, 96), bool)
+    truth[24:48, 60:84] = True
+    runs = [int(r) for r in np.diff(np.flatnonzero(np.diff(np.r_[-1, truth.flatten(order="F"), -1])))]
+    runs = [0, *runs] if truth[0, 0] else runs  # COCO counts start with a run of 0s
+    their_area = int(mask_utils.area(mask_utils.frPyObjects({"size": [72, 96], "counts": runs}, 72, 96)))
+    masks = [
+        {"region_id": "crowd", "rle": {"size": [72, 96], "counts": runs}},  # uncompressed, as iscrowd
+        {"region_id": "swapped", "rle": rle_encode(truth.T.copy())},  # [W, H] instead of [H, W]
+        {"region_id": "small", "rle": rle_encode(truth[:36, :48])},
+    ]
+    out = row(decode_batch(batch(_case_image(tmp_path), masks=[masks]), cfg(need_masks=True)), 0)
+    assert out[B.MASK_IDS] == ["crowd"] and out[B.MASK_AREA].tolist() == [their_area] == [576]
+    errors = {e["region_id"]: (e["error_type"], e["message"]) for e in out[B.MASK_ERRORS]}
+    assert errors["swapped"][0] == "MaskSizeMismatch"
+    assert "RLE size [H, W] = [96, 72] differs from the image's [72, 96]" in errors["swapped"][1]
+    assert errors["small"][0] == "MaskSizeMismatch" and "[36, 48]" in errors["small"][1]
+
+
+def test_repeated_and_missing_region_ids_cost_only_the_later_mask(tmp_path):
+    red = [24.0, 18.0, 48.0, 18.0, 48.0, 54.0, 24.0, 54.0]
+    blue = [60.0, 24.0, 84.0, 24.0, 84.0, 48.0, 60.0, 48.0]
+    masks = [
+        {"region_id": "7", "polygon": [red]},
+        {"region_id": "7", "polygon": [blue]},  # clashes with the first
+        {"region_id": None, "polygon": [blue]},  # no id: named by its position, "2"
+        {"region_id": "3", "polygon": [red]},
+        {"region_id": None, "polygon": [red]},  # position "4"
+    ]
+    out = row(decode_batch(batch(_case_image(tmp_path), masks=[masks]), cfg(need_masks=True)), 0)
+    assert_ok(out)
+    assert out[B.MASK_IDS] == ["7", "2", "3", "4"]
+    assert out[B.MASK_AREA].tolist() == [864, 576, 864, 864]
+    assert out[B.MASK_ERRORS] == [
+        {
+            "region_id": "7",
+            "error_type": "DuplicateRegionId",
+            "message": "region_id '7' is used by an earlier mask",
+        }
+    ]
 
 
 def test_arrow_table_input(tmp_path):

@@ -148,11 +148,86 @@ def test_polygons_to_mask_union_and_errors():
     assert m[4, 4] and m[1, 12] and not m[7, 0] and not m[4, 9]
     assert mask_bbox(m) == (2, 0, 12, 6)  # pixel centres inside: x 2..13, y 0..5
     outside = polygons_to_mask([[100, 100, 120, 100, 110, 120]], 8, 16)
-    assert not outside.any()
-    with pytest.raises(ValueError, match=r"even number \(≥ 6\)"):
+    assert not outside.any()  # wholly outside: clipped to nothing, not an error here (the region is, when decoded)
+    with pytest.raises(ValueError, match=r"no usable polygon part \(part 0: 2 point\(s\)"):
         polygons_to_mask([[1, 2, 3, 4]], 8, 8)
-    with pytest.raises(ValueError, match="even number"):
+    with pytest.raises(ValueError, match=r"part 0: an odd number of coordinates \(7\)"):
         polygons_to_mask([[1, 2, 3, 4, 5, 6, 7]], 8, 8)
+    with pytest.raises(ValueError, match="no polygon parts"):
+        polygons_to_mask([], 8, 8)
+
+
+def coco_reference(polys: list[list[float]], height: int, width: int) -> np.ndarray:
+    """pycocotools' rasterisation of an annotation's polygon list (``frPyObjects`` + ``merge`` + ``decode``), as
+    ``COCO.annToMask`` does it."""
+    mask_utils = pytest.importorskip("pycocotools.mask")
+    return mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(polys, height, width))).astype(bool)
+
+
+BOX = [24.0, 18.0, 48.0, 18.0, 48.0, 54.0, 24.0, 54.0]  # 24 x 36 = 864 pixels in a 96 x 72 image
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize(
+    ("degenerate", "why"),
+    [
+        ([60, 10, 60, 12], "2 point(s)"),  # the field case: a 2-point "polygon"
+        ([60.5, 30.2], "1 point(s)"),
+        ([60, 10, 60, 12, 60, 14], "zero area"),  # three points on a vertical line
+        ([10, 10, 20, 20, 30, 30, 40, 40], "zero area"),  # on a diagonal
+        ([5, 5, 5, 5, 5, 5], "zero area"),  # one point three times
+        ([1, 2, 3, 4, 5, 6, 7], "odd number of coordinates (7)"),
+        ([1, 2, 3, float("nan"), 5, 6], "not a finite number"),
+    ],
+)
+def test_degenerate_parts_are_dropped_and_valid_parts_kept(degenerate, why):
+    for polys, bad_index in (([BOX, degenerate], 1), ([degenerate, BOX], 0)):
+        dropped: list[tuple[int, str]] = []
+        m = polygons_to_mask(polys, 72, 96, dropped=dropped)
+        assert [k for k, _ in dropped] == [bad_index] and why in dropped[0][1]
+        assert int(m.sum()) == 864 and mask_bbox(m) == (24, 18, 24, 36)
+        np.testing.assert_array_equal(m, coco_reference([BOX], 72, 96))
+    # where pycocotools takes the whole list (parts of ≥ 4 even coordinates after a real polygon), it agrees:
+    # the degenerate part adds no pixel there either
+    if len(degenerate) % 2 == 0 and len(degenerate) >= 4 and all(np.isfinite(degenerate)):
+        np.testing.assert_array_equal(
+            polygons_to_mask([BOX, degenerate], 72, 96), coco_reference([BOX, degenerate], 72, 96)
+        )
+
+
+def test_only_degenerate_parts_is_an_error_naming_each_part():
+    with pytest.raises(ValueError) as e:
+        polygons_to_mask([[60.5, 30.2], [60, 10, 60, 12, 60, 14]], 72, 96)
+    assert "part 0: 1 point(s)" in str(e.value) and "part 1: zero area" in str(e.value)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize(
+    "polys",
+    [
+        [[-10, -10, 20, -10, 20, 20, -10, 20]],  # over the top-left corner: 20 x 20 inside
+        [[80, 60, 130, 60, 130, 100, 80, 100]],  # over the bottom-right corner
+        [[-5, 30, 200, 30, 200, 40, -5, 40]],  # wider than the image
+        [BOX, [200, 200, 220, 200, 220, 220, 200, 220]],  # one part wholly outside, one inside
+        [[-50, -50, -20, -50, -20, -20, -50, -20]],  # wholly outside: no pixel
+        [[90.0, 0.0, 100.0, 0.0, 100.0, 72.0, 90.0, 72.0], [0, 70, 96, 70, 96, 80, 0, 80]],  # overlapping, clipped
+    ],
+)
+def test_parts_outside_the_image_are_clipped_as_pycocotools(polys):
+    ours = polygons_to_mask(polys, 72, 96)
+    theirs = coco_reference(polys, 72, 96)
+    assert int(ours.sum()) == int(theirs.sum())
+    np.testing.assert_array_equal(ours, theirs)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_pixel_counts_of_integer_boxes_match_pycocotools():
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        x0, y0 = rng.integers(-20, 90, 2)
+        x1, y1 = x0 + rng.integers(1, 60), y0 + rng.integers(1, 60)
+        poly = [float(v) for v in (x0, y0, x1, y0, x1, y1, x0, y1)]
+        assert int(polygons_to_mask([poly], 72, 96).sum()) == int(coco_reference([poly], 72, 96).sum()), poly
 
 
 def test_mask_bbox():

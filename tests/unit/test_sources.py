@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from clipmaps.jobs.commands import add_manifest_parser
-from clipmaps.jobs.manifest import from_coco, from_folder, from_sa1b, write_manifest
+from clipmaps.jobs.manifest import IdReport, from_coco, from_folder, from_sa1b, write_manifest
 from clipmaps.pipeline.sources import (
     MANIFEST_READ,
     iter_table_batches,
@@ -240,9 +240,10 @@ def test_validate_splits_duplicates_bad_uris_schemes_and_masks(tmp_path):
     assert table.num_rows == len(rows)  # reading keeps everything
     valid, errors = validate_manifest(table, allowed_schemes=("file", "s3", "gs"))
     assert valid.schema == MANIFEST
-    assert valid["image_id"].to_pylist() == ["a", "ok"]
+    # "g" repeats a region id: the image is kept (the decode stage reports the later mask as a region error)
+    assert valid["image_id"].to_pylist() == ["a", "g", "ok"]
     by = {(e["image_id"], e["uri"]): e for e in errors}
-    assert len(errors) == len(rows) - 2
+    assert len(errors) == len(rows) - 3
     assert all(e["stage"] == "manifest" for e in errors)
     assert by[("a", "/a2.jpg")]["error_type"] == "DuplicateImageId"
     assert "already appears on row 0" in by[("a", "/a2.jpg")]["message"]
@@ -255,7 +256,7 @@ def test_validate_splits_duplicates_bad_uris_schemes_and_masks(tmp_path):
     assert "several" in by[("e", "S3://bucket/e.jpg")]["message"]  # scheme match is case-insensitive
     assert by[("f", "file:///f.jpg")]["error_type"] == "UnsupportedScheme"
     assert by[("f", "file:///f.jpg")]["region_id"] == "0"
-    assert by[("g", "/g.jpg")]["error_type"] == "DuplicateRegionId"
+    assert ("g", "/g.jpg") not in by
     assert by[("", "/h.jpg")]["error_type"] == "MissingImageId"
     errors_table = pa.Table.from_pylist(errors, schema=ERRORS)
     assert errors_table.num_rows == len(errors)
@@ -369,6 +370,130 @@ def test_coco_crowd_rle_matches_pycocotools(tmp_path):
     theirs = mask_utils.frPyObjects(seg, *seg["size"])
     ours = from_coco(str(tmp_path / "instances.json"), "/img")["masks"].to_pylist()[1][0]["rle"]
     assert ours["counts"] == theirs["counts"].decode("ascii")
+
+
+def _coco_with_id_problems(path) -> dict:
+    box = [[24, 18, 48, 18, 48, 54, 24, 54]]
+    data = {
+        "images": [{"id": i, "file_name": f"{i}.png", "width": 96, "height": 72} for i in (1, 2, 3)],
+        "categories": [{"id": 1, "name": "box"}],
+        "annotations": [
+            {"id": 7, "image_id": 1, "category_id": 1, "segmentation": box},
+            {"id": 7, "image_id": 1, "category_id": 1, "segmentation": box},  # clash within image 1
+            {"id": 7, "image_id": 2, "category_id": 1, "segmentation": box},  # same id, other image: no clash there
+            {"image_id": 3, "category_id": 1, "segmentation": box},  # no id
+            {"id": 30, "image_id": 3, "category_id": 1, "segmentation": box},
+            {"id": None, "image_id": 3, "category_id": 1, "segmentation": box},  # null id
+        ],
+    }
+    path.write_text(json.dumps(data))
+    return data
+
+
+def test_coco_adapter_keeps_ids_and_reports_clashes_and_missing_ids(tmp_path, caplog):
+    _coco_with_id_problems(tmp_path / "c.json")
+    report = IdReport()
+    with caplog.at_level(logging.WARNING, logger="clipmaps.jobs.manifest"):
+        table = from_coco(str(tmp_path / "c.json"), "/img", report=report)
+    ids = [[m["region_id"] for m in r] for r in table["masks"].to_pylist()]
+    assert ids == [["7", "7"], ["7"], [None, "30", None]]  # stable: never renumbered
+    assert (report.duplicates, report.duplicate_examples) == (1, [("1", "7")])
+    assert (report.missing, report.missing_examples) == (2, [("3", 0), ("3", 2)])
+    assert "1 annotation(s) repeat an id" in caplog.text and "image 1 annotation 7" in caplog.text
+    # the manifest keeps every image: a clash is not a reason to refuse a row
+    valid, errors = validate_manifest(table)
+    assert valid.num_rows == 3 and errors == []
+
+
+def test_id_report_caps_its_examples():
+    report = IdReport()
+    for i in range(8):
+        report.add_image(str(i), ["a", "a", None])
+    assert report.duplicates == 8 and report.missing == 8
+    assert len(report.duplicate_examples) == len(report.missing_examples) == IdReport.MAX_EXAMPLES
+    assert all(line.endswith(", …") for line in report.lines())
+    assert IdReport().lines() == []
+
+
+def test_manifest_cli_prints_id_problems(tmp_path, capsys):
+    _coco_with_id_problems(tmp_path / "c.json")
+    parser = argparse.ArgumentParser(prog="clipmaps")
+    add_manifest_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["manifest", "coco", str(tmp_path / "c.json"), "/img", "-o", str(tmp_path / "m.jsonl")])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"clipmaps manifest: 3 images, 6 masks -> {tmp_path / 'm.jsonl'}"
+    assert out[1].startswith("clipmaps manifest: warning: 1 annotation(s) repeat an id")
+    assert out[1].endswith("image 1 annotation 7")
+    assert out[2].startswith("clipmaps manifest: warning: 2 annotation(s) have no id")
+    assert out[2].endswith("image 3 mask 0, image 3 mask 2")
+    back = read_manifest_table(str(tmp_path / "m.jsonl"))
+    assert [[m["region_id"] for m in r] for r in back["masks"].to_pylist()] == [["7", "7"], ["7"], [None, "30", None]]
+
+
+def test_sa1b_adapter_reports_id_clashes(tmp_path):
+    rle = rle_encode(SOLID)
+    doc = {
+        "image": {"image_id": 5, "file_name": "sa_5.jpg"},
+        "annotations": [{"id": 1, "segmentation": rle}, {"id": 1, "segmentation": rle}, {"segmentation": rle}],
+    }
+    (tmp_path / "sa_5.json").write_text(json.dumps(doc))
+    report = IdReport()
+    table = from_sa1b(str(tmp_path / "sa_5.json"), report=report)
+    assert [m["region_id"] for m in table["masks"].to_pylist()[0]] == ["1", "1", None]
+    assert (report.duplicates, report.missing) == (1, 1)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_coco_segmentation_forms(tmp_path):
+    coco_api = pytest.importorskip("pycocotools.coco")
+    crowd = np.zeros((72, 96), bool)
+    crowd[10:30, 5:40] = True
+    flat = crowd.flatten(order="F").astype(np.int8)
+    runs = np.diff(np.r_[0, np.flatnonzero(np.diff(flat)) + 1, flat.size]).tolist()  # starts with 0s: pixel 0 is 0
+    anns = [
+        {"id": 1, "image_id": 1, "category_id": 1, "iscrowd": 1, "segmentation": {"size": [72, 96], "counts": runs}},
+        {"id": 2, "image_id": 1, "category_id": 1, "iscrowd": 0, "segmentation": [24, 18, 48, 18, 48, 54, 24, 54]},
+        {
+            "id": 3,
+            "image_id": 1,
+            "category_id": 1,
+            "iscrowd": 0,
+            "segmentation": [[24, 18, 48, 18, 48, 54, 24, 54], [60, 10, 60, 12]],  # kept; dropped when decoded
+        },
+    ]
+    data = {
+        "images": [{"id": 1, "file_name": "a.png", "width": 96, "height": 72}],
+        "annotations": anns,
+        "categories": [{"id": 1, "name": "x"}],
+    }
+    (tmp_path / "c.json").write_text(json.dumps(data))
+    masks = from_coco(str(tmp_path / "c.json"), "/img")["masks"].to_pylist()[0]
+    ref = coco_api.COCO(str(tmp_path / "c.json"))
+    np.testing.assert_array_equal(rle_decode(masks[0]["rle"]), ref.annToMask(ref.anns[1]).astype(bool))
+    assert masks[1]["polygon"] == [[24.0, 18.0, 48.0, 18.0, 48.0, 54.0, 24.0, 54.0]]  # a flat list is one part
+    assert masks[2]["polygon"][1] == [60.0, 10.0, 60.0, 12.0]
+    bad = dict(data, annotations=[dict(anns[0], segmentation=[[1, "x", 3]])])
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(ManifestError, match="image 1 annotation 1: polygon segmentation must be lists of numbers"):
+        from_coco(str(tmp_path / "bad.json"), "/img")
+    bad = dict(data, annotations=[dict(anns[0], segmentation={"size": [72], "counts": runs})])
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(ManifestError, match=r"RLE 'size' must be \[height, width\]"):
+        from_coco(str(tmp_path / "bad.json"), "/img")
+
+
+def test_uncompressed_rle_in_a_manifest_is_compressed_and_kept(tmp_path):
+    m = np.zeros((6, 5), bool)
+    m[1:4, 2:4] = True
+    runs = np.diff(np.r_[0, np.flatnonzero(np.diff(m.flatten(order="F").astype(np.int8))) + 1, m.size]).tolist()
+    rows = [
+        {"image_id": "a", "image_uri": "/a.png", "masks": [{"region_id": "c", "rle": {"size": [6, 5], "counts": runs}}]}
+    ]
+    table = read_manifest_table(write_jsonl(tmp_path / "m.jsonl", rows))
+    (mask,) = table["masks"].to_pylist()[0]
+    assert mask["rle"]["counts"] == rle_encode(m)["counts"]
+    np.testing.assert_array_equal(rle_decode(mask["rle"]), m)
 
 
 def test_coco_adapter_rejects_non_coco(tmp_path):
