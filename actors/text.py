@@ -4,6 +4,12 @@ A vocabulary of K class names becomes ``[K, D]`` unit vectors: every template is
 encoded and L2-normalised; the template embeddings are averaged and normalised again (CLIP's prompt
 ensembling; with one template this is just the normalised embedding). MaskCLIP's 85-template ensemble costs
 85 text forwards per class, so results are cached and only names not seen before are encoded.
+
+A name's embedding is a function of the name and the templates only: each name is encoded in its own text forward
+(its templates, in fixed chunks of ``batch_size``), never batched with other names. Batched with others, the matrix
+products run with a different batch dimension, and their rounding (CPU oneDNN/MKL, GPU cuBLAS kernel choice) moves the
+embedding by ~1e-7, which is enough to flip 8-bit heatmap values; so which names happened to be missing from the
+cache at the same time would change results.
 """
 
 from __future__ import annotations
@@ -61,7 +67,8 @@ class TextEncoder:
         model: an open_clip CLIP model (``encode_text`` is used).
         tokenizer: its tokenizer.
         max_cached: number of (name, templates) embeddings kept.
-        batch_size: prompts per text forward.
+        batch_size: most prompts per text forward; one name's templates are encoded in chunks of this size, and
+            names are never batched together (see the module docstring).
     """
 
     def __init__(self, model: nn.Module, tokenizer, *, max_cached: int = 65536, batch_size: int = 256):
@@ -93,17 +100,19 @@ class TextEncoder:
         return torch.stack(out)
 
     def _encode_missing(self, names: list[str], templates: tuple[str, ...]) -> None:
-        prompts = [t.format(n) for n in names for t in templates]
+        for n in names:
+            self._cache[(n, templates)] = self._encode_one(n, templates)
+            self.forwards += len(templates)
+        while len(self._cache) > self.max_cached:
+            self._cache.popitem(last=False)
+        logger.debug("encoded %d names x %d templates", len(names), len(templates))
+
+    def _encode_one(self, name: str, templates: tuple[str, ...]) -> Tensor:
+        """One name's ``[D]`` unit embedding, from forwards that hold this name's prompts only (fixed chunks)."""
         device = next(self.model.parameters()).device
+        prompts = [t.format(name) for t in templates]
         chunks = []
         for i in range(0, len(prompts), self.batch_size):
             tokens = self.tokenizer(prompts[i : i + self.batch_size]).to(device)
             chunks.append(F.normalize(self.model.encode_text(tokens).float(), dim=-1))
-        self.forwards += len(prompts)
-        emb = torch.cat(chunks).view(len(names), len(templates), -1)
-        emb = F.normalize(emb.mean(dim=1), dim=-1)
-        for n, e in zip(names, emb):
-            self._cache[(n, templates)] = e
-        while len(self._cache) > self.max_cached:
-            self._cache.popitem(last=False)
-        logger.debug("encoded %d names x %d templates", len(names), len(templates))
+        return F.normalize(torch.cat(chunks).mean(dim=0), dim=-1)

@@ -7,6 +7,12 @@ Nothing here writes to the model; caches are keyed by grid size, flag, device an
 
 Token tensors are batch-first: ``[B, N, C]`` with ``N = 1 + gh * gw`` (class token first, patches row-major).
 Per-head tensors are ``[B, H, N, hd]``.
+
+Batch invariance: a matrix product over ``[B, N, C]`` tokens is one GEMM with ``B·N`` rows (and the head's
+``[B, C] @ proj`` one with ``B`` rows), and the kernel a BLAS picks, hence its summation order, depends on that row
+count (measured on CPU: ``[1, C] @ proj`` vs ``[B > 1, C] @ proj`` differ by up to 6e-7, a GEMV against a GEMM).
+The methods therefore run the image tower one image at a time (:func:`split_images`, :meth:`VisionTower.per_image`),
+so an image's result never depends on what else shares its batch.
 """
 
 from __future__ import annotations
@@ -191,6 +197,15 @@ class VisionTower:
         x_out = self.mlp_residual(index, y)
         return BlockInternals(x_in=x, v=v, attn=attn, y=y, mlp_pre=mlp_pre, x_out=x_out)
 
+    def per_image(self, fn, x: Tensor) -> Tensor:
+        """``fn`` applied to each row of ``x`` ``[B, ...]`` alone (``[1, ...]``), results concatenated along dim 0.
+
+        For the matrix products whose rounding would otherwise depend on the batch size (module docstring).
+        """
+        if x.shape[0] == 0:
+            return fn(x)
+        return torch.cat([fn(x[b : b + 1].clone()) for b in range(x.shape[0])])
+
     # ---------------------------------------------------------------- head
     def project(self, tokens: Tensor) -> Tensor:
         """``ln_post`` then ``proj``: tokens ``[..., C]`` → joint-space features ``[..., D]`` (not normalised)."""
@@ -214,6 +229,15 @@ class VisionTower:
         if pool_type == "avg":
             return x[:, 1:].mean(dim=1)
         raise TypeError(f"pool_type {pool_type!r} is not supported")
+
+
+def split_images(images: Tensor) -> list[Tensor]:
+    """Images ``[B, 3, H, W]`` → ``B`` tensors ``[1, 3, H, W]``, each a fresh contiguous copy (a slice's memory
+    offset, hence its alignment, would otherwise depend on its position in the batch; some BLAS kernels depend on
+    alignment)."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be [B, 3, H, W], got {list(images.shape)}")
+    return [images[b : b + 1].clone() for b in range(images.shape[0])]
 
 
 def mlp_layers(block: nn.Module) -> tuple[nn.Linear, nn.Module, nn.Linear]:

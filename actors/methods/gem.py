@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ..params import GEMParams
 from ..text import PHOTO_TEMPLATE, TextEncoder, resolve_templates
-from ..vit import VisionTower, min_max
+from ..vit import VisionTower, min_max, split_images
 from .common import PromptLists, check_prompt_lists, patch_logits_to_maps
 
 
@@ -54,7 +54,16 @@ class GEM:
         Returns:
             ``(feat_gem, feat_ori)`` each ``[B, N, D]`` after ``ln_post`` and ``proj``, not normalised
             (``feat_ori`` is ``None`` unless asked for).
+
+        Each image runs alone (``[1, …]``), so its features do not depend on the batch (``actors/vit.py``).
         """
+        if images.shape[0] == 0:
+            return self._features_one(images, with_original)
+        outs = [self._features_one(x, with_original) for x in split_images(images)]
+        feat_gem = torch.cat([o[0] for o in outs])
+        return feat_gem, (torch.cat([o[1] for o in outs]) if with_original else None)
+
+    def _features_one(self, images: Tensor, with_original: bool) -> tuple[Tensor, Tensor | None]:
         t = self.tower
         x, _ = t.embed(images, antialias=True)
         first = t.num_layers - (self.params.depth - 1)

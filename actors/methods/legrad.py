@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ..params import LeGradParams
 from ..text import RAW_TEMPLATE, TextEncoder, resolve_templates
-from ..vit import VisionTower, activation_derivative, min_max, mlp_layers
+from ..vit import VisionTower, activation_derivative, min_max, mlp_layers, split_images
 from .common import PromptLists, check_prompt_lists
 
 
@@ -105,17 +105,23 @@ def trace_blocks(
         ``(per_image, final_tokens, grid)``: ``per_image[b]`` lists the linearised blocks of image ``b`` (first
         to last), ``final_tokens`` ``[B, N, C]`` the last block's output.
     """
-    with torch.no_grad():
-        x, grid = tower.embed(images, antialias=True)
-        first = tower.num_layers - layers
-        x = tower.blocks_forward(x, 0, first)
-    per_image: list[list[LinearizedBlock]] = [[] for _ in range(images.shape[0])]
-    for index in range(first, tower.num_layers):
-        for b in range(images.shape[0]):
-            per_image[b].append(LinearizedBlock(tower, index, x[b]))
+    first = tower.num_layers - layers
+    grid = tower.grid(*images.shape[-2:])
+    per_image: list[list[LinearizedBlock]] = []
+    final = []
+    for image in split_images(images):  # one image at a time: nothing depends on the batch (actors/vit.py)
         with torch.no_grad():
-            x = torch.stack([blocks[-1].x_out for blocks in per_image])
-    return per_image, x, grid
+            x, _ = tower.embed(image, antialias=True)
+            x = tower.blocks_forward(x, 0, first)
+        blocks = []
+        for index in range(first, tower.num_layers):
+            blocks.append(LinearizedBlock(tower, index, x[0]))
+            x = blocks[-1].x_out[None]
+        per_image.append(blocks)
+        final.append(x)
+    if not final:
+        return per_image, images.new_zeros(0, 1 + grid[0] * grid[1], tower.width), grid
+    return per_image, torch.cat(final), grid
 
 
 def relevance_maps(

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from ..params import MaskCLIPParams
 from ..text import ENSEMBLE_85, TextEncoder, resolve_templates
-from ..vit import VisionTower
+from ..vit import VisionTower, split_images
 
 
 class MaskCLIP:
@@ -118,6 +118,12 @@ class MaskCLIP:
             class_names: the vocabulary (K names, background names included if any).
         """
         text = self.text.encode(class_names, self.templates)  # [K, D]
+        if images.shape[0] == 0:
+            return self._patch_logits(images, text)
+        # one image at a time: the products over the batch would round differently per batch size (actors/vit.py)
+        return torch.cat([self._patch_logits(x, text) for x in split_images(images)])
+
+    def _patch_logits(self, images: Tensor, text: Tensor) -> Tensor:
         feats, keys = self.dense_features(images, with_keys=self.params.ks_thresh > 0)
         feats = F.normalize(feats, dim=1)
         logits = torch.einsum("bdhw,kd->bkhw", feats, text.to(feats.dtype))

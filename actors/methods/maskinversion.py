@@ -78,7 +78,8 @@ class MaskInversion:
         counts = [m.shape[0] for m in masks]
         per_image, final_tokens, grid = trace_blocks(self.tower, images, self.params.layers)
         with torch.no_grad():
-            e0 = self.tower.pooled(final_tokens)  # [B, D], the model's image embedding
+            # [B, D], the model's image embedding; per image: [B, C] @ proj rounds differently for B = 1 and B > 1
+            e0 = self.tower.per_image(self.tower.pooled, final_tokens)
         init = torch.cat([e0[b].expand(n, -1) for b, n in enumerate(counts)]) if sum(counts) else e0[:0]
         e0_unit = F.normalize(init, dim=-1)
         emb = init.clone().requires_grad_(True)
