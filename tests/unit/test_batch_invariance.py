@@ -178,21 +178,12 @@ def test_method_modules_are_batch_invariant(tiny_vit, rows):
         _assert_same_bits(method, runs)
 
     mi = MaskInversion(tiny_vit.model, MaskInversionParams(iterations=5))
+    results = [
+        ((label, bs), _per_image(lambda idx: mi.embed(x[idx], [masks[i] for i in idx], return_maps=True), N, order, bs))
+        for label, order, bs in RUNS
+    ]
     for part in ("embeddings", "loss", "maps"):
-        runs = [
-            (
-                (label, bs),
-                _per_image(
-                    lambda idx, part=part: [
-                        getattr(r, part) for r in mi.embed(x[idx], [masks[i] for i in idx], return_maps=True)
-                    ],
-                    N,
-                    order,
-                    bs,
-                ),
-            )
-            for label, order, bs in RUNS
-        ]
+        runs = [(key, [getattr(r, part) for r in out]) for key, out in results]
         _assert_same_bits(f"maskinversion {part}", runs)
 
 
