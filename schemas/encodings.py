@@ -159,11 +159,11 @@ def polygon_part_problem(part: list[float] | np.ndarray) -> str | None:
     pts = np.asarray(part, dtype=np.float64).reshape(-1, 2)
     if not np.isfinite(pts).all():
         return "a coordinate that is not a finite number"
-    x, y = pts[:, 0], pts[:, 1]
-    # shoelace area; exactly 0 for collinear points given as integers, so compare with a scale-aware epsilon
-    area = 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
-    scale = max(1.0, float(np.ptp(x)) * float(np.ptp(y)))
-    if area <= 1e-12 * scale:
+    # Zero area means every point on one line, not a zero signed (shoelace) area: a self-crossing "bow tie" has
+    # signed area 0 yet covers pixels, and pycocotools fills it. The centred points span a line (or a point) exactly
+    # when their second singular value vanishes; compare relative to the first to allow for rounding.
+    sv = np.linalg.svd(pts - pts.mean(axis=0), compute_uv=False)
+    if sv[1] <= 1e-9 * max(float(sv[0]), 1.0):
         return "zero area (its points are on one line)"
     return None
 

@@ -195,6 +195,23 @@ def test_degenerate_parts_are_dropped_and_valid_parts_kept(degenerate, why):
         )
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize(
+    "poly",
+    [
+        [10, 10, 30, 30, 30, 10, 10, 30],  # a self-crossing bow tie: signed area 0, yet two filled triangles
+        [10, 10, 40, 10, 40, 40, 10, 40, 40, 10],  # a box with a point repeated on an edge
+        [10, 10, 50, 12, 30, 40, 30, 40],  # a triangle with its last point repeated
+    ],
+)
+def test_odd_but_real_parts_are_kept_as_pycocotools(poly):
+    dropped: list[tuple[int, str]] = []
+    ours = polygons_to_mask([poly], 72, 96, dropped=dropped)
+    assert dropped == []
+    theirs = coco_reference([poly], 72, 96)
+    assert abs(int(ours.sum()) - int(theirs.sum())) <= max(2, 0.05 * theirs.sum())
+
+
 def test_only_degenerate_parts_is_an_error_naming_each_part():
     with pytest.raises(ValueError) as e:
         polygons_to_mask([[60.5, 30.2], [60, 10, 60, 12, 60, 14]], 72, 96)

@@ -494,6 +494,19 @@ def test_uncompressed_rle_in_a_manifest_is_compressed_and_kept(tmp_path):
     (mask,) = table["masks"].to_pylist()[0]
     assert mask["rle"]["counts"] == rle_encode(m)["counts"]
     np.testing.assert_array_equal(rle_decode(mask["rle"]), m)
+    # the same in Parquet, where uncompressed counts arrive as a list<int64> column (not castable to the string)
+    rle_type = pa.struct([("size", pa.list_(pa.int64())), ("counts", pa.list_(pa.int64()))])
+    mask_type = pa.struct([("region_id", pa.string()), ("rle", rle_type)])
+    loose = pa.table(
+        {
+            "image_id": ["a"],
+            "image_uri": ["/a.png"],
+            "masks": pa.array([[{"region_id": "c", "rle": {"size": [6, 5], "counts": runs}}]], pa.list_(mask_type)),
+        }
+    )
+    pq.write_table(loose, tmp_path / "m.parquet")
+    (mask,) = read_manifest_table(str(tmp_path / "m.parquet"))["masks"].to_pylist()[0]
+    assert mask["rle"] == {"size": [6, 5], "counts": rle_encode(m)["counts"]}
 
 
 def test_coco_adapter_rejects_non_coco(tmp_path):
