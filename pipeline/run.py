@@ -105,35 +105,40 @@ def run(spec: JobSpec, *, dry_run: bool = False, progress: Callable[[str], None]
     try:
         plan.notes.extend(check_resources(spec, ray.cluster_resources()))
         fs, root = filesystem(spec.output.uri, dict(spec.output.storage_options))
-        state, todo = prepare_output(plan, fs, root)
-        if state.complete:
-            plan.notes.append(f"resuming: {len(state.complete)} of {len(plan.shard_sizes)} shards already complete")
-        text = plan.describe()
-        say(text)
-        attempt = {
-            "started_at": _now(),
-            "status": "running",
-            "resumed_shards": len(state.complete),
-            "todo_images": todo.num_rows,
-            "pid": os.getpid(),
-        }
-        doc = {
-            "spec": spec.to_dict(redact=True),
-            "fingerprint": plan.fingerprint,
-            "status": "running",
-            "attempts": [*_previous_attempts(state), attempt],
-        }
-        resume.write_job(fs, root, {**doc, "versions": versions()})
-        write_vocabulary(plan, fs, root)
-        # every dataset exists from the start, with its schema, whatever the methods write and however the run
-        # ends: readers (pandas, DuckDB, Polars, datasets) fail on a missing folder but read a 0-row file
-        write_empty_datasets(fs, root, model_info(spec.model.name).embed_dim)
-        # the errors dataset always exists too; refused rows go in first
-        write_table(
-            pa.Table.from_pylist([_refused_row(r) for r in plan.refused], schema=ERRORS),
-            fs,
-            posixpath.join(root, "errors", "part-manifest.parquet"),
-        )
+        doc: dict | None = None
+        attempt: dict = {}
+        try:
+            state, todo = prepare_output(plan, fs, root)
+            if state.complete:
+                plan.notes.append(f"resuming: {len(state.complete)} of {len(plan.shard_sizes)} shards already complete")
+            text = plan.describe()
+            say(text)
+            attempt = {
+                "started_at": _now(),
+                "status": "running",
+                "resumed_shards": len(state.complete),
+                "todo_images": todo.num_rows,
+                "pid": os.getpid(),
+            }
+            doc = {
+                "spec": spec.to_dict(redact=True),
+                "fingerprint": plan.fingerprint,
+                "status": "running",
+                "attempts": [*_previous_attempts(state), attempt],
+            }
+            resume.write_job(fs, root, {**doc, "versions": versions()})
+            write_vocabulary(plan, fs, root)
+            # every dataset exists from the start, with its schema, whatever the methods write and however the run
+            # ends: readers (pandas, DuckDB, Polars, datasets) fail on a missing folder but read a 0-row file
+            write_empty_datasets(fs, root, model_info(spec.model.name).embed_dim)
+            # the errors dataset always exists too; refused rows go in first
+            write_table(
+                pa.Table.from_pylist([_refused_row(r) for r in plan.refused], schema=ERRORS),
+                fs,
+                posixpath.join(root, "errors", "part-manifest.parquet"),
+            )
+        except OSError as e:  # the output cannot be written (a path under a file, permission, a bucket gone…)
+            raise _output_failed(e, plan, fs, root, doc, attempt) from e
         t0 = time.time()
         complete = dict(state.complete)
         if todo.num_rows:
@@ -348,10 +353,29 @@ def versions() -> dict:
     return out
 
 
+def _output_failed(error: OSError, plan: Plan, fs, root: str, doc: dict | None, attempt: dict) -> JobFailed:
+    """The error to raise when the output could not be prepared (before any work): a :class:`JobFailed` naming the
+    root cause (type, errno, path; redacted). When ``_job.json`` was already written, the attempt is recorded
+    there as failed too."""
+    if doc is not None:
+        failure = _failed(error, plan, fs, root, doc, attempt, {}, time.time())
+        if isinstance(failure, JobFailed):
+            return failure
+    reason = _error_text(error, plan.spec)
+    return JobFailed(
+        f"cannot write the output {storage.redact_uri(plan.spec.output.uri)}: {reason}. Nothing was run; re-run "
+        "the same command once the output can be written"
+    )
+
+
 def _failed(
     error: BaseException, plan: Plan, fs, root: str, doc: dict, attempt: dict, complete: dict, t0: float
 ) -> BaseException:
-    """Record a stopped run in ``_job.json`` (status ``failed`` or ``interrupted``) and return the error to raise."""
+    """Record a stopped run in ``_job.json`` (status ``failed`` or ``interrupted``) and return the error to raise.
+
+    The reason (:func:`_error_text`) is the root cause, e.g. the worker's ``OSError`` with its errno and path, not
+    Ray's wrapper. When ``_job.json`` cannot be written either (the output is gone or read-only), the returned
+    error still names the cause, and says that it could not be recorded."""
     interrupted = isinstance(error, KeyboardInterrupt)
     reason = _error_text(error, plan.spec)
     attempt.update(
@@ -362,10 +386,14 @@ def _failed(
         complete_shards=len(complete),
     )
     doc.update(status="interrupted" if interrupted else "failed", versions=versions())
+    unrecorded = ""
     try:
         resume.write_job(fs, root, doc)
-    except Exception:  # noqa: BLE001 - the original error matters more
-        logger.warning("could not record the failure in %s", resume.JOB_JSON, exc_info=True)
+    except Exception as e:  # noqa: BLE001 - the original error matters more: it is still raised, with its cause
+        # this error alone: its context is the failure being recorded, which the message names already
+        why = storage.redact_text(_describe_error(e), storage_options=_options(plan.spec), uris=_uris(plan.spec))
+        unrecorded = f" (not recorded in {resume.JOB_JSON}: {why})"
+        logger.warning("could not record the failure in %s: %s", resume.JOB_JSON, why)
     if interrupted or not isinstance(error, Exception):
         return error
     config = _config_error(error)
@@ -375,7 +403,7 @@ def _failed(
     total = len(plan.shard_sizes)
     return JobFailed(
         f"the job stopped: {reason}. {len(complete)} of {total} shards are complete and kept; re-run the same "
-        "command to resume (only unfinished shards are redone)"
+        f"command to resume (only unfinished shards are redone){unrecorded}"
     )
 
 
@@ -426,20 +454,46 @@ def _options(spec: JobSpec) -> tuple:
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _EXCEPTION_LINE = re.compile(r"^\s*((?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception|Exit|Interrupt)):(?: |$)", re.M)
+# Python's separators between the exceptions of a chain in a printed traceback (Ray copies the worker's into the
+# driver's exception text: the worker's exception objects themselves do not travel with their causes)
+_CHAIN_SEPARATOR = re.compile(
+    r"^\s*(?:The above exception was the direct cause of the following exception:"
+    r"|During handling of the above exception, another exception occurred:)\s*$",
+    re.M,
+)
+_RAY_TASK = re.compile(r"ray::([\w.()\-]+?)\(\)")
+# Ray's wrappers around a worker's exception: they say that a task failed, never why
+_RAY_WRAPPER = re.compile(r"^(?:ray\.exceptions\.\w+|\w*RayTaskError\w*|RaySystemError|UserCodeException)$")
 
 
 def _describe_error(e: BaseException) -> str:
-    """``Type: message``; a message that carries a traceback (Ray's errors from workers) is cut to its last
-    exception line and what follows it (the exception's own, possibly multi-line, message)."""
+    """``Type: message`` of ``e``, or of the root cause its text carries.
+
+    A message that carries a traceback (a ``RayTaskError`` from a worker, which keeps the worker's exception chain
+    only as text) is cut into the chain's exceptions; the first one that is not one of Ray's wrappers (``UDF failed
+    to process a data block``, ``RayTaskError``) is the root cause, e.g. ``FileExistsError: [Errno 17] File exists:
+    '…/labels'``, named with the Ray task that raised it. Without such a cause, the last exception line and what
+    follows it (its own, possibly multi-line, message)."""
     text = _ANSI.sub("", str(e))
-    if "Traceback (most recent call last)" in text or '  File "' in text:
-        found = list(_EXCEPTION_LINE.finditer(text))
+    name = type(e).__name__
+    if "Traceback (most recent call last)" in text or '  File "' in text or _CHAIN_SEPARATOR.search(text):
+        found = []  # (exception type, "Type: message", the Ray task it was raised in)
+        for block in _CHAIN_SEPARATOR.split(text):
+            lines = list(_EXCEPTION_LINE.finditer(block))
+            if lines:
+                task = _RAY_TASK.search(block)
+                found.append((lines[-1].group(1), block[lines[-1].start() :], task.group(1) if task else None))
+        roots = [f for f in found if not _RAY_WRAPPER.match(f[0])]
+        if roots:
+            _, line, task = roots[0]
+            line = " ".join(line.split())[:700]
+            return f"{line} (in Ray task {task})" if task else line
         if found:
-            text = text[found[-1].start() :]
+            text = found[-1][1]
     text = " ".join(text.split())
     if not text:
         return ""
-    return f"{type(e).__name__}: {text[:700]}"
+    return f"{name}: {text[:700]}"
 
 
 def _previous_attempts(state: resume.OutputState) -> list[dict]:
