@@ -106,8 +106,8 @@ def join_uri(root: str, *names: str) -> str:
 
 def is_inside(inner: str, outer: str) -> bool:
     """Whether ``inner`` is ``outer`` or lies under it (no I/O). Local paths are compared absolute and normalised;
-    URIs by scheme (``s3a``/``s3n`` = ``s3``, ``gcs`` = ``gs``) and path components, ignoring credentials and
-    queries."""
+    URIs by scheme (``s3a``/``s3n`` = ``s3``, ``gcs`` = ``gs``) and path components, ignoring credentials and, for
+    ``http(s)`` URIs, queries (an object key may contain ``?``, which is then part of the path)."""
     (s1, p1), (s2, p2) = _location(inner), _location(outer)
     return s1 == s2 and p1[: len(p2)] == p2
 
@@ -119,7 +119,9 @@ def _location(uri: str) -> tuple[str, tuple[str, ...]]:
         path = uri[m.end() :] if m else uri
         path = os.path.normpath(os.path.abspath(os.path.expanduser(path)))
         return "file", Path(path).parts
-    rest = uri[m.end() :].split("?", 1)[0]
+    rest = uri[m.end() :]
+    if scheme in ("http", "https"):  # a query there is not part of the location; an object key may hold "?"
+        rest = rest.split("?", 1)[0]
     _, rest = _split_userinfo(rest)
     scheme = {"s3a": "s3", "s3n": "s3", "gcs": "gs"}.get(scheme, scheme)
     return scheme, tuple(p for p in rest.split("/") if p)

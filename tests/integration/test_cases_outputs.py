@@ -253,3 +253,42 @@ def test_a_failure_mid_run_names_the_workers_error(tmp_path):
         assert "NotADirectoryError: [Errno 20]" in text or "FileExistsError: [Errno 17]" in text, text
         assert str(out / "labels") in text, text
     assert 1 <= attempt["complete_shards"] < 12
+
+
+@pytest.mark.timeout(500)
+def test_pattern_keys_on_s3_are_literal(s3, tmp_path):
+    """The same on the S3 server: image, manifest and output keys with ``[1]``, ``*``, ``?`` and ``{a,b}``, next to
+    keys that the patterns would match; a resumed run deletes the unfinished shard's files and nothing else."""
+    fs = s3.filesystem()
+    local = write_pattern_job(tmp_path / "local", 2)
+    prefix = f"{s3.bucket}/lit{PATTERN}"
+    decoy = f"{s3.bucket}/lit1/out1/labels/part-0000001-0123456789abcdef.parquet"  # what out[1] would match
+    fs.pipe_file(decoy, b"not ours")
+    rows = []
+    for line in (local.parent / f"in{PATTERN}" / f"manifest{PATTERN}.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        key = f"{prefix}/images/{Path(row['image_uri']).name}"
+        fs.put_file(row["image_uri"], key)
+        rows.append({**row, "image_uri": f"s3://{key}"})
+    fs.pipe_file(f"{prefix}/manifest{PATTERN}.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
+    out = f"{prefix}/out{PATTERN}"
+    spec = json.loads((local.parent / "job.yaml").read_text())
+    spec["input"] = {"manifest": f"s3://{prefix}/manifest{PATTERN}.jsonl", "storage_options": s3.storage_options}
+    spec["output"] = {"uri": f"s3://{out}", "shard_rows": 1, "storage_options": s3.storage_options}
+    (tmp_path / "job.yaml").write_text(json.dumps(spec))
+
+    first = clipmaps("run", "job.yaml", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    fs.invalidate_cache()
+    for name in ("labels", "heatmaps", "regions", "errors", "vocabulary"):
+        assert fs.exists(f"{out}/{name}"), name
+    assert fs.exists(f"{out}/regions/{EMPTY_FILE}")
+
+    fs.rm_file(f"{out}/_shards/0000001.json")
+    second = clipmaps("run", "job.yaml", cwd=tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert summary(second.stdout)["by this run"] == "1"
+    fs.invalidate_cache()
+    labels = pq.ParquetDataset(f"{out}/labels", filesystem=fs).read().column("image_id").to_pylist()
+    assert sorted(labels) == ["id0", "id1"]  # the redone shard once, the kept one once
+    assert fs.cat_file(decoy) == b"not ours"  # a key the pattern matches is never touched

@@ -311,3 +311,11 @@ def test_an_empty_table_is_a_schema_without_row_groups(tmp_path):
     meta = pq.read_metadata(tmp_path / "e.parquet")
     assert meta.num_row_groups == 0 and meta.num_rows == 0
     assert pq.read_schema(tmp_path / "e.parquet").equals(schema)
+
+
+def test_is_inside_keeps_pattern_characters_of_object_keys():
+    """``?`` is a query only in an http(s) URL: in an object key it is a character of the path."""
+    assert not is_inside("s3://b/lit[1]*?{a,b}/out", "s3://b/lit[1]*?{a,b}/manifest.jsonl")
+    assert is_inside("s3://b/lit[1]*?{a,b}/out/labels", "s3://b/lit[1]*?{a,b}/out")
+    assert is_inside("https://h/a/b?X-Amz-Signature=1", "https://h/a?x=2")
+    assert not is_inside("/tmp/x?/out", "/tmp/x?/in")
