@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 
 from clipmaps.pipeline.sources import compress_rle_counts, manifest_from_rows
 from clipmaps.schemas.datasets import MANIFEST
+from clipmaps.schemas.encodings import polygon_part_problem
 from clipmaps.schemas.errors import ManifestError
 from clipmaps.schemas.storage import filesystem, join_uri, redact_text, redact_uri
 
@@ -88,8 +89,9 @@ def _is_number(v: Any) -> bool:
 
 
 @dataclass
-class IdReport:
-    """What an adapter found wrong with annotation ids (``region_id`` in the manifest), for its summary.
+class AnnotationReport:
+    """What an adapter found wrong with annotation ids (``region_id`` in the manifest) and polygon parts, for its
+    summary.
 
     Ids are never renumbered: a repeated id stays on every mask that has it (the decode stage keeps the first mask
     of an image with that id and reports each later one as a ``DuplicateRegionId`` error row with the id), and an
@@ -101,6 +103,9 @@ class IdReport:
         duplicate_examples: up to :attr:`MAX_EXAMPLES` ``(image_id, annotation_id)`` of those.
         missing: number of annotations without an ``id``.
         missing_examples: up to :attr:`MAX_EXAMPLES` ``(image_id, position in the image's masks)``.
+        degenerate_parts: number of polygon parts the job will drop (``schemas.encodings.polygon_part_problem``;
+            they stay in the manifest, so what the job does with them is decided in one place).
+        degenerate_examples: up to :attr:`MAX_EXAMPLES` ``(image_id, region_id, part index, reason)``.
     """
 
     MAX_EXAMPLES: ClassVar[int] = 5
@@ -108,11 +113,21 @@ class IdReport:
     duplicate_examples: list[tuple[str, str]] = field(default_factory=list)
     missing: int = 0
     missing_examples: list[tuple[str, int]] = field(default_factory=list)
+    degenerate_parts: int = 0
+    degenerate_examples: list[tuple[str, str | None, int, str]] = field(default_factory=list)
 
-    def add_image(self, image_id: str, region_ids: list[str | None]) -> None:
-        """Count the clashes and missing ids among one image's ``region_ids`` (in mask order)."""
+    def add_image(self, image_id: str, masks: list[dict]) -> None:
+        """Count the clashes and missing ids among one image's masks (``MASK`` dicts, in order), and their
+        degenerate polygon parts."""
         seen: set[str] = set()
-        for k, rid in enumerate(region_ids):
+        for m in masks:
+            for part, poly in enumerate(m.get("polygon") or []):
+                why = polygon_part_problem(poly)
+                if why is not None:
+                    self.degenerate_parts += 1
+                    if len(self.degenerate_examples) < self.MAX_EXAMPLES:
+                        self.degenerate_examples.append((image_id, m.get("region_id"), part, why))
+        for k, rid in enumerate(m.get("region_id") for m in masks):
             if rid is None:
                 self.missing += 1
                 if len(self.missing_examples) < self.MAX_EXAMPLES:
@@ -141,6 +156,14 @@ class IdReport:
                 f"{self.missing} annotation(s) have no id (region_id left empty: the job names such a region by its "
                 f"position in the image's masks): {shown}{more}"
             )
+        if self.degenerate_parts:
+            shown = ", ".join(f"image {i} annotation {a} part {k} ({why})" for i, a, k, why in self.degenerate_examples)
+            more = ", …" if self.degenerate_parts > len(self.degenerate_examples) else ""
+            out.append(
+                f"{self.degenerate_parts} polygon part(s) are degenerate and will be dropped when the job runs (the "
+                f"annotation keeps its other parts; one with none left becomes a MalformedPolygon error row): "
+                f"{shown}{more}"
+            )
         return out
 
 
@@ -155,13 +178,13 @@ def from_coco(
     images_root_uri: str,
     *,
     storage_options: dict | None = None,
-    report: IdReport | None = None,
+    report: AnnotationReport | None = None,
 ) -> pa.Table:
     """COCO instances JSON → manifest: one row per entry of ``images`` (in file order, also without annotations),
     its annotations as masks (``region_id`` = annotation id; polygons kept in original coordinates; RLE counts as
     COCO's compressed string, uncompressed crowd RLE converted). ``image_uri`` = ``images_root_uri``/``file_name``.
 
-    Annotation ids are kept as they are (see :class:`IdReport`): repeated ids within an image and annotations
+    Annotation ids are kept as they are (see :class:`AnnotationReport`): repeated ids within an image and annotations
     without an id are counted into ``report`` when given, and logged as a warning.
 
     Raises:
@@ -179,7 +202,7 @@ def from_coco(
     orphans = sum(len(v) for k, v in by_image.items() if k not in known)
     if orphans:
         log.warning("%s: %d annotation(s) refer to images not in 'images'; skipped", shown, orphans)
-    ids = report if report is not None else IdReport()
+    ids = report if report is not None else AnnotationReport()
 
     def rows():
         for img in data["images"]:
@@ -191,7 +214,7 @@ def from_coco(
                     continue
                 where = f"{shown} image {img.get('id')} annotation {ann.get('id')}"
                 masks.append(_segmentation_to_mask(seg, _region_id(ann), where))
-            ids.add_image(str(img["id"]), [m["region_id"] for m in masks])
+            ids.add_image(str(img["id"]), masks)
             yield {"image_id": str(img["id"]), "image_uri": join_uri(images_root_uri, img["file_name"]), "masks": masks}
 
     table = _finish(rows())
@@ -224,7 +247,7 @@ def _full_uri(fs, path: str) -> str:
 
 
 def from_sa1b(
-    json_uris: str | Sequence[str], *, storage_options: dict | None = None, report: IdReport | None = None
+    json_uris: str | Sequence[str], *, storage_options: dict | None = None, report: AnnotationReport | None = None
 ) -> pa.Table:
     """SA-1B per-image JSON files (URIs or globs, e.g. ``s3://sa1b/sa_000000/*.json``) → manifest.
 
@@ -235,7 +258,7 @@ def from_sa1b(
     uris = _expand(json_uris, storage_options)
     if not uris:
         raise ManifestError(f"no SA-1B JSON files match {json_uris!r}")
-    ids = report if report is not None else IdReport()
+    ids = report if report is not None else AnnotationReport()
 
     def rows():
         for uri in uris:
@@ -250,7 +273,7 @@ def from_sa1b(
             for ann in data.get("annotations") or []:
                 rid = _region_id(ann)
                 masks.append(_segmentation_to_mask(ann.get("segmentation"), rid, f"{shown} annotation {rid}"))
-            ids.add_image(str(image_id), [m["region_id"] for m in masks])
+            ids.add_image(str(image_id), masks)
             yield {"image_id": str(image_id), "image_uri": join_uri(folder, image["file_name"]), "masks": masks}
 
     table = _finish(rows())
@@ -398,9 +421,9 @@ def _storage_options(values: list[str] | None) -> dict:
 
 def run_manifest_cli(args: argparse.Namespace) -> int:
     """Run ``clipmaps manifest …`` from parsed arguments; prints a one-line summary, then one line per kind of
-    annotation-id problem found (:class:`IdReport`). Returns the exit code."""
+    annotation problem found (:class:`AnnotationReport`). Returns the exit code."""
     so: dict = {}
-    ids = IdReport()
+    ids = AnnotationReport()
     try:
         so = _storage_options(args.storage_option)
         if args.source == "coco":
@@ -423,7 +446,7 @@ def run_manifest_cli(args: argparse.Namespace) -> int:
 
 __all__ = [
     "IMAGE_EXTENSIONS",
-    "IdReport",
+    "AnnotationReport",
     "from_coco",
     "from_folder",
     "from_sa1b",

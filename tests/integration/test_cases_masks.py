@@ -58,13 +58,15 @@ def case_check(name: str, work: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pycocotools vs numpy 2
-def test_polygon_with_a_degenerate_part(tmp_path, monkeypatch):
+def test_polygon_with_a_degenerate_part(tmp_path, monkeypatch, capsys):
     coco_api = pytest.importorskip("pycocotools.coco")
     work = make_case("coco-polygon-degenerate-part", tmp_path / "work")
     ref = coco_api.COCO(str(work / "coco.json"))
     want = {str(a): int(ref.annToMask(ref.anns[a]).sum()) for a in (10, 12)}
     assert want == {"10": 864, "12": 576}
     assert manifest_and_run(work, monkeypatch) == 0
+    printed = capsys.readouterr().out
+    assert "1 polygon part(s) are degenerate" in printed and "image 1 annotation 10 part 1 (2 point(s)" in printed
     regions = {r["region_id"]: (r["area"], list(r["bbox"])) for r in read(work, "regions")}
     assert regions["10"] == (want["10"], [24, 18, 24, 36])
     assert regions["12"] == (want["12"], [60, 24, 24, 24])

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from clipmaps.jobs.commands import add_manifest_parser
-from clipmaps.jobs.manifest import IdReport, from_coco, from_folder, from_sa1b, write_manifest
+from clipmaps.jobs.manifest import AnnotationReport, from_coco, from_folder, from_sa1b, write_manifest
 from clipmaps.pipeline.sources import (
     MANIFEST_READ,
     iter_table_batches,
@@ -392,7 +392,7 @@ def _coco_with_id_problems(path) -> dict:
 
 def test_coco_adapter_keeps_ids_and_reports_clashes_and_missing_ids(tmp_path, caplog):
     _coco_with_id_problems(tmp_path / "c.json")
-    report = IdReport()
+    report = AnnotationReport()
     with caplog.at_level(logging.WARNING, logger="clipmaps.jobs.manifest"):
         table = from_coco(str(tmp_path / "c.json"), "/img", report=report)
     ids = [[m["region_id"] for m in r] for r in table["masks"].to_pylist()]
@@ -406,13 +406,14 @@ def test_coco_adapter_keeps_ids_and_reports_clashes_and_missing_ids(tmp_path, ca
 
 
 def test_id_report_caps_its_examples():
-    report = IdReport()
+    report = AnnotationReport()
     for i in range(8):
-        report.add_image(str(i), ["a", "a", None])
-    assert report.duplicates == 8 and report.missing == 8
-    assert len(report.duplicate_examples) == len(report.missing_examples) == IdReport.MAX_EXAMPLES
+        report.add_image(str(i), [{"region_id": "a"}, {"region_id": "a"}, {"region_id": None, "polygon": [[1, 2]]}])
+    assert report.duplicates == report.missing == report.degenerate_parts == 8
+    assert len(report.duplicate_examples) == len(report.missing_examples) == AnnotationReport.MAX_EXAMPLES
+    assert len(report.degenerate_examples) == AnnotationReport.MAX_EXAMPLES
     assert all(line.endswith(", …") for line in report.lines())
-    assert IdReport().lines() == []
+    assert AnnotationReport().lines() == []
 
 
 def test_manifest_cli_prints_id_problems(tmp_path, capsys):
@@ -438,7 +439,7 @@ def test_sa1b_adapter_reports_id_clashes(tmp_path):
         "annotations": [{"id": 1, "segmentation": rle}, {"id": 1, "segmentation": rle}, {"segmentation": rle}],
     }
     (tmp_path / "sa_5.json").write_text(json.dumps(doc))
-    report = IdReport()
+    report = AnnotationReport()
     table = from_sa1b(str(tmp_path / "sa_5.json"), report=report)
     assert [m["region_id"] for m in table["masks"].to_pylist()[0]] == ["1", "1", None]
     assert (report.duplicates, report.missing) == (1, 1)
@@ -468,7 +469,12 @@ def test_coco_segmentation_forms(tmp_path):
         "categories": [{"id": 1, "name": "x"}],
     }
     (tmp_path / "c.json").write_text(json.dumps(data))
-    masks = from_coco(str(tmp_path / "c.json"), "/img")["masks"].to_pylist()[0]
+    report = AnnotationReport()
+    masks = from_coco(str(tmp_path / "c.json"), "/img", report=report)["masks"].to_pylist()[0]
+    assert (report.degenerate_parts, report.duplicates, report.missing) == (1, 0, 0)
+    assert report.degenerate_examples == [("1", "3", 1, "2 point(s), a polygon needs at least 3 (6 coordinates)")]
+    (line,) = report.lines()
+    assert line.startswith("1 polygon part(s) are degenerate and will be dropped") and "annotation 3 part 1" in line
     ref = coco_api.COCO(str(tmp_path / "c.json"))
     np.testing.assert_array_equal(rle_decode(masks[0]["rle"]), ref.annToMask(ref.anns[1]).astype(bool))
     assert masks[1]["polygon"] == [[24.0, 18.0, 48.0, 18.0, 48.0, 54.0, 24.0, 54.0]]  # a flat list is one part
