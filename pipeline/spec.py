@@ -415,9 +415,7 @@ class JobSpec(Section):
         problems: list[tuple[tuple[str, ...], str]] = []
         if self.requires_masks and not has_masks:
             shown = redact_uri(self.input.manifest)
-            reason = (
-                f"needs region masks, but the manifest {shown!r} has no 'masks' column (give a manifest with masks, "
-            )
+            reason = f"needs region masks, but no row of the manifest {shown!r} has any (give a manifest with masks, "
             problems.append((_path("methods.maskinversion"), reason + "or remove methods.maskinversion)"))
         for m in self.enabled_methods():
             if self.method(m).heatmaps:

@@ -227,16 +227,23 @@ class DecodeStage:
         areas: list[int] = []
         boxes: list[tuple[int, int, int, int]] = []
         errors: list[dict] = []
-        for k, m in enumerate(masks if masks is not None else []):
+        masks = list(masks) if masks is not None else []
+        named = {str(get_field(m, "region_id")) for m in masks if get_field(m, "region_id") not in (None, "")}
+        claimed: set[str] = set()  # ids of earlier masks, decoded or not: a later one never takes a failed one's id
+        for k, m in enumerate(masks):
             rid = get_field(m, "region_id")
-            rid = str(k) if rid is None or rid == "" else str(rid)
+            if rid is None or rid == "":
+                # an unnamed mask is named by its position, unless another mask of the image is named so explicitly
+                rid = str(k) if str(k) not in named else f"#{k}"
+            rid = str(rid)
             try:
                 if m is None:
                     raise RowError("mask", "MalformedMask", "the mask is null", region_id=rid)
-                if rid in ids:
+                if rid in claimed:
                     raise RowError(
                         "mask", "DuplicateRegionId", f"region_id {rid!r} is used by an earlier mask", region_id=rid
                     )
+                claimed.add(rid)
                 mask = decode_mask(m, height, width, fetched=fetched.get(k), region_id=rid)
                 area = int(np.count_nonzero(mask))
                 if area == 0:

@@ -628,3 +628,24 @@ def test_config_validation():
     with pytest.raises(TypeError):
         DecodeStage(DecodeConfig(), square_size=3)
     assert DecodeStage(square_size=64).config.square_size == 64
+
+
+def test_region_ids_are_never_reused_within_an_image(tmp_path):
+    """A mask whose id an earlier, failed mask had is a duplicate too (one id never names both an error and a region);
+    an unnamed mask named by its position does not take an id another mask of the image has explicitly."""
+    h, w = 24, 36
+    img = save(marked_rgb(w, h), tmp_path / "img.png")
+    box = np.zeros((h, w), bool)
+    box[4:10, 5:20] = True
+    masks = [
+        {"region_id": "a", "polygon": [[0, 0, 3]]},  # fails: no usable polygon part
+        {"region_id": "a", "rle": rle_encode(box)},  # same id as the failed one: a duplicate, not region "a"
+        {"region_id": None, "rle": rle_encode(box)},  # unnamed, position 2 …
+        {"region_id": "2", "rle": rle_encode(box)},  # … but "2" is this mask's own id
+    ]
+    out = row(decode_batch(batch(img, masks=[masks]), cfg(need_masks=True)), 0)
+    assert out[B.MASK_IDS] == ["#2", "2"]
+    assert sorted((e["region_id"], e["error_type"]) for e in out[B.MASK_ERRORS]) == [
+        ("a", "DuplicateRegionId"),
+        ("a", "MalformedPolygon"),
+    ]

@@ -335,7 +335,7 @@ def test_scientific_floats_and_yaml_files(tmp_path):
 def test_manifest_checks_once_columns_are_known():
     spec = spec_with(lambda d: d["methods"].update(maskinversion={}, legrad={"prompts": "manifest"}))
     spec.check_manifest(has_masks=True, has_prompts=True)
-    with pytest.raises(SpecError, match=r"^methods.maskinversion: needs region masks.*no 'masks' column"):
+    with pytest.raises(SpecError, match=r"^methods.maskinversion: needs region masks, but no row of the manifest"):
         spec.check_manifest(has_masks=False, has_prompts=True)
     with pytest.raises(SpecError, match=r"^methods.legrad.prompts: LeGrad heatmaps need prompts"):
         spec.check_manifest(has_masks=True, has_prompts=False)
