@@ -120,7 +120,8 @@ def test_empty_datasets_case(tmp_path):
 # ---------------------------------------------------------------------------------------------- literal paths
 def write_pattern_job(base: Path, images: int, *, shard_rows: int = 1) -> Path:
     """A job whose input folder, image names, manifest and output folder hold every glob character; returns the
-    output folder. Each image has a prompt and a mask, so GEM and MaskInversion write every dataset."""
+    output folder. Each image has a prompt, a polygon mask and a PNG mask (named with the pattern too), so GEM and
+    MaskInversion write every dataset."""
     folder = base / f"in{PATTERN}"
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
@@ -128,13 +129,19 @@ def write_pattern_job(base: Path, images: int, *, shard_rows: int = 1) -> Path:
     for i in range(images):
         name = f"{IMAGE_NAMES[i % len(IMAGE_NAMES)]}-{i}.png"
         Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(folder / name)
+        mask = np.zeros((48, 64), np.uint8)
+        mask[10:40, 20:60] = 255
+        Image.fromarray(mask).save(folder / f"mask{PATTERN}-{i}.png")
         polygon = [[4, 4, 30, 4, 30, 30, 4, 30]]
         rows.append(
             {
                 "image_id": f"id{i}",
                 "image_uri": str(folder / name),
                 "prompts": ["red square"],
-                "masks": [{"region_id": "r", "polygon": polygon}],
+                "masks": [
+                    {"region_id": "r", "polygon": polygon},
+                    {"region_id": "m", "uri": str(folder / f"mask{PATTERN}-{i}.png")},
+                ],
             }
         )
     manifest = folder / f"manifest{PATTERN}.jsonl"
@@ -177,7 +184,7 @@ def test_pattern_paths_are_literal_through_a_resumed_run(tmp_path):
     plain = tmp_path / "plain"
     shutil.copytree(out, plain)
     counts = read_everywhere(plain, tmp_path / "hf")
-    assert counts == {"labels": images, "heatmaps": images, "regions": images, "errors": 0, "vocabulary": 3}
+    assert counts == {"labels": images, "heatmaps": images, "regions": 2 * images, "errors": 0, "vocabulary": 3}
     assert sorted(pd.read_parquet(out / "labels")["image_id"]) == [f"id{i}" for i in range(images)]
     check_vocabulary(out, ["red square", "blue square"], ["background", "sky"])
     row = summary(first.stdout)
@@ -269,7 +276,13 @@ def test_pattern_keys_on_s3_are_literal(s3, tmp_path):
         row = json.loads(line)
         key = f"{prefix}/images/{Path(row['image_uri']).name}"
         fs.put_file(row["image_uri"], key)
-        rows.append({**row, "image_uri": f"s3://{key}"})
+        masks = []
+        for mask in row["masks"]:
+            if mask.get("uri"):
+                fs.put_file(mask["uri"], f"{prefix}/masks/{Path(mask['uri']).name}")
+                mask = {**mask, "uri": f"s3://{prefix}/masks/{Path(mask['uri']).name}"}
+            masks.append(mask)
+        rows.append({**row, "image_uri": f"s3://{key}", "masks": masks})
     fs.pipe_file(f"{prefix}/manifest{PATTERN}.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
     out = f"{prefix}/out{PATTERN}"
     spec = json.loads((local.parent / "job.yaml").read_text())
@@ -291,4 +304,6 @@ def test_pattern_keys_on_s3_are_literal(s3, tmp_path):
     fs.invalidate_cache()
     labels = pq.ParquetDataset(f"{out}/labels", filesystem=fs).read().column("image_id").to_pylist()
     assert sorted(labels) == ["id0", "id1"]  # the redone shard once, the kept one once
+    regions = pq.ParquetDataset(f"{out}/regions", filesystem=fs).read().column("region_id").to_pylist()
+    assert sorted(regions) == ["m", "m", "r", "r"]  # the PNG masks were read from their pattern-named keys
     assert fs.cat_file(decoy) == b"not ours"  # a key the pattern matches is never touched
