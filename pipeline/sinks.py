@@ -72,18 +72,25 @@ def output_schemas(embed_dim: int) -> dict[str, pa.Schema]:
 
 def write_empty_datasets(fs, root: str, embed_dim: int) -> list[str]:
     """Write :data:`EMPTY_FILE` into ``labels/``, ``heatmaps/`` and ``regions/`` under ``root`` where it is
-    missing (a resumed job finds them from its first attempt); returns the paths written.
+    missing or has another schema; returns the paths written. A resumed job finds them from its first attempt; an
+    attempt that replaces an unfinished one of another model may find a ``regions/`` file of another embedding
+    width, which would give the folder two schemas.
 
     Raises:
         ValueError: ``embed_dim`` is not positive.
         OSError: the output cannot be written (the filesystem's error, with its errno and path).
     """
+    import pyarrow.parquet as pq
+
     written = []
     for name, schema in output_schemas(embed_dim).items():
         path = posixpath.join(root, name, EMPTY_FILE)
-        if not fs.exists(path):
-            write_table(schema.empty_table(), fs, path)
-            written.append(path)
+        if fs.exists(path):
+            with fs.open(path, "rb") as f:
+                if pq.read_schema(f).equals(schema, check_metadata=False):
+                    continue
+        write_table(schema.empty_table(), fs, path)
+        written.append(path)
     return written
 
 
