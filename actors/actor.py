@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from clipmaps.schemas import batches as cols
-from clipmaps.schemas.errors import short
+from clipmaps.schemas.errors import ConfigError, short
+from clipmaps.schemas.storage import redact_text
 
 from .models import load_model
 from .params import MethodParams, ModelSpec
@@ -65,15 +66,22 @@ class MethodActor:
             torch.set_num_threads(threads)
         m = config.model
         device = m.device if m.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        self.lm = load_model(
-            m.name,
-            pretrained=m.pretrained,
-            weights=m.weights,
-            seed=m.seed,
-            device=device,
-            storage_options=m.storage_options or None,
-            weights_sha256=m.weights_sha256,
-        )
+        try:
+            self.lm = load_model(
+                m.name,
+                pretrained=m.pretrained,
+                weights=m.weights,
+                seed=m.seed,
+                device=device,
+                storage_options=m.storage_options or None,
+                weights_sha256=m.weights_sha256,
+            )
+        except ConfigError as e:  # any of the family (WeightsChecksumError…): the driver reads its name from Ray's text
+            raise ConfigError(e.message, stage="model") from None
+        except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
+            # the weights named by the job are not there: a re-run cannot fix that (the driver maps it to exit 2)
+            text = redact_text(str(e), storage_options=m.storage_options, uris=[m.weights])
+            raise ConfigError(f"model.weights: {text}", stage="model") from None
         entry = REGISTRY[config.method]
         self.predictor = entry.load_predictor()(
             self.lm,

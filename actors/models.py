@@ -151,7 +151,13 @@ def read_state_dict(
     shown = redact_uri(uri)
     data = cached_weights(uri, sha256=sha256, storage_options=storage_options).read_bytes()
     if uri.split("?", 1)[0].endswith(".safetensors"):  # a presigned URL ends in its query
-        return load_safetensors(data)
+        try:
+            return load_safetensors(data)
+        except Exception as e:  # noqa: BLE001 - safetensors' own error type: a truncated or foreign file
+            raise ConfigError(
+                f"model.weights: {shown} is not a valid safetensors file ({type(e).__name__}: {str(e)[:200]})",
+                stage="model",
+            ) from None
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # the unpickler refuses anything but tensors and plain containers

@@ -176,7 +176,7 @@ _VIT_ONLY = (
     "its paper and upstream code modify CLIP ViT attention blocks (class token, q/k/v of open_clip's "
     "VisionTransformer), which this backbone does not have"
 )
-_SIGLIP_COCA_NOTE = "; LeGrad and MaskInversion on SigLIP and CoCa are planned (issue 15)"
+_SIGLIP_COCA_NOTE = "; upstream LeGrad also defines it for SigLIP and CoCa, which clipmaps does not run yet"
 
 REGISTRY: dict[str, MethodEntry] = {
     e.name: e

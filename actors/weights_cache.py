@@ -35,6 +35,7 @@ import time
 import uuid
 from pathlib import Path
 
+from clipmaps.schemas.errors import ConfigError
 from clipmaps.schemas.storage import filesystem, redact_error, redact_uri, uri_scheme
 
 logger = logging.getLogger(__name__)
@@ -57,8 +58,11 @@ __all__ = [
 ]
 
 
-class WeightsChecksumError(ValueError):
-    """The weights' sha256 is not the expected one (the bad download has been removed)."""
+class WeightsChecksumError(ConfigError):
+    """The weights' sha256 is not the expected one (the bad download has been removed). A configuration error:
+    re-running cannot fix it (CLI exit code 2)."""
+
+    default_stage = "model"
 
 
 def default_cache_dir() -> Path:

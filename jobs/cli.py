@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 from .commands import COMMANDS
@@ -90,6 +91,9 @@ def _models(args: argparse.Namespace) -> int:
     from clipmaps.actors.registry import BUNDLED_WEIGHTS, FAMILIES, list_model_names, model_info, supported_methods
 
     names = [n for n in list_model_names() if not args.filter or args.filter.lower() in n.lower()]
+    if not names:
+        print(f"clipmaps models: no architecture name contains {args.filter!r}", file=sys.stderr)
+        return 2
     tags: dict[str, list[str]] = {}
     for name, tag in BUNDLED_WEIGHTS:
         tags.setdefault(name, []).append(tag)
@@ -121,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run ``clipmaps`` with ``argv`` (default: the process's arguments); returns the exit code."""
     args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `clipmaps models | head` ends quietly, as Unix tools do
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )

@@ -438,8 +438,9 @@ def _decode_masks(masks: list | None, height: int, width: int, storage_options: 
                 with fsspec.open(m["uri"], "rb", **storage_options) as f:
                     fetched = f.read()
             out.append((rid, decode_mask(m, height, width, fetched=fetched)))
-        except Exception as e:  # noqa: BLE001 - shown on the card
-            out.append((rid, f"{type(e).__name__}: {getattr(e, 'message', e)}"))
+        except Exception as e:  # noqa: BLE001 - shown on the card, so without secrets
+            text = f"{type(e).__name__}: {getattr(e, 'message', e)}"
+            out.append((rid, redact_text(text, storage_options=storage_options, uris=[m.get("uri") if m else None])))
     return out
 
 

@@ -10,6 +10,7 @@ Every failure is a :class:`~clipmaps.schemas.errors.ConfigError` naming the fiel
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 
 from clipmaps.actors.registry import bundled_weights
@@ -25,15 +26,23 @@ logger = logging.getLogger(__name__)
 _CHUNK = 8 << 20
 
 
-def check_sources(spec: JobSpec) -> list[str]:
+def check_sources(spec: JobSpec, *, verify: bool = True) -> list[str]:
     """Check that the model's weights can be had; returns notes for the plan.
 
+    Args:
+        spec: the job.
+        verify: also read the weights whole to check their digest (``weights_sha256`` or a ``<uri>.sha256`` file)
+            and a safetensors file's header; without it only that they exist (what every run checks before Ray
+            starts, so a missing file is exit 2, not a failed run).
+
     Raises:
-        ConfigError: ``model.weights`` is unreadable or does not match ``model.weights_sha256``; ``model.pretrained``
-            is a tag neither clipmaps nor open_clip knows for ``model.name``."""
+        ConfigError: ``model.weights`` is missing, unreadable, not a valid safetensors file, or does not match its
+            digest; ``model.pretrained`` is a tag neither clipmaps nor open_clip knows for ``model.name``."""
     m = spec.model
     if m.weights is not None:
-        return [_check_weights(m.weights, m.weights_sha256, dict(m.storage_options))]
+        return [_check_weights(m.weights, m.weights_sha256, dict(m.storage_options), verify=verify)]
+    if not verify:
+        return []
     if m.pretrained is not None:
         path = bundled_weights(m.name, m.pretrained)
         if path is not None:
@@ -50,25 +59,54 @@ def check_sources(spec: JobSpec) -> list[str]:
     return [f"weights   random (seed {m.seed}): the maps are noise"]
 
 
-def _check_weights(uri: str, sha256: str | None, storage_options: dict) -> str:
+def _check_weights(uri: str, sha256: str | None, storage_options: dict, *, verify: bool) -> str:
     shown = redact_uri(uri)
+    path_part = uri.split("?", 1)[0]
     try:
         fs, path = filesystem(uri, storage_options)
-        size = int(fs.info(path).get("size") or 0)
-        if sha256 is None:
-            return f"weights   {shown}: {size} bytes (no weights_sha256: a <uri>.sha256 file is used if present)"
+        info = fs.info(path)
+        if info.get("type") == "directory":
+            raise ConfigError(f"model.weights: {shown} is a folder, not a weights file")
+        size = int(info.get("size") or 0)
+        if not verify:
+            return f"weights   {shown}: {size} bytes"
+        if sha256 is None and "?" not in uri:  # the cache verifies a <uri>.sha256 file when there is one
+            sidecar = fs.cat_file(path + ".sha256").split() if fs.exists(path + ".sha256") else []
+            sha256 = sidecar[0].decode().lower() if sidecar else None
         digest = hashlib.sha256()
         with fs.open(path, "rb") as f:
+            head = f.read(_CHUNK)
+            digest.update(head)
             while chunk := f.read(_CHUNK):
                 digest.update(chunk)
+    except ConfigError:
+        raise
     except FileNotFoundError:
         raise ConfigError(f"model.weights: {shown} not found") from None
     except Exception as e:  # noqa: BLE001 - any client error means the actors could not read it either
         text = redact_text(f"{type(e).__name__}: {e}", storage_options=storage_options, uris=[uri])
         raise ConfigError(f"model.weights: cannot read {shown}: {text}") from None
+    if path_part.endswith(".safetensors") and (problem := _safetensors_problem(head, size)) is not None:
+        raise ConfigError(f"model.weights: {shown} is not a valid safetensors file ({problem})")
+    if sha256 is None:
+        return f"weights   {shown}: {size} bytes (no digest given)"
     if digest.hexdigest() != sha256.lower():
         raise ConfigError(f"model.weights_sha256: {shown} has sha256 {digest.hexdigest()}, expected {sha256.lower()}")
     return f"weights   {shown}: {size} bytes, sha256 matches"
+
+
+def _safetensors_problem(head: bytes, size: int) -> str | None:
+    """Why the first bytes of a file are not a safetensors header (8-byte little-endian length, then JSON)."""
+    if len(head) < 8:
+        return f"{size} bytes: too short for a header"
+    length = int.from_bytes(head[:8], "little")
+    if 8 + length > size:
+        return f"its header claims {length} bytes, the file has {size}"
+    try:
+        header = json.loads(head[8 : 8 + length]) if 8 + length <= len(head) else {}
+    except ValueError:
+        return "its header is not JSON"
+    return None if isinstance(header, dict) else "its header is not a JSON object"
 
 
 def output_report(plan: Plan) -> list[str]:
@@ -79,6 +117,8 @@ def output_report(plan: Plan) -> list[str]:
     """
     spec = plan.spec
     fs, root = filesystem(spec.output.uri, dict(spec.output.storage_options))
+    if fs.isfile(root):
+        raise OutputConflict(f"output.uri: {redact_uri(spec.output.uri)} is a file; the output is a folder")
     state = resume.read_state(fs, root) if fs.exists(root) else resume.OutputState(job=None)
     shards = len(plan.shard_digests)
     if spec.output.overwrite and (state.job is not None or state.complete):

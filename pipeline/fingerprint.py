@@ -75,9 +75,12 @@ def method_fingerprint(
     if e.encodes_text:
         templates = spec.templates(method)
         out["templates"] = templates if isinstance(templates, str) else list(templates)
-        if spec.vocabulary is not None and (settings.labels or source == "vocabulary"):
+        if spec.vocabulary is not None and (settings.labels or source in ("vocabulary", "auto")):
+            v = spec.vocabulary
+            # the names themselves (not only their id), so that a refusal can say which changed
+            out["vocabulary"] = {"names": list(v.class_names(class_names)), "background": list(v.background)}
             out["vocabulary_id"] = spec.vocabulary_id(method, class_names)
-            out["threshold"] = spec.vocabulary.threshold if settings.labels else None
+            out["threshold"] = v.threshold if settings.labels else None
     return out
 
 
@@ -149,6 +152,8 @@ def differences(previous: dict[str, Any] | None, current: dict[str, Any]) -> lis
 
 
 def _show(v: Any) -> str:
+    if isinstance(v, list) and len(v) > 6:  # long lists (class names): their size and ends
+        return f"{len(v)} items [{_canonical(v[0])}, {_canonical(v[1])}, …, {_canonical(v[-1])}]"
     text = _canonical(v) if v is not None else "unset"
     return text if len(text) <= 80 else text[:77] + "..."
 

@@ -42,6 +42,13 @@ from .spec import JobSpec
 logger = logging.getLogger(__name__)
 
 
+_PROMPT_SOURCES = {
+    "manifest": ", prompts: the manifest's",
+    "vocabulary": ", prompts: the class names",
+    "auto": ", prompts: each row's own, else the class names",
+}
+
+
 @dataclass
 class Plan:
     """A resolved job: the valid manifest rows (with their shard), rows refused before any work, the resolved
@@ -107,7 +114,7 @@ class Plan:
         lines.append(f"decode    CPU tasks, {s.resources.decode_cpus} CPU each")
         for name in self.methods:
             pool = s.method(name).resources
-            source = f", prompts from the {self.prompt_sources[name]}" if name in self.prompt_sources else ""
+            source = _PROMPT_SOURCES.get(self.prompt_sources.get(name), "")
             lines.append(
                 f"{name:<9} pool {pool.min_actors}-{pool.max_actors} actors x ({pool.num_gpus} GPU, "
                 f"{pool.num_cpus} CPU), batch {pool.batch_size}, params {self.params_hash[name]}{source}"

@@ -81,12 +81,14 @@ def read_state(fs, root: str) -> OutputState:
 
 
 def conflicts(state: OutputState, plan) -> list[str]:
-    """Why this plan must not add to the output, one line per reason; empty when it may (a fresh output, or the same
-    fingerprint and unchanged rows in every complete shard)."""
+    """Why this plan must not add to the output, one line per reason; empty when it may (an output with no complete
+    shard, or the same fingerprint and unchanged rows in every complete shard)."""
     if state.job is None:
         return [f"it holds shard markers but no {JOB_JSON} (not a clipmaps output, or a damaged one)"] * bool(
             state.complete
         )
+    if not state.complete:  # nothing finished to mix with: the run replaces what an unfinished attempt left
+        return []
     lines = differences(state.job.get("fingerprint"), plan.fingerprint)
     if lines:
         return lines

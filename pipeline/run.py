@@ -86,8 +86,7 @@ def run(spec: JobSpec, *, dry_run: bool = False, progress: Callable[[str], None]
     say = progress or (lambda line: logger.info("%s", line))
     plan = make_plan(spec)
     spec = plan.spec
-    if dry_run:
-        plan.notes.extend(check_sources(spec))
+    plan.notes.extend(check_sources(spec, verify=dry_run))  # a missing weights file is exit 2, not a failed run
     # a run the output would refuse fails here, in a second, before Ray starts (prepare_output checks again:
     # another writer may act while Ray starts)
     report = output_report(plan)

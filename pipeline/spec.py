@@ -594,41 +594,50 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[st
         SpecError: a malformed override, an unknown key, or a value that is not YAML.
     """
     out = copy.deepcopy(dict(raw))
+    problems: list[tuple[tuple[str, ...], str]] = []
     for item in overrides:
-        key, sep, text = item.partition("=")
-        parts = [p.strip() for p in key.split(".")]
-        if not sep or not all(parts):
-            raise SpecError((), f"--set {item!r}: expected key.path=value, e.g. methods.gem.depth=5")
-        for i, part in enumerate(parts):
-            model = _model_at(parts[:i])
-            if model is None:
-                if i and _model_at(parts[: i - 1]) is not None and _is_mapping_field(parts[:i]):
-                    break  # free-form mapping (storage_options, custom_resources)
-                raise SpecError(parts[:i], f"--set {item!r}: has no keys")
-            if part not in model.model_fields:
-                names = list(model.model_fields)
-                hint = _suggest(part, names) or f" (expected one of: {', '.join(names)})"
-                raise SpecError(parts[:i], f"--set {item!r}: unknown key {part!r}{hint}")
         try:
-            value = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError as e:
-            raise SpecError(parts, f"--set {item!r}: cannot parse the value as YAML ({e})") from None
-        node = out
-        for i, part in enumerate(parts[:-1]):
-            child = node.get(part)
-            if child is None:
-                if value is None:
-                    break  # removing under an absent parent: nothing to do
-                child = node[part] = {}
-            elif not isinstance(child, dict):
-                raise SpecError(parts[: i + 1], f"--set {item!r}: is {_got(child)}, not a mapping")
-            node = child
-        else:
-            if value is None:
-                node.pop(parts[-1], None)
-            else:
-                node[parts[-1]] = value
+            _apply_override(out, item)
+        except SpecError as e:  # report every bad override at once
+            problems += e.problems
+    if problems:
+        raise SpecError(problems=problems)
     return out
+
+
+def _apply_override(out: dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    parts = [p.strip() for p in key.split(".")]
+    if not sep or not all(parts):
+        raise SpecError((), f"--set {item!r}: expected key.path=value, e.g. methods.gem.depth=5")
+    for i, part in enumerate(parts):
+        model = _model_at(parts[:i])
+        if model is None:
+            if i and _model_at(parts[: i - 1]) is not None and _is_mapping_field(parts[:i]):
+                break  # free-form mapping (storage_options, custom_resources)
+            raise SpecError(parts[:i], f"--set {item!r}: has no keys")
+        if part not in model.model_fields:
+            names = list(model.model_fields)
+            hint = _suggest(part, names) or f" (expected one of: {', '.join(names)})"
+            raise SpecError(parts[:i], f"--set {item!r}: unknown key {part!r}{hint}")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as e:
+        raise SpecError(parts, f"--set {item!r}: cannot parse the value as YAML ({e})") from None
+    node = out
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            if value is None:
+                return  # removing under an absent parent: nothing to do
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise SpecError(parts[: i + 1], f"--set {item!r}: is {_got(child)}, not a mapping")
+        node = child
+    if value is None:
+        node.pop(parts[-1], None)
+    else:
+        node[parts[-1]] = value
 
 
 def _is_mapping_field(path: Sequence[str]) -> bool:

@@ -198,3 +198,39 @@ def test_schema_and_models_commands(tmp_path, capsys):
     assert main(["models", "--no-tags", "clipmaps-tiny"]) == 0
     rows = {line.split()[0]: line.split()[2] for line in capsys.readouterr().out.splitlines()[1:3]}
     assert rows == {"clipmaps-tiny-rn": "maskclip", "clipmaps-tiny-vit": "maskclip,gem,legrad,maskinversion"}
+
+
+def test_weights_and_output_problems_are_configuration_errors(tmp_path, capsys):
+    """Found trying clipmaps as a user: a missing weights file failed the run with exit 4 and 're-run to resume';
+    a corrupt safetensors file and an output path that is a file passed --dry-run. All are exit 2 before Ray."""
+    from clipmaps.jobs.cli import main
+
+    row = {"image_id": "a", "image_uri": "/nowhere/a.png", "prompts": ["x"]}
+    (tmp_path / "manifest.jsonl").write_text(json.dumps(row) + "\n")
+    job = str(_job(tmp_path))
+    weights = ["--set", "model.seed=null", "--set"]
+    assert main(["run", job, *weights, f"model.weights={tmp_path / 'nope.safetensors'}"]) == 2  # a real run
+    err = capsys.readouterr().err
+    assert "model.weights: " in err and "not found" in err and "resume" not in err
+    (tmp_path / "cut.safetensors").write_bytes((10**6).to_bytes(8, "little") + b'{"a": ')
+    assert main(["run", job, "--dry-run", *weights, f"model.weights={tmp_path / 'cut.safetensors'}"]) == 2
+    assert "is not a valid safetensors file (its header claims 1000000 bytes" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("not a folder")
+    assert main(["run", job, "--dry-run", "--set", f"output.uri={tmp_path / 'afile'}"]) == 2
+    assert "output.uri: " in capsys.readouterr().err
+
+
+def test_every_bad_override_is_reported_at_once(tmp_path, capsys):
+    from clipmaps.jobs.cli import main
+
+    argv = ["run", str(_job(tmp_path)), "--dry-run", "--set", "methods.gem.dept=3", "--set", "methods.legrad.layrs=3"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "2 problems" in err and "'dept'" in err and "'layrs'" in err
+
+
+def test_models_with_a_filter_that_matches_nothing(capsys):
+    from clipmaps.jobs.cli import main
+
+    assert main(["models", "--no-tags", "no-such-architecture"]) == 2
+    assert "no architecture name contains 'no-such-architecture'" in capsys.readouterr().err

@@ -112,3 +112,25 @@ def test_shard_digests_cover_every_row_field_shard_by_shard():
         assert [s for s in base if base[s] != digests[s]] == [1], field
     appended = shard_digests(pa.Table.from_pylist(rows + rows[:3], schema=MANIFEST), 4)
     assert appended[0] == base[0] and appended[1] == base[1] and appended[2] != base[2] and 3 in appended
+
+
+def test_an_output_without_complete_shards_accepts_a_changed_job():
+    """Nothing finished, nothing to mix: a failed first attempt (bad weights digest, say) may be re-run with the
+    fix; once a shard is complete, the same change is refused by name."""
+    from types import SimpleNamespace
+
+    from clipmaps.pipeline.resume import OutputState, conflicts
+
+    spec = load_spec(copy.deepcopy(BASE))
+    plan = SimpleNamespace(spec=spec, fingerprint=fingerprint(["model.seed=1"]), shard_digests={0: "d0"})
+    assert conflicts(OutputState(job={"fingerprint": fingerprint()}, complete={}), plan) == []
+    done = OutputState(job={"fingerprint": fingerprint()}, complete={0: {"digest": "d0"}})
+    assert conflicts(done, plan) == ['model.weights: "random:seed=0" → "random:seed=1"']
+    plan.fingerprint = fingerprint()
+    plan.shard_digests = {0: "changed"}
+    assert conflicts(done, plan)[0].startswith("the manifest rows of complete shard(s) 0 (manifest rows 0-63) changed")
+
+
+def test_a_changed_vocabulary_is_named_by_its_names():
+    lines = differences(fingerprint(), fingerprint(["vocabulary.names=[cat, dog, chair]"]))
+    assert 'methods.gem.vocabulary.names: ["cat","dog","sofa"] → ["cat","dog","chair"]' in lines
