@@ -8,6 +8,11 @@ Upstream pushes one image copy per mask through the whole backbone and different
 blocks with weight gradients on. Here the trunk runs once per image, masks of several images are optimised
 together, and the explainability map comes from :class:`~.legrad.LinearizedBlock` (closed form, linear in
 the embedding), so each iteration costs a few matrix products per mask and no backbone work.
+
+Results do not depend on the batch: the trunk runs one image at a time (``legrad.trace_blocks``), the image
+embedding ``e0`` too (``[1, C] @ proj``; a ``[B, C]`` product rounds differently), and optimising the masks of
+several images together is exact per mask (each image's loss term has its own gradient, the optimiser is
+elementwise).
 """
 
 from __future__ import annotations
