@@ -59,6 +59,8 @@ _FINAL = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryEr
 def is_transient(exc: BaseException, _depth: int = 0) -> bool:
     """Whether a read error is worth retrying: connection errors, timeouts, 5xx/429/throttling (also as the cause
     of another error). Missing files, permission errors, bad arguments and :class:`RowError` are final."""
+    if _unreachable(exc):
+        return True
     if isinstance(exc, _FINAL):
         return False
     if isinstance(exc, (ConnectionError, TimeoutError)):
@@ -102,12 +104,23 @@ def fetch_bytes(uri: Any, config: DecodeConfig, *, what: str = "image") -> bytes
     raise AssertionError("unreachable")
 
 
+def _unreachable(exc: BaseException) -> BaseException | None:
+    """The connection error behind a ``FileNotFoundError`` (fsspec's HTTP filesystem raises one when it cannot
+    connect at all, with the client's error as its cause); None for a file that is really missing."""
+    cause = exc.__cause__ if isinstance(exc, FileNotFoundError) else None
+    return cause if cause is not None and is_transient(cause) else None
+
+
 def read_error(e: BaseException, uri: Any, storage_options: dict, attempts: int = 1) -> RowError:
     """``e``, raised while reading ``uri``, as a :class:`RowError` of stage ``read`` naming the redacted URI; a
     client's message is scrubbed of the URI's credentials and the storage options' secrets (clients quote them)."""
     if isinstance(e, RowError):
         return e
     shown = redact_uri(uri)
+    tries = f" (after {attempts} attempts)" if attempts > 1 else ""
+    if (cause := _unreachable(e)) is not None:
+        detail = redact_text(str(cause) or type(cause).__name__, storage_options=storage_options, uris=[uri])
+        return RowError("read", type(cause).__name__, f"{shown}: cannot connect ({detail}){tries}")
     if isinstance(e, FileNotFoundError):
         return RowError("read", "FileNotFoundError", f"{shown}: not found")
     if isinstance(e, PermissionError):
@@ -115,5 +128,4 @@ def read_error(e: BaseException, uri: Any, storage_options: dict, attempts: int 
     if isinstance(e, IsADirectoryError):
         return RowError("read", "IsADirectoryError", f"{shown}: is a directory, not a file")
     detail = redact_text(str(e) or type(e).__name__, storage_options=storage_options, uris=[uri])
-    tries = f" (after {attempts} attempts)" if attempts > 1 else ""
     return RowError("read", type(e).__name__, f"{shown}: {detail}{tries}")

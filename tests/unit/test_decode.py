@@ -649,3 +649,11 @@ def test_region_ids_are_never_reused_within_an_image(tmp_path):
         ("a", "DuplicateRegionId"),
         ("a", "MalformedPolygon"),
     ]
+
+
+def test_an_unreachable_server_is_not_a_missing_file():
+    """fsspec's HTTP filesystem raises FileNotFoundError when it cannot connect; the row says it could not connect
+    (after its retries), not that the file is missing."""
+    out = decode_batch(batch("http://127.0.0.1:9/img.png"), cfg(allowed_schemes=("http",), retries=1))
+    assert out[B.ERROR_TYPE][0] == "ClientConnectorError"
+    assert "cannot connect" in out[B.ERROR_MESSAGE][0] and "(after 2 attempts)" in out[B.ERROR_MESSAGE][0]
