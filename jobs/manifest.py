@@ -182,14 +182,16 @@ def from_coco(
 ) -> pa.Table:
     """COCO instances JSON → manifest: one row per entry of ``images`` (in file order, also without annotations),
     its annotations as masks (``region_id`` = annotation id; polygons kept in original coordinates; RLE counts as
-    COCO's compressed string, uncompressed crowd RLE converted). ``image_uri`` = ``images_root_uri``/``file_name``.
+    COCO's compressed string, uncompressed crowd RLE converted). ``image_uri`` = ``images_root_uri``/``file_name``;
+    ``width``/``height`` = the image's declared size (the frame its polygons are drawn in; null when absent), which
+    the decode stage compares with the image as decoded (``pipeline.decode.masks``).
 
     Annotation ids are kept as they are (see :class:`AnnotationReport`): repeated ids within an image and annotations
     without an id are counted into ``report`` when given, and logged as a warning.
 
     Raises:
         ManifestError: unreadable file, not a COCO instances file, an unrecognised segmentation (naming the
-            annotation).
+            annotation), a ``width``/``height`` that is not an integer.
     """
     data = _load_json(instances_json_uri, storage_options)
     shown = redact_uri(instances_json_uri)
@@ -215,7 +217,13 @@ def from_coco(
                 where = f"{shown} image {img.get('id')} annotation {ann.get('id')}"
                 masks.append(_segmentation_to_mask(seg, _region_id(ann), where))
             ids.add_image(str(img["id"]), masks)
-            yield {"image_id": str(img["id"]), "image_uri": join_uri(images_root_uri, img["file_name"]), "masks": masks}
+            yield {
+                "image_id": str(img["id"]),
+                "image_uri": join_uri(images_root_uri, img["file_name"]),
+                "masks": masks,
+                "width": img.get("width"),
+                "height": img.get("height"),
+            }
 
     table = _finish(rows())
     for line in ids.lines():
@@ -253,7 +261,8 @@ def from_sa1b(
 
     Each file is ``{"image": {"image_id", "file_name", …}, "annotations": [{"id", "segmentation": {"size",
     "counts"}}, …]}``; the image lies next to its JSON (same folder, ``file_name``). ``region_id`` = annotation id,
-    kept as it is; clashes and missing ids are counted into ``report`` as :func:`from_coco` does.
+    kept as it is; clashes and missing ids are counted into ``report`` as :func:`from_coco` does. ``width``/``height``
+    = ``image.width``/``image.height`` (null when absent).
     """
     uris = _expand(json_uris, storage_options)
     if not uris:
@@ -274,7 +283,13 @@ def from_sa1b(
                 rid = _region_id(ann)
                 masks.append(_segmentation_to_mask(ann.get("segmentation"), rid, f"{shown} annotation {rid}"))
             ids.add_image(str(image_id), masks)
-            yield {"image_id": str(image_id), "image_uri": join_uri(folder, image["file_name"]), "masks": masks}
+            yield {
+                "image_id": str(image_id),
+                "image_uri": join_uri(folder, image["file_name"]),
+                "masks": masks,
+                "width": image.get("width"),
+                "height": image.get("height"),
+            }
 
     table = _finish(rows())
     for line in ids.lines():

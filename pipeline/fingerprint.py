@@ -29,6 +29,7 @@ import pyarrow as pa
 
 from clipmaps.actors.params import OPERATIONAL_FIELDS
 from clipmaps.actors.registry import ORIGINAL_GEM, REGISTRY
+from clipmaps.schemas.batches import MASKS_SQUARE
 
 from .spec import JobSpec
 
@@ -72,6 +73,8 @@ def method_fingerprint(
         out["prompt_source"] = source
     output = spec.output.model_dump(mode="json")
     out.update({name: output[name] for name in e.output_fields(settings)})
+    if MASKS_SQUARE in e.inputs:  # which frame masks are read in decides which pixels a region covers
+        out["annotation_frame"] = spec.input.annotation_frame
     if e.encodes_text:
         templates = spec.templates(method)
         out["templates"] = templates if isinstance(templates, str) else list(templates)

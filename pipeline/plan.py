@@ -295,6 +295,7 @@ def build_dataset(plan: Plan, table: pa.Table | None = None, *, blocks: int = 0)
         storage_options=dict(spec.input.storage_options),
         allowed_schemes=tuple(spec.input.allowed_schemes),
         retries=spec.resources.retries,
+        annotation_frame=spec.input.annotation_frame,
     )
     first_pool = spec.method(plan.methods[0]).resources
     retries = spec.resources.task_retries

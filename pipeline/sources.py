@@ -1,7 +1,9 @@
 """Manifests: read a Parquet / JSONL / CSV manifest into the ``MANIFEST`` schema and split off invalid rows.
 
-A manifest has one row per image: ``image_id``, ``image_uri`` (required), ``masks`` (list of ``MASK`` structs) and
-``prompts`` (list of strings), both optional (see :mod:`clipmaps.schemas.datasets`). Reading happens on the driver
+A manifest has one row per image: ``image_id``, ``image_uri`` (required), ``masks`` (list of ``MASK`` structs),
+``prompts`` (list of strings) and ``width``/``height`` (int32: the frame the row's annotations are drawn in, as COCO
+and SA-1B declare it; null or absent = unknown), all optional (see :mod:`clipmaps.schemas.datasets`; how the decode
+stage uses the declared size is in :mod:`clipmaps.pipeline.decode.masks`). Reading happens on the driver
 and never lists object-store prefixes; the Ray dataset is built from the returned table.
 
 * :func:`read_manifest_table` reads and conforms types. It raises ``clipmaps.schemas.errors.ManifestError`` (exit 2) for
@@ -21,7 +23,8 @@ Formats, by file name (a trailing ``.gz``/``.bz2``/``.xz``/``.zst`` on JSONL/CSV
   annotations have, are converted to the compressed string), ``uri``, ``polygon`` (list of ``[x0, y0, x1, y1, …]``
   parts; a single flat list is accepted; degenerate parts are kept here and dropped when the mask is decoded).
 * CSV (``.csv``): a header row; ``masks`` is a JSON string (as in JSONL); ``prompts`` a JSON list string or a
-  ``|``-separated string. Every value is read as text (``image_id`` ``007`` stays ``"007"``).
+  ``|``-separated string. Every value is read as text (``image_id`` ``007`` stays ``"007"``); ``width``/``height``
+  are parsed as integers (empty = unknown).
 """
 
 from __future__ import annotations
@@ -282,7 +285,31 @@ def _norm_row(obj: dict, where: str) -> dict:
         "image_uri": _norm_str(obj.get("image_uri"), where, "image_uri"),
         "masks": _norm_masks(obj.get("masks"), where, "masks"),
         "prompts": _norm_prompts(obj.get("prompts"), where, "prompts"),
+        "width": _norm_size(obj.get("width"), where, "width"),
+        "height": _norm_size(obj.get("height"), where, "height"),
     }
+
+
+def _norm_size(v: Any, where: str, name: str) -> int | None:
+    """A declared ``width``/``height``: an integer, an integral float (JSON ``480.0``) or a decimal string (CSV);
+    ``None``/``""`` = unknown. Its value is judged against the image by the decode stage (per region), not here.
+
+    Raises:
+        ManifestError: not an integer, or outside int32, naming ``where`` and the column.
+    """
+    if v is None or (isinstance(v, str) and not v.strip()):
+        return None
+    out: int | None = None
+    if _is_int(v) or (isinstance(v, (float, np.floating)) and float(v).is_integer()):
+        out = int(v)
+    elif isinstance(v, str):
+        try:
+            out = int(v.strip())
+        except ValueError:
+            out = None
+    if out is None or not -(2**31) <= out < 2**31:
+        raise ManifestError(f"{where}: column {name!r} must be an integer (pixels), got {_short(repr(v), 60)}")
+    return out
 
 
 def _norm_str(v: Any, where: str, name: str) -> str | None:
@@ -549,7 +576,8 @@ def iter_table_batches(table: pa.Table, rows_per_batch: int = 1024) -> list[pa.T
 
 
 def manifest_from_rows(rows: Iterable[dict]) -> pa.Table:
-    """Python dicts (``image_id``, ``image_uri``, optional ``masks``, ``prompts``) → a ``MANIFEST_READ`` table, with
+    """Python dicts (``image_id``, ``image_uri``, optional ``masks``, ``prompts``, ``width``, ``height``) → a
+    ``MANIFEST_READ`` table, with
     the same normalisation as JSONL manifests."""
     return _rows_to_table(_norm_row(r, f"row {i}") for i, r in enumerate(rows))
 

@@ -86,6 +86,11 @@ class InputSpec(Section):
         allowed_schemes: schemes image and mask URIs may use (bare paths are ``file``); others become error rows.
         storage_options: fsspec options for the manifest, images and masks. Redacted wherever the spec is written.
         limit: process only the first ``limit`` rows of the manifest.
+        annotation_frame: which frame region masks are drawn in when an image has an EXIF orientation: ``auto``
+            (by each mask's size — an RLE's ``size``, a PNG mask's size, a polygon's declared ``width``/``height``:
+            the oriented frame as is, else the stored frame mapped through the orientation; the oriented one when
+            both have the same size), ``oriented`` (as displayed) or ``stored`` (the pixels as in the file, as tools
+            that ignore EXIF show them). A mask that fits no frame allowed is a ``MaskSizeMismatch`` region error.
     """
 
     manifest: Str = Field(min_length=1)
@@ -93,6 +98,7 @@ class InputSpec(Section):
     allowed_schemes: tuple[Str, ...] = Field(("file", "s3"), min_length=1)
     storage_options: dict[str, Any] = Field(default_factory=dict)
     limit: Int | None = Field(None, ge=1)
+    annotation_frame: Literal["auto", "oriented", "stored"] = "auto"
 
     @property
     def manifest_format(self) -> str:

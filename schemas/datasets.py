@@ -30,13 +30,18 @@ MASK = pa.struct(
     ]
 )
 
-#: The input manifest: one row per image. ``masks`` and ``prompts`` are optional columns.
+#: The input manifest: one row per image. ``masks``, ``prompts``, ``width`` and ``height`` are optional columns;
+#: ``width``/``height`` are the frame the row's annotations are drawn in (COCO's and SA-1B's declared image size, which
+#: may be the stored, un-rotated frame of an EXIF-rotated photo); null = unknown. The decode stage reads them and
+#: replaces them by the decoded size (``schemas.batches.HEIGHT``/``WIDTH``).
 MANIFEST = pa.schema(
     [
         pa.field("image_id", pa.string(), nullable=False),
         pa.field("image_uri", pa.string(), nullable=False),
         pa.field("masks", pa.list_(MASK)),
         pa.field("prompts", pa.list_(pa.string())),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
     ]
 )
 MANIFEST_REQUIRED = ("image_id", "image_uri")

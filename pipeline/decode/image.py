@@ -4,7 +4,9 @@
 * Decompression bombs: ``width × height`` from the header is checked against ``max_pixels`` before any pixel is
   decoded (``Image.MAX_IMAGE_PIXELS`` is never changed; Pillow's own check still refuses images above twice its
   limit, ~179 Mpx, reported the same way; between once and twice it only warns).
-* EXIF orientation is applied (``ImageOps.exif_transpose``); sizes and masks are in the oriented frame. Embedded ICC
+* EXIF orientation is applied exactly as ``ImageOps.exif_transpose`` does (:data:`EXIF_TRANSPOSE`: tags 2–8; any
+  other value, or none, is 1 = as stored); :func:`load_oriented` also returns the tag and the stored size, so that the
+  decode stage can map masks annotated on the stored frame through the same transpose (:mod:`.masks`). Embedded ICC
   profiles are ignored (as CLIP's own preprocessing does).
 * Transparency (RGBA, LA, PA, palette or grey with a transparent colour) is composited on **white**: a
   transparent background reads as an empty page, the common case for product shots, icons and documents.
@@ -17,9 +19,10 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 
 from clipmaps.schemas.errors import RowError
 from clipmaps.schemas.storage import redact_uri
@@ -29,6 +32,33 @@ DEFAULT_MAX_PIXELS = 89_478_485
 #: Image formats Pillow may open (``Image.open(formats=…)``).
 DEFAULT_FORMATS: tuple[str, ...] = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF", "GIF", "PPM", "TGA")
 
+#: EXIF ``Orientation`` tag → the transpose that shows the stored pixels upright: Pillow's own table in
+#: ``ImageOps.exif_transpose`` (pixels and stored-frame masks both go through it, so they cannot disagree).
+EXIF_TRANSPOSE: dict[int, Image.Transpose] = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+class OrientedImage(NamedTuple):
+    """An image as decoded, with the frame it was stored in.
+
+    Attributes:
+        image: RGB, in display orientation; ``image.size`` is the oriented ``(width, height)``.
+        orientation: the EXIF ``Orientation`` tag applied, 1–8 (1: none, absent or not one of 2–8).
+        stored_size: ``(width, height)`` of the pixels as stored in the file, before orientation (equal to
+            ``image.size`` for tags 1–4, swapped for 5–8).
+    """
+
+    image: Image.Image
+    orientation: int
+    stored_size: tuple[int, int]
+
 
 def load_image(
     data: bytes,
@@ -37,7 +67,22 @@ def load_image(
     formats: Sequence[str] | None = DEFAULT_FORMATS,
     uri: str = "image",
 ) -> Image.Image:
-    """Image bytes → an RGB PIL image in display orientation (EXIF applied).
+    """Image bytes → an RGB PIL image in display orientation (EXIF applied): :func:`load_oriented`'s ``image``.
+
+    Raises:
+        RowError: as :func:`load_oriented`.
+    """
+    return load_oriented(data, max_pixels=max_pixels, formats=formats, uri=uri).image
+
+
+def load_oriented(
+    data: bytes,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    formats: Sequence[str] | None = DEFAULT_FORMATS,
+    uri: str = "image",
+) -> OrientedImage:
+    """Image bytes → the RGB image in display orientation, its EXIF orientation tag and its stored size.
 
     Args:
         data: the file's bytes.
@@ -81,10 +126,18 @@ def load_image(
     except Exception as e:  # noqa: BLE001
         raise RowError("decode", type(e).__name__, f"{shown}: cannot decode {img.format} image: {e}") from None
     try:
-        img = ImageOps.exif_transpose(img)
-        return to_rgb(img)
+        orientation = exif_orientation(img)
+        if orientation != 1:
+            img = img.transpose(EXIF_TRANSPOSE[orientation])
+        return OrientedImage(to_rgb(img), orientation, (width, height))
     except Exception as e:  # noqa: BLE001
         raise RowError("decode", type(e).__name__, f"{shown}: cannot convert {img.mode} image to RGB: {e}") from None
+
+
+def exif_orientation(img: Image.Image) -> int:
+    """The EXIF ``Orientation`` tag of an opened image as ``ImageOps.exif_transpose`` reads it: 2–8, else 1."""
+    tag = img.getexif().get(ExifTags.Base.Orientation, 1)
+    return tag if isinstance(tag, int) and tag in EXIF_TRANSPOSE else 1
 
 
 def _openable(formats: Sequence[str] | None) -> list[str] | None:

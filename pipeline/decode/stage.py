@@ -22,8 +22,8 @@ from clipmaps.schemas.errors import RowError, short
 from clipmaps.schemas.storage import DEFAULT_ALLOWED_SCHEMES, redact_uri
 
 from .fetch import fetch_bytes, read_error
-from .image import DEFAULT_FORMATS, DEFAULT_MAX_PIXELS, load_image
-from .masks import decode_mask, get_field
+from .image import DEFAULT_FORMATS, DEFAULT_MAX_PIXELS, load_oriented
+from .masks import ANNOTATION_FRAMES, AnnotationFrame, decode_mask, get_field
 from .preprocess import Preprocess
 
 #: Every column the stage can add, in order (:func:`output_columns` gives those of one config).
@@ -61,6 +61,8 @@ class DecodeConfig:
         retry_backoff_s: first back-off; doubles per attempt, with jitter.
         io_threads: concurrent fetches per batch (object-store latency dominates); 1 = sequential.
         formats: Pillow formats accepted (``None`` = any Pillow can open).
+        annotation_frame: ``auto`` | ``oriented`` | ``stored``: the frame region masks are in, against the image's
+            EXIF orientation (``input.annotation_frame``; the rule is in :mod:`.masks`).
     """
 
     square_size: int | None = 448
@@ -73,6 +75,7 @@ class DecodeConfig:
     retry_backoff_s: float = 0.2
     io_threads: int = 8
     formats: tuple[str, ...] | None = DEFAULT_FORMATS
+    annotation_frame: AnnotationFrame = "auto"
 
     def __post_init__(self):
         if self.square_size is not None and self.square_size < 1:
@@ -81,6 +84,8 @@ class DecodeConfig:
             raise ValueError(f"max_pixels must be ≥ 1, got {self.max_pixels}")
         if self.retries < 0 or self.retry_backoff_s < 0 or self.io_threads < 1:
             raise ValueError("retries and retry_backoff_s must be ≥ 0 and io_threads ≥ 1")
+        if self.annotation_frame not in ANNOTATION_FRAMES:
+            raise ValueError(f"annotation_frame must be one of {ANNOTATION_FRAMES}, got {self.annotation_frame!r}")
         object.__setattr__(self, "allowed_schemes", tuple(s.lower() for s in self.allowed_schemes))
         object.__setattr__(self, "storage_options", dict(self.storage_options or {}))
         if self.formats is not None:
@@ -126,6 +131,9 @@ class DecodeStage:
         n = len(columns[B.IMAGE_URI])
         uris = columns[B.IMAGE_URI]
         masks_col = columns.get("masks")
+        # the manifest's optional width/height (the annotation's frame) share their names with the decoded size
+        # written below: read them before they are replaced
+        declared_h, declared_w = columns.get(B.HEIGHT), columns.get(B.WIDTH)
         pre_errors = columns.get(B.ERROR_STAGE)
         has_error = B.failed_rows(columns)
         todo = [i for i in range(n) if not has_error[i]]
@@ -151,7 +159,8 @@ class DecodeStage:
                     for i in range(n):
                         out[name][i] = columns[name][i] if has_error[i] else None
         for i, f in zip(todo, fetched):
-            row = self._row(columns[B.IMAGE_URI][i], masks_col[i] if masks_col is not None else None, f)
+            declared = _declared(declared_h, declared_w, i)
+            row = self._row(columns[B.IMAGE_URI][i], masks_col[i] if masks_col is not None else None, f, declared)
             for name, value in row.items():
                 out[name][i] = value
 
@@ -191,12 +200,12 @@ class DecodeStage:
         return res
 
     # -- decoding (the calling thread)
-    def _row(self, uri: str, masks: Any, fetched: _Fetched) -> dict[str, Any]:
+    def _row(self, uri: str, masks: Any, fetched: _Fetched, declared: tuple[int, int] | None) -> dict[str, Any]:
         cfg = self.config
         try:
             if fetched.error is not None:
                 raise fetched.error
-            img = load_image(fetched.data, max_pixels=cfg.max_pixels, formats=cfg.formats, uri=uri)
+            img, orientation, _ = load_oriented(fetched.data, max_pixels=cfg.max_pixels, formats=cfg.formats, uri=uri)
             fetched.data = None  # free the bytes early
             width, height = img.size
             row: dict[str, Any] = {B.HEIGHT: height, B.WIDTH: width}
@@ -213,14 +222,22 @@ class DecodeStage:
                 ) from None
             if cfg.need_masks:
                 try:
-                    row.update(self._masks(masks, height, width, fetched.masks))
+                    row.update(self._masks(masks, height, width, fetched.masks, orientation, declared))
                 except Exception as e:  # noqa: BLE001
                     raise RowError("mask", type(e).__name__, f"{redact_uri(uri)}: decoding masks failed: {e}") from None
             return row
         except RowError as e:
             return {B.ERROR_STAGE: e.stage, B.ERROR_TYPE: e.error_type, B.ERROR_MESSAGE: e.message}
 
-    def _masks(self, masks: Any, height: int, width: int, fetched: dict[int, bytes | RowError]) -> dict[str, Any]:
+    def _masks(
+        self,
+        masks: Any,
+        height: int,
+        width: int,
+        fetched: dict[int, bytes | RowError],
+        orientation: int = 1,
+        declared: tuple[int, int] | None = None,
+    ) -> dict[str, Any]:
         size = self._square.size if self._square is not None else None
         ids: list[str] = []
         squares: list[np.ndarray] = []
@@ -244,7 +261,16 @@ class DecodeStage:
                         "mask", "DuplicateRegionId", f"region_id {rid!r} is used by an earlier mask", region_id=rid
                     )
                 claimed.add(rid)
-                mask = decode_mask(m, height, width, fetched=fetched.get(k), region_id=rid)
+                mask = decode_mask(
+                    m,
+                    height,
+                    width,
+                    fetched=fetched.get(k),
+                    region_id=rid,
+                    orientation=orientation,
+                    declared=declared,
+                    annotation_frame=self.config.annotation_frame,
+                )
                 area = int(np.count_nonzero(mask))
                 if area == 0:
                     raise RowError("mask", "EmptyMask", "the mask has no pixels inside the image", region_id=rid)
@@ -292,6 +318,17 @@ def output_columns(config: DecodeConfig) -> tuple[str, ...]:
     if not config.need_masks:
         skip |= {B.MASK_IDS, B.MASKS_SQUARE, B.MASK_AREA, B.MASK_BBOX, B.MASK_ERRORS}
     return tuple(c for c in OUTPUT_COLUMNS if c not in skip)
+
+
+def _declared(heights: Any, widths: Any, i: int) -> tuple[int, int] | None:
+    """Row ``i``'s declared ``(height, width)``, or ``None`` when either is missing: absent column, null, or NaN (Ray
+    hands a nullable integer column with nulls to numpy batches as float64 with NaN)."""
+    if heights is None or widths is None:
+        return None
+    h, w = heights[i], widths[i]
+    if any(v is None or (isinstance(v, (float, np.floating)) and np.isnan(v)) for v in (h, w)):
+        return None
+    return int(h), int(w)
 
 
 def _columns(batch: Mapping[str, Any] | pa.Table) -> dict[str, Any]:

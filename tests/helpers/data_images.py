@@ -36,6 +36,28 @@ def jpeg_with_orientation(path: Path, width: int, height: int, orientation: int)
     return save(marked_rgb(width, height), path, format="JPEG", quality=95, exif=exif.tobytes())
 
 
+#: The object drawn by :func:`jpeg_with_box`: pure-ish green, told from the dark background by colour alone.
+BOX_COLOUR = (30, 220, 30)
+
+
+def jpeg_with_box(path: Path, width: int, height: int, orientation: int, box: tuple[int, int, int, int]) -> str:
+    """JPEG stored as ``width × height`` (dark grey) with a :data:`BOX_COLOUR` rectangle at ``box`` = ``(x0, y0, x1,
+    y1)`` (pixels ``x0 ≤ x < x1``, ``y0 ≤ y < y1``) of the **stored** pixels, and EXIF ``Orientation`` =
+    ``orientation``. Keep the box on the 8-pixel JPEG block grid so its edges stay sharp after compression."""
+    arr = np.full((height, width, 3), 40, np.uint8)
+    x0, y0, x1, y1 = box
+    arr[y0:y1, x0:x1] = BOX_COLOUR
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return save(Image.fromarray(arr, "RGB"), path, format="JPEG", quality=95, exif=exif.tobytes())
+
+
+def find_box(img: Image.Image) -> np.ndarray:
+    """``bool [h, w]``: the pixels of an RGB image that show :data:`BOX_COLOUR` (green high, red low)."""
+    arr = np.asarray(img.convert("RGB")).astype(np.int16)
+    return (arr[..., 1] > 130) & (arr[..., 0] < 130)
+
+
 def png_claiming_size(path: Path, width: int, height: int) -> str:
     """A tiny PNG whose header claims ``width × height`` (a decompression bomb that never gets decoded)."""
 

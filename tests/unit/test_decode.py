@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from clipmaps.pipeline.decode import (
     OUTPUT_COLUMNS,
@@ -22,6 +22,8 @@ from clipmaps.pipeline.decode import (
     output_columns,
     to_rgb,
 )
+from clipmaps.pipeline.decode.image import EXIF_TRANSPOSE, load_oriented
+from clipmaps.pipeline.decode.masks import decode_mask, orient_mask
 from clipmaps.pipeline.decode.preprocess import OPENAI_MEAN, OPENAI_STD, Preprocess, default_preprocess
 from clipmaps.schemas import batches as B
 from clipmaps.schemas.datasets import MANIFEST
@@ -29,6 +31,8 @@ from clipmaps.schemas.encodings import rle_encode
 from clipmaps.schemas.errors import RowError
 from tests.helpers.data_images import (
     FlakyFileSystem,
+    find_box,
+    jpeg_with_box,
     jpeg_with_orientation,
     marked_rgb,
     png_claiming_size,
@@ -377,24 +381,14 @@ def test_masks_are_in_the_oriented_frame(tmp_path):
     oriented = np.zeros((40, 20), bool)
     oriented[:5, -5:] = True  # where the red mark ends up
     stored = np.zeros((20, 40), bool)
-    out = row(
-        decode_batch(
-            batch(
-                p,
-                masks=[
-                    [
-                        {"region_id": "a", "rle": rle_encode(oriented)},
-                        {"region_id": "b", "rle": rle_encode(stored | True)},
-                    ]
-                ],
-            ),
-            cfg(need_masks=True, square_size=None),
-        ),
-        0,
-    )
-    assert out[B.MASK_IDS] == ["a"] and B.MASKS_SQUARE not in out
-    assert out[B.MASK_BBOX].tolist() == [[15, 0, 5, 5]]
-    assert [e["error_type"] for e in out[B.MASK_ERRORS]] == ["MaskSizeMismatch"]
+    stored[:5, :5] = True  # the red mark in the file's pixels
+    masks = [[{"region_id": "a", "rle": rle_encode(oriented)}, {"region_id": "b", "rle": rle_encode(stored)}]]
+    out = row(decode_batch(batch(p, masks=masks), cfg(need_masks=True, square_size=None)), 0)
+    # auto: "b" is of the stored size, so it goes through the image's orientation and covers the mark too
+    assert out[B.MASK_IDS] == ["a", "b"] and B.MASKS_SQUARE not in out
+    assert out[B.MASK_BBOX].tolist() == [[15, 0, 5, 5], [15, 0, 5, 5]]
+    only = row(decode_batch(batch(p, masks=masks), cfg(need_masks=True, annotation_frame="oriented")), 0)
+    assert only[B.MASK_IDS] == ["a"] and [e["error_type"] for e in only[B.MASK_ERRORS]] == ["MaskSizeMismatch"]
 
 
 def test_masks_in_ray_numpy_form_and_rows_without_masks(tmp_path):
@@ -657,3 +651,156 @@ def test_an_unreachable_server_is_not_a_missing_file():
     out = decode_batch(batch("http://127.0.0.1:9/img.png"), cfg(allowed_schemes=("http",), retries=1))
     assert out[B.ERROR_TYPE][0] == "ClientConnectorError"
     assert "cannot connect" in out[B.ERROR_MESSAGE][0] and "(after 2 attempts)" in out[B.ERROR_MESSAGE][0]
+
+
+# ------------------------------------------------------------------------------------------------ annotation frames
+STORED_W, STORED_H = 48, 32
+#: the object, in the stored pixels: x 8…23, y 8…15 (on the JPEG block grid, off-centre in both axes so that every
+#: orientation moves it somewhere else)
+STORED_BOX = (8, 8, 24, 16)
+
+
+def stored_box_mask() -> np.ndarray:
+    m = np.zeros((STORED_H, STORED_W), bool)
+    x0, y0, x1, y1 = STORED_BOX
+    m[y0:y1, x0:x1] = True
+    return m
+
+
+def box_polygon(x0: int, y0: int, x1: int, y1: int) -> list[list[float]]:
+    return [[float(x0), float(y0), float(x1), float(y0), float(x1), float(y1), float(x0), float(y1)]]
+
+
+def bbox_of(m: np.ndarray) -> tuple[int, int, int, int]:
+    ys, xs = np.nonzero(m)
+    return int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)
+
+
+def framed_masks(tmp_path: Path, frame: str, box_in_frame: np.ndarray) -> tuple[list[dict], dict]:
+    """The object as a polygon, an RLE and a PNG mask drawn in one frame (``box_in_frame``: its mask there)."""
+    x, y, w, h = bbox_of(box_in_frame)
+    return [
+        {"region_id": f"{frame}-poly", "polygon": box_polygon(x, y, x + w, y + h)},
+        {"region_id": f"{frame}-rle", "rle": rle_encode(box_in_frame)},
+        {"region_id": f"{frame}-png", "uri": png_mask(tmp_path / f"{frame}.png", box_in_frame)},
+    ], {"height": box_in_frame.shape[0], "width": box_in_frame.shape[1]}
+
+
+def decode_framed(p: str, masks: list[dict], declared: dict, **kw) -> dict:
+    extra = {B.HEIGHT: np.array([declared["height"]]), B.WIDTH: np.array([declared["width"]])}
+    out = row(decode_batch(batch(p, masks=[masks], **extra), cfg(need_masks=True, **kw)), 0)
+    assert_ok(out)
+    return out
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_orient_mask_is_pillows_exif_transpose(orientation):
+    rng = np.random.default_rng(orientation)
+    m = rng.random((5, 7)) < 0.5
+    img = Image.fromarray(np.where(m, 255, 0).astype(np.uint8), "L")
+    img.getexif()[0x0112] = orientation
+    expected = np.asarray(ImageOps.exif_transpose(img)) != 0
+    np.testing.assert_array_equal(orient_mask(m, orientation), expected)
+    assert set(EXIF_TRANSPOSE) == set(range(2, 9))
+
+
+@pytest.mark.parametrize("orientation", [*range(1, 9), 0, 9])
+def test_load_oriented_reports_the_tag_and_the_stored_size(tmp_path, orientation):
+    p = jpeg_with_box(tmp_path / "b.jpg", STORED_W, STORED_H, orientation, STORED_BOX)
+    img, tag, stored = load_oriented(Path(p).read_bytes())
+    assert tag == (orientation if 2 <= orientation <= 8 else 1)  # 0 and 9 are no orientation, as for Pillow
+    assert stored == (STORED_W, STORED_H)
+    assert img.size == ((STORED_H, STORED_W) if tag >= 5 else (STORED_W, STORED_H))
+    assert img.size == ImageOps.exif_transpose(Image.open(p)).size
+
+
+# auto with 2–4: both frames have one size, and auto takes the oriented one (test_auto_cannot_tell_equal_frames)
+@pytest.mark.parametrize(
+    ("orientation", "mode"), [(t, "stored") for t in range(1, 9)] + [(t, "auto") for t in (1, 5, 6, 7, 8)]
+)
+def test_masks_drawn_on_the_stored_frame_cover_the_object(tmp_path, orientation, mode):
+    """The object drawn in the stored pixels; masks of it in the stored frame (polygon + declared stored size, RLE
+    and PNG of the stored size) cover exactly the object in the decoded image, for every orientation."""
+    p = jpeg_with_box(tmp_path / "b.jpg", STORED_W, STORED_H, orientation, STORED_BOX)
+    truth = find_box(load_image(Path(p).read_bytes()))
+    assert truth.sum() == 16 * 8  # the drawing survived JPEG and orientation intact
+    masks, declared = framed_masks(tmp_path, "stored", stored_box_mask())
+    out = decode_framed(p, masks, declared, annotation_frame=mode)
+    assert (out[B.HEIGHT], out[B.WIDTH]) == truth.shape
+    assert out[B.MASK_IDS] == ["stored-poly", "stored-rle", "stored-png"], out[B.MASK_ERRORS]
+    assert out[B.MASK_BBOX].tolist() == [list(bbox_of(truth))] * 3
+    assert out[B.MASK_AREA].tolist() == [int(truth.sum())] * 3
+    # the square model input: the mask lies over the object's pixels there too
+    green = unnormalise(out[B.PIXELS_SQUARE])[..., 1] > 130
+    for square in out[B.MASKS_SQUARE]:
+        assert (green[square > 0.5]).mean() > 0.9
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("mode", ["auto", "oriented"])
+def test_masks_drawn_on_the_oriented_frame_are_used_as_they_are(tmp_path, orientation, mode):
+    p = jpeg_with_box(tmp_path / "b.jpg", STORED_W, STORED_H, orientation, STORED_BOX)
+    truth = find_box(load_image(Path(p).read_bytes()))
+    masks, declared = framed_masks(tmp_path, "oriented", truth)
+    out = decode_framed(p, masks, declared, annotation_frame=mode)
+    assert out[B.MASK_IDS] == ["oriented-poly", "oriented-rle", "oriented-png"], out[B.MASK_ERRORS]
+    assert out[B.MASK_BBOX].tolist() == [list(bbox_of(truth))] * 3
+    assert out[B.MASK_AREA].tolist() == [int(truth.sum())] * 3
+
+
+@pytest.mark.parametrize("orientation", [2, 3, 4])
+def test_auto_cannot_tell_equal_frames(tmp_path, orientation):
+    """Flips and the 180° turn keep the size: auto takes such a mask as drawn on the oriented frame (documented);
+    a collection annotated on the stored pixels sets annotation_frame: stored."""
+    p = jpeg_with_box(tmp_path / "b.jpg", STORED_W, STORED_H, orientation, STORED_BOX)
+    masks, declared = framed_masks(tmp_path, "stored", stored_box_mask())
+    out = decode_framed(p, masks, declared)
+    assert out[B.MASK_BBOX].tolist() == [list(bbox_of(stored_box_mask()))] * 3  # the stored position, as is
+
+
+def test_polygons_without_a_declared_size_follow_the_mode(tmp_path):
+    p = jpeg_with_box(tmp_path / "b.jpg", STORED_W, STORED_H, 6, STORED_BOX)
+    truth = find_box(load_image(Path(p).read_bytes()))
+    stored_poly = [{"region_id": "s", "polygon": box_polygon(*STORED_BOX)}]
+    # Ray hands a nullable integer column with nulls over as float64 NaN: unknown, like an absent column
+    nan = {B.HEIGHT: np.array([np.nan]), B.WIDTH: np.array([np.nan])}
+    out = row(decode_batch(batch(p, masks=[stored_poly], **nan), cfg(need_masks=True, annotation_frame="stored")), 0)
+    assert out[B.MASK_BBOX].tolist() == [list(bbox_of(truth))]
+    # auto without a size: the oriented frame, as before sizes were declared (the polygon lands elsewhere)
+    out = row(decode_batch(batch(p, masks=[stored_poly]), cfg(need_masks=True)), 0)
+    assert out[B.MASK_BBOX].tolist() == [[8, 8, 16, 8]]
+
+
+@pytest.mark.parametrize(("declared", "mode"), [((40, 30), "auto"), ((48, 32), "oriented"), ((32, 48), "stored")])
+def test_a_declared_size_no_orientation_explains_fails_each_mask_not_the_image(tmp_path, declared, mode):
+    """Oriented 32x48 (W x H), stored 48x32, tag 6: a declared size that is neither (or not the forced frame) makes
+    every mask of the row a MaskSizeMismatch naming its region, both sizes and the tag; the image is still decoded."""
+    p = jpeg_with_box(tmp_path / "b.jpg", STORED_W, STORED_H, 6, STORED_BOX)
+    masks, _ = framed_masks(tmp_path, "stored", stored_box_mask())
+    extra = {B.WIDTH: np.array([declared[0]], np.int32), B.HEIGHT: np.array([declared[1]], np.int32)}
+    out = row(decode_batch(batch(p, masks=[masks], **extra), cfg(need_masks=True, annotation_frame=mode)), 0)
+    assert_ok(out)
+    assert (out[B.WIDTH], out[B.HEIGHT]) == (32, 48) and out[B.PIXELS_SQUARE].shape == (3, S, S)
+    assert out[B.MASK_IDS] == [] and out[B.MASKS_SQUARE].shape == (0, S, S)
+    errors = out[B.MASK_ERRORS]
+    assert [e["region_id"] for e in errors] == ["stored-poly", "stored-rle", "stored-png"]
+    for e in errors:
+        assert e["error_type"] == "MaskSizeMismatch"
+        msg = e["message"]
+        assert f"the row's declared size [H, W] = {[declared[1], declared[0]]}" in msg, msg
+        assert "[48, 32] as decoded" in msg and "EXIF orientation 6" in msg and "[32, 48]" in msg, msg
+
+
+def test_a_forced_frame_refuses_the_other_one(tmp_path):
+    p = jpeg_with_box(tmp_path / "b.jpg", STORED_W, STORED_H, 8, STORED_BOX)
+    oriented = find_box(load_image(Path(p).read_bytes()))
+    with pytest.raises(
+        RowError, match=r"RLE size \[H, W\] = \[32, 48\] differs from the image's \[48, 32\] as decoded"
+    ):
+        decode_mask({"rle": rle_encode(stored_box_mask())}, 48, 32, orientation=8, annotation_frame="oriented")
+    with pytest.raises(RowError, match=r"stored frame \[32, 48\].*EXIF orientation 8; input.annotation_frame: stored"):
+        decode_mask({"rle": rle_encode(oriented)}, 48, 32, orientation=8, annotation_frame="stored")
+    with pytest.raises(ValueError, match="annotation_frame must be one of"):
+        decode_mask({"rle": rle_encode(oriented)}, 48, 32, annotation_frame="displayed")
+    with pytest.raises(ValueError, match="annotation_frame must be one of"):
+        DecodeConfig(annotation_frame="displayed")

@@ -44,6 +44,7 @@ RESULT_AFFECTING = [
     ("output.heatmap_encoding=float16", 'methods.gem.heatmap_encoding: "png8" → "float16"'),
     ("output.heatmap_size=[32, 32]", "methods.gem.heatmap_size: unset → [32,32]"),
     ("output.write_expl_maps=true", "methods.maskinversion.write_expl_maps: false → true"),
+    ("input.annotation_frame=stored", 'methods.maskinversion.annotation_frame: "auto" → "stored"'),
     ("vocabulary.names=[cat, dog]", "methods.gem.vocabulary_id:"),
     ("vocabulary.templates=raw", 'methods.gem.templates: "photo" → "raw"'),
     ("vocabulary.threshold=0.5", "methods.gem.threshold: unset → 0.5"),

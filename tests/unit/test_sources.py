@@ -40,6 +40,8 @@ ROWS = [
             {"region_id": "r2", "uri": "s3://bucket/a_mask_2.png"},
         ],
         "prompts": ["a cat", "a dog"],
+        "width": 8,
+        "height": 6,
     },
     {"image_id": "b", "image_uri": "s3://bucket/b.jpg", "masks": None, "prompts": None},
     {"image_id": "c", "image_uri": "gs://bucket/c.png", "masks": [], "prompts": ["sky"]},
@@ -57,7 +59,7 @@ def expected_rows():
                 for m in r["masks"]
             ]
         )
-        out.append({**r, "masks": masks})
+        out.append({**r, "masks": masks, "width": r.get("width"), "height": r.get("height")})
     return out
 
 
@@ -143,6 +145,39 @@ def test_csv_manifest(tmp_path):
     assert rows[2]["prompts"] is None and rows[2]["masks"] is None
     np.testing.assert_array_equal(rle_decode(rows[0]["masks"][0]["rle"]), SOLID)
     assert read_manifest_table(uri, limit=2).num_rows == 2
+
+
+def test_declared_size_columns_in_every_format(tmp_path):
+    # JSONL: integers and integral floats (as some exporters write them); absent or null = unknown
+    rows = [
+        {"image_id": "a", "image_uri": "/a.jpg", "width": 640, "height": 480.0},
+        {"image_id": "b", "image_uri": "/b.jpg"},
+        {"image_id": "c", "image_uri": "/c.jpg", "width": None, "height": 10},
+    ]
+    t = read_manifest_table(write_jsonl(tmp_path / "m.jsonl", rows))
+    assert t["width"].to_pylist() == [640, None, None] and t["height"].to_pylist() == [480, None, 10]
+    # CSV: decimal text, empty = unknown
+    csv_rows = [["a", "/a.jpg", "640", " 480"], ["b", "/b.jpg", "", ""]]
+    uri = write_csv(tmp_path / "m.csv", ["image_id", "image_uri", "width", "height"], csv_rows)
+    t = read_manifest_table(uri)
+    assert t["width"].to_pylist() == [640, None] and t["height"].to_pylist() == [480, None]
+    # Parquet: any integer type is cast to int32; a manifest without the columns reads them as null
+    sized = {"width": pa.array([640], pa.int64()), "height": pa.array([480], pa.uint16())}
+    pq.write_table(pa.table({"image_id": ["a"], "image_uri": ["/a.jpg"], **sized}), tmp_path / "m.parquet")
+    t = read_manifest_table(str(tmp_path / "m.parquet"))
+    assert t.schema == MANIFEST_READ and t.to_pylist()[0]["width"] == 640 and t.to_pylist()[0]["height"] == 480
+    pq.write_table(pa.table({"image_id": ["a"], "image_uri": ["/a.jpg"]}), tmp_path / "bare.parquet")
+    t = read_manifest_table(str(tmp_path / "bare.parquet"))
+    assert t["width"].to_pylist() == [None] and t["height"].to_pylist() == [None]
+    valid, errors = validate_manifest(t)
+    assert errors == [] and valid.schema == MANIFEST
+
+
+@pytest.mark.parametrize("bad", ["wide", "4.5", 4.5, True, [640], 2**31])
+def test_a_declared_size_that_is_not_an_integer_is_named(tmp_path, bad):
+    uri = write_jsonl(tmp_path / "m.jsonl", [{"image_id": "a", "image_uri": "/a.jpg", "width": bad, "height": 4}])
+    with pytest.raises(ManifestError, match=r"line 1: column 'width' must be an integer"):
+        read_manifest_table(uri)
 
 
 def test_round_trip_through_write_manifest(tmp_path):
@@ -360,6 +395,9 @@ def test_coco_adapter(tmp_path):
     assert valid.num_rows == 3 and errors == []
     local = from_coco(str(tmp_path / "instances.json"), str(tmp_path / "images"))
     assert local["image_uri"].to_pylist()[1] == str(tmp_path / "images" / "sub" / "b.jpg")
+    # the declared size of every image (COCO images[].width/height), the frame its polygons are drawn in
+    assert [(r["width"], r["height"]) for r in rows] == [(50, 40), (30, 20), (10, 10)]
+    assert table.schema.field("width").type == pa.int32() == table.schema.field("height").type
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -534,6 +572,7 @@ def test_sa1b_adapter(tmp_path):
     assert [r["image_id"] for r in rows] == ["1", "2"]
     assert rows[0]["image_uri"] == str(tmp_path / "sa_1.jpg")
     assert [m["region_id"] for m in rows[0]["masks"]] == ["1000", "1001"]
+    assert [(r["width"], r["height"]) for r in rows] == [(16, 12), (16, 12)]  # image.width/height
     for m, truth in zip(rows[0]["masks"], masks1):
         np.testing.assert_array_equal(rle_decode(m["rle"]), truth)
     one = from_sa1b([str(tmp_path / "sa_2.json")])
