@@ -244,6 +244,10 @@ def test_examples_cover_what_they_promise():
         (lambda d: d["input"].update(manifest="coco.json"), "input.format: cannot tell the format of 'coco.json'"),
         (lambda d: d["input"].update(allowed_schemes=["S3"]), "input.allowed_schemes[0]: 'S3' is not a lower-case"),
         (lambda d: d["input"].update(limit=0), "input.limit: Input should be greater than or equal to 1, got 0"),
+        (
+            lambda d: d["input"].update(annotation_frame="displayed"),
+            "input.annotation_frame: Input should be 'auto', 'oriented' or 'stored'",
+        ),
         # bounds that depend on the model, read from its configuration without weights
         (
             lambda d: d["methods"]["gem"].update(depth=40),
