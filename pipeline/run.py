@@ -236,7 +236,10 @@ def prepare_output(plan: Plan, fs, root: str) -> tuple[resume.OutputState, pa.Ta
     """Check the output against this job, clear or clean it, and return its state and the rows still to do."""
     spec = plan.spec
     state = resume.read_state(fs, root)
-    if spec.output.overwrite and (state.job is not None or state.complete):
+    replaced = state.job is not None and not state.complete and state.job.get("fingerprint") != plan.fingerprint
+    if (spec.output.overwrite and (state.job is not None or state.complete)) or replaced:
+        # --overwrite, or an attempt of another job that finished no shard: nothing of it is kept (its vocabulary
+        # and empty dataset files included)
         resume.clear_output(fs, root)
         state = resume.OutputState(job=None)
     resume.check_resumable(state, plan, spec.output.uri)

@@ -95,3 +95,18 @@ def test_dry_run_reports_the_output_and_appended_rows_resume(finished, tmp_path)
     appended.write_text(manifest.read_text() + extra)
     text = run(_spec(appended, out), dry_run=True).plan_text
     assert "output    3 of 4 shards complete (resumed); 1 (2 images) to do" in text
+
+
+def test_an_attempt_that_finished_no_shard_is_replaced(finished, tmp_path):
+    """A first attempt of another job that completed no shard (it failed on its weights, say) leaves nothing to mix
+    with: the corrected job runs, and nothing of the old attempt (its vocabulary file) stays."""
+    manifest, _ = finished
+    out = tmp_path / "out"
+    (out / "vocabulary").mkdir(parents=True)
+    (out / "vocabulary" / "0000000000000000.parquet").write_bytes(b"a vocabulary of the failed attempt")
+    old = {"fingerprint": {"version": 2, "model": {}, "methods": {}, "shard_rows": 1}, "attempts": []}
+    (out / "_job.json").write_text(json.dumps(old))
+    result = run(_spec(manifest, out, "input.limit=2"))
+    assert result.ok and result.processed == 2
+    assert not (out / "vocabulary" / "0000000000000000.parquet").exists()
+    assert json.loads((out / "_job.json").read_text())["fingerprint"]["version"] == 2
