@@ -71,7 +71,7 @@ def template_problems(templates: str | tuple[str, ...]) -> list[tuple[tuple[str,
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """What a model's configuration says about its image tower (read without weights).
+    """What a model's configuration says about its image tower and its text context (read without weights).
 
     Attributes:
         name: open_clip architecture name.
@@ -81,6 +81,8 @@ class ModelInfo:
         patch_size: ViT patch size in pixels; ``None`` where there is none.
         image_size: the pretraining input side in pixels.
         embed_dim: dimension of the joint embedding space.
+        context_length: token positions of the text tower (start and end tokens included); longer text is refused,
+            never cut (``clipmaps.actors.text.check_fits``).
     """
 
     name: str
@@ -89,6 +91,7 @@ class ModelInfo:
     patch_size: int | None = None
     image_size: int | None = None
     embed_dim: int | None = None
+    context_length: int | None = None
 
 
 class Section(BaseModel):

@@ -27,7 +27,7 @@ from .methods.maskinversion import MaskInversion
 from .models import LoadedModel
 from .params import params_of
 from .registry import ORIGINAL_GEM, REGISTRY
-from .text import TextEncoder
+from .text import PromptTooLong, TextEncoder, check_fits, text_key
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,21 @@ class Prediction:
     """Output columns for the rows of a batch, keyed by column name, each a list aligned with those rows."""
 
     columns: dict[str, list] = field(default_factory=dict)
+
+
+@dataclass
+class RowPrompts:
+    """One row's heatmap prompts after the text checks.
+
+    Attributes:
+        prompts: the prompts that get a heatmap, in the row's order, each text once (first spelling kept).
+        errors: one ``{prompt, error_type, message}`` per prompt refused (too long for the text tower).
+        collapsed: how many prompts were dropped as token-identical to an earlier one of the row.
+    """
+
+    prompts: list[str]
+    errors: list[dict] = field(default_factory=list)
+    collapsed: int = 0
 
 
 def _labels_at(logits: torch.Tensor, rule: BackgroundRule, height: int, width: int, budget: int) -> bytes:
@@ -147,6 +162,8 @@ class Predictor:
         kinds = self.entry.output_kinds(
             self.settings, vocabulary=self.vocabulary is not None, write_expl_maps=self.options.write_expl_maps
         )
+        if cols.HEATMAPS in kinds:  # the per-prompt errors and the collapsed count travel with the maps
+            kinds = (*kinds, *cols.PROMPT_KINDS)
         return tuple(cols.col(name, k) for name in self.entry.outputs(self.settings) for k in kinds)
 
     def stack(self, values: Sequence[np.ndarray]) -> torch.Tensor:
@@ -172,19 +189,62 @@ class Predictor:
             raise ValueError("no prompts: the job has no vocabulary")
         return list(self.vocabulary.names)
 
+    #: The templates the method fills prompts into (set by each heatmap predictor from its method object).
+    templates: tuple[str, ...] = ("{}",)
+
+    def checked_prompts(self, rows: dict, i: int) -> RowPrompts:
+        """Row ``i``'s prompts (:meth:`prompts_for`) after the text checks, so that no heatmap is written from cut
+        text and none twice for one (image, method, prompt): a prompt too long for the text tower with one of the
+        method's templates becomes an error entry (the row's other prompts go on), and a prompt whose token ids
+        equal an earlier one's (the same text to the model, whatever its case, spacing or Unicode form) is dropped.
+        """
+        tokenizer = self.lm.tokenizer
+        out = RowPrompts([])
+        seen: set = set()
+        for prompt in self.prompts_for(rows, i):
+            try:
+                check_fits(tokenizer, prompt, self.templates)
+            except PromptTooLong as e:
+                out.errors.append({"prompt": prompt, "error_type": e.error_type, "message": e.message})
+                continue
+            key = text_key(tokenizer, prompt, self.templates)
+            if key in seen:
+                out.collapsed += 1
+                continue
+            seen.add(key)
+            out.prompts.append(prompt)
+        return out
+
     def run(self, rows: dict) -> Prediction:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def heatmap_columns(self, name: str, rows: dict, prompts: list[list[str]], maps: list[torch.Tensor]) -> dict:
-        """Heatmaps ``[P_i, h, w]`` per row → the encoded heatmap output columns of output ``name``."""
+    def heatmap_columns(self, name: str, rows: dict, checked: list[RowPrompts], maps: list[torch.Tensor]) -> dict:
+        """Heatmaps ``[P_i, h, w]`` per row → the encoded heatmap output columns of output ``name``, with each row's
+        refused prompts and collapsed count."""
         sizes = [self.heatmap_size(rows, i) for i in range(len(maps))]
         return {
             cols.col(name, cols.HEATMAPS): [
-                _encode_maps(m, size, self.options.heatmap_encoding) for m, size in zip(maps, sizes)
+                _encode_maps(m, size, self.options.heatmap_encoding) if len(m) else [] for m, size in zip(maps, sizes)
             ],
-            cols.col(name, cols.HEATMAP_PROMPTS): prompts,
+            cols.col(name, cols.HEATMAP_PROMPTS): [c.prompts for c in checked],
             cols.col(name, cols.HEATMAP_HW): [np.array(size, np.int64) for size in sizes],
+            cols.col(name, cols.PROMPT_ERRORS): [c.errors for c in checked],
+            cols.col(name, cols.PROMPTS_COLLAPSED): [c.collapsed for c in checked],
         }
+
+
+def _maps_for(fn, x: torch.Tensor, checked: list[RowPrompts], **per_row) -> list[torch.Tensor]:
+    """``fn(x, prompts, **per_row)`` on the rows that kept a prompt; a row whose every prompt was refused gets an
+    empty ``[0, h, w]`` (the methods take at least one prompt per image). ``per_row`` tensors are subset alike."""
+    keep = [i for i, c in enumerate(checked) if c.prompts]
+    out: list[torch.Tensor] = [x.new_zeros((0, 1, 1)) for _ in checked]
+    if keep:
+        index = torch.tensor(keep, device=x.device)
+        sub = {k: (v.index_select(0, index) if v is not None else None) for k, v in per_row.items()}
+        maps = fn(x.index_select(0, index), [checked[i].prompts for i in keep], **sub)
+        for i, m in zip(keep, maps):
+            out[i] = m
+    return out
 
 
 class GEMPredictor(Predictor):
@@ -193,6 +253,7 @@ class GEMPredictor(Predictor):
     def __init__(self, lm, settings, **kwargs):
         super().__init__(lm, settings, **kwargs)
         self.gem = GEM(lm.model, lm.tokenizer, self.params, text_encoder=self.text)
+        self.templates = self.gem.templates
 
     def run(self, rows: dict) -> Prediction:
         x = self.stack(rows[cols.PIXELS_SQUARE])
@@ -219,9 +280,9 @@ class GEMPredictor(Predictor):
                 for i in range(n)
             ]
         if self.settings.heatmaps:
-            prompts = [self.prompts_for(rows, i) for i in range(n)]
-            maps = self.gem.heatmaps(x, prompts, features=features)
-            out.columns.update(self.heatmap_columns(name, rows, prompts, maps))
+            checked = [self.checked_prompts(rows, i) for i in range(n)]
+            maps = _maps_for(self.gem.heatmaps, x, checked, features=features)
+            out.columns.update(self.heatmap_columns(name, rows, checked, maps))
 
 
 class MaskCLIPPredictor(Predictor):
@@ -256,11 +317,12 @@ class LeGradPredictor(Predictor):
     def __init__(self, lm, settings, **kwargs):
         super().__init__(lm, settings, **kwargs)
         self.legrad = LeGrad(lm.model, lm.tokenizer, self.params, text_encoder=self.text)
+        self.templates = self.legrad.templates
 
     def run(self, rows: dict) -> Prediction:
         x = self.stack(rows[cols.PIXELS_SQUARE])
-        prompts = [self.prompts_for(rows, i) for i in range(x.shape[0])]
-        return Prediction(self.heatmap_columns(self.method, rows, prompts, self.legrad.heatmaps(x, prompts)))
+        checked = [self.checked_prompts(rows, i) for i in range(x.shape[0])]
+        return Prediction(self.heatmap_columns(self.method, rows, checked, _maps_for(self.legrad.heatmaps, x, checked)))
 
 
 class MaskInversionPredictor(Predictor):

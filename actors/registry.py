@@ -352,6 +352,8 @@ def model_info(name: str) -> ModelInfo:
         patch_size=vision.get("patch_size") if family in ("vit", "coca") else None,
         image_size=image_size[0] if isinstance(image_size, (list, tuple)) else image_size,
         embed_dim=cfg.get("embed_dim"),
+        # open_clip's CLIPTextCfg default when a config does not say (every OpenAI-style text tower: 77)
+        context_length=int(cfg.get("text_cfg", {}).get("context_length", 77)),
     )
 
 

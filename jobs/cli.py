@@ -64,7 +64,8 @@ def summary_table(result) -> str:
     Images this attempt processed are shown apart from the shards and images kept from earlier attempts, and
     images/s counts only this attempt's images over its execution time (a resumed run that redid one shard of ten
     would otherwise report ten shards' worth of speed). The output counts (label maps, heatmaps, regions, error
-    rows) are the whole output's."""
+    rows) are the whole output's. A note line says how many manifest prompts were collapsed as duplicates, when
+    any were."""
     rate = getattr(result, "images_per_second", None)
     attempt_images = getattr(result, "attempt_images", result.processed)
     rows = [
@@ -81,6 +82,11 @@ def summary_table(result) -> str:
         ("images/s", f"{rate:.2f} (this run)" if rate else "-"),
         ("output", result.output_uri),
     ]
+    collapsed = result.counts.get("prompts_collapsed", 0)
+    if collapsed:  # only when it happened: most runs have no repeated prompts, and the table stays short
+        rows.append(
+            ("note", f"{collapsed} duplicate prompt(s) collapsed (the same tokens as an earlier prompt of the image)")
+        )
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 

@@ -147,6 +147,64 @@ def resolve_vocabulary(spec: JobSpec) -> JobSpec:
     return spec.with_vocabulary_names(parse_vocabulary_file(text))
 
 
+def check_vocabulary_text(spec: JobSpec, source=None) -> None:
+    """Refuse vocabulary names the text tower cannot represent (too many tokens with one of the templates a method
+    fills them into) or cannot tell apart (equal token ids), with the model's own tokenizer.
+
+    Args:
+        spec: the job, ``vocabulary.file`` already resolved into names.
+        source: the vocabulary section as written (before the file was read), so problems name ``vocabulary.file``
+            for a file's names; default ``spec.vocabulary``.
+
+    The tokenizer needs open_clip (and torch), so this runs here, at plan time (``clipmaps run`` and ``--dry-run``),
+    not in ``load_spec``. A tokenizer that cannot be built offline (a Hugging Face one for SigLIP) skips the check
+    with a warning; the actors still refuse too-long text then (``clipmaps.actors.text.TextEncoder``).
+
+    Raises:
+        SpecError: naming each bad name's field (``vocabulary.names[3]``, ``vocabulary.background[0]``,
+            ``vocabulary.file``), its token count and the limit, or the name it duplicates.
+    """
+    from .spec import SpecError
+    from .vocabularies import text_problems
+
+    v = spec.vocabulary
+    methods = [m for m in spec.enabled_methods() if REGISTRY[m].encodes_text]
+    if v is None or not methods:
+        return
+    source = source if source is not None else v
+    try:
+        import open_clip
+
+        from clipmaps.actors.models import register_model_configs
+        from clipmaps.actors.text import prompt_tokens, resolve_templates
+
+        register_model_configs()
+        tokenizer = open_clip.get_tokenizer(spec.model.name)
+    except Exception as e:  # noqa: BLE001 - the check is a convenience; the actors refuse cut text anyway
+        logger.warning("vocabulary text not checked at plan time (no tokenizer for %s: %s)", spec.model.name, e)
+        return
+    templates = list(dict.fromkeys(t for m in methods for t in resolve_templates(spec.templates(m))))
+    limit = spec.model.info.context_length or getattr(tokenizer, "context_length", None) or 77
+    found = text_problems(
+        {"names": v.class_names(), "background": v.background},
+        templates,
+        lambda text: prompt_tokens(tokenizer, text),
+        limit,
+        model=spec.model.name,
+    )
+    if not found:
+        return
+    problems = []
+    for key, i, reason in found:
+        if key == "names" and source.file is not None:
+            problems.append((("vocabulary", "file"), f"name [{i}] {reason} (in {redact_uri(source.file)})"))
+        elif key == "names" and source.preset is not None:
+            problems.append((("vocabulary", "preset"), f"name [{i}] {reason}"))
+        else:
+            problems.append((("vocabulary", key, f"[{i}]"), reason))
+    raise SpecError(problems=problems)
+
+
 def with_io_defaults_spec(spec: JobSpec) -> JobSpec:
     """``spec`` with ``resources.io_retries`` / ``read_timeout_s`` merged into the ``storage_options`` of every part
     that may touch ``s3://`` (input: when the manifest is on S3 or S3 URIs are allowed; output; weights), unless the
@@ -170,14 +228,17 @@ def with_io_defaults_spec(spec: JobSpec) -> JobSpec:
 
 
 def make_plan(spec: JobSpec) -> Plan:
-    """Read and validate the manifest, resolve the vocabulary and prompt sources, fingerprint the job: everything up
-    to running models.
+    """Read and validate the manifest, resolve the vocabulary and prompt sources, check the vocabulary's text against
+    the model's tokenizer (:func:`check_vocabulary_text`), fingerprint the job: everything up to running models.
 
     Raises:
-        ManifestError: the manifest as a whole is unusable; SpecError: the job does not fit the manifest."""
+        ManifestError: the manifest as a whole is unusable; SpecError: the job does not fit the manifest, or a
+            vocabulary name is too long for the text tower or the same text as another."""
     from .sources import read_manifest_table, validate_manifest
 
+    source_vocabulary = spec.vocabulary
     spec = resolve_vocabulary(with_io_defaults_spec(spec))
+    check_vocabulary_text(spec, source_vocabulary)
     table = read_manifest_table(
         spec.input.manifest, storage_options=dict(spec.input.storage_options), limit=spec.input.limit
     )

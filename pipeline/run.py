@@ -512,7 +512,9 @@ def _job_counts(result: RunResult) -> dict:
         "images": result.total,
         "processed": result.processed,
         "failed_images": result.errors,
-        **{f"rows_{k}": v for k, v in result.counts.items() if k != "rows"},
+        **{f"rows_{k}": v for k, v in result.counts.items() if k not in ("rows", "prompts_collapsed")},
+        # not output rows: prompts no row was written for, as the same text as an earlier prompt of their image
+        "prompts_collapsed": result.counts.get("prompts_collapsed", 0),
     }
 
 

@@ -128,6 +128,7 @@ class SinkStage:
             out[cols.SHARD].append(shard)
             out["rows"].append(len(rows))
             written = []
+            out["prompts_collapsed"].append(self.prompts_collapsed(sub))
             for name, table in self.tables(sub).items():
                 if table.num_rows:
                     relative = posixpath.join(name, shard_file(shard, token))
@@ -138,6 +139,19 @@ class SinkStage:
         result = {k: np.array(v, dtype=np.int64) for k, v in out.items()}
         result[FILES] = np.array(files, dtype=object)
         return result
+
+    def prompts_collapsed(self, batch: dict) -> int:
+        """Manifest prompts the methods dropped as token-identical to an earlier prompt of their row: per image the
+        most any heatmap output dropped (every output sees the same row), summed over the batch's images."""
+        total = 0
+        for i in range(len(batch[cols.IMAGE_ID])):
+            counts = [0]
+            for method in self.config.methods:
+                values = batch.get(cols.col(method, cols.PROMPTS_COLLAPSED))
+                if values is not None and cols.present(values[i]):
+                    counts.append(int(values[i]))
+            total += max(counts)
+        return total
 
     def tables(self, batch: dict) -> dict[str, pa.Table]:
         """The batch's rows per output dataset (``labels``, ``heatmaps``, ``regions``, ``errors``)."""
@@ -201,6 +215,12 @@ class SinkStage:
                     "vocabulary_id": prov.vocabulary_id or "",
                 }
             )
+        refused = batch.get(cols.col(prov.method, cols.PROMPT_ERRORS))
+        if refused is not None and cols.present(refused[i]):
+            # a prompt the text tower cannot hold costs only its own heatmap; the errors schema has no prompt
+            # column, so the message names it
+            for e in refused[i]:
+                errors.append(_error(image_id, uri, prov.method, None, "text", e.get("error_type"), e.get("message")))
         maps = batch.get(cols.col(prov.method, cols.HEATMAPS))
         if maps is not None and cols.present(maps[i]):
             prompts = batch[cols.col(prov.method, cols.HEATMAP_PROMPTS)][i]

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 VOC20: tuple[str, ...] = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -184,6 +184,63 @@ def check_names(names: Sequence[str]) -> tuple[int | None, str] | None:
             return i, f"duplicate name {n!r} (also at [{first[n]}])"
         first[n] = i
     return None
+
+
+def _short(text: str, limit: int = 60) -> str:
+    # start and end (as clipmaps.actors.text.shorten): long names often differ only at the end
+    if len(text) <= limit:
+        return text
+    head = (limit - 1) // 2
+    return text[:head] + "…" + text[len(text) - (limit - 1 - head) :]
+
+
+def text_problems(
+    lists: Mapping[str, Sequence[str]],
+    templates: Sequence[str],
+    tokens: Callable[[str], Sequence[int]],
+    limit: int,
+    *,
+    model: str = "the model",
+) -> list[tuple[str, int, str]]:
+    """What the text tower cannot represent or tell apart in a vocabulary, as ``(list key, index, reason)``.
+
+    Args:
+        lists: the vocabulary's name lists by field (``{"names": […], "background": […]}``), checked together: a
+            background name that is a class name to the tokenizer is a duplicate too.
+        templates: every template a method fills these names into.
+        tokens: the tokenizer's ids for one text, untruncated, start and end tokens included
+            (``clipmaps.actors.text.prompt_tokens``; passed in so that this module needs no torch).
+        limit: the text tower's context length (``ModelInfo.context_length``).
+        model: the model's name, for messages.
+
+    A name is too long when any template filled with it has more than ``limit`` tokens (open_clip's tokenizer would
+    cut it and force the end token); two names are duplicates when their token ids are equal (the tokenizer lowers
+    case, collapses whitespace and normalises Unicode, so ``Red  Square`` is ``red square``). Names are only ever
+    refused, never changed: their label numbers are the user's.
+    """
+    problems: list[tuple[str, int, str]] = []
+    first: dict[tuple[int, ...], tuple[str, int, str]] = {}
+    for key, names in lists.items():
+        for i, name in enumerate(names):
+            for t in templates:
+                n = len(tokens(t.format(name)))
+                if n > limit:
+                    how = "" if t == "{}" else f" in template {t!r}"
+                    problems.append(
+                        (key, i, f"{_short(name)!r} is {n} tokens{how}; the text tower of {model} holds {limit} "
+                         "(it would be cut, and names that differ only past the limit would be one class): shorten it")
+                    )  # fmt: skip
+                    break
+            ids = tuple(tokens(name))
+            if ids in first:
+                k0, i0, n0 = first[ids]
+                problems.append(
+                    (key, i, f"{name!r} is the same text to the model as {n0!r} ({k0}[{i0}]): the tokenizer ignores "
+                     "case, repeated whitespace and Unicode form, so both would get one embedding")
+                )  # fmt: skip
+            else:
+                first[ids] = (key, i, name)
+    return problems
 
 
 def template_error(templates: str | Sequence[str]) -> tuple[int | None, str] | None:

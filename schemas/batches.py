@@ -54,10 +54,16 @@ LOSS = "loss"
 EXPL_MAPS = "expl_maps"
 ERROR_TYPE_OF = "error_type"
 ERROR_MESSAGE_OF = "error_message"
+PROMPT_ERRORS = "prompt_errors"
+PROMPTS_COLLAPSED = "prompts_collapsed"
 #: The heatmap output kinds, written together.
 HEATMAP_KINDS = (HEATMAPS, HEATMAP_PROMPTS, HEATMAP_HW)
+#: What a heatmap method writes beside its maps about the row's prompts (the predictor adds them to its columns).
+PROMPT_KINDS = (PROMPT_ERRORS, PROMPTS_COLLAPSED)
 
-STATS = ("rows", "errors", "labels", "heatmaps", "regions")  # the sink's per-batch count columns
+#: The sink's per-batch count columns; ``prompts_collapsed`` counts manifest prompts dropped as duplicates of an
+#: earlier one of their row (per image, the most any heatmap output dropped), for the run's summary.
+STATS = ("rows", "errors", "labels", "heatmaps", "regions", "prompts_collapsed")
 
 
 def col(method: str, kind: str) -> str:
@@ -87,6 +93,7 @@ class Column:
 
 
 _ERROR_STRUCT = pa.struct([("region_id", pa.string()), ("error_type", pa.string()), ("message", pa.string())])
+_PROMPT_ERROR_STRUCT = pa.struct([("prompt", pa.string()), ("error_type", pa.string()), ("message", pa.string())])
 
 #: Every column between stages: decode columns by name, method outputs by kind.
 COLUMNS: dict[str, Column] = {
@@ -113,6 +120,8 @@ COLUMNS: dict[str, Column] = {
     EMBEDDINGS: Column(pa.float32(), "[M, D] region embeddings, L2-normalised", 2, (0, 0)),
     LOSS: Column(pa.float32(), "[M] MaskInversion's final loss per region", 1, (0,)),
     EXPL_MAPS: Column(pa.list_(pa.binary()), "MaskInversion's final explainability maps (PNG 8-bit)"),
+    PROMPT_ERRORS: Column(pa.list_(_PROMPT_ERROR_STRUCT), "the row's prompts the method could not use (too long)"),
+    PROMPTS_COLLAPSED: Column(pa.int64(), "the row's prompts dropped as token-identical to an earlier one"),
     ERROR_TYPE_OF: Column(pa.string(), "the method's error type on this row"),
     ERROR_MESSAGE_OF: Column(pa.string(), "the method's error message on this row"),
 }
