@@ -55,7 +55,9 @@ def model_fingerprint(spec: JobSpec) -> dict[str, Any]:
 def method_fingerprint(
     spec: JobSpec, method: str, *, manifest_has_prompts: bool, class_names: Sequence[str] | None = None
 ) -> dict[str, Any]:
-    """Everything that decides ``method``'s rows, as plain data.
+    """Everything that decides ``method``'s rows, as plain data. A method that reads region masks
+    (``schemas.batches.MASKS_SQUARE`` in its registry ``inputs``) also carries ``annotation_frame``
+    (``input.annotation_frame``): which frame the masks are read in decides which pixels each region covers.
 
     Args:
         spec: the job.

@@ -4,6 +4,10 @@
 Per batch, the image and mask bytes of the rows not failed upstream are fetched on a thread pool (object-store
 latency dominates), then decoded and preprocessed on the calling thread; every failure becomes the row's (or the
 mask's) error, never an exception out of the batch.
+
+The manifest's optional ``width``/``height`` (the frame the row's annotations declare) arrive under the names of the
+decoded size: the stage reads them as the row's declared frame (null, NaN or absent = unknown; see :mod:`.masks`) and
+writes the decoded, oriented size in their place.
 """
 
 from __future__ import annotations
