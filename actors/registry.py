@@ -97,6 +97,9 @@ class MethodEntry:
             the heatmap encoding and size while they write heatmaps.
         default_resources: the pool a method section gets when it names none.
         parent: for an output produced inside another method's pass (GEM's baseline), that method.
+        version: the version of the implementation's results, fingerprinted: bump it with any change that moves
+            the method's outputs (even by one 8-bit step or one float ulp), so that an output written before is
+            refused instead of mixed. 2: every output a function of its own image (batch-invariant trunk and text).
     """
 
     name: str
@@ -117,6 +120,7 @@ class MethodEntry:
     output_options: tuple[str, ...] = ()
     default_resources: PoolSpec = field(default_factory=PoolSpec)
     parent: str | None = None
+    version: int = 2
 
     # ------------------------------------------------------------------ what it writes
 

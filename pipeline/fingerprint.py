@@ -68,6 +68,7 @@ def method_fingerprint(
     e = REGISTRY[method]
     settings = spec.method(method)
     out: dict[str, Any] = settings.model_dump(mode="json", exclude=set(OPERATIONAL_FIELDS))
+    out["implementation"] = e.version  # a change of the method's code that moves results
     out["preprocess"] = e.preprocess(settings)
     source = None
     if settings.heatmaps:

@@ -68,6 +68,16 @@ def test_gem_size_is_shared_so_all_square_methods_change():
     assert {line.split(":")[0] for line in lines} >= {"methods.gem.size", "methods.gem.preprocess.size"}
 
 
+def test_a_new_implementation_version_is_refused(monkeypatch):
+    import dataclasses
+
+    from clipmaps.actors import registry
+
+    before = fingerprint()
+    monkeypatch.setitem(registry.REGISTRY, "legrad", dataclasses.replace(registry.REGISTRY["legrad"], version=99))
+    assert differences(before, fingerprint()) == ["methods.legrad.implementation: 2 → 99"]
+
+
 def test_prompt_source_of_auto_follows_the_manifest():
     lines = differences(fingerprint(prompts=True), fingerprint(prompts=False))
     assert 'methods.gem.prompt_source: "auto" → "vocabulary"' in lines
