@@ -197,6 +197,7 @@ def check_vocabulary_text(spec: JobSpec, source=None) -> None:
     problems = []
     for key, i, reason in found:
         if key == "names" and source.file is not None:
+            reason = reason.replace("(names[", "(name [")  # the file's names have no field of their own
             problems.append((("vocabulary", "file"), f"name [{i}] {reason} (in {redact_uri(source.file)})"))
         elif key == "names" and source.preset is not None:
             problems.append((("vocabulary", "preset"), f"name [{i}] {reason}"))
