@@ -121,3 +121,59 @@ def test_every_output_column_is_declared_and_always_written(batch, method, optio
     hw = actor(batch).get(cols.col(method, cols.HEATMAP_HW))
     if hw is not None:
         assert hw[1].tolist() == [0, 0] and hw[0].tolist() == [240, 320]  # zeros, never None, on a failed row
+
+
+def _prompt_batch(batch, prompts):
+    """``batch`` with row 0 carrying ``prompts`` and row 2 all-too-long prompts (tiny-vit holds 32 tokens)."""
+    too_long = [" ".join(["cat"] * 40) + " one", " ".join(["cat"] * 40) + " two"]
+    return dict(batch, **{cols.PROMPTS: _objects([prompts, None, too_long])})
+
+
+@pytest.mark.parametrize("method", ["gem", "legrad"])
+def test_prompts_too_long_or_repeated_cost_only_themselves(batch, method):
+    long_prompt = " ".join(["cat"] * 40)  # 42 tokens raw, more than tiny-vit's 32
+    prompts = ["red thing", "Red  Thing", long_prompt, "blue thing", "red thing"]
+    out = _actor(method)(_prompt_batch(batch, prompts))
+    assert _errors(out, method)[0] == (None, None) and _errors(out, method)[2] == (None, None)  # no row fails
+    # one heatmap per distinct text, first spelling kept; the too-long prompt is an error entry, never a cut map
+    assert out[cols.col(method, cols.HEATMAP_PROMPTS)][0] == ["red thing", "blue thing"]
+    assert len(out[cols.col(method, cols.HEATMAPS)][0]) == 2
+    assert out[cols.col(method, cols.PROMPTS_COLLAPSED)][0] == 2
+    (err,) = out[cols.col(method, cols.PROMPT_ERRORS)][0]
+    assert err["prompt"] == long_prompt and err["error_type"] == "PromptTooLong"
+    assert "holds 32" in err["message"] and "tokens" in err["message"]
+    # a row whose every prompt is too long: no maps, two error entries, and the batch's other rows are unaffected
+    assert out[cols.col(method, cols.HEATMAPS)][2] == [] and len(out[cols.col(method, cols.PROMPT_ERRORS)][2]) == 2
+    assert out[cols.col(method, cols.HEATMAP_HW)][2].tolist() == [240, 320]
+    alone = _actor(method)(_prompt_batch(batch, ["red thing", "blue thing"]))
+    assert alone[cols.col(method, cols.HEATMAPS)][0] == out[cols.col(method, cols.HEATMAPS)][0]
+
+
+def test_the_sink_writes_prompt_errors_and_counts_collapsed_prompts(batch, tmp_path):
+    from clipmaps.pipeline.sinks import Provenance, SinkConfig, SinkStage
+
+    long_prompt = " ".join(["cat"] * 40)
+    out = _actor("gem", original=True)(_prompt_batch(batch, ["red thing", "RED thing", long_prompt]))
+    out = _actor("legrad")(out)
+    names = ("gem", "gem_original", "legrad")
+    sink = SinkStage(SinkConfig(str(tmp_path), {n: Provenance(n, "m", "w", "h") for n in names}))
+    out.update(
+        {
+            cols.IMAGE_URI: _objects(["a.png", "b.png", "c.png"]),
+            cols.ERROR_TYPE: _objects([None, "DecodeError", None]),  # row b failed upstream (the fixture's stage)
+            cols.ERROR_MESSAGE: _objects([None, "bad bytes", None]),
+        }
+    )
+    tables = sink.tables(out)
+    heat = tables["heatmaps"].to_pylist()
+    keys = [(r["image_id"], r["method"], r["prompt"]) for r in heat]
+    assert len(keys) == len(set(keys))  # one row per (image, method, prompt)
+    assert {k for k in keys if k[0] == "a"} == {("a", n, p) for n in names for p in ("red thing",)}
+    text_errors = [e for e in tables["errors"].to_pylist() if e["stage"] == "text"]
+    # the long prompt of row a and both of row c, once per output, each message naming its prompt
+    assert len(text_errors) == 3 * len(names) and {e["error_type"] for e in text_errors} == {"PromptTooLong"}
+    assert sorted({e["image_id"] for e in text_errors}) == ["a", "c"]
+    assert {e["method"] for e in text_errors} == set(names)
+    assert sink.prompts_collapsed(out) == 1  # per image the most any output dropped, not once per output
+    counts = sink({**out, cols.SHARD: np.zeros(3, np.int64)})
+    assert counts["prompts_collapsed"].tolist() == [1]
