@@ -8,9 +8,9 @@ A job's fingerprint (``_job.json`` key ``fingerprint``) is plain JSON data::
                          "threshold", "prompt_source", "heatmap_encoding", "heatmap_size", …}, …},
      "shard_rows": 64}
 
-and the manifest is fingerprinted by content, per shard (:func:`shard_digests`: ids, URIs, masks and prompts of
-every row), in each shard's completion marker. A re-run compares both: a changed setting is refused naming the method,
-the field and the two values (:func:`differences`); a complete shard whose rows changed is refused naming the shard.
+and the manifest is fingerprinted by content, per shard (:func:`shard_digests`: ids, URIs, masks, prompts and the
+frame the masks declare, :data:`DIGEST_COLUMNS`), in each shard's completion marker. A re-run compares both: a
+changed setting is refused naming the method, the field and the two values (:func:`differences`); a complete shard whose rows changed is refused naming the shard.
 Shards that are new (rows added after the last complete shard) are simply processed, which is what append mode
 builds on. Each method's ``params_hash`` (in every output row) is a hash of its fingerprint with the model's.
 
@@ -35,7 +35,7 @@ from .spec import JobSpec
 
 VERSION = 2
 #: Manifest columns a shard's digest covers.
-DIGEST_COLUMNS = ("image_id", "image_uri", "masks", "prompts")
+DIGEST_COLUMNS = ("image_id", "image_uri", "masks", "prompts", "width", "height")
 
 
 def _canonical(value: Any) -> str:
@@ -165,8 +165,8 @@ def _show(v: Any) -> str:
 
 
 def shard_digests(table: pa.Table, shard_rows: int) -> dict[int, str]:
-    """Shard index → 32 hex digits of a sha256 over the canonical JSON of each row's id, URI, masks and prompts,
-    in manifest order. Shard ``k`` holds rows ``[k · shard_rows, (k + 1) · shard_rows)``."""
+    """Shard index → 32 hex digits of a sha256 over the canonical JSON of each row's :data:`DIGEST_COLUMNS` (id,
+    URI, masks, prompts, declared width and height), in manifest order. Shard ``k`` holds rows ``[k · shard_rows, (k + 1) · shard_rows)``."""
     names = [c for c in DIGEST_COLUMNS if c in table.column_names]
     out: dict[int, str] = {}
     for start in range(0, table.num_rows, shard_rows):

@@ -327,10 +327,37 @@ def test_sigkill_of_the_driver_then_rerun_resumes_exactly_once(tmp_path):
     assert attempts[1]["resumed_shards"] == len(complete_at_kill) and job_doc["status"] == "finished"
     assert attempts[0]["complete_shards"] == len(complete_at_kill)
     assert len(unmarked_finished) <= 4, "more finished work lost than about one block per stage"
-    assert_exactly_once(read_outputs(str(out)), count)
+    resumed = read_outputs(str(out))
+    assert_exactly_once(resumed, count)
     assert len(markers(out)) == total_shards
     assert not planted.exists()
     assert_files_match_markers(out)
+    # the resumed output equals a clean run byte for byte: results depend on each image alone, not on its batch
+    clean_job = tmp_path / "clean.yaml"
+    clean_job.write_text(
+        load_spec(JOB_SPEC, overrides=job_overrides(manifest, tmp_path / "clean")).to_yaml(redact=False)
+    )
+    clean = _cli(clean_job, tmp_path / "clean.log")
+    try:
+        assert clean.wait(300) == 0, (tmp_path / "clean.log").read_text()[-3000:]
+    finally:
+        if clean.poll() is None:
+            clean.kill()
+    assert_same_results(resumed, read_outputs(str(tmp_path / "clean")))
+
+
+def assert_same_results(a: dict, b: dict) -> None:
+    """Two outputs hold the same rows with byte-identical label maps and heatmaps and bit-identical embeddings."""
+    keys = {
+        "labels": (("image_id", "method"), "label_map"),
+        "heatmaps": (("image_id", "method", "prompt"), "heatmap"),
+        "regions": (("image_id", "region_id"), "embedding"),
+    }
+    for name, (key, value) in keys.items():
+        rows = [{tuple(r[k] for k in key): r[value] for r in t.to_pylist()} for t in (a[name], b[name])]
+        assert rows[0].keys() == rows[1].keys(), name
+        differ = [k for k in rows[0] if rows[0][k] != rows[1][k]]
+        assert not differ, f"{len(differ)} {name} rows differ from a clean run, e.g. {differ[:3]}"
 
 
 # ------------------------------------------------------------------------------------------------ flaky S3

@@ -116,7 +116,8 @@ def test_shard_digests_cover_every_row_field_shard_by_shard():
     ]  # fmt: skip
     base = shard_digests(pa.Table.from_pylist(rows, schema=MANIFEST), 4)
     assert sorted(base) == [0, 1, 2]
-    for field, value in (("prompts", ["a dog"]), ("image_uri", "/d/x.png"), ("masks", []), ("image_id", "z")):
+    changes = (("prompts", ["a dog"]), ("image_uri", "/d/x.png"), ("masks", []), ("image_id", "z"), ("width", 640))
+    for field, value in changes:
         changed = copy.deepcopy(rows)
         changed[5][field] = value
         digests = shard_digests(pa.Table.from_pylist(changed, schema=MANIFEST), 4)
