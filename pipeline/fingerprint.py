@@ -10,9 +10,10 @@ A job's fingerprint (``_job.json`` key ``fingerprint``) is plain JSON data::
 
 and the manifest is fingerprinted by content, per shard (:func:`shard_digests`: ids, URIs, masks, prompts and the
 frame the masks declare, :data:`DIGEST_COLUMNS`), in each shard's completion marker. A re-run compares both: a
-changed setting is refused naming the method, the field and the two values (:func:`differences`); a complete shard whose rows changed is refused naming the shard.
-Shards that are new (rows added after the last complete shard) are simply processed, which is what append mode
-builds on. Each method's ``params_hash`` (in every output row) is a hash of its fingerprint with the model's.
+changed setting is refused naming the method, the field and the two values (:func:`differences`); a complete shard
+whose rows changed is refused naming the shard. Shards that are new (rows added after the last complete shard) are
+simply processed, which is what append mode builds on. Each method's ``params_hash`` (in every output row) is a hash
+of its fingerprint with the model's.
 
 Which fields count comes from the method registry: a settings field counts unless it is in
 ``clipmaps.actors.params.OPERATIONAL_FIELDS`` (pool resources); so a new field is fingerprinted by default.
@@ -166,7 +167,8 @@ def _show(v: Any) -> str:
 
 def shard_digests(table: pa.Table, shard_rows: int) -> dict[int, str]:
     """Shard index → 32 hex digits of a sha256 over the canonical JSON of each row's :data:`DIGEST_COLUMNS` (id,
-    URI, masks, prompts, declared width and height), in manifest order. Shard ``k`` holds rows ``[k · shard_rows, (k + 1) · shard_rows)``."""
+    URI, masks, prompts, declared width and height), in manifest order. Shard ``k`` holds rows
+    ``[k · shard_rows, (k + 1) · shard_rows)``."""
     names = [c for c in DIGEST_COLUMNS if c in table.column_names]
     out: dict[int, str] = {}
     for start in range(0, table.num_rows, shard_rows):
