@@ -124,7 +124,12 @@ class _QuietRandomInit(logging.Filter):
 
 # ---------------------------------------------------------------------------------------------- embeddings
 def text_embedding(lm, text: str, template: str | None = None) -> np.ndarray:
-    """CLIP text embedding of ``text`` (``template.format(text)`` with a template), L2-normalised ``[D]``."""
+    """CLIP text embedding of ``text`` (``template.format(text)`` with a template), L2-normalised ``[D]``.
+
+    Raises:
+        QueryError: the text is empty, or has more tokens than the text tower's context (with the template): it is
+            refused, never cut, as the message says with its token count and the limit.
+    """
     from clipmaps.actors.text import RAW_TEMPLATE, TextEncoder
 
     templates = (template,) if template else RAW_TEMPLATE
