@@ -26,7 +26,15 @@ from clipmaps.pipeline.sources import compress_rle_counts, manifest_from_rows
 from clipmaps.schemas.datasets import MANIFEST
 from clipmaps.schemas.encodings import polygon_part_problem
 from clipmaps.schemas.errors import ManifestError
-from clipmaps.schemas.storage import filesystem, join_uri, redact_text, redact_uri
+from clipmaps.schemas.storage import (
+    GLOB_CHARACTERS,
+    exists,
+    filesystem,
+    has_glob_characters,
+    join_uri,
+    redact_text,
+    redact_uri,
+)
 
 log = logging.getLogger(__name__)
 
@@ -233,14 +241,15 @@ def from_coco(
 
 # ---------------------------------------------------------------------------------------------- SA-1B
 def _expand(uris: str | Sequence[str], storage_options: dict | None) -> list[str]:
-    """URIs and globs → a sorted list of URIs (globs expanded with fsspec, keeping each URI's scheme)."""
+    """URIs and globs → a sorted list of URIs (globs expanded with fsspec, keeping each URI's scheme). A URI that
+    exists as written is taken literally even when it holds glob characters (``scans[1]/a.json``)."""
     if isinstance(uris, str):
         uris = [uris]
     out: list[str] = []
     for uri in uris:
-        if any(c in uri for c in "*?["):
+        if has_glob_characters(uri):
             fs, path = filesystem(uri, storage_options)
-            out.extend(_full_uri(fs, p) for p in sorted(fs.glob(path)))
+            out.extend([uri] if exists(fs, path) else (_full_uri(fs, p) for p in sorted(fs.glob(path))))
         else:
             out.append(uri)
     return out
@@ -334,8 +343,8 @@ def from_folder(
     so = storage_options or {}
     regex = _mask_regex(mask_pattern)
     fs, path = filesystem(glob_or_dir, so)
-    if any(c in path for c in "*?["):
-        root = path[: min(path.find(c) for c in "*?[" if c in path)].rsplit("/", 1)[0]
+    if has_glob_characters(path) and not exists(fs, path):  # a literal existing path wins over a pattern
+        root = path[: min(path.find(c) for c in GLOB_CHARACTERS if c in path)].rsplit("/", 1)[0]
         files = [p for p in fs.glob(path) if not fs.isdir(p)]
     elif fs.isdir(path):
         root = path.rstrip("/")

@@ -663,3 +663,13 @@ def test_manifest_cli(tmp_path, capsys):
     args = parser.parse_args(["manifest", "sa1b", str(tmp_path / "nothing_*.json"), "-o", str(tmp_path / "s.parquet")])
     assert args.func(args) == 2
     assert "no SA-1B JSON files" in capsys.readouterr().err
+
+
+def test_folder_adapter_takes_an_existing_path_literally(tmp_path):
+    """A folder whose name holds glob characters is that folder, not a pattern (a literal existing path wins)."""
+    root = tmp_path / "scans[1]"
+    _folder(root)
+    (tmp_path / "scans1").mkdir()  # what the pattern would match instead
+    rows = from_folder(str(root)).to_pylist()
+    assert [r["image_id"] for r in rows] == ["cat.jpg", "cat.png", "dog.PNG"]
+    assert rows[0]["image_uri"] == str(root / "cat.jpg")
