@@ -155,3 +155,16 @@ def test_plan_names_the_vocabulary_file(tmp_path):
     with pytest.raises(SpecError) as e:
         check_vocabulary_text(resolve_vocabulary(spec), spec.vocabulary)
     assert e.value.fields == ["vocabulary.file"] and "name [1] 'RED SQUARE'" in str(e.value)
+
+
+def test_the_summary_notes_collapsed_prompts_only_when_there_were_any():
+    from types import SimpleNamespace
+
+    from clipmaps.jobs.cli import summary_table
+
+    counts = {"rows": 2, "errors": 0, "labels": 2, "heatmaps": 4, "regions": 0}
+    result = SimpleNamespace(total=2, processed=2, errors=0, seconds=1.0, output_uri="out", counts=counts)
+    assert "collapsed" not in summary_table(result)
+    result.counts = {**counts, "prompts_collapsed": 3}
+    last = summary_table(result).splitlines()[-1]
+    assert last.startswith("note") and "3 duplicate prompt(s) collapsed" in last
