@@ -99,7 +99,8 @@ class MethodEntry:
         parent: for an output produced inside another method's pass (GEM's baseline), that method.
         version: the version of the implementation's results, fingerprinted: bump it with any change that moves
             the method's outputs (even by one 8-bit step or one float ulp), so that an output written before is
-            refused instead of mixed. 2: every output a function of its own image (batch-invariant trunk and text).
+            refused instead of mixed. 2: every output a function of its own image (batch-invariant trunk and text);
+            3 (heatmap methods): a row's prompts deduplicated by token ids, too-long prompts refused per prompt.
     """
 
     name: str
@@ -214,6 +215,7 @@ REGISTRY: dict[str, MethodEntry] = {
             square_input=True,
             encodes_text=True,
             predictor="clipmaps.actors.predictors:GEMPredictor",
+            version=3,
             default_templates="photo",
             baseline=ORIGINAL_GEM,
         ),
@@ -231,6 +233,7 @@ REGISTRY: dict[str, MethodEntry] = {
             square_input=True,
             encodes_text=True,
             predictor="clipmaps.actors.predictors:LeGradPredictor",
+            version=3,
             default_templates="raw",
         ),
         MethodEntry(

@@ -31,7 +31,7 @@ from clipmaps.actors.registry import model_info
 from clipmaps.pipeline.sinks import EMPTY_FILE
 from clipmaps.schemas.datasets import ERRORS, HEATMAPS, LABELS, VOCABULARY, regions_schema
 
-CASE = Path("/work/shared/cases/empty-datasets-missing")
+CASE = Path(__file__).resolve().parents[3] / "shared" / "cases" / "empty-datasets-missing"
 CLIPMAPS = Path(sys.executable).parent / "clipmaps"
 MODEL = "clipmaps-synth-vit"
 PATTERN = "[1]*?{a,b}"  # every character fsspec reads as a glob pattern

@@ -22,7 +22,7 @@ from pathlib import Path
 import pyarrow.dataset as pads
 import pytest
 
-CASES = Path("/work/shared/cases")
+CASES = Path(__file__).resolve().parents[3] / "shared" / "cases"
 BIN = Path(sys.executable).parent
 HEAD = "a small shape drawn on a grey textured background next to another small shape near the corner, namely a"
 

@@ -1,0 +1,49 @@
+"""The field cases that pass and must keep passing, through the real CLI as their READMEs run them: a multi-frame
+MPO read as its first frame, ragged images in batches of one, and a backbone a method is not defined for (listed
+honestly by ``clipmaps models`` and refused before any work, exit 2)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+CASES = Path(__file__).resolve().parents[3] / "shared" / "cases"
+BIN = Path(sys.executable).parent
+
+pytestmark = pytest.mark.skipif(not CASES.exists(), reason="the field cases (../shared/cases) are not beside the repo")
+
+
+def run(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(list(args), cwd=cwd, capture_output=True, text=True, timeout=timeout, env=dict(os.environ))
+
+
+def make_case(name: str, tmp_path: Path) -> Path:
+    work = tmp_path / "work"
+    done = run(sys.executable, str(CASES / name / "make_case.py"), str(work), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    return work
+
+
+@pytest.mark.parametrize("name", ["mpo-multi-frame", "ragged-batch-of-one"])
+def test_case_passes_its_check(name, tmp_path):
+    work = make_case(name, tmp_path)
+    done = run(str(BIN / "clipmaps"), "run", "job.yaml", cwd=work)
+    assert done.returncode == 0, done.stderr[-3000:]
+    check = run(sys.executable, str(CASES / name / "check.py"), "out", cwd=work)
+    assert check.returncode == 0 and "PASS" in check.stdout, check.stdout
+
+
+def test_non_vit_backbone_is_listed_honestly_and_refused(tmp_path):
+    work = make_case("non-vit-backbone-listed", tmp_path)
+    for name in ("convnext_tiny", "coca_ViT-B-32", "SigLIP"):
+        listing = run(str(BIN / "clipmaps"), "models", "--no-tags", name, cwd=work)
+        rows = [line.split() for line in listing.stdout.splitlines()[1:] if line and not line.startswith("families")]
+        assert rows and all(r[2] == "-" for r in rows), listing.stdout  # no method runs on these families
+    for extra in (["--dry-run"], []):
+        done = run(str(BIN / "clipmaps"), "run", "job.yaml", *extra, cwd=work)
+        assert done.returncode == 2, done.stderr[-2000:]
+        assert "methods.legrad: LeGrad cannot run on convnext_tiny" in done.stderr and "resume" not in done.stderr
