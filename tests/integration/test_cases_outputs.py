@@ -262,6 +262,7 @@ def test_a_failure_mid_run_names_the_workers_error(tmp_path):
     assert 1 <= attempt["complete_shards"] < 12
 
 
+@pytest.mark.slow  # ~40 s; literal local paths through a resumed run stay in the default run
 @pytest.mark.timeout(500)
 def test_pattern_keys_on_s3_are_literal(s3, tmp_path):
     """The same on the S3 server: image, manifest and output keys with ``[1]``, ``*``, ``?`` and ``{a,b}``, next to

@@ -4,28 +4,13 @@ honestly by ``clipmaps models`` and refused before any work, exit 2)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-CASES = Path(__file__).resolve().parents[3] / "shared" / "cases"
-BIN = Path(sys.executable).parent
+from tests.helpers.cases import BIN, CASES, make_case, needs_cases, run
 
-pytestmark = pytest.mark.skipif(not CASES.exists(), reason="the field cases (../shared/cases) are not beside the repo")
-
-
-def run(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(list(args), cwd=cwd, capture_output=True, text=True, timeout=timeout, env=dict(os.environ))
-
-
-def make_case(name: str, tmp_path: Path) -> Path:
-    work = tmp_path / "work"
-    done = run(sys.executable, str(CASES / name / "make_case.py"), str(work), cwd=tmp_path)
-    assert done.returncode == 0, done.stderr
-    return work
+pytestmark = needs_cases
 
 
 @pytest.mark.parametrize("name", ["mpo-multi-frame", "ragged-batch-of-one"])

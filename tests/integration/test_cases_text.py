@@ -14,31 +14,16 @@ Ray, the shipped ``clipmaps-synth-vit`` whose text tower holds 24 tokens):
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pyarrow.dataset as pads
-import pytest
 
-CASES = Path(__file__).resolve().parents[3] / "shared" / "cases"
-BIN = Path(sys.executable).parent
+from tests.helpers.cases import BIN, CASES, make_case, needs_cases, run
+
 HEAD = "a small shape drawn on a grey textured background next to another small shape near the corner, namely a"
 
-pytestmark = pytest.mark.skipif(not CASES.exists(), reason="the field cases are not on this machine")
-
-
-def run(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    """``args`` in ``cwd`` as a user runs them (a new process, its own local Ray)."""
-    return subprocess.run(list(args), cwd=cwd, capture_output=True, text=True, timeout=timeout, env=dict(os.environ))
-
-
-def make_case(name: str, tmp_path: Path) -> Path:
-    work = tmp_path / "work"
-    done = run(sys.executable, str(CASES / name / "make_case.py"), str(work), cwd=tmp_path)
-    assert done.returncode == 0, done.stderr
-    return work
+pytestmark = needs_cases
 
 
 def rows(out: Path, dataset: str) -> list[dict]:
