@@ -24,10 +24,17 @@ def _run(args: argparse.Namespace) -> int:
     overrides = [*(args.set or ()), *(["output.overwrite=true"] if args.overwrite else [])]
     try:
         spec = load_spec(args.spec, overrides=overrides)
-        result = run(spec, dry_run=args.dry_run, progress=print)
+        result = run(spec, dry_run=args.dry_run, progress=(lambda line: None) if args.quiet else print)
     except ClipmapsError as e:  # the family maps to its documented exit code (schemas/errors.py)
         print(f"clipmaps run: {e}", file=sys.stderr)
         return e.exit_code
+    if args.quiet:  # errors only: the exit code says how it went
+        if not result.ok:
+            print(
+                f"clipmaps run: error fraction {result.error_fraction:.2%} is above run.max_error_fraction",
+                file=sys.stderr,
+            )
+        return 0 if result.ok or args.dry_run else 3
     if args.dry_run:
         print(result.plan_text)
         print("dry run: the spec is valid, the inputs resolve and the output accepts this job; no model was run")
@@ -118,23 +125,54 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("clipmaps")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown (not installed)"
+
+
+def _logging_flags(parser: argparse.ArgumentParser, default) -> None:
+    """``-v``/``-q`` on ``parser``. Subcommands get them with ``SUPPRESS`` defaults, so ``clipmaps run -v`` and
+    ``clipmaps -v run`` mean the same and a subcommand's absent flag never resets the top level's."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("-v", "--verbose", action="store_true", default=default, help="debug logging")
+    group.add_argument(
+        "-q", "--quiet", action="store_true", default=default, help="errors only: no plan, progress or summary"
+    )
+
+
+def _add_flags_to_subcommands(parser: argparse.ArgumentParser) -> None:
+    for action in parser._actions:  # argparse keeps subparsers only there
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _logging_flags(sub, argparse.SUPPRESS)
+                _add_flags_to_subcommands(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``clipmaps`` parser with every command (imports no command's library); ``args.func(args)`` runs one."""
     parser = argparse.ArgumentParser(prog="clipmaps", description="Dense open-vocabulary annotations with CLIP.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    _logging_flags(parser, False)
     sub = parser.add_subparsers(dest="command", required=True)
     for add in COMMANDS:
         add(sub)
+    _add_flags_to_subcommands(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``clipmaps`` with ``argv`` (default: the process's arguments); returns the exit code."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.verbose and args.quiet:  # one given before the subcommand, the other after it
+        parser.error("-v/--verbose and -q/--quiet exclude each other")
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `clipmaps models | head` ends quietly, as Unix tools do
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
-    )
+    level = logging.DEBUG if args.verbose else logging.ERROR if args.quiet else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     from clipmaps.schemas.storage import RedactingFilter
 
     for handler in logging.getLogger().handlers:  # one redaction rule wherever text leaves the process

@@ -274,6 +274,30 @@ def add_report_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
+def add_export_parser(sub) -> argparse.ArgumentParser:
+    """``clipmaps export coco OUTPUT_URI --method M -o FILE``: outputs in the formats review and training tools read."""
+    parser = sub.add_parser("export", help="export a job's outputs (COCO JSON)")
+    formats = parser.add_subparsers(dest="format", required=True)
+    coco = formats.add_parser(
+        "coco",
+        help="one method's label maps as COCO annotations (RLE per class region; pycocotools loads it)",
+        description="Write one method's label maps as a COCO JSON file: images, categories and one annotation per "
+        "class present in an image (compressed RLE, bbox, area, score).",
+    )
+    coco.add_argument("output", help="the job's output URI")
+    coco.add_argument("--method", required=True, help="whose label maps: maskclip, gem or gem_original")
+    coco.add_argument("-o", "--out", required=True, help="the JSON file to write")
+    coco.add_argument(
+        "--categories-from",
+        default=None,
+        metavar="INSTANCES_JSON",
+        help="take category ids by name from this COCO file (e.g. the source's), for COCOeval",
+    )
+    _storage_option(coco)
+    coco.set_defaults(func=Handler("clipmaps.jobs.export:run_export_cli"))
+    return parser
+
+
 # ---------------------------------------------------------------------------------------------- the tiny CLIP
 def add_eval_parser(sub) -> argparse.ArgumentParser:
     """``clipmaps eval OUTPUT_URI``: scores against the ground truth of generated scenes."""
@@ -334,6 +358,7 @@ COMMANDS: tuple[Callable[..., argparse.ArgumentParser], ...] = (
     add_index_parser,
     add_query_parser,
     add_report_parser,
+    add_export_parser,
     add_eval_parser,
     add_train_parser,
     add_figures_parser,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from clipmaps.jobs.cli import build_parser
+from clipmaps.jobs.cli import build_parser, main
 from clipmaps.jobs.commands import Handler
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,6 +26,7 @@ COMMANDS = {
     "demo",
     "run",
     "manifest",
+    "export",
     "k8s",
     "models",
     "schema",
@@ -234,3 +235,20 @@ def test_models_with_a_filter_that_matches_nothing(capsys):
 
     assert main(["models", "--no-tags", "no-such-architecture"]) == 2
     assert "no architecture name contains 'no-such-architecture'" in capsys.readouterr().err
+
+
+def test_version_and_logging_flags_before_or_after_the_subcommand(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("clipmaps ")
+    parser = build_parser()
+    for argv in (["-v", "models"], ["models", "-v"], ["models", "--verbose"]):
+        args = parser.parse_args(argv)
+        assert args.verbose is True and args.quiet is False, argv
+    for argv in (["-q", "schema"], ["schema", "-q"], ["k8s", "render", "job.yaml", "-q"]):
+        args = parser.parse_args(argv)
+        assert args.quiet is True and args.verbose is False, argv
+    assert parser.parse_args(["models"]).verbose is False  # a subcommand's absent flag keeps the top level's default
+    with pytest.raises(SystemExit):  # both at once, split around the subcommand
+        main(["-v", "schema", "-q"])
+    assert "exclude each other" in capsys.readouterr().err
