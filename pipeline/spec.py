@@ -300,7 +300,9 @@ class RunSpec(Section):
         ray_address: Ray address (``ray://…`` or ``auto``); null = ``RAY_ADDRESS`` when set (KubeRay sets it), else
             a new local in-process Ray (never a Ray that happens to run on the host already).
         max_error_fraction: the job exits 3 when more than this fraction of input rows failed.
-        progress: print a progress line per finished batch.
+        progress: print a progress line (images done / total, images/s, ETA, errors) every ``progress_interval_s``
+            seconds and at the end; in a terminal Ray Data's progress bars show too.
+        progress_interval_s: seconds between progress lines.
         stall_timeout_s: fail the run when nothing progressed for this long (Ray Data's
             ``execution_no_progress_timeout_s``); null = Ray Data's default. A re-run resumes.
     """
@@ -308,6 +310,7 @@ class RunSpec(Section):
     ray_address: Str | None = Field(None, min_length=1)
     max_error_fraction: float = Field(0.0, ge=0, le=1)
     progress: Bool = True
+    progress_interval_s: float = Field(30.0, gt=0)
     stall_timeout_s: float | None = Field(None, gt=0)
 
 
