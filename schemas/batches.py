@@ -43,6 +43,9 @@ MASKS_SQUARE = "masks_square"
 MASK_AREA = "mask_area"
 MASK_BBOX = "mask_bbox"
 MASK_ERRORS = "mask_errors"
+MASK_RLE = "mask_rle"
+#: The manifest's masks by reference (a URI; ``clipmaps.pipeline.decode.mask_refs``); consumed by the decode stage.
+MASKS_URI = "masks_uri"
 
 # -- method output kinds: the column is ``col(method, kind)`` ----------------------------------------------
 LABELS = "labels"
@@ -93,6 +96,8 @@ class Column:
 
 
 _ERROR_STRUCT = pa.struct([("region_id", pa.string()), ("error_type", pa.string()), ("message", pa.string())])
+#: COCO RLE as written to ``regions/``: ``size`` = [height, width], ``counts`` = COCO's compressed string.
+_RLE_STRUCT = pa.struct([("size", pa.list_(pa.int32())), ("counts", pa.string())])
 _PROMPT_ERROR_STRUCT = pa.struct([("prompt", pa.string()), ("error_type", pa.string()), ("message", pa.string())])
 
 #: Every column between stages: decode columns by name, method outputs by kind.
@@ -102,7 +107,9 @@ COLUMNS: dict[str, Column] = {
     SHARD: Column(pa.int64(), "the manifest shard (unit of resume) the row belongs to"),
     HEIGHT: Column(pa.int64(), "image height after EXIF orientation; 0 on a failed row"),
     WIDTH: Column(pa.int64(), "image width after EXIF orientation; 0 on a failed row"),
-    ERROR_STAGE: Column(pa.string(), "read | decode | mask | preprocess when the row failed before the methods"),
+    ERROR_STAGE: Column(
+        pa.string(), "manifest | read | decode | mask | preprocess when the row failed before the methods"
+    ),
     ERROR_TYPE: Column(pa.string(), "the row's error type"),
     ERROR_MESSAGE: Column(pa.string(), "the row's error message (secrets redacted)"),
     PROMPTS: Column(pa.list_(pa.string()), "the row's own prompts; None = the job's vocabulary"),
@@ -113,6 +120,12 @@ COLUMNS: dict[str, Column] = {
     MASK_AREA: Column(pa.int64(), "[M] mask pixels at the image's size", 1, (0,)),
     MASK_BBOX: Column(pa.int32(), "[M, 4] x, y, width, height at the image's size", 2, (0, 4)),
     MASK_ERRORS: Column(pa.list_(_ERROR_STRUCT), "masks that could not be used"),
+    MASK_RLE: Column(
+        pa.list_(_RLE_STRUCT),
+        "[M] dict(size=[h, w], counts=str): each usable mask's COCO compressed RLE at the image's size after EXIF "
+        "orientation (the frame of mask_area/mask_bbox), aligned with mask_ids",
+    ),
+    MASKS_URI: Column(pa.string(), "the manifest's masks by reference (read and dropped by the decode stage)"),
     LABELS: Column(pa.binary(), "PNG label map at the image's size"),
     HEATMAPS: Column(pa.list_(pa.binary()), "one encoded heatmap per prompt"),
     HEATMAP_PROMPTS: Column(pa.list_(pa.string()), "the prompts, aligned with the heatmaps"),

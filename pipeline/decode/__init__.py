@@ -6,9 +6,10 @@ Usable as a Ray Data callable class or as a plain function (no Ray, no torch imp
     out = decode_batch(batch, cfg)
 
 Input: a batch of manifest rows (``dict`` of numpy arrays or lists, or a ``pa.Table``) with ``image_id``,
-``image_uri`` and optionally ``masks``, ``prompts``. Output: a ``dict[str, np.ndarray]`` with the same number of
-rows in the same order — every input column except ``masks`` (the raw mask structs, heavy and no longer needed)
-passed through unchanged, plus the decode columns of :mod:`clipmaps.schemas.batches`
+``image_uri`` and optionally ``masks`` (inline) or ``masks_uri`` (masks by reference, resolved on the worker:
+:mod:`.mask_refs`), ``prompts``. Output: a ``dict[str, np.ndarray]`` with the same number of rows in the same order —
+every input column except ``masks`` and ``masks_uri`` (the raw mask inputs, heavy and no longer needed) passed
+through unchanged, plus the decode columns of :mod:`clipmaps.schemas.batches`
 (:func:`output_columns` lists them for a config). Per row:
 
 ==================== ============================================== ===========================================
@@ -16,7 +17,8 @@ column               good row                                       failed row
 ==================== ============================================== ===========================================
 ``height``/``width`` ``int64`` array: size after EXIF orientation   ``0``
 ``error_stage``      ``None``                                       ``read`` | ``decode`` | ``mask`` |
-                                                                    ``preprocess`` (object array of str/None)
+                                                                    ``preprocess`` (object array of str/None),
+                                                                    or an earlier stage's (``manifest``)
 ``error_type``       ``None``                                       e.g. ``FileNotFoundError``,
                                                                     ``DecompressionBomb``, ``TruncatedImage``
 ``error_message``    ``None``                                       short; names the URI (credentials redacted)
@@ -24,12 +26,18 @@ column               good row                                       failed row
 ``pixels_square``    ``float32 [3, S, S]`` (OpenAI mean/std,         ``float32 [3, 0, 0]``
                      bicubic) — only when ``square_size`` is set
 ``pixels_maskclip``  ``float32 [3, h, w]`` — only with ``maskclip``  ``float32 [3, 0, 0]``
-``mask_ids``         ``list[str]``: valid masks, manifest order     ``[]``
+``mask_ids``         ``list[str]``: valid masks, manifest order     ``None``
 ``masks_square``     ``float32 [M, S, S]`` in [0, 1]                ``float32 [0, S, S]``
 ``mask_area``        ``int64 [M]``: pixels at the image's size       ``int64 [0]``
 ``mask_bbox``        ``int32 [M, 4]``: x, y, w, h at the image size ``int32 [0, 4]``
-``mask_errors``      ``list[dict(region_id, error_type, message)]`` ``[]``
+``mask_rle``         ``list[dict(size=[h, w], counts=str)]``: each   ``None``
+                     mask's COCO compressed RLE at the image's
+                     decoded size (the frame of area and bbox)
+``mask_errors``      ``list[dict(region_id, error_type, message)]`` ``None``
 ==================== ============================================== ===========================================
+
+Rows that arrive failed (``error_stage`` set, e.g. ``manifest`` by the reader's validation) are passed through:
+nothing of theirs is fetched, their error columns are kept and every other column holds the fill above.
 
 The mask columns exist only with ``need_masks`` (``masks_square`` also needs ``square_size``); a good row
 without masks has ``M = 0``. Array-valued columns are 1-D ``object`` arrays of ``np.ndarray``.
@@ -44,7 +52,8 @@ refuses to concatenate the two kinds ("Found columns with both objects and tenso
 
 One module per job: :mod:`.fetch` (reads with retries; errors named by redacted URI), :mod:`.image` (decoding,
 orientation, transparency, bit depths, bomb guard), :mod:`.masks` (RLE, polygon and mask-image decoding),
-:mod:`.preprocess` (resize and normalise per method), :mod:`.stage` (the stage and its columns). Errors are
+:mod:`.mask_refs` (masks by reference: SA-1B JSON, PNG folders, side Parquet), :mod:`.preprocess` (resize and
+normalise per method), :mod:`.stage` (the stage and its columns). Errors are
 ``clipmaps.schemas.errors.RowError``: a row's carries its stage, a mask's also its ``region_id``.
 """
 

@@ -8,7 +8,8 @@ import logging
 import random
 import re
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import fsspec
 
@@ -19,6 +20,8 @@ if TYPE_CHECKING:
     from .stage import DecodeConfig
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 _TRANSIENT_ERRNOS = {
     errno.ECONNRESET,
@@ -82,6 +85,22 @@ def fetch_bytes(uri: Any, config: DecodeConfig, *, what: str = "image") -> bytes
             nothing is fetched), ``FileNotFoundError``, ``PermissionError``, ``IsADirectoryError``, or the client's
             error type with its message scrubbed of secrets.
     """
+
+    def read() -> bytes:
+        with fsspec.open(uri, "rb", **config.storage_options) as f:
+            return f.read()
+
+    return with_retries(read, uri, config, what=what)
+
+
+def with_retries(op: Callable[[], T], uri: Any, config: DecodeConfig, *, what: str = "image") -> T:
+    """``op()``, an I/O operation on ``uri`` (a read, a listing, a Parquet scan), with the retries of
+    :func:`fetch_bytes`: the scheme is checked first, transient errors (:func:`is_transient`) are retried
+    ``config.retries`` times with exponential back-off and jitter, any other error is final.
+
+    Raises:
+        RowError: stage ``read``, as :func:`fetch_bytes` (a :class:`RowError` raised by ``op`` passes unchanged).
+    """
     if not isinstance(uri, str) or not uri.strip():
         raise RowError("read", "MissingImageUri", f"{what} URI is missing or empty")
     refused = scheme_error(uri, config.allowed_schemes)
@@ -90,8 +109,7 @@ def fetch_bytes(uri: Any, config: DecodeConfig, *, what: str = "image") -> bytes
     attempts = config.retries + 1
     for attempt in range(attempts):
         try:
-            with fsspec.open(uri, "rb", **config.storage_options) as f:
-                return f.read()
+            return op()
         except Exception as e:  # noqa: BLE001 — classified below
             if attempt + 1 < attempts and is_transient(e):
                 delay = config.retry_backoff_s * (2**attempt) * (1 + random.random() / 2)

@@ -21,12 +21,13 @@ import numpy as np
 import pyarrow as pa
 
 from clipmaps.schemas import batches as B
-from clipmaps.schemas.encodings import mask_bbox
+from clipmaps.schemas.encodings import mask_bbox, rle_encode
 from clipmaps.schemas.errors import RowError, short
 from clipmaps.schemas.storage import DEFAULT_ALLOWED_SCHEMES, redact_uri
 
 from .fetch import fetch_bytes, read_error
 from .image import DEFAULT_FORMATS, DEFAULT_MAX_PIXELS, load_oriented
+from .mask_refs import MaskReferences, Resolved, no_rows_error, reference_form
 from .masks import ANNOTATION_FRAMES, AnnotationFrame, decode_mask, get_field
 from .preprocess import Preprocess
 
@@ -44,6 +45,7 @@ OUTPUT_COLUMNS = (
     B.MASKS_SQUARE,
     B.MASK_AREA,
     B.MASK_BBOX,
+    B.MASK_RLE,
     B.MASK_ERRORS,
 )
 
@@ -102,6 +104,7 @@ class _Fetched:
     data: bytes | None = None
     error: RowError | None = None
     masks: dict[int, bytes | RowError] = field(default_factory=dict)
+    ref: Resolved | RowError | None = None  # what the row's masks_uri resolved to
 
 
 class DecodeStage:
@@ -114,6 +117,7 @@ class DecodeStage:
         self.config = config if config is not None else DecodeConfig(**kwargs)
         self._square = Preprocess(size=self.config.square_size) if self.config.square_size else None
         self._pool: ThreadPoolExecutor | None = None
+        self._refs = MaskReferences(self.config)
 
     def close(self) -> None:
         """Stop the fetch threads (a plain-callable user's clean-up; Ray ends them with the worker)."""
@@ -133,7 +137,7 @@ class DecodeStage:
         if B.IMAGE_ID not in columns or B.IMAGE_URI not in columns:
             raise KeyError(f"the decode stage needs columns {B.IMAGE_ID!r} and {B.IMAGE_URI!r}; got {list(columns)}")
         n = len(columns[B.IMAGE_URI])
-        uris = columns[B.IMAGE_URI]
+        uris, ids = columns[B.IMAGE_URI], columns[B.IMAGE_ID]
         masks_col = columns.get("masks")
         # the manifest's optional width/height (the annotation's frame) share their names with the decoded size
         # written below: read them before they are replaced
@@ -142,13 +146,30 @@ class DecodeStage:
         has_error = B.failed_rows(columns)
         todo = [i for i in range(n) if not has_error[i]]
 
-        jobs = [(uris[i], self._mask_uris(masks_col[i] if masks_col is not None else None)) for i in todo]
-        if self.config.io_threads > 1 and len(jobs) > 1:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.config.io_threads, thread_name_prefix="clipmaps-fetch")
-            fetched = list(self._pool.map(lambda job: self._fetch(*job), jobs))
-        else:
-            fetched = [self._fetch(*job) for job in jobs]
+        refs = self._references(columns, todo)
+        # side-Parquet references: one scan per table for the batch's rows (each image's own lookup would re-scan)
+        groups: dict[str, list[int]] = {}
+        for i, ref in refs.items():
+            if reference_form(ref) == "parquet":
+                groups.setdefault(ref, []).append(i)
+        row_jobs = [
+            (
+                self._fetch,
+                uris[i],
+                self._mask_uris(masks_col[i] if masks_col is not None else None),
+                None if refs.get(i) in groups else refs.get(i),
+                str(ids[i]),
+            )
+            for i in todo
+        ]
+        group_jobs = [(self._lookup, ref, [str(ids[i]) for i in rows]) for ref, rows in groups.items()]
+        results = self._run_jobs(row_jobs + group_jobs)
+        fetched = dict(zip(todo, results[: len(row_jobs)]))
+        for (ref, rows), found in zip(groups.items(), results[len(row_jobs) :]):
+            for i in rows:
+                if fetched[i].error is None:  # an image that could not be read fails as such, not for its masks
+                    fetched[i].ref = found if isinstance(found, RowError) else found.get(str(ids[i]), None)
+                    fetched[i].ref = fetched[i].ref or no_rows_error(ref, [str(ids[i])])
 
         names = output_columns(self.config)
         out = {name: _objects(n) for name in names}
@@ -162,7 +183,7 @@ class DecodeStage:
                 if name in columns:
                     for i in range(n):
                         out[name][i] = columns[name][i] if has_error[i] else None
-        for i, f in zip(todo, fetched):
+        for i, f in fetched.items():
             declared = _declared(declared_h, declared_w, i)
             row = self._row(columns[B.IMAGE_URI][i], masks_col[i] if masks_col is not None else None, f, declared)
             for name, value in row.items():
@@ -170,13 +191,37 @@ class DecodeStage:
 
         result: dict[str, np.ndarray] = {}
         for name, values in columns.items():
-            if name != "masks" and name not in out:
+            if name not in ("masks", B.MASKS_URI) and name not in out:
                 result[name] = values if isinstance(values, np.ndarray) else _objects(n, values)
         result.update(out)
         return B.conform(result, names)  # a failed row's arrays: the declared empty fill
 
+    def _references(self, columns: dict[str, Any], todo: list[int]) -> dict[int, str]:
+        """Row → its ``masks_uri`` (rows to decode, masks needed, a non-empty value)."""
+        col = columns.get(B.MASKS_URI)
+        if not self.config.need_masks or col is None:
+            return {}
+        return {i: str(col[i]) for i in todo if B.present(col[i])}
+
+    def _run_jobs(self, jobs: list[tuple]) -> list[Any]:
+        """``fn(*args)`` for each ``(fn, *args)``, on the fetch threads when there is more than one, in order."""
+        if self.config.io_threads > 1 and len(jobs) > 1:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.config.io_threads, thread_name_prefix="clipmaps-fetch")
+            futures = [self._pool.submit(job[0], *job[1:]) for job in jobs]
+            return [f.result() for f in futures]
+        return [job[0](*job[1:]) for job in jobs]
+
+    def _lookup(self, ref: str, image_ids: list[str]) -> dict[str, Resolved] | RowError:
+        try:
+            return self._refs.lookup(ref, image_ids)
+        except RowError as e:
+            return e
+        except Exception as e:  # noqa: BLE001 — a table that breaks the reader fails its rows, not the batch
+            return RowError("mask", type(e).__name__, f"masks_uri {redact_uri(ref)}: {short(e)}")
+
     def _mask_uris(self, masks: Any) -> dict[int, str]:
-        if not self.config.need_masks or masks is None:
+        if not self.config.need_masks or not B.present(masks):  # absent, null, or NaN from Ray's round trip
             return {}
         return {
             k: get_field(m, "uri")
@@ -184,7 +229,7 @@ class DecodeStage:
             if get_field(m, "uri") is not None and get_field(m, "rle") is None and get_field(m, "polygon") is None
         }
 
-    def _fetch(self, uri: str, mask_uris: dict[int, str]) -> _Fetched:
+    def _fetch(self, uri: str, mask_uris: dict[int, str], ref: str | None = None, image_id: str = "") -> _Fetched:
         res = _Fetched()
         try:
             res.data = fetch_bytes(uri, self.config)
@@ -194,6 +239,13 @@ class DecodeStage:
         except Exception as e:  # noqa: BLE001 — never let one row kill the batch
             res.error = read_error(e, uri, self.config.storage_options)
             return res
+        if ref is not None:  # after the image: an unreadable image fails as such, without reading its masks
+            try:
+                res.ref = self._refs.resolve(ref, image_id)
+            except RowError as e:
+                res.ref = e
+            except Exception as e:  # noqa: BLE001
+                res.ref = RowError("mask", type(e).__name__, f"masks_uri {redact_uri(ref)}: {short(e)}")
         for k, mask_uri in mask_uris.items():
             try:
                 res.masks[k] = fetch_bytes(mask_uri, self.config, what="mask")
@@ -206,9 +258,24 @@ class DecodeStage:
     # -- decoding (the calling thread)
     def _row(self, uri: str, masks: Any, fetched: _Fetched, declared: tuple[int, int] | None) -> dict[str, Any]:
         cfg = self.config
+        if not B.present(masks):  # Ray hands a column null on every row of a block over as NaN
+            masks = None
         try:
             if fetched.error is not None:
                 raise fetched.error
+            if isinstance(fetched.ref, RowError):
+                raise fetched.ref
+            if fetched.ref is not None:
+                if masks is not None and len(masks):
+                    raise RowError(
+                        "mask",
+                        "AmbiguousMasks",
+                        f"{redact_uri(uri)}: the row has both masks and masks_uri; give one of them",
+                    )
+                masks, mask_bytes = fetched.ref.masks, fetched.ref.fetched
+                declared = declared or fetched.ref.declared
+            else:
+                mask_bytes = fetched.masks
             img, orientation, _ = load_oriented(fetched.data, max_pixels=cfg.max_pixels, formats=cfg.formats, uri=uri)
             fetched.data = None  # free the bytes early
             width, height = img.size
@@ -226,7 +293,7 @@ class DecodeStage:
                 ) from None
             if cfg.need_masks:
                 try:
-                    row.update(self._masks(masks, height, width, fetched.masks, orientation, declared))
+                    row.update(self._masks(masks, height, width, mask_bytes, orientation, declared))
                 except Exception as e:  # noqa: BLE001
                     raise RowError("mask", type(e).__name__, f"{redact_uri(uri)}: decoding masks failed: {e}") from None
             return row
@@ -247,6 +314,7 @@ class DecodeStage:
         squares: list[np.ndarray] = []
         areas: list[int] = []
         boxes: list[tuple[int, int, int, int]] = []
+        rles: list[dict] = []
         errors: list[dict] = []
         masks = list(masks) if masks is not None else []
         named = {str(get_field(m, "region_id")) for m in masks if get_field(m, "region_id") not in (None, "")}
@@ -289,10 +357,12 @@ class DecodeStage:
             ids.append(rid)
             areas.append(area)
             boxes.append(mask_bbox(mask))
+            rles.append(rle_encode(mask))  # the full-size mask in the frame of area and bbox, for regions/
         out = {
             B.MASK_IDS: ids,
             B.MASK_AREA: np.asarray(areas, dtype=np.int64),
             B.MASK_BBOX: np.asarray(boxes, dtype=np.int32).reshape(-1, 4),
+            B.MASK_RLE: rles,
             B.MASK_ERRORS: errors,
         }
         if size:
@@ -320,7 +390,7 @@ def output_columns(config: DecodeConfig) -> tuple[str, ...]:
     if config.maskclip is None:
         skip.add(B.PIXELS_MASKCLIP)
     if not config.need_masks:
-        skip |= {B.MASK_IDS, B.MASKS_SQUARE, B.MASK_AREA, B.MASK_BBOX, B.MASK_ERRORS}
+        skip |= {B.MASK_IDS, B.MASKS_SQUARE, B.MASK_AREA, B.MASK_BBOX, B.MASK_RLE, B.MASK_ERRORS}
     return tuple(c for c in OUTPUT_COLUMNS if c not in skip)
 
 

@@ -88,7 +88,7 @@ def assert_error(r: dict, stage: str, error_type: str, *fragments: str):
     ):
         if name in r:
             assert r[name].shape == shape and r[name].ndim == B.COLUMNS[name].ndim, name
-    for name in (B.MASK_IDS, B.MASK_ERRORS):
+    for name in (B.MASK_IDS, B.MASK_RLE, B.MASK_ERRORS):
         if name in r:
             assert r[name] is None
 
@@ -149,6 +149,7 @@ def test_square_none_and_maskclip_default(tmp_path):
         B.MASK_IDS,
         B.MASK_AREA,
         B.MASK_BBOX,
+        B.MASK_RLE,
         B.MASK_ERRORS,
     )
     assert set(output_columns(cfg(maskclip=default_preprocess("maskclip"), need_masks=True))) == set(OUTPUT_COLUMNS)
