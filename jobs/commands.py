@@ -94,6 +94,11 @@ def add_manifest_parser(sub) -> argparse.ArgumentParser:
     common(coco)
     sa1b = sources.add_parser("sa1b", help="SA-1B per-image JSON files (image next to each JSON)")
     sa1b.add_argument("json", nargs="+", help="JSON files, URIs or globs")
+    sa1b.add_argument(
+        "--inline-masks",
+        action="store_true",
+        help="copy every annotation's RLE into the manifest instead of pointing to each JSON (masks_uri)",
+    )
     common(sa1b)
     folder = sources.add_parser("folder", help="a folder or glob of images, with per-instance PNG masks")
     folder.add_argument("path", help="folder, file glob or URI (s3://bucket/dir/*.jpg)")
@@ -268,6 +273,12 @@ def add_report_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default=None, help="report folder (default: OUTPUT_URI/report)")
     p.add_argument("--sample", type=int, default=12, help="images shown (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sample (default: %(default)s)")
+    p.add_argument(
+        "--select",
+        default="random",
+        metavar="KIND",
+        help="which images: random (default), errors, class:NAME, high-loss (MaskInversion), low-confidence",
+    )
     p.add_argument("--max-heatmaps", type=int, default=24, help="heatmaps shown per image at most")
     _storage_option(p)
     p.set_defaults(func=Handler("clipmaps.jobs.report:run_report_cli"))

@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clipmaps.pipeline.sources import compress_rle_counts, manifest_from_rows
+from clipmaps.schemas.batches import MASKS_URI
 from clipmaps.schemas.datasets import MANIFEST
 from clipmaps.schemas.encodings import polygon_part_problem
 from clipmaps.schemas.errors import ManifestError
@@ -43,7 +44,24 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 
 
 def _finish(rows: Iterable[dict]) -> pa.Table:
-    return manifest_from_rows(rows).cast(MANIFEST)
+    """Adapter rows → a table in the manifest schema; ``masks_uri`` (masks by reference) is carried beside the rows
+    and joined as a string column (present when the schema declares it or some row has one)."""
+    refs: list[str | None] = []
+
+    def without_refs() -> Iterable[dict]:
+        for r in rows:
+            refs.append(r.pop(MASKS_URI, None))
+            yield r
+
+    table = manifest_from_rows(without_refs())
+    if MASKS_URI in table.column_names:
+        table = table.drop_columns([MASKS_URI])
+    schema = MANIFEST
+    if MASKS_URI not in MANIFEST.names and any(r is not None for r in refs):
+        schema = pa.schema([*MANIFEST, pa.field(MASKS_URI, pa.string())])
+    if MASKS_URI in schema.names:
+        table = table.append_column(MASKS_URI, pa.array(refs, pa.string()))
+    return table.select(schema.names).cast(schema)
 
 
 def _load_json(uri: str, storage_options: dict | None) -> Any:
@@ -111,6 +129,7 @@ class AnnotationReport:
         duplicate_examples: up to :attr:`MAX_EXAMPLES` ``(image_id, annotation_id)`` of those.
         missing: number of annotations without an ``id``.
         missing_examples: up to :attr:`MAX_EXAMPLES` ``(image_id, position in the image's masks)``.
+        masks: number of masks seen (inline or by reference).
         degenerate_parts: number of polygon parts the job will drop (``schemas.encodings.polygon_part_problem``;
             they stay in the manifest, so what the job does with them is decided in one place).
         degenerate_examples: up to :attr:`MAX_EXAMPLES` ``(image_id, region_id, part index, reason)``.
@@ -123,10 +142,12 @@ class AnnotationReport:
     missing_examples: list[tuple[str, int]] = field(default_factory=list)
     degenerate_parts: int = 0
     degenerate_examples: list[tuple[str, str | None, int, str]] = field(default_factory=list)
+    masks: int = 0
 
     def add_image(self, image_id: str, masks: list[dict]) -> None:
-        """Count the clashes and missing ids among one image's masks (``MASK`` dicts, in order), and their
+        """Count one image's masks (``MASK`` dicts, in order), the clashes and missing ids among them, and their
         degenerate polygon parts."""
+        self.masks += len(masks)
         seen: set[str] = set()
         for m in masks:
             for part, poly in enumerate(m.get("polygon") or []):
@@ -264,14 +285,23 @@ def _full_uri(fs, path: str) -> str:
 
 
 def from_sa1b(
-    json_uris: str | Sequence[str], *, storage_options: dict | None = None, report: AnnotationReport | None = None
+    json_uris: str | Sequence[str],
+    *,
+    storage_options: dict | None = None,
+    report: AnnotationReport | None = None,
+    inline_masks: bool = False,
 ) -> pa.Table:
     """SA-1B per-image JSON files (URIs or globs, e.g. ``s3://sa1b/sa_000000/*.json``) → manifest.
 
     Each file is ``{"image": {"image_id", "file_name", …}, "annotations": [{"id", "segmentation": {"size",
-    "counts"}}, …]}``; the image lies next to its JSON (same folder, ``file_name``). ``region_id`` = annotation id,
-    kept as it is; clashes and missing ids are counted into ``report`` as :func:`from_coco` does. ``width``/``height``
-    = ``image.width``/``image.height`` (null when absent).
+    "counts"}}, …]}``; the image lies next to its JSON (same folder, ``file_name``). By default a row points to its
+    masks (``masks_uri`` = the JSON's URI, read by the decode stage on the worker: ``pipeline.decode.mask_refs``),
+    so the manifest holds no RLE and stays small; ``inline_masks`` copies every annotation into ``masks`` instead.
+    ``region_id`` = annotation id, kept as it is; clashes and missing ids are counted into ``report`` as
+    :func:`from_coco` does. ``width``/``height`` = ``image.width``/``image.height`` (null when absent).
+
+    Raises:
+        ManifestError: no file matches, a file is unreadable or not SA-1B, or (inline) an unrecognised segmentation.
     """
     uris = _expand(json_uris, storage_options)
     if not uris:
@@ -290,12 +320,17 @@ def from_sa1b(
             masks = []
             for ann in data.get("annotations") or []:
                 rid = _region_id(ann)
-                masks.append(_segmentation_to_mask(ann.get("segmentation"), rid, f"{shown} annotation {rid}"))
+                if inline_masks:
+                    masks.append(_segmentation_to_mask(ann.get("segmentation"), rid, f"{shown} annotation {rid}"))
+                else:  # checked when the job decodes it; here only what the id report needs
+                    seg = ann.get("segmentation")
+                    masks.append({"region_id": rid, "polygon": seg if isinstance(seg, list) else None})
             ids.add_image(str(image_id), masks)
             yield {
                 "image_id": str(image_id),
                 "image_uri": join_uri(folder, image["file_name"]),
-                "masks": masks,
+                "masks": masks if inline_masks else None,
+                MASKS_URI: None if inline_masks else uri,
                 "width": image.get("width"),
                 "height": image.get("height"),
             }
@@ -453,7 +488,8 @@ def run_manifest_cli(args: argparse.Namespace) -> int:
         if args.source == "coco":
             table = from_coco(args.instances_json, args.images_root, storage_options=so, report=ids)
         elif args.source == "sa1b":
-            table = from_sa1b(args.json, storage_options=so, report=ids)
+            inline = bool(getattr(args, "inline_masks", False))
+            table = from_sa1b(args.json, storage_options=so, report=ids, inline_masks=inline)
         else:
             table = from_folder(args.path, mask_pattern=args.mask_pattern, recursive=args.recursive, storage_options=so)
         write_manifest(table, args.output, storage_options=so)
@@ -462,7 +498,14 @@ def run_manifest_cli(args: argparse.Namespace) -> int:
         print(f"clipmaps manifest: error: {redact_text(str(e), storage_options=so, uris=uris)}", file=sys.stderr)
         return 2
     n_masks = sum(len(m) for m in table["masks"].to_pylist() if m)
-    print(f"clipmaps manifest: {table.num_rows} images, {n_masks} masks -> {redact_uri(args.output)}")
+    refs = table[MASKS_URI].null_count if MASKS_URI in table.column_names else table.num_rows
+    refs = table.num_rows - refs
+    if refs:  # the adapter read each reference once: its count of masks is known without the manifest holding them
+        n_masks = ids.masks if args.source == "sa1b" else n_masks
+        by_ref = f" ({refs} image(s) with masks by reference, masks_uri)"
+    else:
+        by_ref = ""
+    print(f"clipmaps manifest: {table.num_rows} images, {n_masks} masks{by_ref} -> {redact_uri(args.output)}")
     for line in ids.lines():
         print(f"clipmaps manifest: warning: {line}")
     return 0

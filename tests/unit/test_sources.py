@@ -478,7 +478,7 @@ def test_sa1b_adapter_reports_id_clashes(tmp_path):
     }
     (tmp_path / "sa_5.json").write_text(json.dumps(doc))
     report = AnnotationReport()
-    table = from_sa1b(str(tmp_path / "sa_5.json"), report=report)
+    table = from_sa1b(str(tmp_path / "sa_5.json"), report=report, inline_masks=True)
     assert [m["region_id"] for m in table["masks"].to_pylist()[0]] == ["1", "1", None]
     assert (report.duplicates, report.missing) == (1, 1)
 
@@ -567,7 +567,7 @@ def test_sa1b_adapter(tmp_path):
     masks2 = [rng.random((12, 16)) < 0.5]
     sa1b_file(tmp_path, 1, masks1, rle_encode)
     sa1b_file(tmp_path, 2, masks2, rle_encode)
-    table = from_sa1b(str(tmp_path / "sa_*.json"))
+    table = from_sa1b(str(tmp_path / "sa_*.json"), inline_masks=True)  # masks_uri by default: test_manifest_refs
     rows = table.to_pylist()
     assert [r["image_id"] for r in rows] == ["1", "2"]
     assert rows[0]["image_uri"] == str(tmp_path / "sa_1.jpg")
@@ -575,7 +575,7 @@ def test_sa1b_adapter(tmp_path):
     assert [(r["width"], r["height"]) for r in rows] == [(16, 12), (16, 12)]  # image.width/height
     for m, truth in zip(rows[0]["masks"], masks1):
         np.testing.assert_array_equal(rle_decode(m["rle"]), truth)
-    one = from_sa1b([str(tmp_path / "sa_2.json")])
+    one = from_sa1b([str(tmp_path / "sa_2.json")], inline_masks=True)
     assert one.num_rows == 1 and len(one["masks"].to_pylist()[0]) == 1
     with pytest.raises(ManifestError, match="no SA-1B JSON files"):
         from_sa1b(str(tmp_path / "none_*.json"))
