@@ -6,8 +6,10 @@ request; the images are files next to the page. It shows
 * run metadata from ``_job.json`` (status, counts, timings, versions, model, methods and their parameters
   hashes, vocabulary, input and output) and the row count of every dataset;
 * a sample of images (``--sample N``, drawn with ``--seed`` from the manifest's image ids, or from the
-  datasets' when the manifest cannot be read), each with its label maps per method (overlays, with the
-  classes present and their pixel shares), its heatmaps per prompt and method (overlays), its region masks
+  datasets' when the manifest cannot be read; or, with ``--select``, the images with errors, of a class, of the
+  worst regions or of the least confident label maps first: :mod:`clipmaps.jobs.report_select`), each with its
+  label maps per method (overlays, with the classes present and their pixel shares), its heatmaps per prompt and
+  method (overlays), its region masks
   (decoded from the manifest's RLE, polygons or mask PNGs, outlined, with the ``regions/`` bounding box and
   MaskInversion loss) and its error rows;
 * the legend of class colours of each vocabulary (``vocabulary/``) and the per-class pixel shares of the label
@@ -28,7 +30,6 @@ import html
 import json
 import logging
 import os
-import random
 import shutil
 import sys
 import tempfile
@@ -48,6 +49,7 @@ from clipmaps.schemas.errors import ConfigError
 from clipmaps.schemas.storage import filesystem, join_uri, redact_text, redact_uri, remove
 
 from .outputs import DATASET_NAMES, JobOutputs, is_local, parse_storage_options, read_image
+from .report_select import select_images
 
 logger = logging.getLogger(__name__)
 
@@ -285,6 +287,7 @@ class ReportData:
     shares: dict[tuple[str, str], Counter]  # (method, vocabulary_id) -> label -> pixels
     errors: list[dict]
     error_rows: int
+    selection: str = "drawn at random"
     seconds: float = 0.0
 
 
@@ -294,6 +297,7 @@ def build_report(
     *,
     sample: int = 12,
     seed: int = 0,
+    select: str = "random",
     storage_options: dict | None = None,
     input_storage_options: dict | None = None,
     max_heatmaps: int = 24,
@@ -306,6 +310,8 @@ def build_report(
         out_dir: folder (or URI) for the report; default ``OUTPUT_URI/report``.
         sample: number of images shown.
         seed: seed of the sample.
+        select: which images (:mod:`clipmaps.jobs.report_select`: ``random``, ``errors``, ``class:NAME``,
+            ``high-loss``, ``low-confidence``).
         storage_options: fsspec options for the output URI.
         input_storage_options: fsspec options for the manifest and images (default: ``_job.json``'s
             ``input.storage_options`` without redacted values, updated with ``storage_options``).
@@ -341,8 +347,9 @@ def build_report(
             found |= distinct_ids(datasets[n])
         ids = list(found)
     ids = sorted(set(ids))
-    chosen = sorted(random.Random(seed).sample(ids, min(sample, len(ids))))
-    say(f"report: {len(chosen)} of {len(ids)} images ({population_source})")
+    vocabs = vocabularies(datasets["vocabulary"])
+    chosen, how = select_images(select, ids=ids, datasets=datasets, vocabularies=vocabs, sample=sample, seed=seed)
+    say(f"report: {len(chosen)} of {len(ids)} images ({population_source}), {how}")
 
     manifest_rows: dict[str, dict] = {}
     if manifest_uri and chosen:
@@ -361,7 +368,6 @@ def build_report(
         for r in rows_for(datasets[n], chosen, cols):
             by_image[r["image_id"]][n].append(r)
 
-    vocabs = vocabularies(datasets["vocabulary"])
     tmp = Path(tempfile.mkdtemp(prefix="clipmaps-report-"))
     try:
         assets = AssetWriter(tmp / "assets")
@@ -392,6 +398,7 @@ def build_report(
             cards=cards,
             population=len(ids),
             population_source=population_source,
+            selection=how,
             vocabularies=vocabs,
             used_vocabularies=used,
             shares=shares,
@@ -820,7 +827,7 @@ def render_errors(d: ReportData) -> str:
 def render_cards(d: ReportData) -> str:
     parts = [
         f"<section><h2>Sample of images</h2><p class='muted'>{len(d.cards)} of {d.population} images "
-        f"(ids from the {_e(d.population_source)})</p>"
+        f"(ids from the {_e(d.population_source)}), {_e(d.selection)}</p>"
     ]
     for c in d.cards:
         size = f"{c.size[0]}×{c.size[1]}" if c.size else "size unknown"
@@ -884,11 +891,12 @@ def run_report_cli(args: argparse.Namespace) -> int:
             args.output,
             sample=args.sample,
             seed=args.seed,
+            select=args.select,
             storage_options=so,
             max_heatmaps=args.max_heatmaps,
             progress=print,
         )
-    except (ReportError, OSError, ValueError) as e:
+    except (ConfigError, OSError, ValueError) as e:  # ReportError, SelectionError
         uris = [args.output_uri, args.output]
         print(f"clipmaps report: error: {redact_text(str(e), storage_options=so, uris=uris)}", file=sys.stderr)
         return 2
