@@ -295,19 +295,22 @@ class MaskCLIPPredictor(Predictor):
         self.maskclip = MaskCLIP(lm.model, lm.tokenizer, self.params, text_encoder=self.text)
 
     def run(self, rows: dict) -> Prediction:
-        labels = []
-        for i, pixels in enumerate(rows[cols.PIXELS_MASKCLIP]):  # keep-ratio inputs differ in size: one at a time
-            x = torch.from_numpy(pixels)[None].to(self.device)
-            logits = self.maskclip.class_logits(x, self.vocabulary.scored)[0]
-            labels.append(
-                _labels_at(
-                    logits,
+        # keep-ratio inputs differ in size: one call per group of equal size (usually one or two per batch)
+        groups: dict[tuple, list[int]] = {}
+        for i, pixels in enumerate(rows[cols.PIXELS_MASKCLIP]):
+            groups.setdefault(tuple(pixels.shape), []).append(i)
+        labels: list[bytes | None] = [None] * len(rows[cols.PIXELS_MASKCLIP])
+        for members in groups.values():
+            x = self.stack([rows[cols.PIXELS_MASKCLIP][i] for i in members])
+            logits = self.maskclip.class_logits(x, self.vocabulary.scored)
+            for j, i in enumerate(members):
+                labels[i] = _labels_at(
+                    logits[j],
                     self.vocabulary.rule,
                     int(rows[cols.HEIGHT][i]),
                     int(rows[cols.WIDTH][i]),
                     self.options.label_logits_budget,
                 )
-            )
         return Prediction({cols.col(self.method, cols.LABELS): labels})
 
 

@@ -8,11 +8,14 @@ Nothing here writes to the model; caches are keyed by grid size, flag, device an
 Token tensors are batch-first: ``[B, N, C]`` with ``N = 1 + gh * gw`` (class token first, patches row-major).
 Per-head tensors are ``[B, H, N, hd]``.
 
-Batch invariance: a matrix product over ``[B, N, C]`` tokens is one GEMM with ``B·N`` rows (and the head's
-``[B, C] @ proj`` one with ``B`` rows), and the kernel a BLAS picks, hence its summation order, depends on that row
-count (measured on CPU: ``[1, C] @ proj`` vs ``[B > 1, C] @ proj`` differ by up to 6e-7, a GEMV against a GEMM).
-The methods therefore run the image tower one image at a time (:func:`split_images`, :meth:`VisionTower.per_image`),
-so an image's result never depends on what else shares its batch.
+Batching: every method runs its whole batch as one computation (one trunk forward over ``[B, N, C]``, the
+prompts or masks of all images as one padded or flattened tensor), so the number of operator calls, hence kernel
+launches on a GPU, does not grow with the batch. Results still do not depend on what else shares a batch on the
+CPU: a matrix product's row (or column) is rounded the same way whatever the row count — except when a side is
+1, where the BLAS takes its matrix-vector path and rounds differently (measured: ``[1, C] @ proj`` vs
+``[B > 1, C] @ proj`` differ by up to 6e-7). :func:`rows_matmul` therefore never hands a one-row product to the
+BLAS as a matrix-vector product, and the methods pad prompt lists to at least two. GPU kernels may pick other
+algorithms per shape; there the promise is a tolerance (README, "Batch invariance").
 """
 
 from __future__ import annotations
@@ -197,21 +200,18 @@ class VisionTower:
         x_out = self.mlp_residual(index, y)
         return BlockInternals(x_in=x, v=v, attn=attn, y=y, mlp_pre=mlp_pre, x_out=x_out)
 
-    def per_image(self, fn, x: Tensor) -> Tensor:
-        """``fn`` applied to each row of ``x`` ``[B, ...]`` alone (``[1, ...]``), results concatenated along dim 0.
-
-        For the matrix products whose rounding would otherwise depend on the batch size (module docstring).
-        """
-        if x.shape[0] == 0:
-            return fn(x)
-        return torch.cat([fn(x[b : b + 1].clone()) for b in range(x.shape[0])])
-
     # ---------------------------------------------------------------- head
     def project(self, tokens: Tensor) -> Tensor:
         """``ln_post`` then ``proj``: tokens ``[..., C]`` → joint-space features ``[..., D]`` (not normalised)."""
         x = self.visual.ln_post(tokens)
         proj = self.visual.proj
         return x @ proj if proj is not None else x
+
+    def project_rows(self, rows: Tensor) -> Tensor:
+        """:meth:`project` for ``[B, C]`` rows, each rounded the same whatever ``B`` (:func:`rows_matmul`)."""
+        x = self.visual.ln_post(rows)
+        proj = self.visual.proj
+        return rows_matmul(x, proj) if proj is not None else x
 
     def pooled(self, x: Tensor) -> Tensor:
         """The model's own image embedding from final tokens ``[B, N, C]`` → ``[B, D]`` (== ``encode_image``)."""
@@ -220,7 +220,7 @@ class VisionTower:
             pooled = v.ln_post(self._pool(x))
         else:
             pooled = self._pool(v.ln_post(x))
-        return pooled @ v.proj if v.proj is not None else pooled
+        return rows_matmul(pooled, v.proj) if v.proj is not None else pooled
 
     def _pool(self, x: Tensor) -> Tensor:
         pool_type = self.visual.pool_type
@@ -231,13 +231,42 @@ class VisionTower:
         raise TypeError(f"pool_type {pool_type!r} is not supported")
 
 
-def split_images(images: Tensor) -> list[Tensor]:
-    """Images ``[B, 3, H, W]`` → ``B`` tensors ``[1, 3, H, W]``, each a fresh contiguous copy (a slice's memory
-    offset, hence its alignment, would otherwise depend on its position in the batch; some BLAS kernels depend on
-    alignment)."""
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"images must be [B, 3, H, W], got {list(images.shape)}")
-    return [images[b : b + 1].clone() for b in range(images.shape[0])]
+def _rows_mm(a: Tensor, b: Tensor) -> Tensor:
+    if a.shape[0] == 1:  # the matrix-vector kernel rounds differently: duplicate the row
+        return (a.expand(2, -1).contiguous() @ b)[:1]
+    return a @ b
+
+
+class _RowsMatmul(torch.autograd.Function):
+    """``a @ b`` whose backward ``grad @ bᵀ`` also runs on a row-major operand (``b_t``)."""
+
+    @staticmethod
+    def forward(a: Tensor, b: Tensor, b_t: Tensor) -> Tensor:
+        return _rows_mm(a, b)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[2])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (b_t,) = ctx.saved_tensors
+        return _rows_mm(grad.contiguous(), b_t), None, None
+
+
+def rows_matmul(a: Tensor, b: Tensor, b_t: Tensor | None = None) -> Tensor:
+    """``a @ b`` for ``a`` ``[M, K]`` and ``b`` ``[K, N]``, each row rounded the same whatever ``M`` (forward and,
+    where ``a`` needs a gradient, backward).
+
+    Measured on the CPU's BLAS: a one-row product goes to the matrix-vector kernel, whose summation order differs
+    from the matrix kernel's, so the row is duplicated; and with a transposed (column-major) right operand the
+    kernel's order changes with ``M`` below 16 rows, so both ``b`` and, for the backward, ``bᵀ`` are used
+    row-major. Pass ``b`` contiguous and ``b_t`` (``b.T.contiguous()``) to avoid copies on every call.
+    """
+    b = b.contiguous()
+    if not a.requires_grad:
+        return _rows_mm(a, b)
+    return _RowsMatmul.apply(a, b, b_t if b_t is not None else b.T.contiguous())
 
 
 def mlp_layers(block: nn.Module) -> tuple[nn.Linear, nn.Module, nn.Linear]:

@@ -35,13 +35,45 @@ def check_prompt_lists(prompts: PromptLists, batch: int) -> list[list[str]]:
 
 
 def patch_logits_to_maps(logits: Tensor, grid: tuple[int, int], size: tuple[int, int]) -> Tensor:
-    """Patch scores ``[gh*gw, P]`` (row-major patches) → maps ``[P, h, w]`` by bilinear upsampling
+    """Patch scores ``[B, gh*gw, P]`` (row-major patches) → maps ``[B, P, h, w]`` by bilinear upsampling
     (``align_corners=False``)."""
     gh, gw = grid
-    maps = logits.T.reshape(1, -1, gh, gw)
+    # contiguous: the transposed view looks channels-last, and the upsampling kernel for that layout rounds
+    # differently (and picks it or not depending on the batch size)
+    maps = logits.transpose(1, 2).reshape(logits.shape[0], -1, gh, gw).contiguous()
     if (gh, gw) != tuple(size):
         maps = F.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=False)
-    return maps[0]
+    return maps
+
+
+#: Prompt lists are padded to at least this many columns: a one-column product is a matrix-vector product,
+#: which the BLAS rounds differently from a matrix product (``actors/vit.py``).
+MIN_PADDED_PROMPTS = 2
+
+
+def padded_text(encoder, prompts: list[list[str]], templates, like: Tensor) -> tuple[Tensor, list[int]]:
+    """Text embeddings of per-image prompt lists as one zero-padded tensor.
+
+    Args:
+        encoder: a :class:`~clipmaps.actors.text.TextEncoder` (each distinct prompt is encoded, or read from its
+            cache, once for the whole batch).
+        prompts: one non-empty list per image (:func:`check_prompt_lists`).
+        templates: the templates to fill.
+        like: a tensor whose device and dtype the result takes.
+
+    Returns:
+        ``(text [B, P_max, D], counts)``: row ``p < counts[b]`` of image ``b`` is its ``p``-th prompt's unit
+        embedding, later rows are zeros; ``P_max = max(max(counts), MIN_PADDED_PROMPTS)``.
+    """
+    counts = [len(p) for p in prompts]
+    names = list(dict.fromkeys(name for plist in prompts for name in plist))
+    where = {name: i for i, name in enumerate(names)}
+    table = encoder.encode(names, templates).to(like.device, like.dtype)
+    table = torch.cat([table, table.new_zeros(1, table.shape[1])])  # the last row pads
+    width = max(max(counts, default=0), MIN_PADDED_PROMPTS)
+    rows = [[where[n] for n in plist] + [len(names)] * (width - len(plist)) for plist in prompts]
+    index = torch.tensor(rows, dtype=torch.long, device=table.device)  # one gather builds every image's list
+    return table[index], counts
 
 
 @dataclass(frozen=True)

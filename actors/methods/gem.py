@@ -6,6 +6,10 @@ averaged over the three branches, projected by the block's ``out_proj`` and accu
 the tokens entering the first modified block. The original path runs unchanged and feeds the next ``ln_1``.
 Each softmax-attention is a fused SDPA call (cosine attention = SDPA on normalised inputs, the inverse
 temperature folded into the queries, so it can differ per image). Upstream: ``gem/gem_utils.py``.
+
+One computation per batch: the trunk and both paths run on ``[B, N, C]``; the prompts of all images are padded
+to one ``[B, P_max, D]`` tensor (at least two columns, see ``actors/vit.py``), matched with one batched product,
+upsampled and min-max normalised together; each image's maps are its first ``P_i`` rows.
 """
 
 from __future__ import annotations
@@ -18,8 +22,8 @@ from torch import Tensor, nn
 
 from ..params import GEMParams
 from ..text import PHOTO_TEMPLATE, TextEncoder, resolve_templates
-from ..vit import VisionTower, min_max, split_images
-from .common import PromptLists, check_prompt_lists, patch_logits_to_maps
+from ..vit import VisionTower, min_max
+from .common import PromptLists, check_prompt_lists, padded_text, patch_logits_to_maps
 
 
 class GEM:
@@ -42,6 +46,11 @@ class GEM:
         # null templates (a job falls back to its vocabulary's) mean the method's own upstream default here
         self.templates = resolve_templates(params.templates if params.templates is not None else PHOTO_TEMPLATE)
         self.text = text_encoder or TextEncoder(model, tokenizer)
+        self._forward = self._features
+
+    def compile(self, **options) -> None:
+        """Run the image forward through ``torch.compile`` (``options`` are passed on, e.g. ``fullgraph=True``)."""
+        self._forward = torch.compile(self._features, **options)
 
     @torch.no_grad()
     def features(self, images: Tensor, *, with_original: bool = False) -> tuple[Tensor, Tensor | None]:
@@ -55,15 +64,12 @@ class GEM:
             ``(feat_gem, feat_ori)`` each ``[B, N, D]`` after ``ln_post`` and ``proj``, not normalised
             (``feat_ori`` is ``None`` unless asked for).
 
-        Each image runs alone (``[1, …]``), so its features do not depend on the batch (``actors/vit.py``).
+        One forward for the whole batch; on the CPU an image's features do not depend on the batch
+        (``actors/vit.py``).
         """
-        if images.shape[0] == 0:
-            return self._features_one(images, with_original)
-        outs = [self._features_one(x, with_original) for x in split_images(images)]
-        feat_gem = torch.cat([o[0] for o in outs])
-        return feat_gem, (torch.cat([o[1] for o in outs]) if with_original else None)
+        return self._forward(images, with_original)
 
-    def _features_one(self, images: Tensor, with_original: bool) -> tuple[Tensor, Tensor | None]:
+    def _features(self, images: Tensor, with_original: bool) -> tuple[Tensor, Tensor | None]:
         t = self.tower
         x, _ = t.embed(images, antialias=True)
         first = t.num_layers - (self.params.depth - 1)
@@ -103,6 +109,27 @@ class GEM:
         return x_next, t.out_proj(index, t.merge_heads(out))
 
     @torch.no_grad()
+    def padded_logits(
+        self,
+        images: Tensor,
+        prompts: PromptLists,
+        *,
+        original: bool = False,
+        output_size: tuple[int, int] | None = None,
+        features: Tensor | None = None,
+    ) -> tuple[Tensor, list[int]]:
+        """:meth:`logits` as one tensor ``[B, P_max, h, w]`` and the prompt counts ``P_i`` (rows past ``P_i`` are
+        padding, all zero)."""
+        prompts = check_prompt_lists(prompts, images.shape[0])
+        if features is None:
+            feat_gem, feat_ori = self.features(images, with_original=original)
+            features = feat_ori if original else feat_gem
+        feats = F.normalize(features[:, 1:], dim=-1)  # [B, hw, D]
+        grid = self.tower.grid(*images.shape[-2:])
+        size = tuple(output_size) if output_size else tuple(images.shape[-2:])
+        text, counts = padded_text(self.text, prompts, self.templates, feats)
+        return patch_logits_to_maps(feats @ text.transpose(1, 2), grid, size), counts
+
     def logits(
         self,
         images: Tensor,
@@ -123,20 +150,12 @@ class GEM:
                 ``original``), to reuse one forward for several calls.
 
         Returns:
-            one ``[P_i, h, w]`` float tensor of cosines in [-1, 1] per image.
+            one ``[P_i, h, w]`` float tensor of cosines in [-1, 1] per image (views of one padded tensor).
         """
-        prompts = check_prompt_lists(prompts, images.shape[0])
-        if features is None:
-            feat_gem, feat_ori = self.features(images, with_original=original)
-            features = feat_ori if original else feat_gem
-        feats = F.normalize(features[:, 1:], dim=-1)  # [B, hw, D]
-        grid = self.tower.grid(*images.shape[-2:])
-        size = tuple(output_size) if output_size else tuple(images.shape[-2:])
-        out = []
-        for i, plist in enumerate(prompts):
-            text = self.text.encode(plist, self.templates).to(feats.dtype)
-            out.append(patch_logits_to_maps(feats[i] @ text.T, grid, size))
-        return out
+        maps, counts = self.padded_logits(
+            images, prompts, original=original, output_size=output_size, features=features
+        )
+        return [m[:n] for m, n in zip(maps, counts)]
 
     def heatmaps(
         self,
@@ -151,8 +170,11 @@ class GEM:
 
         Same arguments and shapes as :meth:`logits`.
         """
-        maps = self.logits(images, prompts, original=original, output_size=output_size, features=features)
-        return [min_max(m) for m in maps]
+        maps, counts = self.padded_logits(
+            images, prompts, original=original, output_size=output_size, features=features
+        )
+        maps = min_max(maps)  # per map, so the padding rows change nothing
+        return [m[:n] for m, n in zip(maps, counts)]
 
     def class_logits(
         self,
@@ -164,7 +186,7 @@ class GEM:
         features: Tensor | None = None,
     ) -> Tensor:
         """Patch–class cosines for a fixed vocabulary: ``[B, K, h, w]`` (for segmentation)."""
-        maps = self.logits(
+        maps, _ = self.padded_logits(
             images, [list(class_names)] * images.shape[0], original=original, output_size=output_size, features=features
         )
-        return torch.stack(maps)
+        return maps[:, : len(class_names)]

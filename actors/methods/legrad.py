@@ -10,6 +10,10 @@ blocks. Here the trunk runs once per image and ``∂⟨t, f⟩/∂A`` is compute
 :class:`LinearizedBlock`): the gradient reaching every token is the same vector ``u`` (the mean's
 cotangent), so the MLP's back-projection ``W2ᵀu`` is computed once per prompt instead of once per token.
 The map is linear in ``t`` up to the ReLU and differentiable in ``t``, which MaskInversion relies on.
+
+One computation per batch: the trunk runs over ``[B, N, C]`` and the prompts of all images are one ``[M, D]``
+tensor with the index of each row's image, so the per-layer gradients of every (image, prompt) come from one
+set of products; the layers are upsampled together.
 """
 
 from __future__ import annotations
@@ -22,12 +26,12 @@ from torch import Tensor, nn
 
 from ..params import LeGradParams
 from ..text import RAW_TEMPLATE, TextEncoder, resolve_templates
-from ..vit import VisionTower, activation_derivative, min_max, mlp_layers, split_images
+from ..vit import VisionTower, activation_derivative, min_max, mlp_layers, rows_matmul
 from .common import PromptLists, check_prompt_lists
 
 
 class _LayerNormLinearization:
-    """The VJP of a LayerNorm at fixed inputs: a linear map of the cotangent."""
+    """The VJP of a LayerNorm at fixed inputs ``x`` ``[..., C]``: a linear map of the cotangent."""
 
     def __init__(self, ln: nn.LayerNorm, x: Tensor):
         mu = x.mean(dim=-1, keepdim=True)
@@ -35,93 +39,96 @@ class _LayerNormLinearization:
         self.x_hat = (x - mu) * self.inv_std
         self.weight = ln.weight
 
-    def vjp(self, grad: Tensor) -> Tensor:
+    def vjp(self, grad: Tensor, rows: Tensor | None = None) -> Tensor:
+        """Cotangent ``grad`` ``[R, ...]`` → input cotangent; ``rows`` ``[R]`` picks, for each, the input (first
+        dim of ``x``) it belongs to (default: ``grad`` is aligned with ``x``)."""
+        x_hat, inv_std = (self.x_hat, self.inv_std) if rows is None else (self.x_hat[rows], self.inv_std[rows])
         g = grad * self.weight if self.weight is not None else grad
         mean_g = g.mean(dim=-1, keepdim=True)
-        mean_gx = (g * self.x_hat).mean(dim=-1, keepdim=True)
-        return (g - mean_g - self.x_hat * mean_gx) * self.inv_std
+        mean_gx = (g * x_hat).mean(dim=-1, keepdim=True)
+        return (g - mean_g - x_hat * mean_gx) * inv_std
 
 
 class LinearizedBlock:
-    """``t ↦ ∂⟨t, f⟩/∂A`` for one block and one image, with everything independent of ``t`` precomputed.
+    """``t ↦ ∂⟨t, f⟩/∂A`` for one block and a batch of images, with everything independent of ``t`` precomputed.
 
     Args:
         tower: the :class:`VisionTower`.
         index: block index.
-        x_in: ``[N, C]`` tokens entering the block (one image).
+        x_in: ``[B, N, C]`` tokens entering the block.
     """
 
     def __init__(self, tower: VisionTower, index: int, x_in: Tensor):
         with torch.no_grad():
-            internals = tower.block_with_internals(index, x_in[None])
-        block = tower.blocks[index]
-        fc, act, proj_mlp = mlp_layers(block)
-        self.block = block
-        self.heads, self.head_dim = tower.heads, tower.head_dim
-        self.num_tokens = x_in.shape[0]
-        self.attn = internals.attn[0]  # [H, N, N] (kept for callers who want it)
-        self.v = internals.v[0]  # [H, N, hd]
-        self.out_weight = block.attn.out_proj.weight  # [C, C]
-        self.fc_weight = fc.weight  # [4C, C]
-        self.proj_mlp_weight = proj_mlp.weight  # [C, 4C]
-        self.act_grad = activation_derivative(act, internals.mlp_pre[0])  # [N, 4C]
-        self.ln_2 = _LayerNormLinearization(block.ln_2, internals.y[0])
-        mean = internals.x_out[0].mean(dim=0)  # [C]
-        self.ln_post = _LayerNormLinearization(tower.visual.ln_post, mean)
-        w = tower.project(mean)  # [D]
-        self.w_norm = w.norm()
-        self.feature = w / self.w_norm  # f, the layer's normalised image feature
-        self.proj = tower.visual.proj  # [C, D]
-        self.x_out = internals.x_out[0]
+            internals = tower.block_with_internals(index, x_in)
+            block = tower.blocks[index]
+            fc, act, proj_mlp = mlp_layers(block)
+            self.block = block
+            self.heads, self.head_dim = tower.heads, tower.head_dim
+            self.num_tokens = x_in.shape[1]
+            self.attn = internals.attn  # [B, H, N, N] (kept for callers who want it)
+            self.v = internals.v  # [B, H, N, hd]
+            self.out_weight = block.attn.out_proj.weight  # [C, C]
+            self.fc_weight = fc.weight  # [4C, C]
+            self.proj_mlp_weight = proj_mlp.weight  # [C, 4C]
+            self.act_grad = activation_derivative(act, internals.mlp_pre)  # [B, N, 4C]
+            self.ln_2 = _LayerNormLinearization(block.ln_2, internals.y)
+            mean = internals.x_out.mean(dim=1)  # [B, C]
+            self.ln_post = _LayerNormLinearization(tower.visual.ln_post, mean)
+            w = tower.project_rows(mean)  # [B, D]
+            self.w_norm = w.norm(dim=-1, keepdim=True)  # [B, 1]
+            self.feature = w / self.w_norm  # f, each image's normalised layer feature
+            self.proj = tower.visual.proj.contiguous()  # [C, D]
+            # row-major copies of both orientations of the small products' operands (see rows_matmul)
+            self.proj_t = self.proj.T.contiguous()  # [D, C]
+            self.proj_mlp_t = self.proj_mlp_weight.T.contiguous()  # [4C, C]
+            self.x_out = internals.x_out
 
-    def attention_gradient(self, t: Tensor) -> Tensor:
-        """``∂⟨t_p, f⟩/∂A`` for prompts ``t`` ``[P, D]`` → ``[P, H, N, N]`` (differentiable in ``t``)."""
-        f = self.feature
-        dw = (t - (t @ f)[:, None] * f) / self.w_norm  # through normalize
-        d_mean = self.ln_post.vjp(dw @ self.proj.T)  # through proj and ln_post, [P, C]
+    def attention_gradient(self, t: Tensor, image: Tensor | None = None) -> Tensor:
+        """``∂⟨t_m, f_image[m]⟩/∂A`` for rows ``t`` ``[M, D]`` → ``[M, H, N, N]`` (differentiable in ``t``).
+
+        ``image`` ``[M]`` (int64) says which image of the batch each row belongs to; default all image 0.
+        """
+        if image is None:
+            image = torch.zeros(t.shape[0], dtype=torch.long, device=t.device)
+        f, wn = self.feature[image], self.w_norm[image]  # [M, D], [M, 1]
+        dw = (t - (t * f).sum(-1, keepdim=True) * f) / wn  # through normalize
+        d_mean = self.ln_post.vjp(rows_matmul(dw, self.proj_t, self.proj), image)  # through proj and ln_post, [M, C]
         u = self.block.ls_2(d_mean / self.num_tokens)  # every token's output gets the same cotangent
-        d_act = (u @ self.proj_mlp_weight)[:, None, :] * self.act_grad  # [P, N, 4C]
-        d_y = d_mean[:, None, :] / self.num_tokens + self.ln_2.vjp(d_act @ self.fc_weight)  # [P, N, C]
-        d_o = self.block.ls_1(d_y) @ self.out_weight  # [P, N, C], merged heads before out_proj
-        p, n, _ = d_o.shape
-        d_o = d_o.view(p, n, self.heads, self.head_dim).transpose(1, 2)  # [P, H, N, hd]
-        return d_o @ self.v.transpose(-2, -1)[None]  # [P, H, N, N]
+        d_act = rows_matmul(u, self.proj_mlp_weight, self.proj_mlp_t)[:, None, :] * self.act_grad[image]  # [M, N, 4C]
+        d_y = d_mean[:, None, :] / self.num_tokens + self.ln_2.vjp(d_act @ self.fc_weight, image)  # [M, N, C]
+        d_o = self.block.ls_1(d_y) @ self.out_weight  # [M, N, C], merged heads before out_proj
+        m, n, _ = d_o.shape
+        d_o = d_o.view(m, n, self.heads, self.head_dim).transpose(1, 2)  # [M, H, N, hd]
+        return d_o @ self.v[image].transpose(-2, -1)  # [M, H, N, N]
 
-    def relevance(self, t: Tensor) -> Tensor:
-        """LeGrad's per-patch relevance ``[P, N - 1]``: ReLU of the gradient, mean over heads and query rows,
-        class column dropped."""
-        return F.relu(self.attention_gradient(t)).mean(dim=(1, 2))[:, 1:]
+    def relevance(self, t: Tensor, image: Tensor | None = None) -> Tensor:
+        """LeGrad's per-patch relevance ``[M, N - 1]``: ReLU of the gradient, mean over heads and query rows,
+        class column dropped (arguments as :meth:`attention_gradient`)."""
+        return self.attention_gradient(t, image).relu_().mean(dim=(1, 2))[:, 1:]  # in place: the map is large
 
 
 def trace_blocks(
     tower: VisionTower, images: Tensor, layers: int
-) -> tuple[list[list[LinearizedBlock]], Tensor, tuple[int, int]]:
-    """Run the trunk once and linearise the last ``layers`` blocks for every image.
+) -> tuple[list[LinearizedBlock], Tensor, tuple[int, int]]:
+    """Run the trunk once over the batch and linearise the last ``layers`` blocks.
 
     Args:
         images: ``[B, 3, H, W]`` normalised.
 
     Returns:
-        ``(per_image, final_tokens, grid)``: ``per_image[b]`` lists the linearised blocks of image ``b`` (first
-        to last), ``final_tokens`` ``[B, N, C]`` the last block's output.
+        ``(blocks, final_tokens, grid)``: the linearised blocks (first to last, each over the whole batch),
+        ``final_tokens`` ``[B, N, C]`` the last block's output.
     """
     first = tower.num_layers - layers
-    grid = tower.grid(*images.shape[-2:])
-    per_image: list[list[LinearizedBlock]] = []
-    final = []
-    for image in split_images(images):  # one image at a time: nothing depends on the batch (actors/vit.py)
-        with torch.no_grad():
-            x, _ = tower.embed(image, antialias=True)
-            x = tower.blocks_forward(x, 0, first)
-        blocks = []
-        for index in range(first, tower.num_layers):
-            blocks.append(LinearizedBlock(tower, index, x[0]))
-            x = blocks[-1].x_out[None]
-        per_image.append(blocks)
-        final.append(x)
-    if not final:
-        return per_image, images.new_zeros(0, 1 + grid[0] * grid[1], tower.width), grid
-    return per_image, torch.cat(final), grid
+    with torch.no_grad():
+        x, grid = tower.embed(images, antialias=True)
+        x = tower.blocks_forward(x, 0, first)
+    blocks = []
+    for index in range(first, tower.num_layers):
+        blocks.append(LinearizedBlock(tower, index, x))
+        x = blocks[-1].x_out
+    return blocks, x, grid
 
 
 def relevance_maps(
@@ -130,18 +137,22 @@ def relevance_maps(
     grid: tuple[int, int],
     patch: int,
     output_size: tuple[int, int] | None = None,
+    image: Tensor | None = None,
 ) -> Tensor:
-    """Sum over layers of upsampled relevance for one image: ``t`` ``[P, D]`` → ``[P, h, w]``, before min-max.
+    """Sum over layers of upsampled relevance: rows ``t`` ``[M, D]`` (of images ``image`` ``[M]``, default all
+    image 0) → ``[M, h, w]``, before min-max.
 
-    Each layer's ``[P, gh, gw]`` relevance is upsampled bilinearly to ``output_size`` (default
+    Each layer's ``[M, gh, gw]`` relevance is upsampled bilinearly to ``output_size`` (default
     ``gh*patch × gw*patch``, as upstream) and summed.
     """
     gh, gw = grid
     size = tuple(output_size) if output_size else (gh * patch, gw * patch)
-    total = 0
-    for block in blocks:
-        r = block.relevance(t).reshape(1, -1, gh, gw)
-        total = total + F.interpolate(r, size=size, mode="bilinear", align_corners=False)[0]
+    # the layers' relevances stacked along the channels: one upsampling for all layers and rows
+    r = torch.stack([block.relevance(t, image) for block in blocks], dim=1)  # [M, L, hw]
+    up = F.interpolate(r.reshape(t.shape[0], len(blocks), gh, gw), size=size, mode="bilinear", align_corners=False)
+    total = up[:, 0]
+    for layer in range(1, len(blocks)):  # summed in layer order, as upstream accumulates
+        total = total + up[:, layer]
     return total
 
 
@@ -198,17 +209,28 @@ class LeGrad:
             raise ValueError("give either prompts or text_embeddings")
         if prompts is not None:
             lists = check_prompt_lists(prompts, batch)
-            text_embeddings = [self.text.encode(p, self.templates) for p in lists]
-        elif len(text_embeddings) != batch:
-            raise ValueError(f"got {len(text_embeddings)} text embedding sets for {batch} images")
-        per_image, _, grid = trace_blocks(self.tower, images, self.params.layers)
-        out = []
+            names = list(dict.fromkeys(n for plist in lists for n in plist))
+            where = {n: i for i, n in enumerate(names)}
+            table = self.text.encode(names, self.templates).to(images.device, torch.float32)
+            counts = [len(p) for p in lists]
+            t = table[torch.tensor([where[n] for plist in lists for n in plist], device=images.device)]
+        else:
+            if len(text_embeddings) != batch:
+                raise ValueError(f"got {len(text_embeddings)} text embedding sets for {batch} images")
+            for e in text_embeddings:
+                if e.ndim != 2 or e.shape[0] == 0:
+                    raise ValueError(f"text embeddings must be [P>0, D], got {list(e.shape)}")
+            counts = [e.shape[0] for e in text_embeddings]
+            t = torch.cat(list(text_embeddings)).to(images.device, torch.float32) if batch else images.new_zeros(0, 1)
+        if batch == 0:
+            return []
+        blocks, _, grid = trace_blocks(self.tower, images, self.params.layers)
+        image = torch.repeat_interleave(
+            torch.arange(batch, device=images.device), torch.tensor(counts, device=images.device)
+        )
         with torch.no_grad():
-            for blocks, t in zip(per_image, text_embeddings):
-                if t.ndim != 2 or t.shape[0] == 0:
-                    raise ValueError(f"text embeddings must be [P>0, D], got {list(t.shape)}")
-                maps = relevance_maps(
-                    blocks, t.to(images.device, torch.float32), grid, self.tower.patch_size, output_size
-                )
-                out.append(min_max(maps) if normalize else maps)
-        return out
+            # every prompt of every image in one computation: rows [M, D] and the image each belongs to
+            maps = relevance_maps(blocks, t, grid, self.tower.patch_size, output_size, image)
+            if normalize:
+                maps = min_max(maps)
+        return list(torch.split(maps, counts))

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from ..params import MaskCLIPParams
 from ..text import ENSEMBLE_85, TextEncoder, resolve_templates
-from ..vit import VisionTower, split_images
+from ..vit import VisionTower
 
 
 class MaskCLIP:
@@ -62,6 +62,11 @@ class MaskCLIP:
         # null templates (a job falls back to its vocabulary's) mean the method's own upstream default here
         self.templates = resolve_templates(params.templates if params.templates is not None else ENSEMBLE_85)
         self.text = text_encoder or TextEncoder(model, tokenizer)
+        self._forward = self._patch_logits
+
+    def compile(self, **options) -> None:
+        """Run the image forward and the scoring through ``torch.compile`` (``options`` as ``torch.compile``'s)."""
+        self._forward = torch.compile(self._patch_logits, **options)
 
     @torch.no_grad()
     def dense_features(self, images: Tensor, *, with_keys: bool = True) -> tuple[Tensor, Tensor | None]:
@@ -118,10 +123,9 @@ class MaskCLIP:
             class_names: the vocabulary (K names, background names included if any).
         """
         text = self.text.encode(class_names, self.templates)  # [K, D]
-        if images.shape[0] == 0:
-            return self._patch_logits(images, text)
-        # one image at a time: the products over the batch would round differently per batch size (actors/vit.py)
-        return torch.cat([self._patch_logits(x, text) for x in split_images(images)])
+        # one forward for the batch; the vocabulary is the same for every image, so the products' shapes only grow
+        # in rows with the batch, and rows round alike on the CPU (actors/vit.py)
+        return self._forward(images, text)
 
     def _patch_logits(self, images: Tensor, text: Tensor) -> Tensor:
         feats, keys = self.dense_features(images, with_keys=self.params.ks_thresh > 0)

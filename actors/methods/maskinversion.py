@@ -9,10 +9,11 @@ blocks with weight gradients on. Here the trunk runs once per image, masks of se
 together, and the explainability map comes from :class:`~.legrad.LinearizedBlock` (closed form, linear in
 the embedding), so each iteration costs a few matrix products per mask and no backbone work.
 
-Results do not depend on the batch: the trunk runs one image at a time (``legrad.trace_blocks``), the image
-embedding ``e0`` too (``[1, C] @ proj``; a ``[B, C]`` product rounds differently), and optimising the masks of
-several images together is exact per mask (each image's loss term has its own gradient, the optimiser is
-elementwise).
+One computation per batch: the trunk runs once over the batch, and the masks of all images are one ``[M, D]``
+embedding tensor with one Adam state, each iteration one set of batched products for every mask (the index of
+each mask's image picks its image's linearised blocks). Optimising them together is exact per mask: each mask's
+loss term (weighted ``1 / M_b`` as upstream averages per image) has its own gradient and the optimiser is
+elementwise; on the CPU the products round a row the same way whatever else shares them (``actors/vit.py``).
 """
 
 from __future__ import annotations
@@ -79,55 +80,83 @@ class MaskInversion:
             one :class:`RegionEmbeddings` per image.
         """
         batch = images.shape[0]
-        masks = self._check_masks(masks, batch, images.device)
-        counts = [m.shape[0] for m in masks]
-        per_image, final_tokens, grid = trace_blocks(self.tower, images, self.params.layers)
+        targets, counts = self._check_masks(masks, batch, images.device)
+        if sum(counts) == 0:
+            empty = images.new_zeros(0, self.tower.visual.output_dim)
+            return [RegionEmbeddings(empty, empty[:, 0]) for _ in range(batch)]
+        p = self.params
+        blocks, final_tokens, grid = trace_blocks(self.tower, images, p.layers)
         with torch.no_grad():
-            # [B, D], the model's image embedding; per image: [B, C] @ proj rounds differently for B = 1 and B > 1
-            e0 = self.tower.per_image(self.tower.pooled, final_tokens)
-        init = torch.cat([e0[b].expand(n, -1) for b, n in enumerate(counts)]) if sum(counts) else e0[:0]
+            e0 = self.tower.pooled(final_tokens)  # [B, D], the model's image embedding
+        device = images.device
+        image = torch.repeat_interleave(torch.arange(batch, device=device), torch.tensor(counts, device=device))
+        # each image's masks weigh 1 / M_b: upstream optimises one image per call, its loss the mean over its masks
+        weight = torch.tensor([1.0 / n for n in counts for _ in range(n)], device=device)
+        init = e0[image]  # [M, D]
         e0_unit = F.normalize(init, dim=-1)
         emb = init.clone().requires_grad_(True)
-        p = self.params
         optimizer = OPTIMIZERS[p.optimizer]([emb], lr=p.lr, weight_decay=p.wd)
-        bounds = torch.tensor([0, *counts]).cumsum(0).tolist()
-        losses = [torch.zeros(n) for n in counts]
-        maps: list[Tensor | None] = [None] * batch
+        loss = expl = None
         # with iterations=0 the loop still evaluates once (loss and maps of the initial embedding), no step
         for _ in range(max(p.iterations, 1)):
-            t = F.normalize(emb, dim=-1)
-            total = emb.new_zeros(())
-            for b in range(batch):
-                lo, hi = bounds[b], bounds[b + 1]
-                if lo == hi:
-                    continue
-                expl = min_max(relevance_maps(per_image[b], t[lo:hi], grid, self.tower.patch_size))
-                if expl.shape[-2:] != masks[b].shape[-2:]:
-                    expl = F.interpolate(expl[None], size=masks[b].shape[-2:], mode="bilinear", align_corners=False)[0]
-                dice = soft_dice_loss(expl, masks[b])
-                reg = 1 - (e0_unit[lo:hi] * t[lo:hi]).sum(-1)
-                # per image mean, as upstream optimises each image on its own
-                total = total + dice.mean() + p.alpha * reg.mean()
-                losses[b] = dice.detach()
-                if return_maps:
-                    maps[b] = expl.detach()
-            if p.iterations:
-                optimizer.zero_grad(set_to_none=True)
-                total.backward()
-                optimizer.step()
+            loss, expl = self._step(emb, e0_unit, image, weight, targets, blocks, grid, optimizer)
         final = emb.detach()
-        return [RegionEmbeddings(final[bounds[b] : bounds[b + 1]], losses[b], maps[b]) for b in range(batch)]
+        split = [torch.split(x, counts) for x in (final, loss)]
+        maps: list[Tensor | None] = [None] * batch
+        if return_maps:
+            for (_, _, spans), e in zip(targets, expl):
+                for b, (lo, hi) in spans.items():
+                    maps[b] = e[lo:hi]
+        return [RegionEmbeddings(split[0][b], split[1][b], maps[b]) for b in range(batch)]
+
+    def _step(self, emb, e0_unit, image, weight, targets, blocks, grid, optimizer) -> tuple[Tensor, list[Tensor]]:
+        """One iteration for all masks: the Dice loss ``[M]`` and the maps ``[M_g, h, w]`` of each mask-size group
+        (see :meth:`_check_masks`) for the current embeddings, then one optimiser step."""
+        p = self.params
+        t = F.normalize(emb, dim=-1)
+        expl = min_max(relevance_maps(blocks, t, grid, self.tower.patch_size, image=image))  # [M, S, S]
+        dice, maps = None, []
+        for rows, target, _ in targets:
+            e = expl if rows is None else expl[rows]
+            if e.shape[-2:] != target.shape[-2:]:
+                e = F.interpolate(e[:, None], size=target.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+            d = soft_dice_loss(e, target)
+            dice = d if rows is None else (torch.zeros_like(weight) if dice is None else dice).index_copy(0, rows, d)
+            maps.append(e.detach())
+        reg = 1 - (e0_unit * t).sum(-1)
+        if p.iterations:
+            optimizer.zero_grad(set_to_none=True)
+            (weight * (dice + p.alpha * reg)).sum().backward()
+            optimizer.step()
+        return dice.detach(), maps
 
     @staticmethod
-    def _check_masks(masks: Sequence[Tensor], batch: int, device: torch.device) -> list[Tensor]:
+    def _check_masks(masks: Sequence[Tensor], batch: int, device: torch.device) -> tuple[list, list[int]]:
+        """The masks grouped by size, ``(rows or None, [M_g, h, w] float32 on device, {image: (lo, hi)})`` per
+        group (``rows`` indexes the group's masks among all ``M``; None when there is one group), and the counts."""
         if len(masks) != batch:
             raise ValueError(f"got {len(masks)} mask stacks for {batch} images; give one [M, h, w] tensor per image")
-        out = []
+        masks = [torch.as_tensor(m) for m in masks]
+        groups: dict[tuple, list[int]] = {}
         for i, m in enumerate(masks):
-            m = torch.as_tensor(m)
             if m.ndim != 3:
                 raise ValueError(f"masks for image {i} must be [M, h, w], got {list(m.shape)}")
-            if m.numel() and (m.min() < 0 or m.max() > 1):
-                raise ValueError(f"masks for image {i} must hold values in [0, 1]")
-            out.append(m.to(device=device, dtype=torch.float32))
-        return out
+            if m.shape[0]:
+                groups.setdefault(tuple(m.shape[-2:]), []).append(i)
+        counts = [m.shape[0] for m in masks]
+        starts = torch.tensor([0, *counts]).cumsum(0).tolist()
+        out = []
+        for members in groups.values():
+            target = torch.cat([masks[i] for i in members]).to(device=device, dtype=torch.float32)
+            if bool((target.min() < 0) | (target.max() > 1)):
+                bad = next(i for i in members if masks[i].min() < 0 or masks[i].max() > 1)
+                raise ValueError(f"masks for image {bad} must hold values in [0, 1]")
+            rows = None
+            if len(groups) > 1:
+                rows = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in members]).to(device)
+            spans, lo = {}, 0
+            for i in members:
+                spans[i] = (lo, lo + counts[i])
+                lo += counts[i]
+            out.append((rows, target, spans))
+        return out, counts
