@@ -96,17 +96,27 @@ class RowPrompts:
     collapsed: int = 0
 
 
-def _labels_at(logits: torch.Tensor, rule: BackgroundRule, height: int, width: int, budget: int) -> bytes:
-    """``logits`` ``[K, h, w]`` → PNG label map at ``height × width`` (bilinear logits within the budget)."""
-    k = logits.shape[0]
-    scale = min(1.0, (budget / max(1, k * height * width)) ** 0.5)
-    th, tw = max(1, round(height * scale)), max(1, round(width * scale))
-    up = F.interpolate(logits[None].float(), size=(th, tw), mode="bilinear", align_corners=False)
-    labels, _ = label_map(up, rule)
-    labels = labels[0]
-    if (th, tw) != (height, width):
-        labels = F.interpolate(labels[None, None].float(), size=(height, width), mode="nearest")[0, 0].long()
-    return encode_label_map(labels.cpu().numpy())
+def _labels_batch(logits: torch.Tensor, rule: BackgroundRule, sizes: list[tuple[int, int]], budget: int) -> list[bytes]:
+    """``logits`` ``[B, K, h, w]`` → one PNG label map per image at its ``sizes[b]`` ``(height, width)``: bilinear
+    logits within the budget (K·H·W values; above it at a reduced scale, the labels resized with nearest neighbour),
+    images of equal size in one computation."""
+    out: list[bytes | None] = [None] * len(sizes)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for b, size in enumerate(sizes):
+        groups.setdefault(tuple(size), []).append(b)
+    k = logits.shape[1]
+    for (height, width), members in groups.items():
+        scale = min(1.0, (budget / max(1, k * height * width)) ** 0.5)
+        th, tw = max(1, round(height * scale)), max(1, round(width * scale))
+        sub = logits if len(members) == len(sizes) else logits[members]
+        up = F.interpolate(sub.float(), size=(th, tw), mode="bilinear", align_corners=False)
+        labels, _ = label_map(up, rule)
+        if (th, tw) != (height, width):
+            labels = F.interpolate(labels[:, None].float(), size=(height, width), mode="nearest")[:, 0].long()
+        arr = labels.cpu().numpy()
+        for j, b in enumerate(members):
+            out[b] = encode_label_map(arr[j])
+    return out
 
 
 def _encode_maps(maps: torch.Tensor, size: tuple[int, int], encoding: str) -> list[bytes]:
@@ -269,16 +279,10 @@ class GEMPredictor(Predictor):
         n = x.shape[0]
         if self.settings.labels and self.vocabulary is not None:
             logits = self.gem.class_logits(x, self.vocabulary.scored, features=features)
-            out.columns[cols.col(name, cols.LABELS)] = [
-                _labels_at(
-                    logits[i],
-                    self.vocabulary.rule,
-                    int(rows[cols.HEIGHT][i]),
-                    int(rows[cols.WIDTH][i]),
-                    self.options.label_logits_budget,
-                )
-                for i in range(n)
-            ]
+            sizes = [(int(rows[cols.HEIGHT][i]), int(rows[cols.WIDTH][i])) for i in range(n)]
+            out.columns[cols.col(name, cols.LABELS)] = _labels_batch(
+                logits, self.vocabulary.rule, sizes, self.options.label_logits_budget
+            )
         if self.settings.heatmaps:
             checked = [self.checked_prompts(rows, i) for i in range(n)]
             maps = _maps_for(self.gem.heatmaps, x, checked, features=features)
@@ -303,14 +307,10 @@ class MaskCLIPPredictor(Predictor):
         for members in groups.values():
             x = self.stack([rows[cols.PIXELS_MASKCLIP][i] for i in members])
             logits = self.maskclip.class_logits(x, self.vocabulary.scored)
-            for j, i in enumerate(members):
-                labels[i] = _labels_at(
-                    logits[j],
-                    self.vocabulary.rule,
-                    int(rows[cols.HEIGHT][i]),
-                    int(rows[cols.WIDTH][i]),
-                    self.options.label_logits_budget,
-                )
+            sizes = [(int(rows[cols.HEIGHT][i]), int(rows[cols.WIDTH][i])) for i in members]
+            encoded = _labels_batch(logits, self.vocabulary.rule, sizes, self.options.label_logits_budget)
+            for i, png in zip(members, encoded):
+                labels[i] = png
         return Prediction({cols.col(self.method, cols.LABELS): labels})
 
 
