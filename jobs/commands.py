@@ -108,6 +108,13 @@ def add_manifest_parser(sub) -> argparse.ArgumentParser:
         help="mask file names next to each image; * is the region id (default: %(default)s)",
     )
     folder.add_argument("--recursive", action="store_true", help="include sub-folders of a folder")
+    folder.add_argument(
+        "--mask-folders",
+        default=None,
+        metavar="PATTERN",
+        help="each image's masks are the PNGs of this folder beside it, e.g. '{stem}/' or 'masks/{stem}/', written "
+        "by reference (masks_uri) instead of --mask-pattern",
+    )
     common(folder)
     return parser
 
@@ -287,7 +294,7 @@ def add_report_parser(sub) -> argparse.ArgumentParser:
 
 def add_export_parser(sub) -> argparse.ArgumentParser:
     """``clipmaps export coco OUTPUT_URI --method M -o FILE``: outputs in the formats review and training tools read."""
-    parser = sub.add_parser("export", help="export a job's outputs (COCO JSON)")
+    parser = sub.add_parser("export", help="export a job's outputs (COCO JSON, FiftyOne)")
     formats = parser.add_subparsers(dest="format", required=True)
     coco = formats.add_parser(
         "coco",
@@ -306,6 +313,15 @@ def add_export_parser(sub) -> argparse.ArgumentParser:
     )
     _storage_option(coco)
     coco.set_defaults(func=Handler("clipmaps.jobs.export:run_export_cli"))
+    fo = formats.add_parser(
+        "fiftyone",
+        help="label maps as segmentations and heatmaps as heatmaps in a FiftyOne dataset (needs clipmaps[fiftyone])",
+    )
+    fo.add_argument("output", help="the job's output URI")
+    fo.add_argument("--name", required=True, help="the FiftyOne dataset's name")
+    fo.add_argument("--overwrite", action="store_true", help="replace a FiftyOne dataset of that name")
+    _storage_option(fo)
+    fo.set_defaults(func=Handler("clipmaps.jobs.export_fiftyone:run_export_fiftyone_cli"))
     return parser
 
 

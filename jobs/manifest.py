@@ -362,6 +362,7 @@ def from_folder(
     mask_pattern: str = "{stem}_mask_*.png",
     recursive: bool = False,
     storage_options: dict | None = None,
+    mask_folders: str | None = None,
 ) -> pa.Table:
     """A folder or glob of images (local or any fsspec URI, e.g. ``s3://bucket/photos/*.jpg``) → manifest.
 
@@ -374,9 +375,22 @@ def from_folder(
     naturally sorted). Files matching the mask pattern are never listed as images. ``image_id`` = the path
     relative to the folder (or the glob's fixed prefix), extension included, so ``a/cat.jpg`` and ``cat.png``
     stay distinct.
+
+    With ``mask_folders`` (a path relative to the image's folder holding ``{stem}``, e.g. ``"{stem}/"`` or
+    ``"masks/{stem}/"``) an image's masks are instead the PNGs of that folder, written by reference (``masks_uri`` =
+    the folder's URI, ending in ``/``; the decode stage lists and reads it on the worker: one mask per PNG,
+    ``region_id`` = its stem, in name order); an image without such a folder gets no masks. Files inside mask
+    folders are never listed as images.
+
+    Raises:
+        ManifestError: no such folder or file, or no image found.
+        ValueError: a ``mask_pattern`` without exactly one ``{stem}`` and one ``*``, or a ``mask_folders`` without
+            ``{stem}``.
     """
     so = storage_options or {}
     regex = _mask_regex(mask_pattern)
+    if mask_folders is not None and mask_folders.count("{stem}") != 1:
+        raise ValueError(f"mask_folders needs exactly one {{stem}}, got {mask_folders!r}")
     fs, path = filesystem(glob_or_dir, so)
     if has_glob_characters(path) and not exists(fs, path):  # a literal existing path wins over a pattern
         root = path[: min(path.find(c) for c in GLOB_CHARACTERS if c in path)].rsplit("/", 1)[0]
@@ -396,26 +410,47 @@ def from_folder(
             listings[folder] = [p.rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False)]
         return listings[folder]
 
+    def mask_folder(p: str) -> str:
+        """The folder of image ``p``'s masks with ``mask_folders`` (a path in ``fs``, no trailing slash)."""
+        folder, name = p.rsplit("/", 1)
+        return posixpath.normpath(f"{folder}/{mask_folders.format(stem=name.rsplit('.', 1)[0])}")
+
     images = []
     for p in sorted(files):
         name = p.rsplit("/", 1)[-1]
-        if not name.lower().endswith(IMAGE_EXTENSIONS) or regex.match(name):
+        if not name.lower().endswith(IMAGE_EXTENSIONS) or (mask_folders is None and regex.match(name)):
             continue
         images.append(p)
+    if mask_folders is not None:  # a mask PNG inside an image's mask folder is not an image
+        folders = {mask_folder(p) for p in images}
+        images = [p for p in images if p.rsplit("/", 1)[0] not in folders]
     if not images:
         raise ManifestError(f"{redact_uri(glob_or_dir)}: no images ({', '.join(IMAGE_EXTENSIONS)}) found")
+
+    def has_folder(folder: str) -> bool:
+        parent, leaf = folder.rsplit("/", 1)
+        if parent not in listings:
+            listings[parent] = (
+                [q.rstrip("/").rsplit("/", 1)[-1] for q in fs.ls(parent, detail=False)] if fs.isdir(parent) else []
+            )
+        return leaf in listings[parent]
 
     def rows():
         for p in images:
             folder, name = p.rsplit("/", 1)
             stem = name.rsplit(".", 1)[0]
+            rel = p[len(root) + 1 :] if root and p.startswith(root + "/") else name
+            if mask_folders is not None:
+                masks_folder = mask_folder(p)
+                ref = _full_uri(fs, masks_folder) + "/" if has_folder(masks_folder) else None
+                yield {"image_id": rel, "image_uri": _full_uri(fs, p), "masks": None, MASKS_URI: ref}
+                continue
             masks = []
             for other in folder_files(folder):
                 m = regex.match(other)
                 if m and m.group("stem") == stem:
                     masks.append((m.group("rid"), _full_uri(fs, folder + "/" + other)))
             masks.sort(key=lambda rm: _natural_key(rm[0]))
-            rel = p[len(root) + 1 :] if root and p.startswith(root + "/") else name
             yield {
                 "image_id": rel,
                 "image_uri": _full_uri(fs, p),
@@ -491,7 +526,13 @@ def run_manifest_cli(args: argparse.Namespace) -> int:
             inline = bool(getattr(args, "inline_masks", False))
             table = from_sa1b(args.json, storage_options=so, report=ids, inline_masks=inline)
         else:
-            table = from_folder(args.path, mask_pattern=args.mask_pattern, recursive=args.recursive, storage_options=so)
+            table = from_folder(
+                args.path,
+                mask_pattern=args.mask_pattern,
+                recursive=args.recursive,
+                storage_options=so,
+                mask_folders=getattr(args, "mask_folders", None),
+            )
         write_manifest(table, args.output, storage_options=so)
     except (ManifestError, ValueError, OSError) as e:
         uris = [getattr(args, a, None) for a in ("instances_json", "images_root", "json", "path", "output")]
@@ -500,12 +541,11 @@ def run_manifest_cli(args: argparse.Namespace) -> int:
     n_masks = sum(len(m) for m in table["masks"].to_pylist() if m)
     refs = table[MASKS_URI].null_count if MASKS_URI in table.column_names else table.num_rows
     refs = table.num_rows - refs
-    if refs:  # the adapter read each reference once: its count of masks is known without the manifest holding them
-        n_masks = ids.masks if args.source == "sa1b" else n_masks
-        by_ref = f" ({refs} image(s) with masks by reference, masks_uri)"
-    else:
-        by_ref = ""
-    print(f"clipmaps manifest: {table.num_rows} images, {n_masks} masks{by_ref} -> {redact_uri(args.output)}")
+    if args.source == "sa1b" and refs:  # the adapter read each JSON: it knows their masks without holding them
+        n_masks = ids.masks
+    counted = f"{n_masks} masks" if args.source != "folder" or not refs else "masks in folders"
+    by_ref = f" ({refs} image(s) with masks by reference, masks_uri)" if refs else ""
+    print(f"clipmaps manifest: {table.num_rows} images, {counted}{by_ref} -> {redact_uri(args.output)}")
     for line in ids.lines():
         print(f"clipmaps manifest: warning: {line}")
     return 0

@@ -86,3 +86,59 @@ def test_manifest_cli_sa1b(tmp_path, capsys):
     assert args.func(args) == 0
     assert capsys.readouterr().out.strip() == f"clipmaps manifest: 2 images, 3 masks -> {out2}"
     assert all(len(json.loads(line)["masks"]) for line in out2.read_text().splitlines())
+
+
+def test_folder_adapter_writes_mask_folder_references(tmp_path):
+    from PIL import Image
+
+    from clipmaps.jobs.manifest import from_folder
+    from tests.helpers.data_images import png_mask
+
+    root = tmp_path / "photos"
+    (root / "masks" / "dog").mkdir(parents=True)
+    (root / "cat").mkdir()
+    Image.new("RGB", (8, 6)).save(root / "cat.jpg")
+    Image.new("RGB", (8, 6)).save(root / "dog.jpg")
+    Image.new("RGB", (8, 6)).save(root / "bird.jpg")  # no mask folder: no masks
+    truth = {}
+    for stem, folder in (("cat", root / "cat"), ("dog", root / "masks" / "dog")):
+        m1, m2 = np.zeros((6, 8), bool), np.zeros((6, 8), bool)
+        m1[1:3, 1:4], m2[3:6, 2:8] = True, True
+        png_mask(folder / "b.png", m1)
+        png_mask(folder / "a.png", m2)
+        truth[stem] = [m2, m1]
+    beside = from_folder(str(root), mask_folders="{stem}/", recursive=True).to_pylist()
+    assert [r["image_id"] for r in beside] == ["bird.jpg", "cat.jpg", "dog.jpg", "masks/dog/a.png", "masks/dog/b.png"]
+    assert [r[B.MASKS_URI] for r in beside[:3]] == [None, str(root / "cat") + "/", None]
+    under = from_folder(str(root), mask_folders="masks/{stem}/").to_pylist()
+    assert [r["image_id"] for r in under] == ["bird.jpg", "cat.jpg", "dog.jpg"]
+    assert [r[B.MASKS_URI] for r in under] == [None, None, str(root / "masks" / "dog") + "/"]
+    assert all(r["masks"] is None for r in under)
+    # through the decode stage: one mask per PNG, region_id = the stem, in name order
+    import pyarrow as pa
+
+    out = decode_batch(pa.Table.from_pylist(beside[:3]), DecodeConfig(square_size=8, need_masks=True, io_threads=1))
+    assert out[B.MASK_IDS].tolist() == [[], ["a", "b"], []]
+    for rle, m in zip(out[B.MASK_RLE][1], truth["cat"]):
+        np.testing.assert_array_equal(rle_decode(rle), m)
+    with pytest.raises(ValueError, match="stem"):
+        from_folder(str(root), mask_folders="masks/")
+
+
+def test_manifest_cli_folder_references(tmp_path, capsys):
+    from PIL import Image
+
+    (tmp_path / "cat").mkdir()
+    Image.new("RGB", (8, 6)).save(tmp_path / "cat.jpg")
+    Image.new("L", (8, 6), 255).save(tmp_path / "cat" / "0.png")
+    parser = argparse.ArgumentParser(prog="clipmaps")
+    add_manifest_parser(parser.add_subparsers(dest="command"))
+    out = tmp_path / "m.parquet"
+    args = parser.parse_args(["manifest", "folder", str(tmp_path), "--mask-folders", "{stem}/", "-o", str(out)])
+    assert args.func(args) == 0
+    printed = capsys.readouterr().out.strip()
+    assert (
+        printed
+        == f"clipmaps manifest: 1 images, masks in folders (1 image(s) with masks by reference, masks_uri) -> {out}"
+    )
+    assert pq.read_table(out).column(B.MASKS_URI).to_pylist() == [str(tmp_path / "cat") + "/"]
