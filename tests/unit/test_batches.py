@@ -38,3 +38,17 @@ def test_conform_fills_missing_columns_and_restores_lost_nulls():
     assert list(out[B.MASK_IDS]) == [None, None] and list(out[B.col("gem", B.LABELS)]) == [b"png", None]
     with pytest.raises(KeyError):
         B.conform(batch, ["not_a_column"])
+
+
+def test_mask_rle_and_masks_uri_are_declared():
+    """``mask_rle`` (decode stage → the sink's ``regions/`` mask) converts to its declared Arrow type from what the
+    stage writes, rows without masks included; ``masks_uri`` is a string the decode stage consumes."""
+    import pyarrow as pa
+
+    rle = B.COLUMNS[B.MASK_RLE].arrow
+    assert rle == pa.list_(pa.struct([("size", pa.list_(pa.int32())), ("counts", pa.string())]))
+    assert B.COLUMNS[B.MASKS_URI].arrow == pa.string() and B.COLUMNS[B.MASKS_URI].ndim is None
+    out = B.conform({B.IMAGE_ID: np.array(["a", "b", "c"])}, [B.MASK_RLE])
+    assert list(out[B.MASK_RLE]) == [None, None, None]  # a failed row's fill
+    values = [[{"size": [2, 3], "counts": "06"}], [], None]
+    assert pa.array(values, type=rle).to_pylist() == values
