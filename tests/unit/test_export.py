@@ -13,8 +13,10 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from clipmaps.jobs.cli import main
-from clipmaps.schemas.datasets import LABELS, VOCABULARY
-from clipmaps.schemas.encodings import encode_label_map
+from clipmaps.jobs.export_fiftyone import field_name, samples, to_fiftyone
+from clipmaps.jobs.outputs import JobOutputs
+from clipmaps.schemas.datasets import HEATMAPS, LABELS, VOCABULARY
+from clipmaps.schemas.encodings import encode_heatmap, encode_label_map
 
 CLASSES = ["cat", "dog", "car"]
 
@@ -116,3 +118,46 @@ def test_refusals_name_what_is_wrong_and_leave_no_file(tmp_path, capsys):
     assert not path.exists() and not Path(f"{path}.tmp").exists()
     assert main(["export", "coco", str(tmp_path / "nothing"), "--method", "gem", "-o", str(path)]) == 2
     assert "no labels/ dataset" in capsys.readouterr().err
+
+
+def _with_heatmaps(out: Path) -> np.ndarray:
+    heat = np.linspace(0, 1, 40 * 60, dtype=np.float32).reshape(40, 60)
+    row = {"image_id": "100", "prompt": "a cat", "method": "gem", "model": "m", "weights": "w", "params_hash": "p",
+           "height": 40, "width": 60, "encoding": "float16", "heatmap": encode_heatmap(heat, "float16")}  # fmt: skip
+    (out / "heatmaps").mkdir()
+    table = pa.Table.from_pylist([{f.name: row.get(f.name) for f in HEATMAPS}], schema=HEATMAPS)
+    pq.write_table(table, out / "heatmaps" / "part-0000000-x.parquet")
+    return heat
+
+
+def test_fiftyone_samples_carry_each_label_map_and_heatmap(tmp_path):
+    maps = _label_maps()
+    out = _output(tmp_path / "out", maps)
+    heat = _with_heatmaps(out)
+    got = list(samples(JobOutputs(str(out))))
+    assert [s["image_id"] for s in got] == ["100", "101", "102"]
+    assert all(np.array_equal(s["labels"]["maskclip"][0], maps[s["image_id"]]) for s in got)
+    assert np.abs(got[0]["heatmaps"][("gem", "a cat")] - heat).max() < 1e-3  # float16
+    assert got[1]["heatmaps"] == {}
+    assert field_name("gem", "a red car!") == "gem_a_red_car"
+
+
+def test_fiftyone_dataset_where_fiftyone_runs(tmp_path, capsys):
+    out = _output(tmp_path / "out", _label_maps())
+    _with_heatmaps(out)
+    try:
+        import fiftyone  # noqa: F401
+    except ImportError:
+        # without the extra the command says what to install
+        assert main(["export", "fiftyone", str(out), "--name", "t"]) == 2
+        assert "pip install 'clipmaps[fiftyone]'" in capsys.readouterr().err
+        pytest.skip("fiftyone is not installed here (optional extra clipmaps[fiftyone])")
+    try:
+        dataset = to_fiftyone(JobOutputs(str(out)), "clipmaps-test", overwrite=True)
+    except Exception as e:  # FiftyOne needs MongoDB (fiftyone-db), which not every platform gets
+        pytest.skip(f"FiftyOne cannot start its database here: {e}")
+    assert len(dataset) == 3
+    first = dataset.first()
+    assert first["maskclip_labels"].mask.shape == (40, 60) and first["gem_a_cat"].map.shape == (40, 60)
+    assert dataset.mask_targets["maskclip_labels"][1] == "cat"
+    dataset.delete()
