@@ -86,7 +86,7 @@ def add_manifest_parser(sub) -> argparse.ArgumentParser:
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("-o", "--output", required=True, help="manifest to write (.parquet, .jsonl or .csv)")
         _storage_option(p, "fsspec storage option (repeatable; VALUE parsed as JSON when it can be)")
-        p.set_defaults(func=Handler("clipmaps.jobs.manifest:run_manifest_cli"))
+        p.set_defaults(func=Handler("clipmaps.jobs.manifest_cli:run_manifest_cli"))
 
     coco = sources.add_parser("coco", help="COCO instances JSON (polygons and RLE masks)")
     coco.add_argument("instances_json", help="instances JSON file or URI")

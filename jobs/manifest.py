@@ -1,4 +1,5 @@
-"""Manifest adapters behind ``clipmaps manifest {coco,sa1b,folder} … -o OUT``.
+"""Manifest adapters behind ``clipmaps manifest {coco,sa1b,folder} … -o OUT`` (the command itself:
+:mod:`clipmaps.jobs.manifest_cli`).
 
 Each adapter returns a ``pa.Table`` in the ``MANIFEST`` schema (``schemas.datasets``); :func:`write_manifest`
 writes it as Parquet (``.parquet``), JSONL (``.jsonl``/``.ndjson``) or CSV (``.csv``), readable back with
@@ -8,12 +9,10 @@ for preparing a manifest once, not for the job's hot path.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import posixpath
 import re
-import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -33,7 +32,6 @@ from clipmaps.schemas.storage import (
     filesystem,
     has_glob_characters,
     join_uri,
-    redact_text,
     redact_uri,
 )
 
@@ -499,64 +497,11 @@ def _drop_nulls(v: Any) -> Any:
     return v
 
 
-# ---------------------------------------------------------------------------------------------- CLI
-def _storage_options(values: list[str] | None) -> dict:
-    out: dict[str, Any] = {}
-    for item in values or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ManifestError(f"--storage-option needs KEY=VALUE, got {item!r}")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
-def run_manifest_cli(args: argparse.Namespace) -> int:
-    """Run ``clipmaps manifest …`` from parsed arguments; prints a one-line summary, then one line per kind of
-    annotation problem found (:class:`AnnotationReport`). Returns the exit code."""
-    so: dict = {}
-    ids = AnnotationReport()
-    try:
-        so = _storage_options(args.storage_option)
-        if args.source == "coco":
-            table = from_coco(args.instances_json, args.images_root, storage_options=so, report=ids)
-        elif args.source == "sa1b":
-            inline = bool(getattr(args, "inline_masks", False))
-            table = from_sa1b(args.json, storage_options=so, report=ids, inline_masks=inline)
-        else:
-            table = from_folder(
-                args.path,
-                mask_pattern=args.mask_pattern,
-                recursive=args.recursive,
-                storage_options=so,
-                mask_folders=getattr(args, "mask_folders", None),
-            )
-        write_manifest(table, args.output, storage_options=so)
-    except (ManifestError, ValueError, OSError) as e:
-        uris = [getattr(args, a, None) for a in ("instances_json", "images_root", "json", "path", "output")]
-        print(f"clipmaps manifest: error: {redact_text(str(e), storage_options=so, uris=uris)}", file=sys.stderr)
-        return 2
-    n_masks = sum(len(m) for m in table["masks"].to_pylist() if m)
-    refs = table[MASKS_URI].null_count if MASKS_URI in table.column_names else table.num_rows
-    refs = table.num_rows - refs
-    if args.source == "sa1b" and refs:  # the adapter read each JSON: it knows their masks without holding them
-        n_masks = ids.masks
-    counted = f"{n_masks} masks" if args.source != "folder" or not refs else "masks in folders"
-    by_ref = f" ({refs} image(s) with masks by reference, masks_uri)" if refs else ""
-    print(f"clipmaps manifest: {table.num_rows} images, {counted}{by_ref} -> {redact_uri(args.output)}")
-    for line in ids.lines():
-        print(f"clipmaps manifest: warning: {line}")
-    return 0
-
-
 __all__ = [
     "IMAGE_EXTENSIONS",
     "AnnotationReport",
     "from_coco",
     "from_folder",
     "from_sa1b",
-    "run_manifest_cli",
     "write_manifest",
 ]
