@@ -16,10 +16,11 @@ Imports pydantic and the standard library only: the driver, the CLI and the work
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
 
 from clipmaps.schemas.storage import redact_uri
 
@@ -280,6 +281,63 @@ class LeGradParams(MethodParams):
         return _layers_problem("layers", self.layers, 1, info.layers, _tower(info))
 
 
+OptimizerName = Literal["adamw", "adam", "sgd"]
+OPTIMIZER_NAMES: tuple[str, ...] = ("adamw", "adam", "sgd")
+
+
+def _check_optimizer_name(name: str) -> None:
+    """``ValueError`` naming the optimisers on offer (and the closest) unless ``name`` is one of them."""
+    if name not in OPTIMIZER_NAMES:
+        close = difflib.get_close_matches(name.lower(), OPTIMIZER_NAMES, n=1, cutoff=0.5)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown optimizer {name!r}{hint}; use one of {', '.join(OPTIMIZER_NAMES)}")
+
+
+class OptimizerSettings(Section):
+    """MaskInversion's optimiser with its own settings (upstream accepts any ``torch.optim`` class); fields left
+    unset keep torch's defaults (AdamW/Adam: betas (0.9, 0.999), eps 1e-8, as upstream).
+
+    Attributes:
+        name: ``adamw``, ``adam`` or ``sgd``.
+        betas: Adam(W)'s ``(beta1, beta2)``, each in [0, 1).
+        eps: Adam(W)'s denominator term, > 0.
+        weight_decay: >= 0; give it here or as ``wd``, not both.
+        momentum: SGD's momentum, in [0, 1).
+        nesterov: SGD's Nesterov momentum (needs momentum > 0).
+    """
+
+    name: Str
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] | None = None
+    eps: float | None = Field(None, gt=0)
+    weight_decay: float | None = Field(None, ge=0)
+    momentum: float | None = Field(None, ge=0, lt=1)
+    nesterov: Bool | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        _check_optimizer_name(v)
+        return v
+
+    @model_validator(mode="after")
+    def _fields_of_the_optimizer(self) -> OptimizerSettings:
+        adam_only = [f for f in ("betas", "eps") if getattr(self, f) is not None]
+        sgd_only = [f for f in ("momentum", "nesterov") if getattr(self, f) is not None]
+        problems = []
+        if self.name == "sgd" and adam_only:
+            problems.append(((adam_only[0],), f"{self.name} takes no {adam_only[0]} (Adam/AdamW only)"))
+        if self.name != "sgd" and sgd_only:
+            problems.append(((sgd_only[0],), f"{self.name} takes no {sgd_only[0]} (SGD only)"))
+        if self.nesterov and not self.momentum:
+            problems.append((("nesterov",), "Nesterov momentum needs momentum > 0"))
+        check(problems)
+        return self
+
+    def torch_kwargs(self) -> dict[str, Any]:
+        """The fields that are set, as keyword arguments of the ``torch.optim`` class (``name`` excluded)."""
+        return {k: v for k, v in self.model_dump(exclude={"name"}).items() if v is not None}
+
+
 class MaskInversionParams(MethodParams):
     """MaskInversion hyper-parameters, upstream defaults (``MaskInversion.__init__``).
 
@@ -288,7 +346,8 @@ class MaskInversionParams(MethodParams):
         lr: learning rate (upstream's example uses 0.5; the class default is 0.1).
         alpha: weight of the regulariser ``1 - cos(e0, embedding)``.
         wd: weight decay passed to the optimiser.
-        optimizer: ``"adamw"`` (upstream), ``"adam"`` or ``"sgd"``.
+        optimizer: ``"adamw"`` (upstream), ``"adam"`` or ``"sgd"``, or :class:`OptimizerSettings` with the
+            optimiser's own fields (``{name: adamw, betas: [0.9, 0.999], eps: 1.0e-8}``); fingerprinted as given.
         layers: how many of the last blocks form the explainability map (upstream ``layer_index=-1`` ⇒ 1).
     """
 
@@ -296,8 +355,33 @@ class MaskInversionParams(MethodParams):
     lr: float = Field(0.1, gt=0)
     alpha: float = Field(0.0, ge=0)
     wd: float = Field(0.0, ge=0)
-    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    optimizer: OptimizerName | OptimizerSettings = "adamw"
     layers: Int = Field(1, ge=1)
+
+    @field_validator("optimizer", mode="before")
+    @classmethod
+    def _optimizer_name(cls, v):
+        if isinstance(v, str):
+            _check_optimizer_name(v)
+        elif isinstance(v, dict):  # validated here so an error names the field, not both union members
+            try:
+                return OptimizerSettings(**v)
+            except ValidationError as e:
+                reasons = "; ".join(
+                    f"{'.'.join(str(x) for x in err['loc']) or 'optimizer'}: {err['msg'].removeprefix('Value error, ')}"
+                    for err in e.errors()
+                )
+                raise ValueError(reasons) from None
+        return v
+
+    @model_validator(mode="after")
+    def _decay_once(self) -> MaskInversionParams:
+        if isinstance(self.optimizer, OptimizerSettings) and self.optimizer.weight_decay is not None and self.wd:
+            raise ValueError(
+                f"weight decay given twice (wd: {self.wd}, optimizer.weight_decay: {self.optimizer.weight_decay}); "
+                "give it in one place"
+            )
+        return self
 
     def model_problems(self, info: ModelInfo) -> list[tuple[str, str]]:
         return _layers_problem("layers", self.layers, 1, info.layers, _tower(info))

@@ -5,6 +5,7 @@ Run from the repository root:
 
     python3 tests/parity/make_fixtures.py            # create venv if needed, then generate
     python3 tests/parity/make_fixtures.py --setup-only
+    python3 tests/parity/make_fixtures.py --pooled-only  # only the SigLIP/CoCa fixtures (pooled.npz)
 
 Stage 1 (any interpreter): make sure the isolated reference venv ``.venv-parity`` exists with the
 upstream stack (torch 2.14.1, open_clip_torch 2.24.0, gem-torch 1.0.1, legrad-torch 1.1,
@@ -100,7 +101,10 @@ def main() -> None:
     sys.path.insert(0, str(HERE))
     import reference_runner  # noqa: E402  (only importable inside the reference venv)
 
-    reference_runner.main()
+    if "--pooled-only" in args:
+        reference_runner.main_pooled_only()  # SigLIP/CoCa cases only (pooled.npz, manifest "pooled")
+    else:
+        reference_runner.main()
 
 
 if __name__ == "__main__":

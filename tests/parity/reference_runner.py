@@ -330,6 +330,9 @@ def main() -> None:
     with timed("MaskCLIP"):
         cases += run_maskclip(tok_vit, tok_rn, gem_in, models_info, manifest)
 
+    with timed("LeGrad/MaskInversion on SigLIP and CoCa"):
+        manifest["pooled"] = run_pooled(legrad, maskinversion)
+
     writers = [_WRITERS[k] for k in sorted(_WRITERS)]
     manifest["files"] = {}
     total = 0
@@ -343,6 +346,34 @@ def main() -> None:
         mpath.write_text(text)
     total += mpath.stat().st_size
     log.info("wrote %d files, %.1f KiB total, in %.1f s", len(writers) + 1, total / 1024, time.perf_counter() - t_start)
+
+
+def run_pooled(legrad, maskinversion) -> dict:
+    import pooled_reference
+
+    return pooled_reference.run(legrad, maskinversion, synth_image, _shape_mask, IMAGE_SPECS, MASK_SPECS, writer)
+
+
+def main_pooled_only() -> None:
+    """Regenerate only ``pooled.npz`` and the manifest's ``pooled`` section (the other fixtures are left as they
+    are; their generation takes minutes)."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    import legrad
+    import maskinversion
+
+    assert md.version("open_clip_torch") == "2.24.0", md.version("open_clip_torch")
+    seed_models.register_configs()
+    mpath = FIXTURES / "manifest.json"
+    manifest = json.loads(mpath.read_text())
+    with timed("LeGrad/MaskInversion on SigLIP and CoCa"):
+        manifest["pooled"] = run_pooled(legrad, maskinversion)
+    wr = _WRITERS["pooled.npz"]
+    manifest["files"]["pooled.npz"] = {"sha256": wr.write(FIXTURES), "num_arrays": len(wr.arrays)}
+    manifest["environment"]["timm"] = md.version("timm")
+    mpath.write_text(json.dumps(manifest, indent=1, sort_keys=False) + "\n")
 
 
 _WRITERS: dict[str, NpzWriter] = {}

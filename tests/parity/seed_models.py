@@ -19,6 +19,14 @@ MODEL_CONFIG_DIR = REPO / "actors" / "model_configs"
 MODEL_SEED = 0
 TINY_VIT = "clipmaps-tiny-vit"
 TINY_RN = "clipmaps-tiny-rn"
+#: SigLIP family: open_clip timm tower ``vit_base_patch32_siglip_256`` (map head) + a tiny text tower. The name
+#: avoids "siglip": open_clip would fetch SigLIP's tokenizer from the model hub for such a name.
+TINY_SIGLIP = "clipmaps-tiny-mappool"
+TINY_COCA = "clipmaps-tiny-coca"
+#: The empty-text correction's token ids, fixed offline (the hub tokenizer upstream uses is unreachable): open_clip's
+#: bundled SimpleTokenizer on upstream's text "a photo of a" (start, a, photo, of, a, end), zero-padded to the tiny
+#: SigLIP's context of 16. Both sides compute ``normalize(encode_text(ids))`` from these.
+EMPTY_TEXT_IDS = [49406, 320, 1125, 539, 320, 49407] + [0] * 10
 
 
 def register_configs():
@@ -44,6 +52,17 @@ def state_dict_sha256(model) -> str:
     h = hashlib.sha256()
     sd = model.state_dict()
     for key in sorted(sd):
+        h.update(sd[key].detach().cpu().contiguous().float().numpy().tobytes())
+    return h.hexdigest()
+
+
+def visual_sha256(model) -> str:
+    """sha256 over the image tower's tensors (``visual.*``) only: CoCa's text decoder has a projection open_clip
+    leaves uninitialised (``torch.empty``), so the full state dict is not reproducible; the parity cases feed text
+    as embeddings and need only the image tower."""
+    h = hashlib.sha256()
+    sd = model.state_dict()
+    for key in sorted(k for k in sd if k.startswith("visual.")):
         h.update(sd[key].detach().cpu().contiguous().float().numpy().tobytes())
     return h.hexdigest()
 
