@@ -3,7 +3,9 @@
 The spec itself (fields, bounds against the model's configuration, backbone families) is checked by
 :func:`clipmaps.pipeline.spec.load_spec`, and the manifest, the vocabulary and the prompt sources by
 :func:`clipmaps.pipeline.plan.make_plan`; here: that the weights can be read (and match their digest when one is
-given) and what the output holds (complete shards, shards to do, whether the run would be refused and why).
+given) and what the output holds (complete shards, shards to do, whether the run would be refused and why). The
+manifest is never read whole: ``make_plan(spec, dry_run=True)`` takes row counts from Parquet footers and from a
+sample of each text file (``clipmaps.pipeline.manifests.sample_count``).
 Every failure is a :class:`~clipmaps.schemas.errors.ConfigError` naming the field (CLI exit code 2).
 """
 
@@ -110,26 +112,50 @@ def _safetensors_problem(head: bytes, size: int) -> str | None:
 
 
 def output_report(plan: Plan) -> list[str]:
-    """What the output URI holds and what a run would do there; nothing is changed.
+    """What the output URI holds and what a run would do there; nothing is changed, no Ray task runs.
+
+    Shards are assigned against the output's markers as a run would (``clipmaps.pipeline.resume.assign``), except
+    that complete shards whose manifest file changed are only counted (a run computes their digests again).
 
     Raises:
-        OutputConflict: the run would be refused (naming each changed field or shard), unless ``output.overwrite``.
+        OutputConflict: the run would be refused (naming each changed field, or a complete shard whose file is gone
+            or shorter), unless ``output.overwrite``.
     """
     spec = plan.spec
     fs, root = filesystem(spec.output.uri, dict(spec.output.storage_options))
     if fs.isfile(root):
         raise OutputConflict(f"output.uri: {redact_uri(spec.output.uri)} is a file; the output is a folder")
     state = resume.read_state(fs, root) if fs.exists(root) else resume.OutputState(job=None)
-    shards = len(plan.shard_digests)
     if spec.output.overwrite and (state.job is not None or state.complete):
+        shards = len(plan.shards)
         return [f"output    holds {len(state.complete)} complete shards; --overwrite replaces them: {shards} to do"]
     resume.check_resumable(state, plan, spec.output.uri)  # raises OutputConflict naming what differs
-    done = [s for s in plan.shard_digests if s in state.complete]
-    todo_rows = sum(n for s, n in plan.shard_sizes.items() if s not in state.complete)
-    if not done:
-        return [f"output    empty: {shards} shards ({todo_rows} images) to do"]
-    left = shards - len(done)
-    return [f"output    {len(done)} of {shards} shards complete (resumed); {left} ({todo_rows} images) to do"]
+    changed = _changed_files(plan, state)
+    todo = resume.assign(plan, state, spec.output.uri, verify=False)
+    shards = len(plan.shards)
+    todo_rows = sum(s.rows for s in todo)
+    about = "about " if plan.estimated else ""
+    lines = []
+    if changed:
+        lines.append(
+            f"output    {changed} complete shards come from manifest files changed since: a run checks their rows "
+            "(and refuses if they changed)"
+        )
+    if not state.complete:
+        return [*lines, f"output    empty: {shards} shards ({about}{todo_rows} images) to do"]
+    return [
+        *lines,
+        f"output    {len(state.complete)} of {shards} shards complete (resumed); {len(todo)} ({about}{todo_rows} "
+        "images) to do",
+    ]
+
+
+def _changed_files(plan: Plan, state: resume.OutputState) -> int:
+    """Complete shards whose manifest file's identity differs from its marker's."""
+    identity = {f.rel: f.identity for f in plan.files}
+    return sum(
+        1 for m in state.complete.values() if identity.get(m.get("file"), m.get("identity")) != m.get("identity")
+    )
 
 
 __all__ = ["OutputConflict", "check_sources", "output_report"]

@@ -8,8 +8,9 @@ A job's fingerprint (``_job.json`` key ``fingerprint``) is plain JSON data::
                          "threshold", "prompt_source", "heatmap_encoding", "heatmap_size", …}, …},
      "shard_rows": 64}
 
-and the manifest is fingerprinted by content, per shard (:func:`shard_digests`: ids, URIs, masks, prompts and the
-frame the masks declare, :data:`DIGEST_COLUMNS`), in each shard's completion marker. A re-run compares both: a
+and the manifest is fingerprinted by content, per shard (ids, URIs, masks, masks_uri, prompts and the frame the masks
+declare, :data:`DIGEST_COLUMNS`), in each shard's completion marker: the worker that reads a shard computes it
+(``clipmaps.pipeline.manifests.read_rows``; :func:`shard_digests` is the same over a table). A re-run compares both: a
 changed setting is refused naming the method, the field and the two values (:func:`differences`); a complete shard
 whose rows changed is refused naming the shard. Shards that are new (rows added after the last complete shard) are
 simply processed, which is what append mode builds on. Each method's ``params_hash`` (in every output row) is a hash
@@ -36,7 +37,7 @@ from .spec import JobSpec
 
 VERSION = 2
 #: Manifest columns a shard's digest covers.
-DIGEST_COLUMNS = ("image_id", "image_uri", "masks", "prompts", "width", "height")
+DIGEST_COLUMNS = ("image_id", "image_uri", "masks", "prompts", "width", "height", "masks_uri")
 
 
 def _canonical(value: Any) -> str:
@@ -167,8 +168,9 @@ def _show(v: Any) -> str:
 
 def shard_digests(table: pa.Table, shard_rows: int) -> dict[int, str]:
     """Shard index → 32 hex digits of a sha256 over the canonical JSON of each row's :data:`DIGEST_COLUMNS` (id,
-    URI, masks, prompts, declared width and height), in manifest order. Shard ``k`` holds rows
-    ``[k · shard_rows, (k + 1) · shard_rows)``."""
+    URI, masks, prompts, declared width and height, masks_uri), in manifest order. Shard ``k`` holds rows
+    ``[k · shard_rows, (k + 1) · shard_rows)``: the digests a run's readers compute for a one-file manifest whose rows
+    all parse."""
     names = [c for c in DIGEST_COLUMNS if c in table.column_names]
     out: dict[int, str] = {}
     for start in range(0, table.num_rows, shard_rows):

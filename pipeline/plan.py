@@ -1,7 +1,8 @@
 """Plan building: from a validated job spec and its manifest to the Ray Data pipeline.
 
-read (driver-validated manifest, in blocks) → decode (CPU tasks) → one actor pool per method, chained →
-sink (CPU tasks, writes Parquet) → a small table of counts that the driver streams for progress.
+read (one Ray task per manifest shard: rows read, validated and digested on the worker) → decode (CPU tasks) →
+one actor pool per method, chained → sink (CPU tasks, writes Parquet) → a small table of counts that the driver
+streams for progress.
 
 Fault tolerance is set explicitly (Ray 2.60's defaults, checked: pool actors get ``max_restarts=-1,
 max_task_retries=-1``; Ray Data tasks ``max_retries=-1``):
@@ -25,15 +26,10 @@ import contextlib
 import importlib
 import logging
 import warnings
-from collections import Counter
 from dataclasses import dataclass, field
 
-import numpy as np
-import pyarrow as pa
-
 from clipmaps.actors.registry import REGISTRY
-from clipmaps.schemas import batches as cols
-from clipmaps.schemas.errors import ConfigError
+from clipmaps.schemas.errors import ConfigError, ManifestError
 from clipmaps.schemas.storage import filesystem, redact_uri, uri_scheme, with_io_defaults
 
 from . import fingerprint as fp
@@ -51,40 +47,56 @@ _PROMPT_SOURCES = {
 
 @dataclass
 class Plan:
-    """A resolved job: the valid manifest rows (with their shard), rows refused before any work, the resolved
-    vocabulary, the result fingerprint and the per-shard manifest digests.
+    """A resolved job: its manifest files and their row counts, the shards, the resolved vocabulary, the result
+    fingerprint. Holds state per file and per shard, never per row.
 
     Attributes:
         spec: the job, ``vocabulary.file`` resolved into names and I/O defaults merged into storage options.
-        manifest: the valid rows, in manifest order, with a ``shard`` column.
-        refused: ``errors/`` rows of the manifest stage.
+        files: the manifest files (``clipmaps.pipeline.manifests.ManifestFile``), in path order.
+        counts: per file, its row count, the byte offsets of every ``shard_rows``-th row and its column flags.
+        rows: per file, the rows the job uses (``input.limit`` applied).
         vocabulary: the foreground class names, or None.
         methods: enabled methods, in pipeline order.
         prompt_sources: method → ``manifest`` | ``vocabulary`` for methods that write heatmaps.
         fingerprint: the job's result fingerprint (``clipmaps.pipeline.fingerprint``).
         params_hash: output name → the ``params_hash`` its rows carry.
-        shard_digests: shard → digest of its rows' content.
+        shards: shard id → its range (``clipmaps.pipeline.shards.Shard``); a fresh plan until
+            :func:`clipmaps.pipeline.run.prepare_output` assigns them against the output's markers.
+        duplicates: shard id → {row in its file → message}: rows whose ``image_id`` an earlier row has.
+        estimated: the row counts of text files are estimates from a sample (``--dry-run``).
     """
 
     spec: JobSpec
-    manifest: pa.Table
-    refused: list[dict]
+    files: list
+    counts: list
+    rows: list[int]
     vocabulary: list[str] | None
     methods: list[str]
     prompt_sources: dict[str, str]
     fingerprint: dict
     params_hash: dict[str, str]
+    shards: dict = field(default_factory=dict)
+    duplicates: dict[int, dict[int, str]] = field(default_factory=dict)
+    estimated: bool = False
     shard_digests: dict[int, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
     @property
     def total(self) -> int:
-        return self.manifest.num_rows + len(self.refused)
+        """Manifest rows the job covers (valid or not: refused rows become error rows)."""
+        return sum(self.rows)
 
     @property
     def shard_sizes(self) -> dict[int, int]:
-        """Shard → number of valid rows in it."""
-        return dict(Counter(self.manifest.column(cols.SHARD).to_pylist()))
+        """Shard → number of manifest rows in it."""
+        return {sid: s.rows for sid, s in self.shards.items()}
+
+    def shard_info(self, shard: int) -> dict:
+        """What a shard's marker records about where its rows come from: the file (relative to the manifest root),
+        the first row, the row count and the file's identity (size and ETag or mtime)."""
+        s = self.shards[shard]
+        f = self.files[s.file]
+        return {"file": f.rel, "start": s.start, "rows": s.rows, "identity": f.identity}
 
     @property
     def outputs(self) -> list[str]:
@@ -102,9 +114,11 @@ class Plan:
         """The plan as a few human-readable lines."""
         s = self.spec
         m = s.model
+        about = "about " if self.estimated else ""
+        files = f" from {len(self.files)} files" if len(self.files) > 1 else ""
         lines = [
-            f"input     {redact_uri(s.input.manifest)}: {self.manifest.num_rows} images in {len(self.shard_digests)} "
-            f"shards, {len(self.refused)} refused",
+            f"input     {redact_uri(s.input.manifest)}: {about}{self.total} images in {about}{len(self.shards)} "
+            f"shards{files}",
             f"model     {m.name} ({m.weights_id}), {m.info.family}, precision {m.precision}, device {m.device}",
             f"output    {redact_uri(s.output.uri)}",
         ]
@@ -228,35 +242,44 @@ def with_io_defaults_spec(spec: JobSpec) -> JobSpec:
     )
 
 
-def make_plan(spec: JobSpec) -> Plan:
-    """Read and validate the manifest, resolve the vocabulary and prompt sources, check the vocabulary's text against
-    the model's tokenizer (:func:`check_vocabulary_text`), fingerprint the job: everything up to running models.
+def make_plan(spec: JobSpec, *, dry_run: bool = False) -> Plan:
+    """List the manifest's files and count their rows, resolve the vocabulary and prompt sources, check the
+    vocabulary's text against the model's tokenizer (:func:`check_vocabulary_text`), fingerprint the job: everything
+    up to running models. Rows are never read here: counts come from Parquet footers and from one Ray task per text
+    file (``ray`` must be initialised), or, with ``dry_run``, from the footers and a sample of each text file
+    (:func:`clipmaps.pipeline.manifests.sample_count`; no Ray).
 
     Raises:
-        ManifestError: the manifest as a whole is unusable; SpecError: the job does not fit the manifest, or a
-            vocabulary name is too long for the text tower or the same text as another."""
-    from .sources import read_manifest_table, validate_manifest
+        ManifestError: the manifest as a whole is unusable (no file, unknown format, missing columns, no rows);
+            SpecError: the job does not fit the manifest, or a vocabulary name is too long for the text tower or the
+            same text as another."""
+    from .manifests import count_files, list_manifest_files, sample_count
+    from .shards import cap_rows, fresh_shards
 
     source_vocabulary = spec.vocabulary
     spec = resolve_vocabulary(with_io_defaults_spec(spec))
     check_vocabulary_text(spec, source_vocabulary)
-    table = read_manifest_table(
-        spec.input.manifest, storage_options=dict(spec.input.storage_options), limit=spec.input.limit
-    )
-    valid, refused = validate_manifest(table, allowed_schemes=tuple(spec.input.allowed_schemes))
-    has_masks = "masks" in table.column_names and bool(
-        pa.compute.sum(pa.compute.list_value_length(table["masks"])).as_py()
-    )
-    has_prompts = "prompts" in table.column_names and table["prompts"].null_count < table.num_rows
+    options = dict(spec.input.storage_options)
+    shard_rows = spec.output.shard_rows
+    _, files = list_manifest_files(spec.input.manifest, options, spec.input.format)
+    if dry_run:
+        counts = [sample_count(f, shard_rows, options) for f in files]
+    else:
+        counts = count_files(files, shard_rows, options, retries=spec.resources.task_retries)
+    rows = cap_rows(counts, spec.input.limit)
+    if not sum(rows):
+        raise ManifestError(f"manifest {redact_uri(spec.input.manifest)} is empty: it has no rows")
+    used = [c for c, n in zip(counts, rows) if n]
+    has_masks = any(c.flags.get("masks") or c.flags.get("masks_uri") for c in used)
+    has_prompts = any(c.flags.get("prompts") for c in used)
     spec.check_manifest(has_masks=has_masks, has_prompts=has_prompts)
     methods = spec.enabled_methods()
-    shard_rows = spec.output.shard_rows
-    shards = np.arange(valid.num_rows, dtype=np.int64) // shard_rows
     fingerprint = fp.job_fingerprint(spec, manifest_has_prompts=has_prompts)
     return Plan(
         spec=spec,
-        manifest=valid.append_column(cols.SHARD, pa.array(shards, pa.int64())),
-        refused=refused,
+        files=files,
+        counts=counts,
+        rows=rows,
         vocabulary=list(spec.vocabulary.class_names()) if spec.vocabulary is not None else None,
         methods=methods,
         prompt_sources={
@@ -264,7 +287,8 @@ def make_plan(spec: JobSpec) -> Plan:
         },
         fingerprint=fingerprint,
         params_hash=fp.params_hashes(fingerprint),
-        shard_digests=fp.shard_digests(valid, shard_rows),
+        shards={s.id: s for s in fresh_shards(rows, shard_rows)},
+        estimated=any(c.estimated for c in counts),
     )
 
 
@@ -330,9 +354,10 @@ def _map_batches(ds, fn, **kwargs):
         return ds.map_batches(fn, **kwargs)
 
 
-def build_dataset(plan: Plan, table: pa.Table | None = None, *, blocks: int = 0):
-    """The Ray dataset of per-batch, per-shard counts (``shard`` and ``schemas.batches.STATS`` columns) for the
-    rows of ``table`` (default: all of the plan's manifest): decode → one actor pool per method → sink."""
+def build_dataset(plan: Plan, shards: list | None = None):
+    """The Ray dataset of per-batch, per-shard counts (``shard``, ``schemas.batches.STATS``, the staged files and the
+    shard's digest) for ``shards`` (default: all of the plan's): read (one task per shard, validating on the worker)
+    → decode → one actor pool per method → sink."""
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -340,13 +365,21 @@ def build_dataset(plan: Plan, table: pa.Table | None = None, *, blocks: int = 0)
     from clipmaps.actors.predictors import OutputOptions, Vocabulary
 
     from .decode import DecodeConfig, decode_batch
+    from .shards import ManifestDatasource
     from .sinks import Provenance, SinkConfig, sink_batch
-    from .sources import iter_table_batches
 
     spec = plan.spec
-    table = plan.manifest if table is None else table
-    n_blocks = blocks or max(1, min(table.num_rows, 200))
-    ds = ray.data.from_arrow(iter_table_batches(table, max(1, -(-table.num_rows // n_blocks))))
+    shards = sorted(plan.shards.values(), key=lambda s: s.id) if shards is None else shards
+    source = ManifestDatasource(
+        plan.files,
+        plan.counts,
+        shards,
+        spec.output.shard_rows,
+        dict(spec.input.storage_options),
+        tuple(spec.input.allowed_schemes),
+        plan.duplicates,
+    )
+    ds = ray.data.read_datasource(source, override_num_blocks=max(1, len(shards)))
 
     square = [m for m in plan.methods if REGISTRY[m].square_input]
     decode_cfg = DecodeConfig(

@@ -1,14 +1,18 @@
 """Resume and exactly-once outputs: the state of a job's output URI.
 
-The validated manifest is cut into shards of ``output.shard_rows`` rows, in manifest order. Result files are named
-``part-<shard>-<hash of their image ids>.parquet`` and are written atomically (see :mod:`clipmaps.pipeline.sinks`).
-When the driver has seen every row of a shard written, it writes the shard's completion marker
-``_shards/<shard>.json`` with the shard's counts and the list of its files. A re-run of the same job on the same
-output:
+Each manifest file is cut into shards of ``output.shard_rows`` rows (``clipmaps.pipeline.shards``: a shard is a
+file, a first row and a row count, with an integer id). Sink tasks stage their batches' rows under ``_staging/``;
+when the driver has seen every row of a shard written, one Ray task concatenates them into one file per dataset,
+``<dataset>/part-<shard>-<token>.parquet``, written atomically (see :mod:`clipmaps.pipeline.sinks`), then the driver
+writes the shard's completion marker ``_shards/<shard>.json`` with the shard's counts, the list of its files, its
+manifest file, first row, row count, the file's identity and the content digest of its rows. A re-run of the same
+job on the same output:
 
 1. refuses if ``_job.json``'s result fingerprint differs from this job's (naming each method, field and the two
-   values), or if a complete shard's rows changed (its marker's content digest differs; naming the shards), unless
-   ``output.overwrite`` (the CLI's ``--overwrite``) clears the output; see :mod:`clipmaps.pipeline.fingerprint`;
+   values), or if a complete shard's rows changed (its file changed and the digest computed again differs, or the
+   file is gone or shorter; naming the shards, files and rows), unless ``output.overwrite`` (the CLI's
+   ``--overwrite``) clears the output; see :mod:`clipmaps.pipeline.fingerprint`. Rows appended to a file, and new
+   files, are new shards: append mode;
 2. keeps the shards that have a marker and deletes everything else a job writes: result files of shards without a
    marker (work of the interrupted attempt), temporary files, and files of a complete shard that its marker does
    not list — and runs the same cleanup once more at its end, against files written late by tasks of a killed
@@ -35,7 +39,7 @@ from clipmaps.schemas.errors import OutputConflict
 from clipmaps.schemas.storage import TMP_PREFIX, read_bytes, redact_uri, remove, write_bytes
 
 from .fingerprint import differences
-from .sinks import FILES, shard_of_file
+from .sinks import FILES, STAGING, shard_of_file
 
 logger = logging.getLogger(__name__)
 
@@ -89,16 +93,54 @@ def conflicts(state: OutputState, plan) -> list[str]:
         )
     if not state.complete:  # nothing finished to mix with: the run replaces what an unfinished attempt left
         return []
-    lines = differences(state.job.get("fingerprint"), plan.fingerprint)
-    if lines:
-        return lines
-    n = plan.spec.output.shard_rows
-    changed = [s for s, marker in sorted(state.complete.items()) if plan.shard_digests.get(s) != marker.get("digest")]
-    if changed:
-        shown = ", ".join(f"{s} (manifest rows {s * n}-{s * n + n - 1})" for s in changed[:5])
-        more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
-        lines.append(f"the manifest rows of complete shard(s) {shown}{more} changed (ids, URIs, masks or prompts)")
-    return lines
+    return differences(state.job.get("fingerprint"), plan.fingerprint)
+
+
+def assign(plan, state: OutputState, uri: str, *, verify: bool = True) -> list:
+    """Assign ``plan.shards`` against the output's complete shards (``clipmaps.pipeline.shards.assign_shards``) and
+    return the shards to do. With ``verify``, the complete shards whose manifest file changed (size, ETag or mtime)
+    have their digest computed again by Ray tasks and compared with their marker's.
+
+    Raises:
+        OutputConflict: complete shards whose rows changed (or whose file is gone or shorter), naming each shard, its
+            file and rows, and what to do.
+    """
+    from .shards import assign_shards, describe_range, seek_for, shard_digest
+
+    spec = plan.spec
+    found = assign_shards(plan.files, plan.rows, state.complete, spec.output.shard_rows)
+    conflicts = list(found.conflicts)
+    if verify and found.verify:
+        import ray
+
+        task = ray.remote(shard_digest).options(num_cpus=0.5, max_retries=spec.resources.task_retries)
+        options = dict(spec.input.storage_options)
+        refs = []
+        for s in found.verify:
+            c = plan.counts[s.file]
+            seek = seek_for(c, s.start, spec.output.shard_rows)
+            refs.append(task.remote(plan.files[s.file], c.header, s, seek, options))
+        changed = [s for s, d in zip(found.verify, ray.get(refs)) if d != state.complete[s.id].get("digest")]
+        if changed:
+            shown = ", ".join(
+                f"{s.id} ({describe_range(plan.files[s.file].rel, s.start, s.rows)})" for s in changed[:5]
+            )
+            more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
+            conflicts.append(
+                f"the manifest rows of complete shard(s) {shown}{more} changed (ids, URIs, masks or prompts)"
+            )
+        logger.info("checked %d complete shards of changed manifest files", len(found.verify))
+    if conflicts:
+        more = f"\n  and {len(conflicts) - 10} more complete shards" if len(conflicts) > 10 else ""
+        raise OutputConflict(
+            f"{redact_uri(uri)} holds complete shards that no longer match the manifest:\n"
+            + "\n".join(f"  {line}" for line in conflicts[:10])
+            + more
+            + "\nrestore those rows (appending rows or files is fine), choose a new output.uri, or replace the output"
+            " with --overwrite (output.overwrite: true)"
+        )
+    plan.shards = found.shards
+    return sorted(found.todo, key=lambda s: s.id)
 
 
 def check_resumable(state: OutputState, plan, uri: str) -> None:
@@ -117,17 +159,23 @@ def check_resumable(state: OutputState, plan, uri: str) -> None:
 
 def clear_output(fs, root: str) -> None:
     """Remove everything a job writes under ``root``."""
-    for name in (*RESULT_DATASETS, "vocabulary", MARKERS, JOB_JSON):
+    for name in (*RESULT_DATASETS, "vocabulary", MARKERS, STAGING, JOB_JSON):
         path = posixpath.join(root, name)
         remove(fs, path, recursive=True)  # literal: an output folder may be named like a glob pattern
 
 
 def remove_incomplete(fs, root: str, complete: dict[int, dict]) -> int:
     """Delete what is not a finished result: files of shards without a completion marker, temporary files, and files
-    of a complete shard that its marker does not list (written late by a task of a killed attempt). Returns how
-    many files were removed."""
+    of a complete shard that its marker does not list (written late by a task of a killed attempt), and every staged
+    file (``_staging/``: a finished shard's are removed once its marker is written, so what is left there belongs to
+    an unfinished shard or to a late task). Returns how many files were removed."""
     fs.invalidate_cache()
     removed = 0
+    staging = posixpath.join(root, STAGING)
+    if fs.exists(staging):
+        # counted: the staged files (an object store may also list a folder's own marker object)
+        removed += sum(1 for path in fs.find(staging) if path.endswith(".parquet"))
+        remove(fs, staging, recursive=True)
     for name in (*RESULT_DATASETS, "vocabulary", MARKERS):
         folder = posixpath.join(root, name)
         if not fs.exists(folder):

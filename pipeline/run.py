@@ -13,24 +13,22 @@ import posixpath
 import re
 import sys
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from clipmaps.actors.registry import model_info
 from clipmaps.schemas import batches as cols
 from clipmaps.schemas import storage
 from clipmaps.schemas.datasets import ERRORS, VOCABULARY
-from clipmaps.schemas.errors import ConfigError, JobFailed, error_record
+from clipmaps.schemas.errors import ConfigError, JobFailed
 from clipmaps.schemas.storage import filesystem, write_table
 
 from . import resume
 from .dryrun import check_sources, output_report
-from .plan import Plan, build_dataset, check_resources, make_plan
-from .sinks import EMPTY_FILE, FILES, write_empty_datasets
+from .plan import Plan, build_dataset, check_resources, make_plan, sink_retry_exceptions, with_io_defaults_spec
+from .sinks import EMPTY_FILE, FILES, SHARD_DIGEST, finalize_shard, remove_staged, write_empty_datasets
 from .spec import JobSpec
 
 logger = logging.getLogger(__name__)
@@ -84,16 +82,15 @@ def run(spec: JobSpec, *, dry_run: bool = False, progress: Callable[[str], None]
     """
     started = time.time()
     say = progress or (lambda line: logger.info("%s", line))
-    plan = make_plan(spec)
-    spec = plan.spec
-    plan.notes.extend(check_sources(spec, verify=dry_run))  # a missing weights file is exit 2, not a failed run
-    # a run the output would refuse fails here, in a second, before Ray starts (prepare_output checks again:
-    # another writer may act while Ray starts)
-    report = output_report(plan)
     if dry_run:
-        plan.notes.extend(report)
+        plan = make_plan(spec, dry_run=True)
+        spec = plan.spec
+        plan.notes.extend(check_sources(spec, verify=True))
+        plan.notes.extend(output_report(plan))
         text = plan.describe()
-        return RunResult(spec.output.uri, plan.total, 0, len(plan.refused), {}, time.time() - started, True, text)
+        return RunResult(spec.output.uri, plan.total, 0, 0, {}, time.time() - started, True, text)
+    # before Ray starts: a missing weights file is exit 2 in a second, not a failed run
+    weights_notes = check_sources(with_io_defaults_spec(spec), verify=False)
 
     import ray
 
@@ -102,6 +99,9 @@ def run(spec: JobSpec, *, dry_run: bool = False, progress: Callable[[str], None]
         ray.init(address=ray_address(spec), include_dashboard=False, log_to_driver=False, configure_logging=False)
     restore = configure_ray_data(spec)
     try:
+        plan = make_plan(spec)  # counts the manifest's rows with Ray tasks
+        spec = plan.spec
+        plan.notes.extend(weights_notes)
         plan.notes.extend(check_resources(spec, ray.cluster_resources()))
         fs, root = filesystem(spec.output.uri, dict(spec.output.storage_options))
         doc: dict | None = None
@@ -116,7 +116,7 @@ def run(spec: JobSpec, *, dry_run: bool = False, progress: Callable[[str], None]
                 "started_at": _now(),
                 "status": "running",
                 "resumed_shards": len(state.complete),
-                "todo_images": todo.num_rows,
+                "todo_images": sum(s.rows for s in todo),
                 "pid": os.getpid(),
             }
             doc = {
@@ -130,17 +130,16 @@ def run(spec: JobSpec, *, dry_run: bool = False, progress: Callable[[str], None]
             # every dataset exists from the start, with its schema, whatever the methods write and however the run
             # ends: readers (pandas, DuckDB, Polars, datasets) fail on a missing folder but read a 0-row file
             write_empty_datasets(fs, root, model_info(spec.model.name).embed_dim)
-            # the errors dataset always exists too; refused rows go in first
-            write_table(
-                pa.Table.from_pylist([_refused_row(r) for r in plan.refused], schema=ERRORS),
-                fs,
-                posixpath.join(root, "errors", "part-manifest.parquet"),
-            )
+            # the errors dataset always exists too (rows the manifest stage refuses are written by the sink, per shard,
+            # like every failed row)
+            path = posixpath.join(root, "errors", "part-manifest.parquet")
+            if not fs.exists(path):
+                write_table(ERRORS.empty_table(), fs, path)
         except OSError as e:  # the output cannot be written (a path under a file, permission, a bucket gone…)
             raise _output_failed(e, plan, fs, root, doc, attempt) from e
         t0 = time.time()
         complete = dict(state.complete)
-        if todo.num_rows:
+        if todo:
             try:
                 complete.update(execute(plan, todo, fs, root, say, done=complete))
             except BaseException as e:
@@ -154,7 +153,6 @@ def run(spec: JobSpec, *, dry_run: bool = False, progress: Callable[[str], None]
                 attempt["removed_strays"] = strays
         execute_s = time.time() - t0
         counts = {name: sum(int(c.get(name, 0)) for c in complete.values()) for name in cols.STATS}
-        counts["errors"] += len(plan.refused)
         kept_images = sum(int(c.get("rows", 0)) for c in state.complete.values())
         attempt_images = counts["rows"] - kept_images
         attempt.update(
@@ -167,7 +165,7 @@ def run(spec: JobSpec, *, dry_run: bool = False, progress: Callable[[str], None]
         result = RunResult(
             spec.output.uri,
             plan.total,
-            counts["rows"] + len(plan.refused),
+            counts["rows"],
             failed_images,
             counts,
             time.time() - started,
@@ -196,32 +194,72 @@ def run(spec: JobSpec, *, dry_run: bool = False, progress: Callable[[str], None]
 
 
 def execute(
-    plan: Plan, todo: pa.Table, fs, root: str, say: Callable[[str], None], done: dict[int, dict] | None = None
+    plan: Plan, todo: list, fs, root: str, say: Callable[[str], None], done: dict[int, dict] | None = None
 ) -> dict[int, dict]:
-    """Run the pipeline on ``todo``; write each shard's marker as soon as all its rows are written, and add it to
-    ``done`` (so a caller sees the shards finished before a failure)."""
-    remaining = {int(k): v for k, v in Counter(todo.column(cols.SHARD).to_pylist()).items()}
+    """Run the pipeline on the shards ``todo``; as soon as all rows of a shard are written (as staged files), have a
+    Ray task make its one file per dataset (:func:`~.sinks.finalize_shard`), then write the shard's marker, remove
+    its staged files and add it to ``done`` (so a caller sees the shards finished before a failure)."""
+    remaining = {s.id: s.rows for s in todo}
+    return _stream(plan, build_dataset(plan, todo), remaining, fs, root, say, done)
+
+
+def _stream(
+    plan: Plan, ds, remaining: dict[int, int], fs, root: str, say: Callable[[str], None], done: dict[int, dict] | None
+) -> dict[int, dict]:
+    """Consume the sink's counts of ``ds``; finalise and mark each shard of ``remaining`` (shard → rows expected)
+    once all its rows are counted. The digest a marker records is the shard's ``digest`` in the counts when the
+    reader passes one, else ``plan.shard_digests``."""
+    import ray
+
+    spec = plan.spec
+    finalize = ray.remote(finalize_shard).options(
+        num_cpus=0,  # I/O bound, and never starved behind the pools that hold every CPU
+        max_retries=spec.resources.task_retries,
+        retry_exceptions=sink_retry_exceptions(),
+    )
     per_shard: dict[int, dict] = {}
+    pending: dict = {}  # object ref of a finalising task → (shard, its counts)
     done = {} if done is None else done
+    total = sum(remaining.values())
     rows = errors = 0
     t0 = time.time()
-    for batch in build_dataset(plan, todo).iter_batches(batch_format="numpy", batch_size=None, prefetch_batches=0):
+
+    def collect(block: bool) -> None:
+        if not pending:
+            return
+        refs = list(pending)
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=None if block else 0)
+        for ref in ready:
+            shard, c = pending.pop(ref)
+            c[FILES] = ray.get(ref)
+            resume.write_marker(fs, root, shard, c)
+            done[shard] = c
+            remove_staged(fs, root, shard)
+
+    for batch in ds.iter_batches(batch_format="numpy", batch_size=None, prefetch_batches=0):
         for j, shard in enumerate(batch[cols.SHARD]):
             shard = int(shard)
             c = per_shard.setdefault(shard, {**dict.fromkeys(cols.STATS, 0), FILES: []})
             for name in cols.STATS:
                 c[name] += int(batch[name][j])
             c[FILES].extend(f for f in str(batch[FILES][j]).split("\n") if f)
+            if SHARD_DIGEST in batch and cols.present(batch[SHARD_DIGEST][j]):
+                c["digest"] = str(batch[SHARD_DIGEST][j])
             rows += int(batch["rows"][j])
             errors += int(batch["errors"][j])
-            if c["rows"] == remaining[shard]:
-                c[FILES] = sorted(set(c[FILES]))
-                c["digest"] = plan.shard_digests[shard]
-                resume.write_marker(fs, root, shard, c)
-                done[shard] = per_shard.pop(shard)
-        if plan.spec.run.progress:
+            if c["rows"] == remaining.get(shard):
+                staged = sorted(set(c.pop(FILES)))
+                c.setdefault("digest", plan.shard_digests.get(shard))
+                c.update(plan.shard_info(shard))
+                pending[finalize.remote(spec.output.uri, dict(spec.output.storage_options), shard, staged)] = (
+                    shard,
+                    per_shard.pop(shard),
+                )
+        collect(block=False)
+        if spec.run.progress:
             rate = rows / max(time.time() - t0, 1e-9)
-            say(f"progress  {rows}/{todo.num_rows} images, {rate:.2f} images/s, {errors} errors")
+            say(f"progress  {rows}/{total} images, {rate:.2f} images/s, {errors} errors")
+    collect(block=True)
     unfinished = sorted(set(remaining) - set(done))
     if unfinished:  # never report success with rows missing (or counted twice): the re-run redoes these shards
         counted = {s: per_shard.get(s, {}).get("rows", 0) for s in unfinished[:5]}
@@ -232,8 +270,15 @@ def execute(
     return done
 
 
-def prepare_output(plan: Plan, fs, root: str) -> tuple[resume.OutputState, pa.Table]:
-    """Check the output against this job, clear or clean it, and return its state and the rows still to do."""
+def prepare_output(plan: Plan, fs, root: str) -> tuple[resume.OutputState, list]:
+    """Check the output against this job, clear or clean it, assign the shards against its markers (checking the
+    complete shards whose manifest file changed), find duplicate ids (Ray tasks), and return the output's state
+    and the shards still to do.
+
+    Raises:
+        OutputConflict: another job's results, or complete shards whose rows changed (naming them)."""
+    from .dupes import find_duplicates
+
     spec = plan.spec
     state = resume.read_state(fs, root)
     replaced = state.job is not None and not state.complete and state.job.get("fingerprint") != plan.fingerprint
@@ -243,12 +288,23 @@ def prepare_output(plan: Plan, fs, root: str) -> tuple[resume.OutputState, pa.Ta
         resume.clear_output(fs, root)
         state = resume.OutputState(job=None)
     resume.check_resumable(state, plan, spec.output.uri)
+    todo = resume.assign(plan, state, spec.output.uri)
+    plan.duplicates, stats = find_duplicates(
+        plan.files,
+        plan.counts,
+        list(plan.shards.values()),
+        spec.output.shard_rows,
+        dict(spec.input.storage_options),
+        retries=spec.resources.task_retries,
+    )
+    plan.notes.append(
+        f"ids       {stats['rows']} checked for duplicates in {stats['seconds']:.1f} s ({stats['maps']} map, "
+        f"{stats['buckets']} reduce tasks): {stats['duplicates']} repeated"
+    )
     removed = resume.remove_incomplete(fs, root, state.complete)
     if removed:
         logger.info("removed %d result files of unfinished shards", removed)
     fs.makedirs(root, exist_ok=True)
-    shard = plan.manifest.column(cols.SHARD)
-    todo = plan.manifest.filter(pc.invert(pc.is_in(shard, pa.array(sorted(state.complete), pa.int64()))))
     return state, todo
 
 
@@ -531,15 +587,3 @@ def _failed_images(fs, root: str) -> int:
         return 0
     table = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=["image_id"])
     return len(set(table.column("image_id").to_pylist()))
-
-
-def _refused_row(r: dict) -> dict:
-    """A manifest-stage refusal (``sources.validate_manifest``) as an ``errors/`` row, its mask's region id kept."""
-    return error_record(
-        image_id=r.get("image_id"),
-        uri=r.get("uri"),
-        region_id=r.get("region_id"),
-        stage=r.get("stage", "manifest"),
-        error_type=r.get("error_type"),
-        message=r.get("message"),
-    )

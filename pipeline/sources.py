@@ -287,6 +287,7 @@ def _norm_row(obj: dict, where: str) -> dict:
         "prompts": _norm_prompts(obj.get("prompts"), where, "prompts"),
         "width": _norm_size(obj.get("width"), where, "width"),
         "height": _norm_size(obj.get("height"), where, "height"),
+        "masks_uri": _norm_str(obj.get("masks_uri"), where, "masks_uri"),
     }
 
 
@@ -436,67 +437,19 @@ def validate_manifest(
 ) -> tuple[pa.Table, list[dict]]:
     """Split ``table`` (as :func:`read_manifest_table` returns it) into valid rows and error records.
 
-    A row is invalid when (first matching reason, one record per row):
-
-    * ``MissingImageId`` — ``image_id`` null or empty;
-    * ``DuplicateImageId`` — an ``image_id`` seen on an earlier row (the first occurrence is kept, whatever
-      becomes of it);
-    * ``MissingImageUri`` — ``image_uri`` null or blank;
-    * ``UnsupportedScheme`` — the image URI's scheme (bare path = ``file``) is not in ``allowed_schemes`` (exact,
-      case-insensitive names: ``s3a`` is not ``s3``), or a mask URI's;
-    * ``MalformedMask`` — a mask with none or several of ``rle``/``uri``/``polygon``, or an ``rle`` without
-      ``size``/``counts``.
-
-    Two masks of one image with the same ``region_id`` do not make the row invalid: the image is processed and
-    the decode stage turns each later mask of that id into an error of stage ``mask`` (``DuplicateRegionId``,
-    carrying the ``region_id``), so a clash costs at most the clashing regions. Likewise a polygon's degenerate
-    parts and its geometry against the image are judged per region when the mask is decoded.
+    The reasons are :func:`row_problems`'s, duplicates included (the table is the whole manifest here; a pipeline
+    run reads shards on workers and finds duplicates with a distributed pass, ``clipmaps.pipeline.dupes``).
 
     Returns:
         ``(valid, errors)``: the valid rows, in order, in exactly the ``MANIFEST`` schema; and one dict per
         invalid row ``{image_id, uri, region_id, stage: "manifest", error_type, message}`` (``region_id`` set
         for mask errors), in row order — ``pa.Table.from_pylist(errors, schema=ERRORS)`` fills the rest.
     """
-    allowed = {s.lower() for s in allowed_schemes}
     table = _conform_arrow(table.select([c for c in table.column_names if c in MANIFEST.names]), "table")
+    reason = row_problems(table, allowed_schemes=allowed_schemes, duplicates=True)
     n = table.num_rows
-    reason: list[tuple[str, str, str | None] | None] = [None] * n
-
-    def flag(rows: Iterable[int], make) -> None:
-        for i in rows:
-            if reason[i] is None:
-                reason[i] = make(i)
-
-    ids = table["image_id"].combine_chunks()
-    uris = table["image_uri"].combine_chunks()
-    id_list = ids.to_pylist()
-    uri_list = uris.to_pylist()
-
-    missing_id = pc.or_kleene(pc.is_null(ids), pc.equal(pc.utf8_trim_whitespace(ids), "")).fill_null(True)
-    flag(_where(missing_id), lambda i: ("MissingImageId", "image_id is missing or empty", None))
-
-    idx = pa.array(np.arange(n, dtype=np.int64))
-    firsts = pa.table({"id": ids, "i": idx}).filter(pc.is_valid(ids)).group_by("id").aggregate([("i", "min")])
-    dup = pc.and_(pc.is_valid(ids), pc.invert(pc.is_in(idx, firsts["i_min"])))
-    first_of = {}
-    if pc.any(dup).as_py():
-        first_of = dict(zip(firsts["id"].to_pylist(), firsts["i_min"].to_pylist()))
-    flag(
-        _where(dup),
-        lambda i: ("DuplicateImageId", f"image_id {id_list[i]!r} already appears on row {first_of[id_list[i]]}", None),
-    )
-
-    missing_uri = pc.or_kleene(pc.is_null(uris), pc.equal(pc.utf8_trim_whitespace(uris), "")).fill_null(True)
-    flag(_where(missing_uri), lambda i: ("MissingImageUri", "image_uri is missing or empty", None))
-
-    bad_scheme = pc.invert(pc.is_in(uri_schemes(uris), pa.array(sorted(allowed), pa.string())))
-    bad_scheme = pc.and_(bad_scheme, pc.invert(missing_uri))
-    flag(_where(bad_scheme), lambda i: ("UnsupportedScheme", scheme_error(uri_list[i], allowed), None))
-
-    masks = table["masks"].combine_chunks()
-    if len(masks) and pc.sum(pc.list_value_length(masks).fill_null(0)).as_py():
-        _validate_masks(masks, allowed, flag)
-
+    id_list = table["image_id"].to_pylist()
+    uri_list = table["image_uri"].to_pylist()
     bad_rows = [i for i in range(n) if reason[i] is not None]
     errors = [
         {
@@ -514,6 +467,88 @@ def validate_manifest(
         keep[bad_rows] = False
         table = table.filter(pa.array(keep))
     return table.cast(MANIFEST), errors
+
+
+def row_problems(
+    table: pa.Table, *, allowed_schemes: Iterable[str] = DEFAULT_ALLOWED_SCHEMES, duplicates: bool = True
+) -> list[tuple[str, str, str | None] | None]:
+    """Per row of ``table`` (``MANIFEST_READ`` schema), why it cannot be processed: ``(error_type, message,
+    region_id)`` or None. The first matching reason, in this order:
+
+    * ``MissingImageId`` — ``image_id`` null or empty;
+    * ``DuplicateImageId`` — (with ``duplicates``) an ``image_id`` seen on an earlier row of ``table`` (the first
+      occurrence is kept, whatever becomes of it);
+    * ``MissingImageUri`` — ``image_uri`` null or blank;
+    * ``UnsupportedScheme`` — the image URI's scheme (bare path = ``file``) is not in ``allowed_schemes`` (exact,
+      case-insensitive names: ``s3a`` is not ``s3``), or a mask URI's, or ``masks_uri``'s;
+    * ``MalformedMask`` — a mask with none or several of ``rle``/``uri``/``polygon``, an ``rle`` without
+      ``size``/``counts``, or a row with both inline ``masks`` and a ``masks_uri``.
+
+    Two masks of one image with the same ``region_id`` do not make the row invalid: the image is processed and
+    the decode stage turns each later mask of that id into an error of stage ``mask`` (``DuplicateRegionId``,
+    carrying the ``region_id``), so a clash costs at most the clashing regions. Likewise a polygon's degenerate
+    parts and its geometry against the image are judged per region when the mask is decoded.
+    """
+    allowed = {s.lower() for s in allowed_schemes}
+    n = table.num_rows
+    reason: list[tuple[str, str, str | None] | None] = [None] * n
+
+    def flag(rows: Iterable[int], make) -> None:
+        for i in rows:
+            if reason[i] is None:
+                reason[i] = make(i)
+
+    ids = table["image_id"].combine_chunks()
+    uris = table["image_uri"].combine_chunks()
+    id_list = ids.to_pylist()
+    uri_list = uris.to_pylist()
+
+    missing_id = pc.or_kleene(pc.is_null(ids), pc.equal(pc.utf8_trim_whitespace(ids), "")).fill_null(True)
+    flag(_where(missing_id), lambda i: ("MissingImageId", "image_id is missing or empty", None))
+
+    if duplicates:
+        idx = pa.array(np.arange(n, dtype=np.int64))
+        firsts = pa.table({"id": ids, "i": idx}).filter(pc.is_valid(ids)).group_by("id").aggregate([("i", "min")])
+        dup = pc.and_(pc.is_valid(ids), pc.invert(pc.is_in(idx, firsts["i_min"])))
+        first_of = {}
+        if pc.any(dup).as_py():
+            first_of = dict(zip(firsts["id"].to_pylist(), firsts["i_min"].to_pylist()))
+        flag(
+            _where(dup),
+            lambda i: (
+                "DuplicateImageId",
+                f"image_id {id_list[i]!r} already appears on row {first_of[id_list[i]]}",
+                None,
+            ),
+        )
+
+    missing_uri = pc.or_kleene(pc.is_null(uris), pc.equal(pc.utf8_trim_whitespace(uris), "")).fill_null(True)
+    flag(_where(missing_uri), lambda i: ("MissingImageUri", "image_uri is missing or empty", None))
+
+    allowed_arr = pa.array(sorted(allowed), pa.string())
+    bad_scheme = pc.invert(pc.is_in(uri_schemes(uris), allowed_arr))
+    bad_scheme = pc.and_(bad_scheme, pc.invert(missing_uri))
+    flag(_where(bad_scheme), lambda i: ("UnsupportedScheme", scheme_error(uri_list[i], allowed), None))
+
+    masks = table["masks"].combine_chunks()
+    has_inline = pc.greater(pc.list_value_length(masks).fill_null(0), 0) if len(masks) else pa.array([], pa.bool_())
+    if "masks_uri" in table.column_names:
+        refs = table["masks_uri"].combine_chunks()
+        given = pc.and_(pc.is_valid(refs), pc.not_equal(pc.utf8_trim_whitespace(refs), "")).fill_null(False)
+        if pc.any(given).as_py():
+            ref_list = refs.to_pylist()
+            flag(
+                _where(pc.and_(given, has_inline)),
+                lambda i: ("AmbiguousMasks", "the row sets both masks and masks_uri; set one", None),
+            )
+            bad_ref = pc.and_(given, pc.invert(pc.is_in(uri_schemes(refs), allowed_arr)))
+            flag(
+                _where(bad_ref),
+                lambda i: ("UnsupportedScheme", f"masks_uri: {scheme_error(ref_list[i], allowed)}", None),
+            )
+    if len(masks) and pc.any(has_inline).as_py():
+        _validate_masks(masks, allowed, flag)
+    return reason
 
 
 def _validate_masks(masks: pa.ListArray, allowed: set[str], flag) -> None:
@@ -589,5 +624,6 @@ __all__ = [
     "manifest_from_rows",
     "normalize_mask",
     "read_manifest_table",
+    "row_problems",
     "validate_manifest",
 ]

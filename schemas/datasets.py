@@ -30,7 +30,8 @@ MASK = pa.struct(
     ]
 )
 
-#: The input manifest: one row per image. ``masks``, ``prompts``, ``width`` and ``height`` are optional columns;
+#: The input manifest: one row per image. ``masks`` (or ``masks_uri``), ``prompts``, ``width`` and ``height`` are
+#: optional columns;
 #: ``width``/``height`` are the frame the row's annotations are drawn in (COCO's and SA-1B's declared image size, which
 #: may be the stored, un-rotated frame of an EXIF-rotated photo); null = unknown. The decode stage reads them and
 #: replaces them by the decoded size (``schemas.batches.HEIGHT``/``WIDTH``).
@@ -42,13 +43,21 @@ MANIFEST = pa.schema(
         pa.field("prompts", pa.list_(pa.string())),
         pa.field("width", pa.int32()),
         pa.field("height", pa.int32()),
+        # masks by reference instead of inline ``masks``: an SA-1B per-image JSON, a folder of per-instance PNGs, or
+        # a side Parquet keyed by image_id (read by the decode stage, ``clipmaps.pipeline.decode``)
+        pa.field("masks_uri", pa.string()),
     ]
 )
 MANIFEST_REQUIRED = ("image_id", "image_uri")
 
+#: The image's URI as the manifest gives it, redacted (``clipmaps.schemas.storage.redact_uri``): every result row
+#: carries it, so that a consumer needs no manifest to find the image a row is about.
+IMAGE_URI = pa.field("image_uri", pa.string())
+
 LABELS = pa.schema(
     [
         pa.field("image_id", pa.string(), nullable=False),
+        IMAGE_URI,
         *PROVENANCE,
         pa.field("height", pa.int32(), nullable=False),
         pa.field("width", pa.int32(), nullable=False),
@@ -60,6 +69,7 @@ LABELS = pa.schema(
 HEATMAPS = pa.schema(
     [
         pa.field("image_id", pa.string(), nullable=False),
+        IMAGE_URI,
         pa.field("prompt", pa.string(), nullable=False),
         *PROVENANCE,
         pa.field("height", pa.int32(), nullable=False),
@@ -77,11 +87,15 @@ def regions_schema(dim: int) -> pa.Schema:
     return pa.schema(
         [
             pa.field("image_id", pa.string(), nullable=False),
+            IMAGE_URI,
             pa.field("region_id", pa.string(), nullable=False),
             *PROVENANCE,
             pa.field("embedding", pa.list_(pa.float32(), dim), nullable=False),  # L2-normalised
+            # the region's mask as COCO compressed RLE at the image's decoded size (EXIF orientation applied: the
+            # frame of the label maps); null when the decode stage did not provide it
+            pa.field("mask", RLE),
             pa.field("area", pa.int64(), nullable=False),  # mask pixels at the image's size
-            pa.field("bbox", pa.list_(pa.int32(), 4), nullable=False),  # x, y, width, height in image pixels
+            pa.field("bbox", pa.list_(pa.int32(), 4), nullable=False),  # COCO [x, y, width, height], image pixels
             pa.field("loss", pa.float32(), nullable=False),  # MaskInversion's soft-Dice loss at the end
             pa.field("expl_map", pa.binary()),  # optional final explainability map, PNG 8-bit
         ]

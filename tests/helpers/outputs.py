@@ -34,12 +34,14 @@ def regions_table(
     return pa.table(
         {
             "image_id": list(image_ids),
+            "image_uri": [f"s3://images/{i}.jpg" for i in image_ids],
             "region_id": list(region_ids),
             "method": ["maskinversion"] * n,
             "model": [model] * n,
             "weights": [weights] * n,
             "params_hash": [params_hash] * n,
             "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), dim),
+            "mask": pa.nulls(n, regions_schema(dim).field("mask").type),
             "area": pa.array(np.full(n, 100), pa.int64()),
             "bbox": pa.FixedSizeListArray.from_arrays(pa.array(np.tile([1, 2, 10, 10], n), pa.int32()), 4),
             "loss": pa.array(np.full(n, 0.1), pa.float32()),

@@ -66,9 +66,17 @@ def cluster():
 def test_method_pools_place_actors_on_both_nodes(cluster, tmp_path):
     from clipmaps.jobs.demo import DEMO_SPEC, write_scenes
 
-    manifest = write_scenes(tmp_path / "input", SCENES)
+    scenes = write_scenes(tmp_path / "input", SCENES)
+    # a manifest of two files, read and validated by Ray tasks on the nodes: the second repeats an id of the first
+    # and names an image by a scheme the job does not allow
+    manifest = tmp_path / "manifest"
+    manifest.mkdir()
+    (manifest / "a.jsonl").write_text(scenes.read_text())
+    first = json.loads(scenes.read_text().splitlines()[0])
+    bad = [{**first, "masks": None}, {"image_id": "remote", "image_uri": "http://example.com/x.jpg"}]
+    (manifest / "b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in bad))
     out = tmp_path / "out"
-    overrides = [f"input.manifest={manifest}", f"output.uri={out}", "output.overwrite=false"]
+    overrides = [f"input.manifest={manifest}", f"output.uri={out}", "output.overwrite=false", "output.shard_rows=2"]
     for m in METHODS:  # two actors per pool; 8 x 0.1 CPU + 0.5 for decode fits the 2 CPUs of the cluster
         overrides += [
             f"methods.{m}.resources.min_actors=2",
@@ -90,11 +98,16 @@ def test_method_pools_place_actors_on_both_nodes(cluster, tmp_path):
     nodes = doc["nodes"]
     assert len(nodes) == 2 and doc["resources"]["CPU"] == 2 and {"head", "worker"} <= set(doc["resources"])
 
-    built, ran = defaultdict(set), defaultdict(set)
+    built, ran, read = defaultdict(set), defaultdict(set), []
     for line in (tmp_path / "actors.jsonl").read_text().splitlines():
         event = json.loads(line)
         assert event["node"] in nodes
+        if event["event"] == "read":
+            read.append(event)
+            continue
         (built if event["event"] == "init" else ran)[event["method"]].add(event["node"])
+    # every shard was read and validated by a Ray task in a worker process, never by the driver
+    assert sorted({e["shard"] for e in read}) == [0, 1, 2] and doc["driver_pid"] not in {e["pid"] for e in read}
     for m in METHODS:
         assert built[m] == set(nodes), f"{m}: actors on {len(built[m])} of the 2 nodes"
     assert set().union(*ran.values()) == set(nodes), "batches ran on both nodes"
@@ -106,11 +119,16 @@ def test_method_pools_place_actors_on_both_nodes(cluster, tmp_path):
     def rows(name):
         return pads.dataset(out / name, format="parquet").to_table()
 
-    assert doc["processed"] == SCENES and doc["ok"] and doc["errors"] == 0
+    assert doc["processed"] == SCENES + 2 and doc["ok"] and doc["errors"] == 2
     assert rows("labels").num_rows == 3 * SCENES
     assert rows("heatmaps").num_rows == 3 * 3 * SCENES
     assert rows("regions").num_rows == 3 * SCENES
-    assert rows("errors").num_rows == 0
+    errors = {r["image_id"]: r for r in rows("errors").to_pylist()}
+    assert (
+        errors[first["image_id"]]["error_type"] == "DuplicateImageId"
+        and "a.jsonl row 0" in errors[first["image_id"]]["message"]
+    )
+    assert errors["remote"]["error_type"] == "UnsupportedScheme" and len(errors) == 2
     assert sorted(set(rows("labels").column("image_id").to_pylist())) == [f"scene-{i:03d}" for i in range(SCENES)]
     assert json.loads((out / "_job.json").read_text())["counts"]["images"] == SCENES
     print(
@@ -155,6 +173,24 @@ def _driver(spec_path: str, report: str, events: str, *overrides: str) -> None:
             return out
 
     actor_module.MethodActor = RecordingMethodActor  # plan.build_dataset imports it when it builds the pools
+
+    import clipmaps.pipeline.shards as shards_module
+
+    read_task = shards_module._read_task
+
+    def recording_read_task(*args):  # defined in __main__: shipped by value with each read task
+        blocks = read_task(*args)
+        line = {
+            "event": "read",
+            "shard": args[2].id,
+            "pid": os.getpid(),
+            "node": ray.get_runtime_context().get_node_id(),
+        }
+        with open(events, "a") as f:
+            f.write(json.dumps(line) + "\n")
+        return blocks
+
+    shards_module._read_task = recording_read_task  # ManifestDatasource.get_read_tasks binds it per shard
     ray.init(log_to_driver=False)
     try:
         result = run(load_spec(spec_path, overrides=list(overrides)))
@@ -164,6 +200,7 @@ def _driver(spec_path: str, report: str, events: str, *overrides: str) -> None:
             "processed": result.processed,
             "errors": result.errors,
             "ok": result.ok,
+            "driver_pid": os.getpid(),
         }
     finally:
         ray.shutdown()

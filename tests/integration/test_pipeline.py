@@ -135,3 +135,32 @@ def test_dry_run_resolves_without_running(tmp_path):
     assert "2 images in 1 shards" in result.plan_text and "maskinversion" in result.plan_text
     assert "output    empty: 1 shards (2 images) to do" in result.plan_text
     assert not (tmp_path / "out").exists()
+
+
+def test_result_rows_stand_alone_and_each_shard_has_one_file_per_dataset(finished_job):
+    """Every result row names its image's URI (redacted) besides its id; a dataset has at most one file per shard
+    (the sink's per-batch files are concatenated once the shard is complete, then removed)."""
+    _, _, out, _ = finished_job
+    manifest = {}
+    for line in (out.parent / "input" / "manifest.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        manifest[row["image_id"]] = row["image_uri"]
+    for name in ("labels", "heatmaps", "regions"):
+        table = _read(out, name)
+        assert table.num_rows
+        pairs = set(zip(table.column("image_id").to_pylist(), table.column("image_uri").to_pylist()))
+        assert pairs == {(i, manifest[i]) for i, _ in pairs}, name
+    errors = _read(out, "errors").to_pylist()
+    assert all(r["uri"] == manifest[r["image_id"]] for r in errors)
+    markers = list((out / "_shards").glob("*.json"))
+    for name in ("labels", "heatmaps", "regions", "errors"):
+        parts = [p for p in (out / name).glob("part-0*.parquet")]
+        assert 1 <= len(parts) <= len(markers), (name, parts)
+    assert not (out / "_staging").exists() or not any((out / "_staging").rglob("*.parquet"))
+    regions = _read(out, "regions")
+    masks = [m for m in regions.column("mask").to_pylist() if m is not None]
+    if masks:  # the decode stage writes each usable mask's RLE (schemas.batches.MASK_RLE)
+        from clipmaps.schemas.encodings import rle_decode
+
+        for m, area in zip(regions.column("mask").to_pylist(), regions.column("area").to_pylist()):
+            assert int(rle_decode(m).sum()) == area

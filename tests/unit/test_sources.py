@@ -59,7 +59,7 @@ def expected_rows():
                 for m in r["masks"]
             ]
         )
-        out.append({**r, "masks": masks, "width": r.get("width"), "height": r.get("height")})
+        out.append({**r, "masks": masks, "width": r.get("width"), "height": r.get("height"), "masks_uri": None})
     return out
 
 

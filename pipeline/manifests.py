@@ -1,0 +1,540 @@
+"""Manifest files read by Ray workers: listing, row counts, and reading one row range (a shard) of one file.
+
+``input.manifest`` names one of (a path with glob characters that exists is taken literally):
+
+* **a file** — ``.parquet``/``.pq``, ``.jsonl``/``.ndjson`` or ``.csv`` (text optionally ``.gz``/``.bz2``/``.xz``/
+  ``.zst``); ``input.format`` overrides the extension;
+* **a folder** — every manifest file under it, recursively, in path order (names starting with ``_`` or ``.`` are
+  skipped, as Spark/Hive writers' ``_SUCCESS`` and ``.crc`` files; with ``input.format`` set, every other file);
+* **a glob pattern** — ``s3://bucket/manifests/part-*.jsonl`` (fsspec's glob: ``*``, ``?``, ``[...]``, ``**``), the
+  files in path order.
+
+Paths are recorded relative to the *manifest root* (the folder, or the pattern's fixed prefix), so a shard marker
+stays valid when the bucket is mounted elsewhere; a manifest that is one file is recorded as ``""``, so the file may be
+renamed or moved (its rows are what counts: a re-run compares their digests). The driver lists the files and holds one
+:class:`ManifestFile` per file; it never reads rows:
+
+* row counts: Parquet from the footer (and whether it has masks/prompts from the column statistics); JSONL and CSV
+  by one Ray task per file (:func:`count_file`) that also returns the byte offset of every ``shard_rows``-th row, so
+  that the task reading a shard seeks to it instead of scanning from the start. A compressed text file cannot seek:
+  its shards read (decompress) from the start of the file, which costs O(file) per shard; split big compressed
+  manifests into several files, or use Parquet.
+* rows: :func:`read_rows` (in a worker) reads rows ``[start, start + rows)`` of a file and normalises them
+  (``clipmaps.pipeline.sources``' rules); a row that cannot be parsed or has a value of the wrong type becomes an
+  error of that row (naming the file and row), not of the whole manifest.
+
+JSONL rows are the non-blank lines; CSV rows are the records after the header (a quoted field may hold newlines;
+blank lines between records are skipped, as Python's ``csv`` does).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import io
+import json
+import logging
+import posixpath
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from clipmaps.schemas.datasets import MANIFEST
+from clipmaps.schemas.errors import ManifestError
+from clipmaps.schemas.storage import filesystem, has_glob_characters, redact_uri
+
+from .sources import (
+    _COMPRESSION_EXT,
+    _CSV_EXT,
+    _JSONL_EXT,
+    _PARQUET_EXT,
+    MANIFEST_READ,
+    _check_columns,
+    _conform_arrow,
+    _norm_row,
+    _parse_prompt_string,
+    _short,
+)
+
+logger = logging.getLogger(__name__)
+
+#: Manifest columns a shard's content digest covers (in this order, per row).
+DIGEST_COLUMNS = ("image_id", "image_uri", "masks", "prompts", "width", "height", "masks_uri")
+#: Columns whose presence in a row decides what a job may do (MaskInversion needs masks; prompts: manifest).
+FLAG_COLUMNS = ("masks", "prompts", "masks_uri")
+
+
+@dataclass(frozen=True)
+class ManifestFile:
+    """One manifest file as the driver lists it.
+
+    Attributes:
+        uri: the file's full URI (``s3://bucket/key``, a local path).
+        rel: its path relative to the manifest root (what markers record); ``""`` for a one-file manifest.
+        format: ``parquet``, ``jsonl`` or ``csv``.
+        compressed: a compressed text file (read from its start; no seeking).
+        size: bytes.
+        identity: ``"<size>:<ETag or mtime>"``: a changed identity makes a re-run check the file's complete shards'
+            digests again.
+    """
+
+    uri: str
+    rel: str
+    format: str
+    compressed: bool
+    size: int
+    identity: str
+
+
+@dataclass
+class FileCount:
+    """What counting one file found (small: one offset per shard).
+
+    Attributes:
+        rows: rows in the file.
+        offsets: byte offset of rows ``0, k, 2k, …`` (``k`` = ``shard_rows``); empty for Parquet and compressed files.
+        header: a CSV file's column names.
+        flags: column → whether some row has a non-empty value (``masks``, ``prompts``, ``masks_uri``).
+        estimated: ``rows`` (and ``flags``) come from a sample (:func:`sample_count`), not the whole file.
+    """
+
+    rows: int
+    offsets: list[int] = field(default_factory=list)
+    header: list[str] | None = None
+    flags: dict[str, bool] = field(default_factory=dict)
+    estimated: bool = False
+
+
+# ------------------------------------------------------------------------------------------------ listing
+def list_manifest_files(uri: str, storage_options: dict, fmt: str = "auto") -> tuple[str, list[ManifestFile]]:
+    """The manifest files ``uri`` names (see the module docstring), sorted by relative path, and the root.
+
+    Raises:
+        ManifestError: nothing there, no manifest file in a folder or matching a pattern, a file of unknown format,
+            a single file of 0 bytes, or the store cannot be listed (naming the redacted URI).
+    """
+    shown = redact_uri(uri)
+    try:
+        fs, path = filesystem(uri, storage_options)
+        if fs.isdir(path):
+            root = path.rstrip("/")
+            infos = [i for i in fs.find(root, detail=True).values() if i.get("type", "file") == "file"]
+            infos = [i for i in infos if _listed(posixpath.relpath(i["name"], root), fmt)]
+            if not infos:
+                raise ManifestError(f"manifest folder {shown} holds no .parquet, .jsonl, .ndjson or .csv file")
+        elif has_glob_characters(path) and not fs.exists(path):
+            root = _fixed_prefix(path)
+            infos = [i for i in fs.glob(path, detail=True).values() if i.get("type", "file") == "file"]
+            if not infos:
+                raise ManifestError(f"manifest pattern {shown} matches no file")
+        else:
+            try:
+                info = fs.info(path)
+            except FileNotFoundError:
+                raise ManifestError(f"cannot read manifest {shown}: file not found") from None
+            if info.get("size") == 0:
+                raise ManifestError(f"manifest {shown} is empty: the file has 0 bytes")
+            root, infos = None, [info]  # one file: recorded as "" (renaming or moving it keeps its shards)
+    except ManifestError:
+        raise
+    except Exception as e:  # noqa: BLE001 - bad protocol, permissions, unreachable store
+        raise ManifestError(f"cannot read manifest {shown}: {type(e).__name__}: {_short(str(e))}") from None
+    files = []
+    for info in sorted(infos, key=lambda i: i["name"]):
+        name = info["name"]
+        kind, compressed = file_format(name, fmt)
+        if kind is None:
+            raise ManifestError(
+                f"cannot read manifest {redact_uri(name)}: unknown format (expected a .parquet, .jsonl, .ndjson or "
+                ".csv file, or set input.format)"
+            )
+        if not info.get("size") and len(infos) > 1:
+            logger.warning("manifest file %s has 0 bytes; skipped", redact_uri(name))
+            continue
+        version = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""
+        files.append(
+            ManifestFile(
+                uri=fs.unstrip_protocol(name) if "://" in uri else name,
+                rel="" if root is None else posixpath.relpath(name, root),
+                format=kind,
+                compressed=compressed,
+                size=int(info.get("size") or 0),
+                identity=f"{int(info.get('size') or 0)}:{str(version).strip(chr(34))}",
+            )
+        )
+    return root, files
+
+
+def file_format(name: str, fmt: str = "auto") -> tuple[str | None, bool]:
+    """``(format, compressed)`` of a manifest file by its name (``fmt`` overrides the extension)."""
+    lower = name.lower()
+    compressed = lower.endswith(_COMPRESSION_EXT)
+    if compressed:
+        lower = lower.rsplit(".", 1)[0]
+    if fmt != "auto":
+        return fmt, compressed and fmt != "parquet"
+    if lower.endswith(_PARQUET_EXT) and not compressed:
+        return "parquet", False
+    if lower.endswith(_JSONL_EXT):
+        return "jsonl", compressed
+    if lower.endswith(_CSV_EXT):
+        return "csv", compressed
+    return None, compressed
+
+
+def _listed(rel: str, fmt: str) -> bool:
+    if any(part.startswith(("_", ".")) for part in rel.split("/")):
+        return False
+    return fmt != "auto" or file_format(rel)[0] is not None
+
+
+def _fixed_prefix(pattern: str) -> str:
+    """The folder part of a glob pattern before its first pattern character."""
+    head = pattern
+    for ch in "*?[":
+        head = head.split(ch, 1)[0]
+    return head.rsplit("/", 1)[0] if "/" in head else ""
+
+
+# ------------------------------------------------------------------------------------------------ counting
+def count_file(file: ManifestFile, shard_rows: int, storage_options: dict) -> FileCount:
+    """Count ``file``'s rows (run as a Ray task for text files; Parquet reads only the footer).
+
+    Raises:
+        ManifestError: missing required columns, a Parquet column of the wrong type, an unreadable file (naming
+            the redacted file URI).
+    """
+    shown = redact_uri(file.uri)
+    try:
+        fs, path = filesystem(file.uri, storage_options)
+        if file.format == "parquet":
+            return _count_parquet(fs, path, shown)
+        with _open_binary(fs, path, file) as f:
+            if file.format == "jsonl":
+                count = _count_jsonl(f, shard_rows, file.compressed)
+                if count.rows:  # a key no line mentions: the whole file lacks the column
+                    _check_columns([c for c in MANIFEST.names if count.flags.get(f"key:{c}")], shown)
+                return count
+            return _count_csv(f, shard_rows, file.compressed, shown)
+    except ManifestError:
+        raise
+    except FileNotFoundError:
+        raise ManifestError(f"cannot read manifest {shown}: file not found") from None
+    except Exception as e:  # noqa: BLE001 - corrupt Parquet, I/O errors
+        raise ManifestError(f"cannot read manifest {shown}: {type(e).__name__}: {_short(str(e))}") from None
+
+
+def count_files(
+    files: list[ManifestFile], shard_rows: int, storage_options: dict, *, retries: int = 3
+) -> list[FileCount]:
+    """:func:`count_file` for every file, one Ray task each (``ray`` initialised); in file order.
+
+    Raises:
+        ManifestError: the first file that cannot be used, as the worker reported it.
+    """
+    import ray
+
+    task = ray.remote(count_file).options(num_cpus=0.5, max_retries=retries, retry_exceptions=[OSError])
+    refs = [task.remote(f, shard_rows, storage_options) for f in files]
+    try:
+        return ray.get(refs)
+    except Exception as e:  # noqa: BLE001 - a RayTaskError: raise the worker's own ManifestError
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, ManifestError):
+            raise ManifestError(str(cause)) from None
+        raise
+
+
+#: Bytes of a text manifest a dry run reads to estimate its rows.
+SAMPLE_BYTES = 4 << 20
+
+
+def sample_count(file: ManifestFile, shard_rows: int, storage_options: dict) -> FileCount:
+    """Row count and column flags without reading a whole file (``--dry-run``, on the driver): Parquet from its
+    footer; a text file exactly when it is at most :data:`SAMPLE_BYTES`, else estimated from its first
+    :data:`SAMPLE_BYTES` (rows ≈ size / bytes per sampled row; ``estimated`` set; a compressed file's size is its
+    compressed size, so its estimate is low).
+
+    Raises:
+        ManifestError: as :func:`count_file`.
+    """
+    if file.format == "parquet" or (file.size <= SAMPLE_BYTES and not file.compressed):
+        return count_file(file, shard_rows, storage_options)
+    shown = redact_uri(file.uri)
+    try:
+        fs, path = filesystem(file.uri, storage_options)
+        with _open_binary(fs, path, file) as f:
+            head = f.read(SAMPLE_BYTES)
+            more = bool(f.read(1))
+    except Exception as e:  # noqa: BLE001
+        raise ManifestError(f"cannot read manifest {shown}: {type(e).__name__}: {_short(str(e))}") from None
+    if more:
+        head = head[: head.rfind(b"\n") + 1]  # whole lines only
+    sample = io.BytesIO(head)
+    count = (
+        _count_jsonl(sample, shard_rows, True)
+        if file.format == "jsonl"
+        else _count_csv(sample, shard_rows, True, shown)
+    )
+    if more and count.rows:
+        count.rows = max(count.rows, round(file.size * count.rows / max(1, len(head))))
+        count.estimated = True
+    return count
+
+
+def _open_binary(fs, path: str, file: ManifestFile):
+    f = fs.open(path, "rb")
+    if not file.compressed:
+        return f
+    from fsspec.compression import compr
+    from fsspec.utils import infer_compression
+
+    return compr[infer_compression(path)](f, mode="rb")
+
+
+def _count_parquet(fs, path: str, shown: str) -> FileCount:
+    import pyarrow.parquet as pq
+
+    with fs.open(path, "rb") as f:
+        meta = pq.ParquetFile(f).metadata
+        schema = meta.schema.to_arrow_schema()
+    _check_columns(schema.names, shown)
+    columns = [n for n in MANIFEST.names if n in schema.names]
+    _conform_arrow(schema.empty_table().select(columns), shown)  # a column of the wrong type: refused now
+    flags = {c: c in schema.names and _parquet_has_values(meta, c) for c in FLAG_COLUMNS}
+    return FileCount(rows=meta.num_rows, flags=flags)
+
+
+def _parquet_has_values(meta, column: str) -> bool:
+    """Whether some row of ``column`` holds a value, from the footer's statistics: a leaf with fewer nulls than
+    values; True when a chunk has no statistics (unknown)."""
+    for g in range(meta.num_row_groups):
+        group = meta.row_group(g)
+        for c in range(group.num_columns):
+            chunk = group.column(c)
+            if chunk.path_in_schema.split(".")[0] != column:
+                continue
+            stats = chunk.statistics
+            if stats is None or not stats.has_null_count or stats.null_count < chunk.num_values:
+                return True
+    return False
+
+
+def _count_jsonl(f, shard_rows: int, compressed: bool) -> FileCount:
+    rows, pos, offsets = 0, 0, []
+    flags = dict.fromkeys(FLAG_COLUMNS, False)
+    keys = {c: f'"{c}"'.encode() for c in FLAG_COLUMNS}
+    required = {c: f'"{c}"'.encode() for c in MANIFEST.names}
+    for line in f:
+        if line.strip():
+            if rows % shard_rows == 0 and not compressed:
+                offsets.append(pos)
+            rows += 1
+            if required:  # which column names appear at all (until every one has)
+                for c in [c for c, key in required.items() if key in line]:
+                    flags[f"key:{c}"] = True
+                    del required[c]
+            for c, key in keys.items():
+                if not flags[c] and key in line:  # parse only rows that may set a flag still unset
+                    with contextlib.suppress(ValueError, AttributeError):
+                        flags[c] = _filled(json.loads(line).get(c))
+        pos += len(line)
+    return FileCount(rows=rows, offsets=offsets, flags=flags)
+
+
+def _count_csv(f, shard_rows: int, compressed: bool, shown: str) -> FileCount:
+    pos, header_bytes, header = 0, b"", None
+    for line in f:  # the header record (its fields may be quoted)
+        header_bytes += line
+        pos += len(line)
+        if header_bytes.count(b'"') % 2 == 0:
+            break
+    text = header_bytes.decode("utf-8-sig")
+    fields = next(csv.reader(io.StringIO(text)), None)
+    if not fields:
+        raise ManifestError(f"manifest {shown} is empty: no header row")
+    header = [h.strip() for h in fields]
+    _check_columns(header, shown)
+    wanted = {c: header.index(c) for c in FLAG_COLUMNS if c in header}
+    flags = dict.fromkeys(FLAG_COLUMNS, False)
+    rows, in_quotes, record, offsets = 0, False, b"", []
+    for line in f:
+        if not in_quotes:
+            if not line.strip():  # a blank line between records: not a row
+                pos += len(line)
+                continue
+            if rows % shard_rows == 0 and not compressed:
+                offsets.append(pos)
+            rows += 1
+            record = b""
+        if any(not flags[c] for c in wanted):
+            record += line
+        in_quotes ^= line.count(b'"') % 2 == 1
+        if not in_quotes and record:
+            values = next(csv.reader(io.StringIO(record.decode("utf-8", "replace"))), [])
+            for c, i in wanted.items():
+                flags[c] = flags[c] or (i < len(values) and values[i].strip() not in ("", "[]"))
+            record = b""
+        pos += len(line)
+    return FileCount(rows=rows, offsets=offsets, header=header, flags=flags)
+
+
+def _filled(v: Any) -> bool:
+    return v is not None and v != "" and v != []
+
+
+# ------------------------------------------------------------------------------------------------ reading a range
+@dataclass
+class RowsRead:
+    """Rows ``[start, start + n)`` of one file, normalised: ``table`` (``MANIFEST_READ``; a row that could not be
+    read is all null), ``problems`` (row → ``(error_type, message)`` for those), ``digest`` (32 hex digits)."""
+
+    table: pa.Table
+    problems: dict[int, tuple[str, str]]
+    digest: str
+
+
+def read_rows(
+    file: ManifestFile,
+    header: list[str] | None,
+    offset: int | None,
+    skip: int,
+    start: int,
+    rows: int,
+    storage_options: dict,
+    *,
+    ids_only: bool = False,
+) -> RowsRead:
+    """Read and normalise rows ``[start, start + rows)`` of ``file`` (in a worker).
+
+    Args:
+        header: a CSV file's column names (from :func:`count_file`).
+        offset: byte offset of a counted row at or before ``start`` (text files); None: read from the file's start.
+        skip: rows to skip from ``offset`` (or from the start) to reach ``start``.
+        ids_only: normalise only ``image_id`` (the other columns null; the digest is then meaningless).
+
+    Raises:
+        ManifestError / OSError: the file cannot be read (the task is retried, then the job stops naming it).
+    """
+    fs, path = filesystem(file.uri, storage_options)
+    if file.format == "parquet":
+        return _read_parquet_rows(fs, path, file, start, rows, ids_only)
+    with _open_binary(fs, path, file) as f:
+        if offset is not None:
+            f.seek(offset)
+        if file.format == "jsonl":
+            raw = _jsonl_records(f, skip)
+        else:  # without an offset the read starts at the file's start, header first
+            raw = _csv_records(f, header, skip, header_first=offset is None)
+        records = [next(raw, None) for _ in range(rows)]
+    return _normalise(file, start, records, ids_only)
+
+
+def _jsonl_records(f, skip: int):
+    """Yield each non-blank line's parsed object (or the ``ValueError`` and the line) after skipping ``skip``."""
+    for line in f:
+        if not line.strip():
+            continue
+        if skip > 0:
+            skip -= 1
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError as e:
+            yield ValueError(f"not valid JSON ({e})"), line[:200]
+            continue
+        if not isinstance(obj, dict):
+            yield ValueError(f"expected a JSON object, got {type(obj).__name__}"), line[:200]
+            continue
+        yield obj, line
+
+
+def _csv_records(f, header, skip: int, *, header_first: bool):
+    """Yield each CSV record as a dict after skipping ``skip`` records (and the header, with ``header_first``)."""
+    text = io.TextIOWrapper(f, encoding="utf-8-sig" if header_first else "utf-8", newline="")
+    reader = csv.reader(text)
+    if header_first:
+        next(reader, None)
+    for values in reader:
+        if not values:
+            continue
+        if skip > 0:
+            skip -= 1
+            continue
+        rec = {k: (v if v != "" else None) for k, v in zip(header, values) if k in MANIFEST.names}
+        if rec.get("masks") is not None:
+            try:
+                rec["masks"] = json.loads(rec["masks"])
+            except ValueError as e:
+                yield ValueError(f"column 'masks' is not a JSON list ({e})"), ",".join(values)[:200]
+                continue
+        yield rec, ",".join(values)
+
+
+def _normalise(file: ManifestFile, start: int, records: list, ids_only: bool = False) -> RowsRead:
+    rows, problems = [], {}
+    digest = hashlib.sha256()
+    shown = redact_uri(file.uri)
+    for i, rec in enumerate(records):
+        where = f"manifest {shown} row {start + i}"
+        if rec is None:
+            raise ManifestError(f"{where}: the file has fewer rows than when it was counted (changed during the run)")
+        obj, raw = rec
+        if ids_only:
+            image_id = obj.get("image_id") if isinstance(obj, dict) else None
+            ok = isinstance(image_id, str) or (isinstance(image_id, int) and not isinstance(image_id, bool))
+            rows.append({"image_id": str(image_id) if ok else None})
+            continue
+        try:
+            if isinstance(obj, Exception):
+                raise ManifestError(f"{where}: {obj}")
+            if file.format == "csv" and obj.get("prompts") is not None:
+                obj["prompts"] = _parse_prompt_string(obj["prompts"], where)
+            row = _norm_row(obj, where)
+        except ManifestError as e:
+            problems[i] = ("MalformedRow", str(e))
+            rows.append(dict.fromkeys(MANIFEST_READ.names))
+            text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+            digest.update(json.dumps({"unreadable": text}).encode() + b"\n")
+            continue
+        rows.append(row)
+        digest.update(_canonical([row.get(c) for c in DIGEST_COLUMNS]) + b"\n")
+    table = pa.Table.from_pylist(rows, schema=MANIFEST_READ)
+    return RowsRead(table=table, problems=problems, digest=digest.hexdigest()[:32])
+
+
+def _read_parquet_rows(fs, path: str, file: ManifestFile, start: int, rows: int, ids_only: bool) -> RowsRead:
+    import pyarrow.parquet as pq
+
+    with fs.open(path, "rb") as f:
+        pf = pq.ParquetFile(f)
+        names = ["image_id"] if ids_only else [n for n in MANIFEST.names if n in pf.schema_arrow.names]
+        groups, first, seen = [], None, 0
+        for g in range(pf.metadata.num_row_groups):
+            n = pf.metadata.row_group(g).num_rows
+            if seen + n > start and seen < start + rows:
+                groups.append(g)
+                first = seen if first is None else first
+            seen += n
+        table = pf.read_row_groups(groups, columns=names) if groups else pa.table({})
+    table = table.slice(start - (first or 0), rows)
+    objs = table.to_pylist()
+    return _normalise(file, start, [(o, o) for o in objs], ids_only)
+
+
+def _canonical(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str).encode("utf-8")
+
+
+__all__ = [
+    "DIGEST_COLUMNS",
+    "FileCount",
+    "ManifestFile",
+    "RowsRead",
+    "count_file",
+    "file_format",
+    "list_manifest_files",
+    "read_rows",
+]
