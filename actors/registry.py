@@ -21,6 +21,7 @@ import difflib
 import functools
 import importlib.util
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,6 +85,7 @@ class MethodEntry:
         params: the hyper-parameter class the method module takes (a base class of ``settings``).
         families: backbone families (:data:`FAMILIES`) the method is defined for.
         why_not: the reason given when the model's family is not in ``families``.
+        why_not_family: a more precise reason for some families (``{"siglip": "..."}``), else ``why_not``.
         inputs: in-flight columns the method reads (``schemas.batches``).
         square_input: takes the shared ``size × size`` input (else MaskCLIP's keep-ratio input).
         encodes_text: encodes class names or prompts (so its outputs carry a vocabulary id).
@@ -122,6 +124,7 @@ class MethodEntry:
     default_resources: PoolSpec = field(default_factory=PoolSpec)
     parent: str | None = None
     version: int = 2
+    why_not_family: dict[str, str] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ what it writes
 
@@ -168,7 +171,8 @@ class MethodEntry:
     def model_problems(self, settings: Any, info: ModelInfo) -> list[tuple[str, str]]:
         """``[(field, reason)]``: the backbone family is unsupported, or a model-dependent bound fails."""
         if info.family not in self.families:
-            return [("", f"{self.display} cannot run on {info.name} ({FAMILIES[info.family]}): {self.why_not}")]
+            why = self.why_not_family.get(info.family, self.why_not)
+            return [("", f"{self.display} cannot run on {info.name} ({FAMILIES[info.family]}): {why}")]
         return settings.model_problems(info)
 
     def load_predictor(self) -> Callable:
@@ -181,7 +185,22 @@ _VIT_ONLY = (
     "its paper and upstream code modify CLIP ViT attention blocks (class token, q/k/v of open_clip's "
     "VisionTransformer), which this backbone does not have"
 )
-_SIGLIP_COCA_NOTE = "; upstream LeGrad also defines it for SigLIP and CoCa, which clipmaps does not run yet"
+_POOLED_GEM = {
+    "siglip": "GEM (paper and gem-torch) rewrites the self-attention of CLIP ViT blocks and reads every token "
+    "through ln_post and proj; a SigLIP tower has neither a class token nor a per-token projection (its embedding "
+    "is an attention-pooling head ending in an MLP), and neither defines GEM for it",
+    "coca": "GEM (paper and gem-torch) projects every token through ln_post and proj, which on CoCa apply only to "
+    "the attention pooler's queries, not to patch tokens; neither defines GEM for it",
+}
+_POOLED_MASKCLIP = {
+    "siglip": "MaskCLIP (paper and code) reads dense features off the value path of the layer that makes CLIP's "
+    "embedding (ViT last block, ResNet attention pool); SigLIP's pooling head ends in an MLP on the pooled latent, "
+    "so no per-patch embedding follows from it, and neither the paper nor its code define one",
+    "coca": "MaskCLIP (paper and code) reads dense features off the value path of the layer that makes CLIP's "
+    "embedding; CoCa's attentional pooler mixes tokens into learned queries before its normalisation and "
+    "projection, and neither the paper nor its code define MaskCLIP for it",
+}
+_LEGRAD_FAMILIES = "; upstream LeGrad defines it for CLIP ViTs, SigLIP and CoCa (attention-pooling heads) only"
 
 REGISTRY: dict[str, MethodEntry] = {
     e.name: e
@@ -196,6 +215,7 @@ REGISTRY: dict[str, MethodEntry] = {
             families=frozenset({"vit", "resnet"}),
             why_not="MaskCLIP is defined for CLIP's ViT (value path of the last block) and ModifiedResNet "
             "(attention pool as 1x1 convolutions)",
+            why_not_family=_POOLED_MASKCLIP,
             inputs=(cols.PIXELS_MASKCLIP,),
             square_input=False,
             encodes_text=True,
@@ -211,6 +231,7 @@ REGISTRY: dict[str, MethodEntry] = {
             params=GEMParams,
             families=frozenset({"vit"}),
             why_not=_VIT_ONLY,
+            why_not_family=_POOLED_GEM,
             inputs=(cols.PIXELS_SQUARE,),
             square_input=True,
             encodes_text=True,
@@ -227,8 +248,8 @@ REGISTRY: dict[str, MethodEntry] = {
             upstream="legrad/wrapper.py, legrad/utils.py",
             settings=LeGradSettings,
             params=LeGradParams,
-            families=frozenset({"vit"}),
-            why_not=_VIT_ONLY + _SIGLIP_COCA_NOTE,
+            families=frozenset({"vit", "siglip", "coca"}),
+            why_not=_VIT_ONLY + _LEGRAD_FAMILIES,
             inputs=(cols.PIXELS_SQUARE,),
             square_input=True,
             encodes_text=True,
@@ -244,8 +265,8 @@ REGISTRY: dict[str, MethodEntry] = {
             upstream="maskinversion/maskinversion.py",
             settings=MaskInversionSettings,
             params=MaskInversionParams,
-            families=frozenset({"vit"}),
-            why_not=_VIT_ONLY + _SIGLIP_COCA_NOTE,
+            families=frozenset({"vit", "siglip", "coca"}),
+            why_not=_VIT_ONLY + _LEGRAD_FAMILIES,
             inputs=(cols.PIXELS_SQUARE, cols.MASKS_SQUARE),
             square_input=True,
             encodes_text=False,
@@ -262,6 +283,7 @@ REGISTRY: dict[str, MethodEntry] = {
             params=None,
             families=frozenset({"vit"}),
             why_not=_VIT_ONLY,
+            why_not_family=_POOLED_GEM,
             inputs=(cols.PIXELS_SQUARE,),
             square_input=True,
             encodes_text=True,
@@ -342,12 +364,19 @@ def model_info(name: str) -> ModelInfo:
     cfg = json.loads(path.read_text())
     vision = cfg.get("vision_cfg", {})
     layers = vision.get("layers")
+    patch_size = vision.get("patch_size")
     if vision.get("timm_model_name"):
-        family = "siglip" if "siglip" in str(vision["timm_model_name"]).lower() else "timm"
+        timm_name = str(vision["timm_model_name"]).lower()
+        # SigLIP = a SigLIP trunk with its attention-pooling ("map") head, what LeGrad's gradient is taken through
+        family = "siglip" if "siglip" in timm_name and vision.get("timm_pool") == "map" else "timm"
         layers = None
+        # timm names carry the patch (vit_base_patch16_siglip_224): enough for the spec's size check
+        found = re.search(r"patch(\d+)", timm_name)
+        patch_size = int(found.group(1)) if family == "siglip" and found else None
     elif isinstance(layers, (list, tuple)):
         family, layers = "resnet", None
-    elif "multimodal_cfg" in cfg:
+    elif "multimodal_cfg" in cfg and vision.get("attentional_pool"):
+        # CoCa's attentional pooler; a CoCa config without one (coca_base) has a plain CLIP ViT image tower
         family = "coca"
     else:
         family = "vit"
@@ -356,7 +385,7 @@ def model_info(name: str) -> ModelInfo:
         name=name,
         family=family,
         layers=int(layers) if isinstance(layers, int) else None,
-        patch_size=vision.get("patch_size") if family in ("vit", "coca") else None,
+        patch_size=patch_size if family in ("vit", "coca", "siglip") else None,
         image_size=image_size[0] if isinstance(image_size, (list, tuple)) else image_size,
         embed_dim=cfg.get("embed_dim"),
         # open_clip's CLIPTextCfg default when a config does not say (every OpenAI-style text tower: 77)

@@ -57,9 +57,14 @@ def test_outputs_include_the_gem_baseline_only_when_asked():
         ("convnext_tiny", "timm", []),
         ("EVA02-B-16", "timm", []),
         ("MobileCLIP-B", "timm", []),
-        ("ViT-B-16-SigLIP", "siglip", []),
-        ("ViT-B-16-SigLIP2", "siglip", []),
-        ("coca_ViT-B-32", "coca", []),
+        ("ViT-B-16-SigLIP", "siglip", ["legrad", "maskinversion"]),
+        ("ViT-B-16-SigLIP2", "siglip", ["legrad", "maskinversion"]),
+        ("clipmaps-tiny-mappool", "siglip", ["legrad", "maskinversion"]),
+        ("coca_ViT-B-32", "coca", ["legrad", "maskinversion"]),
+        ("coca_ViT-L-14", "coca", ["legrad", "maskinversion"]),
+        ("clipmaps-tiny-coca", "coca", ["legrad", "maskinversion"]),
+        # a CoCa config without an attentional pooler has a plain CLIP ViT image tower
+        ("coca_base", "vit", ["maskclip", "gem", "legrad", "maskinversion"]),
     ],
 )
 def test_families_and_what_runs_on_them(name, family, methods):
@@ -89,3 +94,47 @@ def test_the_registry_imports_no_torch():
         "bad = [m for m in ('torch', 'open_clip', 'ray') if m in sys.modules]; assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_pooled_families_read_their_patch_and_depth():
+    siglip = model_info("ViT-B-16-SigLIP2")
+    assert (siglip.patch_size, siglip.layers) == (16, None)  # patch from the timm name; depth is timm's
+    assert model_info("ViT-SO400M-14-SigLIP").patch_size == 14
+    tiny = model_info("clipmaps-tiny-mappool")
+    assert (tiny.family, tiny.patch_size, tiny.context_length) == ("siglip", 32, 16)
+    coca = model_info("clipmaps-tiny-coca")
+    assert (coca.family, coca.layers, coca.patch_size) == ("coca", 4, 8)
+    legrad = REGISTRY["legrad"]
+    assert [f for f, _ in legrad.model_problems(legrad.settings(size=200), tiny)] == ["size"]  # not a multiple of 32
+    assert legrad.model_problems(legrad.settings(size=224), tiny) == []
+
+
+@pytest.mark.parametrize("model", ["ViT-B-16-SigLIP", "clipmaps-tiny-coca"])
+@pytest.mark.parametrize("method", ["gem", "maskclip", ORIGINAL_GEM])
+def test_gem_and_maskclip_are_refused_on_attention_pooling_with_the_reason(method, model):
+    info = model_info(model)
+    e = REGISTRY[method]
+    settings = REGISTRY[e.parent or method].settings()
+    ((field, reason),) = e.model_problems(settings, info)
+    assert field == "" and reason.startswith(f"{e.display} cannot run on {model} ({FAMILIES[info.family]}): ")
+    assert ("GEM (paper and gem-torch)" if e.display.startswith("GEM") else "MaskCLIP (paper and code)") in reason
+    assert "SigLIP" in reason if info.family == "siglip" else "CoCa" in reason
+
+
+def test_the_spec_refuses_gem_on_a_siglip_model():
+    from clipmaps.pipeline.spec import SpecError, load_spec
+
+    raw = {
+        "input": {"manifest": "data/manifest.parquet"},
+        "output": {"uri": "results"},
+        "model": {"name": "clipmaps-tiny-mappool", "seed": 0},
+        "vocabulary": {"names": ["cat", "dog"]},
+        "methods": {"gem": {"size": 64}, "legrad": {"size": 64}, "maskinversion": {"size": 64}},
+    }
+    with pytest.raises(SpecError) as err:
+        load_spec(raw)
+    lines = str(err.value).splitlines()
+    assert any(line.strip().startswith("methods.gem: GEM cannot run on clipmaps-tiny-mappool") for line in lines)
+    assert not any("legrad" in line or "maskinversion" in line for line in lines), lines
+    raw["methods"].pop("gem")
+    assert load_spec(raw).enabled_methods() == ["legrad", "maskinversion"]
