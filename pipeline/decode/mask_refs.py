@@ -151,6 +151,8 @@ class MaskReferences:
         """
         shown = redact_uri(uri)
         ids = list(dict.fromkeys(str(i) for i in image_ids))
+        if not ids:
+            return {}
         dataset = self._dataset(uri, shown)
         names = set(dataset.schema.names)
         mask_columns = [c for c in ("mask", "rle", "polygon") if c in names]
