@@ -91,6 +91,10 @@ class MethodActor:
             options=config.options,
             text=TextEncoder(self.lm.model, self.lm.tokenizer),
         )
+        if m.compile:
+            # not fullgraph: a graph break falls back to eager for that part instead of failing the batch (the
+            # parity tests compile with fullgraph=True to show there are none on the supported models)
+            self.predictor.compile()
         self.inputs = entry.inputs
         self.autocast = m.precision == "bf16" and device.startswith("cuda") and self.predictor.autocast_ok
         self.output_columns = self.predictor.output_columns()

@@ -159,6 +159,8 @@ class ModelSpec(Section):
         storage_options: fsspec options for reading ``weights``. Redacted wherever the spec is written.
         precision: ``fp32``, or ``bf16`` (autocast on the GPU; every pool must then reserve a GPU).
         device: ``auto`` (CUDA where the actor has a GPU, else CPU), ``cpu`` or ``cuda``.
+        compile: run the methods' hot paths through ``torch.compile`` (each actor compiles on its first batches;
+            operational, not fingerprinted: results move only by float rounding).
     """
 
     name: Str = Field("ViT-B-16", min_length=1)
@@ -169,6 +171,7 @@ class ModelSpec(Section):
     storage_options: dict[str, Any] = Field(default_factory=dict)
     precision: Literal["fp32", "bf16"] = "fp32"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    compile: bool = False
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSpec:

@@ -228,6 +228,15 @@ class Predictor:
     def run(self, rows: dict) -> Prediction:  # pragma: no cover - interface
         raise NotImplementedError
 
+    #: The attribute holding the method object (``actors/methods``), for :meth:`compile`.
+    method_attr: str = ""
+
+    def compile(self, **options) -> None:
+        """Run the method's hot paths through ``torch.compile`` (``model.compile: true``); ``options`` go to
+        ``torch.compile``. Compilation happens on the first batches (and once more when the batch size first
+        changes, after which shapes are dynamic)."""
+        getattr(self, self.method_attr).compile(**options)
+
     def heatmap_columns(self, name: str, rows: dict, checked: list[RowPrompts], maps: list[torch.Tensor]) -> dict:
         """Heatmaps ``[P_i, h, w]`` per row → the encoded heatmap output columns of output ``name``, with each row's
         refused prompts and collapsed count."""
@@ -259,6 +268,7 @@ def _maps_for(fn, x: torch.Tensor, checked: list[RowPrompts], **per_row) -> list
 
 class GEMPredictor(Predictor):
     method = "gem"
+    method_attr = "gem"
 
     def __init__(self, lm, settings, **kwargs):
         super().__init__(lm, settings, **kwargs)
@@ -291,6 +301,7 @@ class GEMPredictor(Predictor):
 
 class MaskCLIPPredictor(Predictor):
     method = "maskclip"
+    method_attr = "maskclip"
 
     def __init__(self, lm, settings, **kwargs):
         super().__init__(lm, settings, **kwargs)
@@ -316,6 +327,7 @@ class MaskCLIPPredictor(Predictor):
 
 class LeGradPredictor(Predictor):
     method = "legrad"
+    method_attr = "legrad"
 
     def __init__(self, lm, settings, **kwargs):
         super().__init__(lm, settings, **kwargs)
@@ -330,6 +342,7 @@ class LeGradPredictor(Predictor):
 
 class MaskInversionPredictor(Predictor):
     method = "maskinversion"
+    method_attr = "maskinversion"
     # measured on an H100 (ViT-B-16, 448 px, 10 Adam steps): bf16 embeddings reach only cosine 0.81 to fp32 ones,
     # as the optimisation amplifies rounding; MaskInversion always runs in fp32
     autocast_ok = False

@@ -292,10 +292,19 @@ def layer_norm_vjp(ln: nn.LayerNorm, x: Tensor, grad: Tensor) -> Tensor:
 
 
 def activation_derivative(act: nn.Module, pre: Tensor) -> Tensor:
-    """Elementwise derivative of an elementwise activation (GELU, QuickGELU…) at ``pre``."""
+    """Elementwise derivative of an elementwise activation (GELU, QuickGELU…) at ``pre``.
+
+    GELU uses its own backward kernel and QuickGELU its closed form (no autograd engine, so ``torch.compile`` traces
+    it whole); other activations are differentiated by autograd.
+    """
+    if isinstance(act, nn.GELU):
+        return torch.ops.aten.gelu_backward(torch.ones_like(pre), pre, approximate=act.approximate)
+    if type(act).__name__ == "QuickGELU":  # x * sigmoid(1.702 x)
+        s = torch.sigmoid(1.702 * pre)
+        return s + 1.702 * pre * s * (1 - s)
     with torch.enable_grad():
         a = pre.detach().requires_grad_(True)
-        (d,) = torch.autograd.grad(act(a), a, torch.ones_like(a))
+        (d,) = torch.autograd.grad(act.forward(a), a, torch.ones_like(a))
     return d
 
 

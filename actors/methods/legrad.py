@@ -181,6 +181,16 @@ class LeGrad:
         # null templates (a job falls back to its vocabulary's) mean the method's own upstream default here
         self.templates = resolve_templates(params.templates if params.templates is not None else RAW_TEMPLATE)
         self.text = text_encoder or TextEncoder(model, tokenizer)
+        self._maps = self._compute_maps
+
+    def compile(self, **options) -> None:
+        """Run the trunk, the linearised blocks and the maps through ``torch.compile`` (``options`` as its)."""
+        self._maps = torch.compile(self._compute_maps, **options)
+
+    def _compute_maps(self, images: Tensor, t: Tensor, image: Tensor, output_size, normalize: bool) -> Tensor:
+        blocks, _, grid = trace_blocks(self.tower, images, self.params.layers)
+        maps = relevance_maps(blocks, t, grid, self.tower.patch_size, output_size, image)
+        return min_max(maps) if normalize else maps
 
     def heatmaps(
         self,
@@ -224,13 +234,10 @@ class LeGrad:
             t = torch.cat(list(text_embeddings)).to(images.device, torch.float32) if batch else images.new_zeros(0, 1)
         if batch == 0:
             return []
-        blocks, _, grid = trace_blocks(self.tower, images, self.params.layers)
         image = torch.repeat_interleave(
             torch.arange(batch, device=images.device), torch.tensor(counts, device=images.device)
         )
         with torch.no_grad():
             # every prompt of every image in one computation: rows [M, D] and the image each belongs to
-            maps = relevance_maps(blocks, t, grid, self.tower.patch_size, output_size, image)
-            if normalize:
-                maps = min_max(maps)
+            maps = self._maps(images, t, image, output_size, normalize)
         return list(torch.split(maps, counts))

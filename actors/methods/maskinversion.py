@@ -66,6 +66,11 @@ class MaskInversion:
         self.tower = VisionTower(model.visual)
         params.check_model(self.tower.info(model))
         self.params = params
+        self._objective = self._compute_objective
+
+    def compile(self, **options) -> None:
+        """Run each iteration's maps and loss (forward and backward) through ``torch.compile`` (``options`` as its)."""
+        self._objective = torch.compile(self._compute_objective, **options)
 
     def embed(self, images: Tensor, masks: Sequence[Tensor], *, return_maps: bool = False) -> list[RegionEmbeddings]:
         """Optimise one embedding per mask.
@@ -112,7 +117,15 @@ class MaskInversion:
     def _step(self, emb, e0_unit, image, weight, targets, blocks, grid, optimizer) -> tuple[Tensor, list[Tensor]]:
         """One iteration for all masks: the Dice loss ``[M]`` and the maps ``[M_g, h, w]`` of each mask-size group
         (see :meth:`_check_masks`) for the current embeddings, then one optimiser step."""
-        p = self.params
+        objective, dice, maps = self._objective(emb, e0_unit, image, weight, targets, blocks, grid)
+        if self.params.iterations:
+            optimizer.zero_grad(set_to_none=True)
+            objective.backward()
+            optimizer.step()
+        return dice.detach(), [m.detach() for m in maps]
+
+    def _compute_objective(self, emb, e0_unit, image, weight, targets, blocks, grid):
+        """``(objective, dice [M], maps per group)``: the loss to minimise and its parts (the hot path)."""
         t = F.normalize(emb, dim=-1)
         expl = min_max(relevance_maps(blocks, t, grid, self.tower.patch_size, image=image))  # [M, S, S]
         dice, maps = None, []
@@ -122,13 +135,9 @@ class MaskInversion:
                 e = F.interpolate(e[:, None], size=target.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
             d = soft_dice_loss(e, target)
             dice = d if rows is None else (torch.zeros_like(weight) if dice is None else dice).index_copy(0, rows, d)
-            maps.append(e.detach())
+            maps.append(e)
         reg = 1 - (e0_unit * t).sum(-1)
-        if p.iterations:
-            optimizer.zero_grad(set_to_none=True)
-            (weight * (dice + p.alpha * reg)).sum().backward()
-            optimizer.step()
-        return dice.detach(), maps
+        return (weight * (dice + self.params.alpha * reg)).sum(), dice, maps
 
     @staticmethod
     def _check_masks(masks: Sequence[Tensor], batch: int, device: torch.device) -> tuple[list, list[int]]:
