@@ -19,7 +19,6 @@ and upstream's all-prompt map is shown to be ours for the summed embedding.
 from __future__ import annotations
 
 import json
-import sys
 from functools import cache
 from pathlib import Path
 
@@ -38,9 +37,7 @@ from clipmaps.actors.methods.pooled import (
 from clipmaps.actors.methods.pooled_maskinversion import PooledMaskInversion
 from clipmaps.actors.models import load_model, state_dict_sha256
 from clipmaps.actors.params import LeGradParams, MaskInversionParams
-
-sys.path.insert(0, str(Path(__file__).parent))
-import seed_models  # noqa: E402
+from tests.parity import seed_models
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SECTION = json.loads((FIXTURES / "manifest.json").read_text())["pooled"]
@@ -56,7 +53,7 @@ def _npz():
 
 
 def arr(ref) -> torch.Tensor:
-    return torch.from_numpy(np.array(_npz()[ref["array"]]))
+    return torch.from_numpy(np.array(_npz()[ref["array"]], dtype=np.float32))
 
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
