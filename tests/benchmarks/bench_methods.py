@@ -4,6 +4,7 @@ same seeded weights and same inputs. A benchmark, not a test (pytest does not co
     /work/main/.venv/bin/python tests/benchmarks/bench_methods.py                       # CPU, defaults
     .venv/bin/python tests/benchmarks/bench_methods.py --images 2 --size 224 --repeats 1   # smoke run
     .venv/bin/python tests/benchmarks/bench_methods.py --device cuda --bf16 --json out.json
+    .venv/bin/python tests/benchmarks/bench_methods.py --no-upstream --compile          # roofline only
 
 For every repeat and method it runs ``upstream_worker.py`` (in ``--upstream-python``, default
 ``.venv-parity/bin/python``) and ``clipmaps_worker.py`` (in this python) as separate processes, one after the
@@ -11,6 +12,12 @@ other (the order alternates between repeats), so both sides see the same machine
 the model and inputs untimed, warms up on one image, times the whole batch and prints one JSON line. The
 table shows medians over the repeats. In the first repeat both workers also save their outputs and the
 driver compares them (a check that both sides did the same work, not the parity test).
+
+Then (unless ``--no-roofline``) ``roofline.py`` runs clipmaps alone in one more process on the same inputs and
+prints, per method: counted GFLOP per image (or region), achieved GFLOP/s, the fraction of a matrix-product
+ceiling measured on the same device in the same run, on CUDA the fraction of the device's bf16/fp32 dense peak
+(MFU), and the operator calls of one batch; medians of ``--repeats`` calls. ``--no-upstream`` skips the
+comparison (no ``.venv-parity`` needed) and ``--compile`` adds a roofline row per method through torch.compile.
 """
 
 from __future__ import annotations
@@ -57,6 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch threads on both sides (default: all cores)")
     p.add_argument("--no-check", action="store_true", help="skip saving/comparing outputs in the first repeat")
     p.add_argument("--json", default=None, help="write all raw results and the summary here")
+    p.add_argument("--no-upstream", action="store_true", help="skip the comparison with upstream (roofline only)")
+    p.add_argument("--no-roofline", action="store_true", help="skip the roofline table")
+    p.add_argument("--compile", action="store_true", help="roofline: also time the methods through torch.compile")
     args = p.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in args.methods if m not in METHODS]
@@ -316,8 +326,79 @@ def print_report(args, info: dict, versions: dict, summary: dict, checks: dict) 
             print(f"  ERROR:\n{e}")
 
 
+def run_roofline(args, *, dtype: str = "fp32", compile_: bool = False) -> list[dict]:
+    """``roofline.py`` in a subprocess with this run's inputs; its ``ROOFLINE`` results (an ``error`` entry if none)."""
+    cmd = [
+        sys.executable,
+        str(HERE / "roofline.py"),
+        "--methods",
+        ",".join(args.methods),
+        "--model",
+        args.model,
+        "--size",
+        str(args.size),
+        "--images",
+        str(args.images),
+        "--prompts",
+        str(args.prompts),
+        "--masks",
+        str(args.masks),
+        "--classes",
+        str(args.classes),
+        "--repeats",
+        str(args.repeats),
+        "--device",
+        args.device,
+        "--threads",
+        str(args.threads),
+        "--dtype",
+        dtype,
+        "--quiet",
+    ]
+    if compile_:
+        cmd.append("--compile")
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads), PYTHONUNBUFFERED="1")
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    out = [json.loads(ln[len("ROOFLINE ") :]) for ln in proc.stdout.splitlines() if ln.startswith("ROOFLINE ")]
+    if proc.returncode or not out:
+        out.append({"error": f"roofline.py exited {proc.returncode}:\n{proc.stderr[-3000:]}"})
+    return out
+
+
+def roofline_section(args) -> list[dict]:
+    """The roofline runs this invocation asks for, printed as one table."""
+    sys.path.insert(0, str(HERE))
+    import roofline
+
+    runs = [("fp32", False)]
+    if args.bf16:
+        runs.append(("bf16", False))
+    if args.compile:
+        runs += [(dtype, True) for dtype, _ in list(runs)]
+    results = []
+    for dtype, compile_ in runs:
+        results += run_roofline(args, dtype=dtype, compile_=compile_)
+    ok = [r for r in results if "error" not in r]
+    print()
+    if ok:
+        print(roofline.table(ok))
+    for r in results:
+        if "error" in r:
+            print(f"roofline ERROR: {r['error']}")
+    return results
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.no_upstream:
+        if args.no_roofline:
+            print("--no-upstream with --no-roofline leaves nothing to run", file=sys.stderr)
+            return 2
+        results = roofline_section(args)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"args": vars(args), "roofline": results}, indent=1) + "\n")
+        return 1 if any("error" in r for r in results) else 0
     if not Path(args.upstream_python).exists():
         print(
             f"upstream python {args.upstream_python} not found; create it with "
@@ -401,6 +482,7 @@ def main(argv=None) -> int:
                 else ""
             )
         )
+    roof = [] if args.no_roofline else roofline_section(args)
     print(f"total wall time {time.perf_counter() - t_start:.0f} s")
     if args.json:
         payload = {
@@ -411,10 +493,11 @@ def main(argv=None) -> int:
             "checks": checks,
             "problems": sorted(set(problems)),
             "raw": results,
+            "roofline": roof,
         }
         Path(args.json).write_text(json.dumps(payload, indent=1, sort_keys=True) + "\n")
         print(f"wrote {args.json}")
-    return 1 if any(s["errors"] for s in summary.values()) else 0
+    return 1 if any(s["errors"] for s in summary.values()) or any("error" in r for r in roof) else 0
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import statistics
 import sys
 import time
@@ -35,6 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_inputs as bi  # noqa: E402
 
+import clipmaps.actors.models  # noqa: E402,F401  (registers clipmaps' small test architectures)
 from clipmaps.actors.methods.gem import GEM  # noqa: E402
 from clipmaps.actors.methods.legrad import LeGrad  # noqa: E402
 from clipmaps.actors.methods.maskclip import MaskCLIP  # noqa: E402
@@ -94,6 +97,16 @@ def dense_peak(device: torch.device) -> tuple[float, float] | None:
         if key in name:
             return peak
     return None
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
 
 
 def sync(device: torch.device) -> None:
@@ -299,9 +312,8 @@ def main(argv=None) -> int:
     for method in args.methods:
         res = measure(args, method, model, tokenizer, images, device, ceiling)
         res.update(
-            device=torch.cuda.get_device_name(device)
-            if device.type == "cuda"
-            else bi.machine(device).get("cpu", "cpu"),
+            device=torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+            loadavg_1min=os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
             threads=torch.get_num_threads(),
             size=args.size,
             ceiling_per_shape_gflops=ceiling["per_shape_gflops"],
@@ -323,6 +335,7 @@ def table(results: list[dict]) -> str:
     head = (
         f"roofline: {first['device']}, {first['threads']} threads, {first['size']} px, batch {first['batch_images']}, "
         f"matmul ceiling {first['ceiling_gflops']:.0f} GFLOP/s ({first['dtype']})"
+        + (f", 1-min load {first['loadavg_1min']:.1f}" if first.get("loadavg_1min") is not None else "")
     )
     cols = ["method", "dtype", "items/s", "GFLOP/item", "GFLOP/s", "of ceiling", "MFU bf16", "MFU fp32", "op calls"]
     rows = []
