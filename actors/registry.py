@@ -46,6 +46,7 @@ from .params import (
 __all__ = [
     "BUNDLED_WEIGHTS",
     "FAMILIES",
+    "FAMILY_NORMALIZATION",
     "bundled_weights",
     "ORIGINAL_GEM",
     "REGISTRY",
@@ -66,6 +67,10 @@ FAMILIES: dict[str, str] = {
     "coca": "CoCa (open_clip ViT with an attentional pooler and a text decoder)",
     "timm": "another timm image tower (ConvNeXt, EVA, ViTamin, MobileCLIP, PE…)",
 }
+#: Pixel normalisation (a ``clipmaps.pipeline.decode.preprocess.NORMALIZATIONS`` name) of the families not trained
+#: with OpenAI CLIP's mean/std: SigLIP uses Inception's (0.5, 0.5, 0.5) / (0.5, 0.5, 0.5) (open_clip's pretrained
+#: configs; upstream LeGrad keeps the model's own transform).
+FAMILY_NORMALIZATION: dict[str, str] = {"siglip": "inception"}
 #: The output name of GEM's baseline maps from the unmodified model (upstream ``return_ori``).
 ORIGINAL_GEM = "gem_original"
 
@@ -154,10 +159,15 @@ class MethodEntry:
 
     # ------------------------------------------------------------------ preprocessing as data
 
-    def preprocess(self, settings: Any) -> dict[str, Any]:
-        """How the decode stage resizes and normalises images for this method (plain values, fingerprinted)."""
+    def preprocess(self, settings: Any, info: ModelInfo | None = None) -> dict[str, Any]:
+        """How the decode stage resizes and normalises images for this method (plain values, fingerprinted).
+
+        With the model's ``info``, the square input is normalised as the backbone family was trained
+        (:data:`FAMILY_NORMALIZATION`); without it, with OpenAI CLIP's mean/std.
+        """
         if self.square_input:
-            return {"mode": "square", "size": settings.size, "normalize": "clip", "resample": "bicubic"}
+            normalize = FAMILY_NORMALIZATION.get(info.family, "clip") if info is not None else "clip"
+            return {"mode": "square", "size": settings.size, "normalize": normalize, "resample": "bicubic"}
         return {
             "mode": "short_side",
             "size": settings.size,

@@ -138,3 +138,12 @@ def test_the_spec_refuses_gem_on_a_siglip_model():
     assert not any("legrad" in line or "maskinversion" in line for line in lines), lines
     raw["methods"].pop("gem")
     assert load_spec(raw).enabled_methods() == ["legrad", "maskinversion"]
+
+
+def test_siglip_inputs_are_normalised_as_siglip_was_trained():
+    legrad = REGISTRY["legrad"]
+    settings = legrad.settings(size=224)
+    assert legrad.preprocess(settings)["normalize"] == "clip"
+    assert legrad.preprocess(settings, model_info("ViT-B-16-SigLIP"))["normalize"] == "inception"
+    assert legrad.preprocess(settings, model_info("coca_ViT-B-32"))["normalize"] == "clip"
+    assert legrad.preprocess(settings, model_info("ViT-B-16"))["normalize"] == "clip"
