@@ -188,3 +188,53 @@ def test_maskclip(vit, rn, case_id):
             decided = (top2[:, 0] - top2[:, 1]) > 1e-4
             same = probs.argmax(dim=1) == arr(out[f"seg_{seg_name}_85"]).long()
             assert same[decided].all()
+
+
+# ---------------------------------------------------------------------------------------------------- compiled
+@pytest.mark.slow
+def test_compiled_methods_match_the_fixtures(vit):
+    """``model.compile: true``: each method's hot path through ``torch.compile`` (inductor on the CPU, fullgraph, so
+    a graph break fails here) meets the same contract on one case per method. Slow: compiling the four takes
+    several minutes on 2 cores."""
+    case = CASES["gem_a"]
+    p = case["params"]
+    gem = GEM(vit.model, vit.tokenizer, GEMParams(depth=p["depth"], ss_attn_iter=p["ss_attn_iter"]))
+    gem.compile(fullgraph=True)
+    ids = list(case["images"])
+    x = torch.cat([image_input(i) for i in ids])
+    raw = gem.logits(x, [case["images"][i]["prompts"] for i in ids])
+    for b, image_id in enumerate(ids):
+        assert (raw[b] - arr(case["images"][image_id]["outputs"]["heat_raw"])[0]).abs().max() <= 1e-5
+
+    case = CASES["legrad_l2"]
+    legrad = LeGrad(vit.model, vit.tokenizer, LeGradParams(layers=-case["params"]["layer_index"]))
+    legrad.compile(fullgraph=True)
+    ids = list(case["images"])
+    x = torch.cat([image_input(i) for i in ids])
+    accum = legrad.heatmaps(
+        x, text_embeddings=[arr(case["images"][i]["outputs"]["text_emb"]) for i in ids], normalize=False
+    )
+    for b, image_id in enumerate(ids):
+        assert _rel_l2(accum[b], arr(case["images"][image_id]["outputs"]["accum"])[0]) <= 1e-4
+
+    case = CASES["mi_a"]
+    p = case["params"]
+    mi = MaskInversion(
+        vit.model,
+        MaskInversionParams(iterations=p["iterations"], lr=p["lr"], alpha=p["alpha"], wd=p["wd"], optimizer="adamw"),
+    )
+    mi.compile(fullgraph=True)
+    ids = list(case["images"])
+    x = torch.cat([image_input(i) for i in ids])
+    results = mi.embed(x, [arr(MANIFEST["inputs"]["images"][i]["maskinversion_masks"]) for i in ids])
+    for b, image_id in enumerate(ids):
+        ref = arr(case["images"][image_id]["outputs"]["emb"])
+        assert F.cosine_similarity(results[b].embeddings, ref, dim=-1).min() >= 0.9999
+        assert _rel_l2(results[b].embeddings, ref) <= 1e-3
+
+    case = CASES["mc_vit"]
+    mc = MaskCLIP(vit.model, vit.tokenizer, MaskCLIPParams())
+    mc.compile(fullgraph=True)
+    for batch in case["batches"].values():
+        x = torch.cat([arr(ref) for ref in batch["inputs"]])
+        assert (mc.patch_logits(x, case["classes"]) - arr(batch["outputs"]["logits_85"])).abs().max() <= 1e-5
