@@ -35,7 +35,7 @@ from clipmaps.actors.methods.pooled import (
     pooled_family,
 )
 from clipmaps.actors.methods.pooled_maskinversion import PooledMaskInversion
-from clipmaps.actors.models import load_model, state_dict_sha256
+from clipmaps.actors.models import load_model, save_weights, state_dict_sha256
 from clipmaps.actors.params import LeGradParams, MaskInversionParams
 from tests.parity import seed_models
 
@@ -92,6 +92,14 @@ def test_family_and_empty_text(name):
         ours = empty_text_embedding(lm.model, lm.tokenizer)
         ref = arr(SECTION["models"][name]["empty_emb"])[0]
         assert (ours - ref).abs().max() <= 1e-6  # the text tower agrees across open_clip versions
+
+
+def test_coca_weights_through_the_loading_path(tmp_path):
+    """The seeded CoCa saved to safetensors and read back by ``load_model(weights=...)`` is the fixtures' tower (the
+    SigLIP tower, ~390 MB, is checked by hash of the seeded model only)."""
+    path = save_weights(model(seed_models.TINY_COCA).model, tmp_path / "coca.safetensors")
+    loaded = load_model(seed_models.TINY_COCA, weights=str(path))
+    assert seed_models.visual_sha256(loaded.model) == SECTION["models"][seed_models.TINY_COCA]["visual_sha256"]
 
 
 @pytest.mark.parametrize("case_id", [c for c in CASES if CASES[c]["method"] == "legrad"])

@@ -102,6 +102,16 @@ def test_coca_heatmaps_per_prompt_batch_invariant_and_in_range():
     assert small.shape == (2, 10, 12)
 
 
+def test_non_square_inputs_resample_the_position_embedding():
+    lm = coca()
+    legrad = PooledLeGrad(lm.model, lm.tokenizer, LeGradParams(layers=1))
+    x = _images(1, 48)[:, :, :32, :]  # 32 x 48: a 4 x 6 grid from the native 4 x 4
+    maps = legrad.heatmaps(x, [["a cat"]])[0]
+    assert maps.shape == (1, 32, 48) and maps.amax() == 1
+    square = legrad.heatmaps(_images(1, 48), [["a cat"]])[0]
+    assert square.shape == (1, 48, 48)
+
+
 def test_siglip_correction_zeroes_the_empty_text_cells():
     lm = siglip()
     images = _images(1, 96)
