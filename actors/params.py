@@ -78,8 +78,9 @@ class ModelInfo:
         name: open_clip architecture name.
         family: ``"vit"`` (CLIP ViT), ``"resnet"`` (CLIP ModifiedResNet), ``"siglip"`` (timm tower with an
             attention-pooling head), ``"coca"`` (CoCa's attentional pooler), or ``"timm"`` (another timm tower).
-        layers: transformer blocks of a ViT tower; ``None`` for ResNets and timm towers.
-        patch_size: ViT patch size in pixels; ``None`` where there is none.
+        layers: transformer blocks of the image tower (CLIP ViT, CoCa, SigLIP's timm trunk); ``None`` for ResNets
+            and other timm towers.
+        patch_size: patch size in pixels (ViT, CoCa, SigLIP); ``None`` where there is none.
         image_size: the pretraining input side in pixels.
         embed_dim: dimension of the joint embedding space.
         context_length: token positions of the text tower (start and end tokens included); longer text is refused,

@@ -75,6 +75,9 @@ FAMILY_NORMALIZATION: dict[str, str] = {"siglip": "inception"}
 ORIGINAL_GEM = "gem_original"
 
 _BUNDLED_CONFIGS = Path(__file__).parent / "model_configs"
+#: Blocks of timm's SigLIP trunks by the size in their name (``vit_<size>_patch16_siglip_256``; timm 1.0's
+#: ``vision_transformer.py``), so the spec bounds LeGrad's and MaskInversion's ``layers`` without building one.
+_SIGLIP_DEPTH = {"base": 12, "large": 24, "so400m": 27, "giantopt": 40}
 
 
 @dataclass(frozen=True)
@@ -383,6 +386,8 @@ def model_info(name: str) -> ModelInfo:
         # timm names carry the patch (vit_base_patch16_siglip_224): enough for the spec's size check
         found = re.search(r"patch(\d+)", timm_name)
         patch_size = int(found.group(1)) if family == "siglip" and found else None
+        size = re.match(r"vit_([a-z0-9]+)_patch", timm_name)
+        layers = _SIGLIP_DEPTH.get(size.group(1)) if family == "siglip" and size else None
     elif isinstance(layers, (list, tuple)):
         family, layers = "resnet", None
     elif "multimodal_cfg" in cfg and vision.get("attentional_pool"):

@@ -98,8 +98,9 @@ def test_the_registry_imports_no_torch():
 
 def test_pooled_families_read_their_patch_and_depth():
     siglip = model_info("ViT-B-16-SigLIP2")
-    assert (siglip.patch_size, siglip.layers) == (16, None)  # patch from the timm name; depth is timm's
-    assert model_info("ViT-SO400M-14-SigLIP").patch_size == 14
+    assert (siglip.patch_size, siglip.layers) == (16, 12)  # patch and depth from the timm trunk's name
+    so400m = model_info("ViT-SO400M-14-SigLIP")
+    assert (so400m.patch_size, so400m.layers) == (14, 27)
     tiny = model_info("clipmaps-tiny-mappool")
     assert (tiny.family, tiny.patch_size, tiny.context_length) == ("siglip", 32, 16)
     coca = model_info("clipmaps-tiny-coca")
@@ -107,6 +108,8 @@ def test_pooled_families_read_their_patch_and_depth():
     legrad = REGISTRY["legrad"]
     assert [f for f, _ in legrad.model_problems(legrad.settings(size=200), tiny)] == ["size"]  # not a multiple of 32
     assert legrad.model_problems(legrad.settings(size=224), tiny) == []
+    ((field, reason),) = legrad.model_problems(legrad.settings(size=224, layers=13), tiny)
+    assert field == "layers" and "out of range for the 12-layer image tower of clipmaps-tiny-mappool" in reason
 
 
 @pytest.mark.parametrize("model", ["ViT-B-16-SigLIP", "clipmaps-tiny-coca"])
