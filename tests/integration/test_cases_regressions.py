@@ -24,10 +24,14 @@ def test_case_passes_its_check(name, tmp_path):
 
 def test_non_vit_backbone_is_listed_honestly_and_refused(tmp_path):
     work = make_case("non-vit-backbone-listed", tmp_path)
-    for name in ("convnext_tiny", "coca_ViT-B-32", "SigLIP"):
+    # ConvNeXt: no method; CoCa and SigLIP (attention-pooling heads): LeGrad and MaskInversion, as upstream LeGrad
+    for name, methods in (("convnext_tiny", "-"), ("coca_ViT-B-32", "legrad,maskinversion"), ("SigLIP", None)):
         listing = run(str(BIN / "clipmaps"), "models", "--no-tags", name, cwd=work)
         rows = [line.split() for line in listing.stdout.splitlines()[1:] if line and not line.startswith("families")]
-        assert rows and all(r[2] == "-" for r in rows), listing.stdout  # no method runs on these families
+        assert rows, listing.stdout
+        for r in rows:  # SigLIP: every SigLIP-family row (a few *-SigLIP names are other towers in open_clip)
+            expected = methods or ("legrad,maskinversion" if r[1] == "siglip" else "-")
+            assert r[2] == expected, listing.stdout
     for extra in (["--dry-run"], []):
         done = run(str(BIN / "clipmaps"), "run", "job.yaml", *extra, cwd=work)
         assert done.returncode == 2, done.stderr[-2000:]

@@ -150,7 +150,7 @@ def _job(tmp_path: Path, **model) -> Path:
     [
         (["model.name=clipmaps-tiny-vt"], "model.name: unknown model 'clipmaps-tiny-vt' (did you mean"),
         (["model.name=convnext_tiny"], "methods.legrad: LeGrad cannot run on convnext_tiny (another timm image tower"),
-        (["model.name=coca_ViT-B-32"], "methods.legrad: LeGrad cannot run on coca_ViT-B-32 (CoCa"),
+        (["model.name=coca_ViT-B-32", "methods.gem.depth=7"], "methods.gem: GEM cannot run on coca_ViT-B-32 (CoCa"),
         (["methods.legrad.layers=9"], "methods.legrad.layers: 9 is out of range for the 8-layer image tower"),
         (["methods.legrad.size=60"], "methods.legrad.size: 60 is not a multiple of the patch size 8"),
         (["methods.legrad.layers=0", "methods.legrad.templates=[no placeholder]"], "2 problems in the job spec"),
@@ -197,8 +197,13 @@ def test_schema_and_models_commands(tmp_path, capsys):
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("convnext")]
     assert rows and all(r[1] == "timm" and r[2] == "-" for r in rows)  # none of the methods runs on ConvNeXt
     assert main(["models", "--no-tags", "clipmaps-tiny"]) == 0
-    rows = {line.split()[0]: line.split()[2] for line in capsys.readouterr().out.splitlines()[1:3]}
-    assert rows == {"clipmaps-tiny-rn": "maskclip", "clipmaps-tiny-vit": "maskclip,gem,legrad,maskinversion"}
+    rows = {line.split()[0]: line.split()[2] for line in capsys.readouterr().out.splitlines()[1:5]}
+    assert rows == {
+        "clipmaps-tiny-coca": "legrad,maskinversion",
+        "clipmaps-tiny-mappool": "legrad,maskinversion",
+        "clipmaps-tiny-rn": "maskclip",
+        "clipmaps-tiny-vit": "maskclip,gem,legrad,maskinversion",
+    }
 
 
 def test_weights_and_output_problems_are_configuration_errors(tmp_path, capsys):

@@ -263,8 +263,8 @@ def test_examples_cover_what_they_promise():
             "methods.maskclip: MaskCLIP cannot run on convnext_base (another timm image tower",
         ),
         (
-            lambda d: d["model"].update(name="ViT-B-16-SigLIP") or d.update(methods={"legrad": {}}),
-            "methods.legrad: LeGrad cannot run on ViT-B-16-SigLIP (SigLIP",
+            lambda d: d["model"].update(name="ViT-B-16-SigLIP") or d.update(methods={"gem": {}}),
+            "methods.gem: GEM cannot run on ViT-B-16-SigLIP (SigLIP",
         ),
         (
             lambda d: d["model"].update(name="clipmaps-tiny-vit") or d["methods"]["gem"].update(size=60),
