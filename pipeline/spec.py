@@ -466,7 +466,7 @@ class JobSpec(Section):
 
     def preprocess_params(self, method: str) -> dict[str, Any]:
         """How the decode stage resizes and normalises images for ``method`` (the registry's data)."""
-        return REGISTRY[method].preprocess(self.method(method))
+        return REGISTRY[method].preprocess(self.method(method), self.model.info)
 
     def preprocess(self, method: str):
         """A ``clipmaps.pipeline.decode.preprocess.Preprocess`` for ``method`` (numpy and Pillow, no torch)."""

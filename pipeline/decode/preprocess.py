@@ -27,7 +27,12 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 #: Mean and std per ``normalize`` name of :meth:`Preprocess.from_params`.
-NORMALIZATIONS = {"clip": (OPENAI_MEAN, OPENAI_STD), "imagenet": (IMAGENET_MEAN, IMAGENET_STD)}
+NORMALIZATIONS = {
+    "clip": (OPENAI_MEAN, OPENAI_STD),
+    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+    # SigLIP's (open_clip's INCEPTION_MEAN/STD): [0, 1] → [-1, 1]
+    "inception": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+}
 
 
 @dataclass(frozen=True)
@@ -60,7 +65,8 @@ class Preprocess:
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> Preprocess:
         """The preprocessing a method registry entry describes as data: ``mode``, ``size``, ``resample``,
-        ``normalize`` (``clip`` or ``imagenet``) and, for ``short_side``, ``max_long_side``.
+        ``normalize`` (a :data:`NORMALIZATIONS` name: ``clip``, ``imagenet``, ``inception``) and, for
+        ``short_side``, ``max_long_side``.
 
         Raises:
             ValueError: an unknown ``normalize``, mode, resampling or invalid sizes.

@@ -55,8 +55,10 @@ class DecodeConfig:
     """What the decode stage produces and how it reads.
 
     Attributes:
-        square_size: side of ``pixels_square``/``masks_square`` (GEM, LeGrad, MaskInversion input, OpenAI
-            mean/std, bicubic, as the registry's square methods); ``None`` when no method needs a square input.
+        square_size: side of ``pixels_square``/``masks_square`` (GEM, LeGrad, MaskInversion input, bicubic, as the
+            registry's square methods); ``None`` when no method needs a square input.
+        square_normalize: the square input's mean/std (a ``preprocess.NORMALIZATIONS`` name: ``clip``, OpenAI
+            CLIP's; ``inception`` for SigLIP models, from the registry's ``FAMILY_NORMALIZATION``).
         maskclip: MaskCLIP's preprocessing (``JobSpec.preprocess("maskclip")``) or ``None``.
         need_masks: decode the rows' region masks (MaskInversion).
         max_pixels: largest ``width × height`` accepted (checked from the header, before decoding).
@@ -72,6 +74,7 @@ class DecodeConfig:
     """
 
     square_size: int | None = 448
+    square_normalize: str = "clip"
     maskclip: Preprocess | None = None
     need_masks: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -115,7 +118,11 @@ class DecodeStage:
         if config is not None and kwargs:
             raise TypeError("pass either config or DecodeConfig keyword arguments, not both")
         self.config = config if config is not None else DecodeConfig(**kwargs)
-        self._square = Preprocess(size=self.config.square_size) if self.config.square_size else None
+        self._square = (
+            Preprocess.from_params({"size": self.config.square_size, "normalize": self.config.square_normalize})
+            if self.config.square_size
+            else None
+        )
         self._pool: ThreadPoolExecutor | None = None
         self._refs = MaskReferences(self.config)
 
