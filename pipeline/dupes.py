@@ -123,8 +123,10 @@ def find_duplicates(
             ranges.append([s.start, s.rows, seek.offset, seek.skip])
         end = s.start + s.rows
         size += s.rows
-    mapper = ray.remote(_map_ids).options(num_returns=buckets, max_retries=retries, retry_exceptions=[OSError])
-    reducer = ray.remote(_reduce_ids).options(max_retries=retries)
+    mapper = ray.remote(_map_ids).options(
+        num_returns=buckets, num_cpus=0.5, max_retries=retries, retry_exceptions=[OSError]
+    )
+    reducer = ray.remote(_reduce_ids).options(num_cpus=0.5, max_retries=retries)
     mapped = []
     for f, ranges in groups:
         refs = mapper.remote(files[f], f, counts[f].header, [tuple(r) for r in ranges], storage_options, buckets)

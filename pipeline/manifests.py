@@ -36,6 +36,7 @@ import io
 import json
 import logging
 import posixpath
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -428,8 +429,8 @@ def read_rows(
             raw = _jsonl_records(f, skip)
         else:  # without an offset the read starts at the file's start, header first
             raw = _csv_records(f, header, skip, header_first=offset is None)
-        records = [next(raw, None) for _ in range(rows)]
-    return _normalise(file, start, records, ids_only)
+        # streamed: a parsed row is dropped once normalised (an ids-only pass reads 200,000 rows per task)
+        return _normalise(file, start, (next(raw, None) for _ in range(rows)), ids_only)
 
 
 def _jsonl_records(f, skip: int):
@@ -473,7 +474,7 @@ def _csv_records(f, header, skip: int, *, header_first: bool):
         yield rec, ",".join(values)
 
 
-def _normalise(file: ManifestFile, start: int, records: list, ids_only: bool = False) -> RowsRead:
+def _normalise(file: ManifestFile, start: int, records: Iterable, ids_only: bool = False) -> RowsRead:
     rows, problems = [], {}
     digest = hashlib.sha256()
     shown = redact_uri(file.uri)
@@ -521,7 +522,7 @@ def _read_parquet_rows(fs, path: str, file: ManifestFile, start: int, rows: int,
         table = pf.read_row_groups(groups, columns=names) if groups else pa.table({})
     table = table.slice(start - (first or 0), rows)
     objs = table.to_pylist()
-    return _normalise(file, start, [(o, o) for o in objs], ids_only)
+    return _normalise(file, start, ((o, o) for o in objs), ids_only)
 
 
 def _canonical(value: Any) -> bytes:

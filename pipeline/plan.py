@@ -379,7 +379,9 @@ def build_dataset(plan: Plan, shards: list | None = None):
         tuple(spec.input.allowed_schemes),
         plan.duplicates,
     )
-    ds = ray.data.read_datasource(source, override_num_blocks=max(1, len(shards)))
+    # the read tasks ask for the decode stage's CPU share, not Ray Data's default of 1 CPU: check_resources budgets
+    # that share beside the pools, and a 1-CPU task never fits a node whose CPUs the actors partly hold
+    ds = ray.data.read_datasource(source, override_num_blocks=max(1, len(shards)), num_cpus=spec.resources.decode_cpus)
 
     square = [m for m in plan.methods if REGISTRY[m].square_input]
     decode_cfg = DecodeConfig(

@@ -77,6 +77,7 @@ def test_method_pools_place_actors_on_both_nodes(cluster, tmp_path):
     (manifest / "b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in bad))
     out = tmp_path / "out"
     overrides = [f"input.manifest={manifest}", f"output.uri={out}", "output.overwrite=false", "output.shard_rows=2"]
+    overrides.append("run.max_error_fraction=0.5")  # 2 of the 6 rows are refused on purpose
     for m in METHODS:  # two actors per pool; 8 x 0.1 CPU + 0.5 for decode fits the 2 CPUs of the cluster
         overrides += [
             f"methods.{m}.resources.min_actors=2",
@@ -130,7 +131,7 @@ def test_method_pools_place_actors_on_both_nodes(cluster, tmp_path):
     )
     assert errors["remote"]["error_type"] == "UnsupportedScheme" and len(errors) == 2
     assert sorted(set(rows("labels").column("image_id").to_pylist())) == [f"scene-{i:03d}" for i in range(SCENES)]
-    assert json.loads((out / "_job.json").read_text())["counts"]["images"] == SCENES
+    assert json.loads((out / "_job.json").read_text())["counts"]["images"] == SCENES + 2
     print(
         f"multi-node demo job: {time.time() - started:.1f} s; actors per method and node: "
         f"{ {m: len(v) for m, v in built.items()} }"
