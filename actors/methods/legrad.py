@@ -18,6 +18,7 @@ set of products; the layers are upsampled together.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import torch
@@ -58,6 +59,9 @@ class LinearizedBlock:
         x_in: ``[B, N, C]`` tokens entering the block.
     """
 
+    #: Whether the per-image tensors are already gathered per row (:meth:`for_rows`).
+    aligned = False
+
     def __init__(self, tower: VisionTower, index: int, x_in: Tensor):
         with torch.no_grad():
             internals = tower.block_with_internals(index, x_in)
@@ -84,23 +88,49 @@ class LinearizedBlock:
             self.proj_mlp_t = self.proj_mlp_weight.T.contiguous()  # [4C, C]
             self.x_out = internals.x_out
 
+    def for_rows(self, image: Tensor) -> LinearizedBlock:
+        """This block with its per-image tensors gathered once for rows of images ``image`` ``[M]``: its
+        :meth:`attention_gradient` then takes ``t`` ``[M, D]`` aligned with those rows and no index (MaskInversion
+        calls it every iteration with the same rows; the gathers would otherwise be repeated each time)."""
+        rows = copy.copy(self)
+        rows.feature, rows.w_norm, rows.act_grad, rows.v = (
+            x[image] for x in (self.feature, self.w_norm, self.act_grad, self.v)
+        )
+        for name in ("ln_post", "ln_2"):
+            ln = copy.copy(getattr(self, name))
+            ln.x_hat, ln.inv_std = ln.x_hat[image], ln.inv_std[image]
+            setattr(rows, name, ln)
+        rows.aligned = True
+        return rows
+
     def attention_gradient(self, t: Tensor, image: Tensor | None = None) -> Tensor:
         """``∂⟨t_m, f_image[m]⟩/∂A`` for rows ``t`` ``[M, D]`` → ``[M, H, N, N]`` (differentiable in ``t``).
 
-        ``image`` ``[M]`` (int64) says which image of the batch each row belongs to; default all image 0.
+        ``image`` ``[M]`` (int64) says which image of the batch each row belongs to; default all image 0 (a block
+        from :meth:`for_rows` takes none: its rows are already aligned).
         """
-        if image is None:
-            image = torch.zeros(t.shape[0], dtype=torch.long, device=t.device)
-        f, wn = self.feature[image], self.w_norm[image]  # [M, D], [M, 1]
+        if self.aligned:
+            image = None
+
+            def pick(x):
+                return x
+        else:
+            if image is None:
+                image = torch.zeros(t.shape[0], dtype=torch.long, device=t.device)
+
+            def pick(x):
+                return x[image]
+
+        f, wn = pick(self.feature), pick(self.w_norm)  # [M, D], [M, 1]
         dw = (t - (t * f).sum(-1, keepdim=True) * f) / wn  # through normalize
         d_mean = self.ln_post.vjp(rows_matmul(dw, self.proj_t, self.proj), image)  # through proj and ln_post, [M, C]
         u = self.block.ls_2(d_mean / self.num_tokens)  # every token's output gets the same cotangent
-        d_act = rows_matmul(u, self.proj_mlp_weight, self.proj_mlp_t)[:, None, :] * self.act_grad[image]  # [M, N, 4C]
+        d_act = rows_matmul(u, self.proj_mlp_weight, self.proj_mlp_t)[:, None, :] * pick(self.act_grad)  # [M, N, 4C]
         d_y = d_mean[:, None, :] / self.num_tokens + self.ln_2.vjp(d_act @ self.fc_weight, image)  # [M, N, C]
         d_o = self.block.ls_1(d_y) @ self.out_weight  # [M, N, C], merged heads before out_proj
         m, n, _ = d_o.shape
         d_o = d_o.view(m, n, self.heads, self.head_dim).transpose(1, 2)  # [M, H, N, hd]
-        return d_o @ self.v[image].transpose(-2, -1)  # [M, H, N, N]
+        return d_o @ pick(self.v).transpose(-2, -1)  # [M, H, N, N]
 
     def relevance(self, t: Tensor, image: Tensor | None = None) -> Tensor:
         """LeGrad's per-patch relevance ``[M, N - 1]``: ReLU of the gradient, mean over heads and query rows,

@@ -95,6 +95,8 @@ class MaskInversion:
             e0 = self.tower.pooled(final_tokens)  # [B, D], the model's image embedding
         device = images.device
         image = torch.repeat_interleave(torch.arange(batch, device=device), torch.tensor(counts, device=device))
+        with torch.no_grad():
+            blocks = [b.for_rows(image) for b in blocks]  # gathered per mask once, not every iteration
         # each image's masks weigh 1 / M_b: upstream optimises one image per call, its loss the mean over its masks
         weight = torch.tensor([1.0 / n for n in counts for _ in range(n)], device=device)
         init = e0[image]  # [M, D]
@@ -127,7 +129,7 @@ class MaskInversion:
     def _compute_objective(self, emb, e0_unit, image, weight, targets, blocks, grid):
         """``(objective, dice [M], maps per group)``: the loss to minimise and its parts (the hot path)."""
         t = F.normalize(emb, dim=-1)
-        expl = min_max(relevance_maps(blocks, t, grid, self.tower.patch_size, image=image))  # [M, S, S]
+        expl = min_max(relevance_maps(blocks, t, grid, self.tower.patch_size))  # [M, S, S], blocks aligned per mask
         dice, maps = None, []
         for rows, target, _ in targets:
             e = expl if rows is None else expl[rows]

@@ -9,8 +9,9 @@ For each method it builds the seeded model and the benchmark inputs (``bench_inp
 work of one call is counted once with ``torch.utils.flop_counter.FlopCounterMode`` (matrix products,
 convolutions, attention — CPU attention added here, torch's counter knows only the GPU kernels; elementwise work is
 not counted) and its ATen operator calls with a dispatch mode. The ceiling is this device's own fp32 (or bf16)
-matrix-product rate, measured in the same process on the products the methods spend their time in (the ViT's MLP
-and attention projections at this batch's token count) and on a square product; on CUDA the fraction of the
+matrix-product rate on the products the methods spend their time in (the ViT's MLP and q/k/v projections at this
+batch's token count), sampled for 0.3 s before each timed call in the same process (median), so that on a shared
+machine both see the same load; on CUDA the fraction of the
 device's published dense peak (MFU) is printed too, where the device is known.
 
 Prints one ``ROOFLINE {json}`` line per method (for ``bench_methods.py`` and ``gpu_check``) and, unless
@@ -125,25 +126,33 @@ def timed(fn, device: torch.device, repeats: int) -> list[float]:
     return out
 
 
-def matmul_ceiling(device: torch.device, dtype: torch.dtype, tokens: int, width: int, repeats: int = 5) -> dict:
-    """Median GFLOP/s of the products a ViT of ``width`` spends its time in, at ``tokens`` rows (MLP up and down,
-    the fused q/k/v projection), and of a square product; the best of them is the ceiling."""
-    g = torch.Generator(device="cpu").manual_seed(0)
-    shapes = {
-        "mlp_up": (tokens, width, 4 * width),
-        "mlp_down": (tokens, 4 * width, width),
-        "qkv": (tokens, width, 3 * width),
-        "square": (4096, 4096, 4096) if device.type == "cuda" else (2048, 2048, 2048),
-    }
-    rates = {}
-    for name, (m, k, n) in shapes.items():
-        a = torch.randn(m, k, generator=g).to(device, dtype)
-        b = torch.randn(n, k, generator=g).to(device, dtype)
-        torch.nn.functional.linear(a, b)  # warm
-        seconds = statistics.median(timed(lambda a=a, b=b: torch.nn.functional.linear(a, b), device, repeats))
-        rates[name] = 2 * m * k * n / seconds / 1e9
-        del a, b
-    return {"gflops": max(rates.values()), "per_shape_gflops": rates}
+class MatmulCeiling:
+    """The device's matrix-product rate on the products a ViT of ``width`` spends its time in (MLP up and down,
+    the fused q/k/v projection) at ``tokens`` rows, in ``dtype``: :meth:`sample` runs them round-robin for at least
+    ``seconds`` and returns GFLOP/s. Sampled between the method's timed calls, so both see the same machine load."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, tokens: int, width: int, seconds: float = 0.3):
+        g = torch.Generator(device="cpu").manual_seed(0)
+        self.device, self.seconds = device, seconds
+        self.pairs = []
+        for k, n in ((width, 4 * width), (4 * width, width), (width, 3 * width)):
+            a = torch.randn(tokens, k, generator=g).to(device, dtype)
+            b = torch.randn(n, k, generator=g).to(device, dtype)
+            self.pairs.append((a, b, 2 * tokens * k * n))
+        self.sample(0.0)  # warm
+
+    def sample(self, seconds: float | None = None) -> float:
+        seconds = self.seconds if seconds is None else seconds
+        flops, t0 = 0, time.perf_counter()
+        sync(self.device)
+        while True:
+            for a, b, f in self.pairs:
+                torch.nn.functional.linear(a, b)
+                flops += f
+            sync(self.device)
+            elapsed = time.perf_counter() - t0
+            if elapsed >= seconds:
+                return flops / elapsed / 1e9
 
 
 class Case:
@@ -217,8 +226,9 @@ class MaskCLIPCase(Case):
 CASES = {"gem": GemCase, "legrad": LeGradCase, "maskinversion": MaskInversionCase, "maskclip": MaskCLIPCase}
 
 
-def measure(args, method: str, model, tokenizer, images, device, ceiling: dict) -> dict:
-    """Warm up, count FLOPs and operator calls of one call, time ``args.repeats`` calls."""
+def measure(args, method: str, model, tokenizer, images, device, ceiling: MatmulCeiling) -> dict:
+    """Warm up, count FLOPs and operator calls of one call, time ``args.repeats`` calls with a ceiling sample
+    before each."""
     autocast = (
         torch.autocast(device.type, dtype=torch.bfloat16)
         if args.dtype == "bf16" and method != "maskinversion"
@@ -238,9 +248,13 @@ def measure(args, method: str, model, tokenizer, images, device, ceiling: dict) 
         ops = OpCounter()
         with ops:
             case.call()
-        seconds = timed(case.call, device, args.repeats)
+        seconds, ceilings = [], []
+        for _ in range(args.repeats):
+            ceilings.append(ceiling.sample())
+            seconds += timed(case.call, device, 1)
     flops = counter.get_total_flops()
     med = statistics.median(seconds)
+    ceil = statistics.median(ceilings)
     items = case.items()
     res = {
         "method": method,
@@ -255,8 +269,10 @@ def measure(args, method: str, model, tokenizer, images, device, ceiling: dict) 
         "items_per_second": items / med,
         "gflop_per_item": flops / items / 1e9,
         "achieved_gflops": flops / med / 1e9,
-        "ceiling_gflops": ceiling["gflops"],
-        "fraction_of_ceiling": flops / med / 1e9 / ceiling["gflops"],
+        "ceiling_gflops": ceil,
+        "ceiling_samples_gflops": ceilings,
+        "fraction_of_ceiling": flops / med / 1e9 / ceil,
+        "best_fraction": flops / min(seconds) / 1e9 / max(ceilings),
         "operator_calls": sum(ops.calls.values()),
     }
     peak = dense_peak(device)
@@ -307,7 +323,7 @@ def main(argv=None) -> int:
     width = model.visual.conv1.out_channels
     tokens = args.images * (1 + (args.size // model.visual.conv1.kernel_size[0]) ** 2)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    ceiling = matmul_ceiling(device, dtype, min(tokens, 16384), width)
+    ceiling = MatmulCeiling(device, dtype, min(tokens, 16384), width)
     results = []
     for method in args.methods:
         res = measure(args, method, model, tokenizer, images, device, ceiling)
@@ -316,7 +332,6 @@ def main(argv=None) -> int:
             loadavg_1min=os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
             threads=torch.get_num_threads(),
             size=args.size,
-            ceiling_per_shape_gflops=ceiling["per_shape_gflops"],
         )
         results.append(res)
         print("ROOFLINE " + json.dumps(res), flush=True)
@@ -334,10 +349,11 @@ def table(results: list[dict]) -> str:
     first = results[0]
     head = (
         f"roofline: {first['device']}, {first['threads']} threads, {first['size']} px, batch {first['batch_images']}, "
-        f"matmul ceiling {first['ceiling_gflops']:.0f} GFLOP/s ({first['dtype']})"
+        "matmul ceiling measured around each method"
         + (f", 1-min load {first['loadavg_1min']:.1f}" if first.get("loadavg_1min") is not None else "")
     )
-    cols = ["method", "dtype", "items/s", "GFLOP/item", "GFLOP/s", "of ceiling", "MFU bf16", "MFU fp32", "op calls"]
+    cols = ["method", "dtype", "items/s", "GFLOP/item", "GFLOP/s", "ceiling", "of ceiling", "MFU bf16", "MFU fp32"]
+    cols.append("op calls")
     rows = []
     for r in results:
         rows.append(
@@ -347,6 +363,7 @@ def table(results: list[dict]) -> str:
                 f"{r['items_per_second']:.3g} {r['unit']}",
                 f"{r['gflop_per_item']:.1f}",
                 f"{r['achieved_gflops']:.0f}",
+                f"{r['ceiling_gflops']:.0f}",
                 f"{100 * r['fraction_of_ceiling']:.0f} %",
                 f"{100 * r['mfu_bf16_peak']:.1f} %" if "mfu_bf16_peak" in r else "-",
                 f"{100 * r['mfu_fp32_peak']:.1f} %" if "mfu_fp32_peak" in r else "-",
