@@ -507,6 +507,9 @@ def _normalise(file: ManifestFile, start: int, records: Iterable, ids_only: bool
 
 
 def _read_parquet_rows(fs, path: str, file: ManifestFile, start: int, rows: int, ids_only: bool) -> RowsRead:
+    """Rows ``[start, start + rows)`` of a Parquet file: the row groups that hold them, streamed in batches so that
+    only the wanted rows are kept (a big row group is still decoded up to the range's end: Parquet has no row offset
+    to seek to, so manifests should have row groups of a few thousand rows)."""
     import pyarrow.parquet as pq
 
     with fs.open(path, "rb") as f:
@@ -519,9 +522,16 @@ def _read_parquet_rows(fs, path: str, file: ManifestFile, start: int, rows: int,
                 groups.append(g)
                 first = seen if first is None else first
             seen += n
-        table = pf.read_row_groups(groups, columns=names) if groups else pa.table({})
-    table = table.slice(start - (first or 0), rows)
-    objs = table.to_pylist()
+        parts, position = [], first or 0
+        batch = max(1024, min(rows, 65_536))
+        for b in pf.iter_batches(batch_size=batch, row_groups=groups, columns=names) if groups else []:
+            lo, hi = max(start, position), min(start + rows, position + b.num_rows)
+            if hi > lo:
+                parts.append(b.slice(lo - position, hi - lo))
+            position += b.num_rows
+            if position >= start + rows:
+                break
+    objs = pa.Table.from_batches(parts).to_pylist() if parts else []
     return _normalise(file, start, ((o, o) for o in objs), ids_only)
 
 

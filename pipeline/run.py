@@ -1,7 +1,9 @@
 """``run(spec)``: the driver side of a job — resolve, plan, execute on Ray, write metadata, summarise.
 
-The driver holds the validated manifest and streams one small row of counts per finished batch; images, masks and
-results never pass through it.
+The driver holds state per manifest file and per shard (``clipmaps.pipeline.shards``), never per row: Ray tasks count,
+read and validate the manifest; the driver streams one small row of counts per finished batch, has each complete
+shard's staged files concatenated and writes its marker. Images, masks, manifest rows and results never pass through
+it.
 """
 
 from __future__ import annotations

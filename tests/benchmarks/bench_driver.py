@@ -80,12 +80,14 @@ def run_cli(job: Path, *, watch: Path | None = None, timeout_s: float = 3600) ->
             proc.kill()
             break
         time.sleep(0.2)
+    text = log.read_text(errors="replace")
     return {
+        "dupes": next((line.split("ids", 1)[1].strip() for line in text.splitlines() if "for duplicates" in line), ""),
         "rc": proc.wait(),
         "wall_s": round(time.monotonic() - started, 1),
         "peak_rss_mb": round(peak / 2**20),
         "first_batch_s": None if first is None else round(first, 1),
-        "log_tail": log.read_text(errors="replace")[-600:],
+        "log_tail": text[-600:],
     }
 
 
@@ -125,7 +127,7 @@ def write_manifest(path: Path, rows: int, masks: int) -> None:
 def bench_memory(args) -> None:
     figures = {}
     for rows in args.rows:
-        with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        with tempfile.TemporaryDirectory(dir=args.tmp, ignore_cleanup_errors=True) as tmp:
             tmp = Path(tmp)
             manifest = tmp / "manifest.jsonl"
             write_manifest(manifest, rows, args.masks)
@@ -136,7 +138,7 @@ def bench_memory(args) -> None:
             print(
                 f"BENCH_FIGURES driver-memory: {rows} rows x {args.masks} RLE masks (manifest {size / 2**20:.0f} MB, "
                 f"shard_rows {args.shard_rows}): rc {got['rc']}, wall {got['wall_s']} s, driver VmHWM "
-                f"{got['peak_rss_mb']} MB",
+                f"{got['peak_rss_mb']} MB; duplicate-id pass: {got['dupes']}",
                 flush=True,
             )
             if got["rc"] not in (0, 3):
@@ -148,7 +150,7 @@ def bench_memory(args) -> None:
 
 
 def bench_first_batch(args) -> None:
-    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+    with tempfile.TemporaryDirectory(dir=args.tmp, ignore_cleanup_errors=True) as tmp:
         tmp = Path(tmp)
         manifest = tmp / "manifest.jsonl"
         t0 = time.monotonic()
@@ -159,7 +161,8 @@ def bench_first_batch(args) -> None:
         print(
             f"BENCH_FIGURES first-batch: {args.rows[0]} rows without masks (manifest "
             f"{manifest.stat().st_size / 2**20:.0f} MB, written in {made:.0f} s): first result file after "
-            f"{got['first_batch_s']} s; driver VmHWM {got['peak_rss_mb']} MB (stopped after {got['wall_s']} s)",
+            f"{got['first_batch_s']} s; driver VmHWM {got['peak_rss_mb']} MB (stopped after {got['wall_s']} s); "
+            f"duplicate-id pass: {got['dupes']}",
             flush=True,
         )
 
@@ -167,7 +170,7 @@ def bench_first_batch(args) -> None:
 def bench_files(args) -> None:
     from PIL import Image
 
-    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+    with tempfile.TemporaryDirectory(dir=args.tmp, ignore_cleanup_errors=True) as tmp:
         tmp = Path(tmp)
         (tmp / "images").mkdir()
         rng = np.random.default_rng(0)

@@ -139,3 +139,20 @@ def test_a_dry_run_estimates_big_text_files_from_a_sample(tmp_path, monkeypatch)
     (f,) = list_manifest_files(str(path), {})[1]
     c = sample_count(f, 64, {})
     assert c.estimated and 1900 <= c.rows <= 2100
+
+
+def test_parquet_ranges_cross_row_groups_and_counts_come_from_the_footer(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n = 5000
+    table = pa.table({"image_id": [f"i{k}" for k in range(n)], "image_uri": [f"/x/{k}.jpg" for k in range(n)]})
+    pq.write_table(table, tmp_path / "m.parquet", row_group_size=1500)
+    (f,) = list_manifest_files(str(tmp_path / "m.parquet"), {})[1]
+    count = count_file(f, 64, {})
+    assert count.rows == n and not count.offsets and not any(count.flags.values())
+    for start, rows in ((0, 64), (1480, 64), (2999, 2), (4990, 10)):
+        got = read_rows(f, None, None, 0, start, rows, {})
+        assert got.table["image_id"].to_pylist() == [f"i{k}" for k in range(start, start + rows)], start
+        ids = read_rows(f, None, None, 0, start, rows, {}, ids_only=True).table["image_id"]
+        assert ids.to_pylist() == got.table["image_id"].to_pylist()
