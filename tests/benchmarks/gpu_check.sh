@@ -18,4 +18,4 @@ if [[ " $* " != *" --cpu-smoke "* ]]; then
     fi
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 fi
-exec timeout 480 "$PYTHON" tests/benchmarks/gpu_check.py "$@"
+exec timeout 490 "$PYTHON" tests/benchmarks/gpu_check.py "$@"
