@@ -217,6 +217,7 @@ def test_a_name_is_encoded_the_same_whatever_else_is_encoded(tiny_vit):
 
 
 # ------------------------------------------------------------------ why: the kernels round differently per batch size
+# (the methods batch everything, one computation per batch, and avoid these paths; tests/unit/test_op_counts.py)
 
 
 def _batch_effects(tiny_vit):
@@ -234,6 +235,24 @@ def _batch_effects(tiny_vit):
     return head, text
 
 
+def test_rows_matmul_rounds_a_row_alike_in_any_batch(tiny_vit):
+    """The guard the methods use: a row's product is the same alone, with others, and in its gradient."""
+    from clipmaps.actors.vit import rows_matmul
+
+    g = torch.Generator().manual_seed(1)
+    proj = tiny_vit.model.visual.proj.detach().contiguous()
+    rows = torch.randn(20, proj.shape[0], generator=g)
+    alone = rows_matmul(rows[:1], proj)
+    for b in (2, 3, 8, 20):
+        assert torch.equal(rows_matmul(rows[:b], proj)[:1], alone), b
+    grads = []
+    for b in (1, 3, 20):
+        x = rows[:b].clone().requires_grad_(True)
+        (rows_matmul(x, proj, proj.T.contiguous()) * torch.arange(proj.shape[1])).sum().backward()
+        grads.append(x.grad[:1])
+    assert all(torch.equal(grads[0], gr) for gr in grads[1:])
+
+
 def test_batch_effects_of_the_kernels_are_bounded(tiny_vit):
     head, text = _batch_effects(tiny_vit)
     # measured on the 2-core CPU (one thread), unnormalised outputs of the tiny model: head 3.6e-7, text 4.8e-7
@@ -242,7 +261,8 @@ def test_batch_effects_of_the_kernels_are_bounded(tiny_vit):
 
 @pytest.mark.xfail(strict=False, reason="BLAS kernels may round a row differently with another batch size (see above)")
 def test_kernels_alone_are_batch_invariant(tiny_vit):
-    """Why the methods run the tower per image and the text per name: where this fails, batching them would change
-    results (it fails on the 2-core CPU: the head's product differs by 3.6e-7 between B = 1 and B > 1, a text forward by
-    4.8e-7)."""
+    """Why the methods keep one-row products off the BLAS's matrix-vector kernel (``actors/vit.py``, ``rows_matmul``)
+    and the text encoder encodes each name in a forward of its own: where this fails, a naive batched product would
+    change results (it fails on the 2-core CPU: the head's product differs by 3.6e-7 between B = 1 and B > 1, a text
+    forward by 4.8e-7)."""
     assert _batch_effects(tiny_vit) == (0.0, 0.0)
