@@ -3,8 +3,11 @@
 A manifest has one row per image: ``image_id``, ``image_uri`` (required), ``masks`` (list of ``MASK`` structs),
 ``prompts`` (list of strings) and ``width``/``height`` (int32: the frame the row's annotations are drawn in, as COCO
 and SA-1B declare it; null or absent = unknown), all optional (see :mod:`clipmaps.schemas.datasets`; how the decode
-stage uses the declared size is in :mod:`clipmaps.pipeline.decode.masks`). Reading happens on the driver
-and never lists object-store prefixes; the Ray dataset is built from the returned table.
+stage uses the declared size is in :mod:`clipmaps.pipeline.decode.masks`). ``masks_uri`` (a string) names the
+row's masks by reference instead (read by the decode stage). A pipeline run never reads a whole manifest here: Ray
+tasks read it shard by shard (:mod:`clipmaps.pipeline.manifests`, :mod:`clipmaps.pipeline.shards`) with this module's
+normalisation (:func:`_norm_row`) and checks (:func:`row_problems`); :func:`read_manifest_table` and
+:func:`validate_manifest` serve tools that want a manifest as one table (``clipmaps report``, tests).
 
 * :func:`read_manifest_table` reads and conforms types. It raises ``clipmaps.schemas.errors.ManifestError`` (exit 2) for
   what makes the whole manifest unusable: unreadable file, unknown format, missing required columns, no rows,
