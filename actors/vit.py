@@ -36,12 +36,12 @@ class BlockInternals:
     """What one block computed, for methods that differentiate through it (LeGrad, MaskInversion).
 
     Shapes: ``x_in``/``y``/``x_out`` ``[B, N, C]``; ``v`` ``[B, H, N, hd]``; ``attn`` ``[B, H, N, N]``
-    (post-softmax); ``mlp_pre`` ``[B, N, 4C]`` (MLP pre-activation).
+    (post-softmax; None when not asked for); ``mlp_pre`` ``[B, N, 4C]`` (MLP pre-activation).
     """
 
     x_in: Tensor
     v: Tensor
-    attn: Tensor
+    attn: Tensor | None
     y: Tensor
     mlp_pre: Tensor
     x_out: Tensor
@@ -189,12 +189,18 @@ class VisionTower:
             x = self.block(i, x)
         return x
 
-    def block_with_internals(self, index: int, x: Tensor) -> BlockInternals:
-        """Forward of block ``index`` with explicit attention, keeping what gradient-based methods need."""
+    def block_with_internals(self, index: int, x: Tensor, *, with_attention: bool = True) -> BlockInternals:
+        """Forward of block ``index`` keeping what gradient-based methods need; with ``with_attention`` the
+        attention is explicit and its map kept (``attn``), else fused (SDPA, ``attn`` None: LeGrad's closed form
+        never reads the map, and an ``[B, H, N, N]`` map is the largest tensor of the block)."""
         block = self.blocks[index]
         q, k, v = self.qkv(index, block.ln_1(x))
-        attn = torch.softmax((q * self.head_dim**-0.5) @ k.transpose(-2, -1), dim=-1)
-        y = x + block.ls_1(self.out_proj(index, self.merge_heads(attn @ v)))
+        if with_attention:
+            attn = torch.softmax((q * self.head_dim**-0.5) @ k.transpose(-2, -1), dim=-1)
+            o = attn @ v
+        else:
+            attn, o = None, F.scaled_dot_product_attention(q, k, v)
+        y = x + block.ls_1(self.out_proj(index, self.merge_heads(o)))
         fc, _, _ = mlp_layers(block)
         mlp_pre = F.linear(block.ln_2(y), fc.weight, fc.bias)
         x_out = self.mlp_residual(index, y)

@@ -64,13 +64,12 @@ class LinearizedBlock:
 
     def __init__(self, tower: VisionTower, index: int, x_in: Tensor):
         with torch.no_grad():
-            internals = tower.block_with_internals(index, x_in)
+            internals = tower.block_with_internals(index, x_in, with_attention=False)
             block = tower.blocks[index]
             fc, act, proj_mlp = mlp_layers(block)
             self.block = block
             self.heads, self.head_dim = tower.heads, tower.head_dim
             self.num_tokens = x_in.shape[1]
-            self.attn = internals.attn  # [B, H, N, N] (kept for callers who want it)
             self.v = internals.v  # [B, H, N, hd]
             self.out_weight = block.attn.out_proj.weight  # [C, C]
             self.fc_weight = fc.weight  # [4C, C]
