@@ -71,7 +71,7 @@ def method_fingerprint(
     settings = spec.method(method)
     out: dict[str, Any] = settings.model_dump(mode="json", exclude=set(OPERATIONAL_FIELDS))
     out["implementation"] = e.version  # a change of the method's code that moves results
-    out["preprocess"] = e.preprocess(settings)
+    out["preprocess"] = e.preprocess(settings, spec.model.info)
     source = None
     if settings.heatmaps:
         source = spec.prompt_source(method, manifest_has_prompts=manifest_has_prompts)

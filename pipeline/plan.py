@@ -386,6 +386,7 @@ def build_dataset(plan: Plan, shards: list | None = None):
     square = [m for m in plan.methods if REGISTRY[m].square_input]
     decode_cfg = DecodeConfig(
         square_size=spec.method(square[0]).size if square else None,
+        square_normalize=spec.preprocess_params(square[0])["normalize"] if square else "clip",
         maskclip=spec.preprocess("maskclip") if "maskclip" in plan.methods else None,
         need_masks=spec.requires_masks,
         max_pixels=spec.resources.max_pixels,

@@ -23,14 +23,25 @@ import pyarrow as pa
 from clipmaps.actors.registry import model_info
 from clipmaps.schemas import batches as cols
 from clipmaps.schemas import storage
+from clipmaps.schemas.card import dataset_card
 from clipmaps.schemas.datasets import ERRORS, VOCABULARY
 from clipmaps.schemas.errors import ConfigError, JobFailed
-from clipmaps.schemas.storage import filesystem, write_table
+from clipmaps.schemas.storage import filesystem, redact_uri, write_bytes, write_table
 
 from . import resume
 from .dryrun import check_sources, output_report
 from .plan import Plan, build_dataset, check_resources, make_plan, sink_retry_exceptions, with_io_defaults_spec
-from .sinks import EMPTY_FILE, FILES, SHARD_DIGEST, finalize_shard, remove_staged, write_empty_datasets
+from .progress import ProgressLine
+from .raylog import quiet_known_noise
+from .sinks import (
+    EMPTY_FILE,
+    FILES,
+    SHARD_DIGEST,
+    finalize_shard,
+    output_schemas,
+    remove_staged,
+    write_empty_datasets,
+)
 from .spec import JobSpec
 
 logger = logging.getLogger(__name__)
@@ -71,12 +82,22 @@ class RunResult:
         return self.attempt_images / self.attempt_seconds
 
 
-def run(spec: JobSpec, *, dry_run: bool = False, progress: Callable[[str], None] | None = None) -> RunResult:
+def run(
+    spec: JobSpec,
+    *,
+    dry_run: bool = False,
+    progress: Callable[[str], None] | None = None,
+    progress_bars: bool | None = None,
+) -> RunResult:
     """Run the job described by ``spec``.
 
     Re-running the same job on the same output resumes it (see :mod:`clipmaps.pipeline.resume`). With ``dry_run``,
     everything that needs no model and no Ray is checked (``clipmaps.pipeline.dryrun``: the manifest, the
     vocabulary, the weights, what the output holds) and the plan is returned; nothing is written.
+
+    ``progress`` receives the plan and the progress lines (:class:`~.progress.ProgressLine`, every
+    ``run.progress_interval_s``; default: logged at INFO). ``progress_bars`` shows Ray Data's progress bars (default:
+    when stderr is a terminal); outside a terminal (Kubernetes logs) the progress lines are the only progress.
 
     Raises:
         ConfigError: the job cannot run as configured (spec, manifest, weights, output refusal); never resumable.
@@ -99,7 +120,8 @@ def run(spec: JobSpec, *, dry_run: bool = False, progress: Callable[[str], None]
     own_ray = not ray.is_initialized()
     if own_ray:
         ray.init(address=ray_address(spec), include_dashboard=False, log_to_driver=False, configure_logging=False)
-    restore = configure_ray_data(spec)
+    quiet_known_noise()
+    restore = configure_ray_data(spec, progress_bars=sys.stderr.isatty() if progress_bars is None else progress_bars)
     try:
         plan = make_plan(spec)  # counts the manifest's rows with Ray tasks
         spec = plan.spec
@@ -132,6 +154,7 @@ def run(spec: JobSpec, *, dry_run: bool = False, progress: Callable[[str], None]
             # every dataset exists from the start, with its schema, whatever the methods write and however the run
             # ends: readers (pandas, DuckDB, Polars, datasets) fail on a missing folder but read a 0-row file
             write_empty_datasets(fs, root, model_info(spec.model.name).embed_dim)
+            write_card(plan, fs, root)
             # the errors dataset always exists too (rows the manifest stage refuses are written by the sink, per shard,
             # like every failed row)
             path = posixpath.join(root, "errors", "part-manifest.parquet")
@@ -223,8 +246,12 @@ def _stream(
     pending: dict = {}  # object ref of a finalising task → (shard, its counts)
     done = {} if done is None else done
     total = sum(remaining.values())
-    rows = errors = 0
-    t0 = time.time()
+    line = ProgressLine(
+        total,
+        say if spec.run.progress else (lambda _: None),
+        interval_s=spec.run.progress_interval_s,
+        done_before=sum(int(c.get("rows", 0)) for c in done.values()),
+    )
 
     def collect(block: bool) -> None:
         if not pending:
@@ -247,8 +274,7 @@ def _stream(
             c[FILES].extend(f for f in str(batch[FILES][j]).split("\n") if f)
             if SHARD_DIGEST in batch and cols.present(batch[SHARD_DIGEST][j]):
                 c["digest"] = str(batch[SHARD_DIGEST][j])
-            rows += int(batch["rows"][j])
-            errors += int(batch["errors"][j])
+            line.update(int(batch["rows"][j]), int(batch["errors"][j]))
             if c["rows"] == remaining.get(shard):
                 staged = sorted(set(c.pop(FILES)))
                 c.setdefault("digest", plan.shard_digests.get(shard))
@@ -258,10 +284,8 @@ def _stream(
                     per_shard.pop(shard),
                 )
         collect(block=False)
-        if spec.run.progress:
-            rate = rows / max(time.time() - t0, 1e-9)
-            say(f"progress  {rows}/{total} images, {rate:.2f} images/s, {errors} errors")
     collect(block=True)
+    line.finish()
     unfinished = sorted(set(remaining) - set(done))
     if unfinished:  # never report success with rows missing (or counted twice): the re-run redoes these shards
         counted = {s: per_shard.get(s, {}).get("rows", 0) for s in unfinished[:5]}
@@ -319,33 +343,44 @@ def ray_address(spec: JobSpec) -> str | None:
     return None if os.environ.get("RAY_ADDRESS") else "local"
 
 
-def configure_ray_data(spec: JobSpec) -> Callable[[], None]:
-    """The driver's Ray Data settings for this job: quiet progress, and the no-progress timeout. Returns a function
-    that puts the job-specific setting back (the context is per process, and a process may run several jobs)."""
-    import ray
-
-    quiet_ray_data()
-    ctx = ray.data.DataContext.get_current()
-    before = ctx.execution_no_progress_timeout_s
-    if spec.run.stall_timeout_s is not None:
-        ctx.execution_no_progress_timeout_s = float(spec.run.stall_timeout_s)
-
-    def restore() -> None:
-        ctx.execution_no_progress_timeout_s = before
-
-    return restore
-
-
-def quiet_ray_data() -> None:
-    """clipmaps prints its own progress line; Ray Data's progress bars and per-stage logs would repeat it."""
+def configure_ray_data(spec: JobSpec, *, progress_bars: bool = False) -> Callable[[], None]:
+    """The driver's Ray Data settings for this job: progress bars on or off, Ray Data's per-stage logs quiet, and the
+    no-progress timeout. Returns a function that puts the settings back (the context is per process, and a process
+    may run several jobs)."""
     import ray
 
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
+    before = (ctx.execution_no_progress_timeout_s, ctx.enable_progress_bars)
+    # bars where a person watches a terminal; elsewhere they are carriage-return noise in a log, and the timer line
+    # (pipeline/progress.py) is the progress
+    ctx.enable_progress_bars = progress_bars
     if hasattr(ctx, "enable_rich_progress_bars"):
         ctx.enable_rich_progress_bars = False
     if not logger.isEnabledFor(logging.DEBUG):
         logging.getLogger("ray.data").setLevel(logging.WARNING)
+    if spec.run.stall_timeout_s is not None:
+        ctx.execution_no_progress_timeout_s = float(spec.run.stall_timeout_s)
+
+    def restore() -> None:
+        ctx.execution_no_progress_timeout_s, ctx.enable_progress_bars = before
+
+    return restore
+
+
+def write_card(plan: Plan, fs, root: str) -> None:
+    """The output's dataset card, ``README.md`` (:mod:`clipmaps.schemas.card`): ``datasets.load_dataset(OUTPUT,
+    NAME)`` loads each dataset. Written at every attempt (a resumed job's card is the same).
+
+    Raises:
+        OSError: the output cannot be written."""
+    spec = plan.spec
+    schemas = {**output_schemas(model_info(spec.model.name).embed_dim), "errors": ERRORS, "vocabulary": VOCABULARY}
+    body = (
+        f"clipmaps output of {', '.join(plan.outputs)} with {spec.model.name} ({redact_uri(spec.model.weights_id)}). "
+        "`_job.json` holds the job spec (secrets removed), counts and versions."
+    )
+    card = dataset_card(schemas, heatmap_encoding=spec.output.heatmap_encoding, title="clipmaps output", body=body)
+    write_bytes(card.encode("utf-8"), fs, posixpath.join(root, "README.md"))
 
 
 def vocabulary_rows(plan: Plan, method: str) -> list[dict]:

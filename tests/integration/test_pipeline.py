@@ -164,3 +164,18 @@ def test_result_rows_stand_alone_and_each_shard_has_one_file_per_dataset(finishe
 
         for m, area in zip(regions.column("mask").to_pylist(), regions.column("area").to_pylist()):
             assert int(rle_decode(m).sum()) == area
+
+
+def test_the_output_loads_by_dataset_name_and_progress_is_a_timer_line(finished_job, tmp_path):
+    """The dataset card lets ``datasets.load_dataset(OUTPUT, NAME)`` load each dataset (label maps as images); the run
+    printed the plan and one final progress line (the interval, 30 s, is longer than this run), not one per batch."""
+    datasets = pytest.importorskip("datasets")
+    spec, result, out, lines = finished_job
+    assert (out / "README.md").read_text().startswith("---\nconfigs:")
+    labels = datasets.load_dataset(str(out), "labels", split="train", cache_dir=str(tmp_path / "hf"))
+    assert labels.num_rows == _read(out, "labels").num_rows
+    assert labels.features["label_map"] == datasets.Image()
+    assert labels[0]["label_map"].size == (labels[0]["width"], labels[0]["height"])
+    progress = [line for line in lines if line.startswith("progress")]
+    total = f"{result.processed:,}/{result.total:,} images (100.0%)"
+    assert len(progress) == 1 and total in progress[0], lines
