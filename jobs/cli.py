@@ -24,7 +24,13 @@ def _run(args: argparse.Namespace) -> int:
     overrides = [*(args.set or ()), *(["output.overwrite=true"] if args.overwrite else [])]
     try:
         spec = load_spec(args.spec, overrides=overrides)
-        result = run(spec, dry_run=args.dry_run, progress=(lambda line: None) if args.quiet else print)
+        quiet = bool(args.quiet)
+        result = run(
+            spec,
+            dry_run=args.dry_run,
+            progress=(lambda line: None) if quiet else print,
+            progress_bars=False if quiet else None,
+        )
     except ClipmapsError as e:  # the family maps to its documented exit code (schemas/errors.py)
         print(f"clipmaps run: {e}", file=sys.stderr)
         return e.exit_code
