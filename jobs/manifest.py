@@ -459,14 +459,19 @@ def from_folder(
 
 
 # ---------------------------------------------------------------------------------------------- writing
+#: Rows per Parquet row group of a written manifest: a job's read task decodes the row groups its shard's rows lie
+#: in, so groups near the default ``output.shard_rows`` (1,000) keep each read to about its own rows.
+MANIFEST_ROW_GROUP_ROWS = 1024
+
+
 def write_manifest(table: pa.Table, uri: str, storage_options: dict | None = None) -> None:
-    """Write a manifest table: Parquet (``.parquet``/``.pq``), JSONL (``.jsonl``/``.ndjson``; null fields omitted)
-    or CSV (``.csv``; ``masks`` and ``prompts`` as JSON strings)."""
+    """Write a manifest table: Parquet (``.parquet``/``.pq``, row groups of :data:`MANIFEST_ROW_GROUP_ROWS`), JSONL
+    (``.jsonl``/``.ndjson``; null fields omitted) or CSV (``.csv``; ``masks`` and ``prompts`` as JSON strings)."""
     so = storage_options or {}
     lower = uri.lower()
     if lower.endswith((".parquet", ".pq")):
         with fsspec.open(uri, "wb", **so) as f:
-            pq.write_table(table, f)
+            pq.write_table(table, f, row_group_size=MANIFEST_ROW_GROUP_ROWS)
         return
     if lower.endswith((".jsonl", ".ndjson", ".csv")):
         csv_out = lower.endswith(".csv")
