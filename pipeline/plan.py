@@ -359,12 +359,7 @@ def build_dataset(plan: Plan, shards: list | None = None):
     shard's digest) for ``shards`` (default: all of the plan's): read (one task per shard, validating on the worker)
     → decode → one actor pool per method → sink."""
     import ray
-    from ray.data import ActorPoolStrategy
 
-    from clipmaps.actors.actor import ActorConfig, MethodActor
-    from clipmaps.actors.predictors import OutputOptions, Vocabulary
-
-    from .decode import DecodeConfig, decode_batch
     from .shards import ManifestDatasource
     from .sinks import Provenance, SinkConfig, sink_batch
 
@@ -383,67 +378,9 @@ def build_dataset(plan: Plan, shards: list | None = None):
     # that share beside the pools, and a 1-CPU task never fits a node whose CPUs the actors partly hold
     ds = ray.data.read_datasource(source, override_num_blocks=max(1, len(shards)), num_cpus=spec.resources.decode_cpus)
 
-    square = [m for m in plan.methods if REGISTRY[m].square_input]
-    decode_cfg = DecodeConfig(
-        square_size=spec.method(square[0]).size if square else None,
-        square_normalize=spec.preprocess_params(square[0])["normalize"] if square else "clip",
-        maskclip=spec.preprocess("maskclip") if "maskclip" in plan.methods else None,
-        need_masks=spec.requires_masks,
-        max_pixels=spec.resources.max_pixels,
-        storage_options=dict(spec.input.storage_options),
-        allowed_schemes=tuple(spec.input.allowed_schemes),
-        retries=spec.resources.retries,
-        annotation_frame=spec.input.annotation_frame,
-    )
-    first_pool = spec.method(plan.methods[0]).resources
+    ds = model_stages(ds, spec, plan.methods, plan.vocabulary, plan.prompt_sources)
     retries = spec.resources.task_retries
-    ds = _map_batches(
-        ds,
-        decode_batch,
-        fn_kwargs={"config": decode_cfg},
-        batch_format="numpy",
-        batch_size=first_pool.batch_size,
-        num_cpus=spec.resources.decode_cpus,
-        max_retries=retries,
-    )
-    vocab = None
-    if plan.vocabulary is not None:
-        v = spec.vocabulary
-        vocab = Vocabulary(names=tuple(plan.vocabulary), background=tuple(v.background), threshold=v.threshold)
     out = spec.output
-    for index, name in enumerate(plan.methods):
-        entry = REGISTRY[name]
-        later = {c for other in plan.methods[index + 1 :] for c in REGISTRY[other].inputs}
-        settings = spec.method(name)
-        pool = settings.resources
-        config = ActorConfig(
-            method=name,
-            model=spec.model,
-            settings=settings,
-            templates=spec.templates(name) if entry.encodes_text else None,
-            vocabulary=vocab,
-            options=OutputOptions(
-                heatmap_encoding=out.heatmap_encoding,
-                heatmap_size=out.heatmap_size,
-                write_expl_maps=out.write_expl_maps,
-                prompt_source=plan.prompt_sources.get(name),
-            ),
-            drop_columns=tuple(c for c in entry.inputs if c not in later),
-        )
-        ds = _map_batches(
-            ds,
-            MethodActor,
-            fn_constructor_kwargs={"config": config},
-            compute=ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
-            num_gpus=pool.num_gpus or None,
-            num_cpus=pool.num_cpus,
-            batch_size=pool.batch_size,
-            # resources=None breaks Ray Data's operator fusion before Ray 2.60 (AttributeError in _canonicalize)
-            **({"resources": dict(pool.custom_resources)} if pool.custom_resources else {}),
-            batch_format="numpy",
-            max_restarts=-1,
-            max_task_retries=-1,
-        )
     provenance = {
         name: Provenance(
             method=name,
@@ -470,3 +407,89 @@ def build_dataset(plan: Plan, shards: list | None = None):
         max_retries=retries,
         retry_exceptions=sink_retry_exceptions(),
     )
+
+
+def model_stages(ds, spec: JobSpec, methods: list[str], vocabulary: list[str] | None, prompt_sources: dict[str, str]):
+    """``ds`` (rows with ``image_id`` and ``image_uri`` or ``image``; optional ``masks``, ``masks_uri``, ``prompts``,
+    and ``error_*`` for rows refused upstream) → decode (CPU tasks) → one actor pool per method, chained. The part of
+    the pipeline that :func:`build_dataset` (the job runner) and :func:`clipmaps.pipeline.annotate.annotate` (a step
+    in the user's own pipeline) share.
+
+    Args:
+        spec: the job (``vocabulary.file`` resolved, I/O defaults merged).
+        methods: enabled methods, in pipeline order.
+        vocabulary: the foreground class names, or None.
+        prompt_sources: method → ``manifest`` | ``vocabulary`` | ``auto`` for methods that write heatmaps.
+
+    Returns:
+        the lazy dataset of decoded rows with each method's columns (``clipmaps.schemas.batches``).
+    """
+    from ray.data import ActorPoolStrategy
+
+    from clipmaps.actors.actor import ActorConfig, MethodActor
+    from clipmaps.actors.predictors import OutputOptions, Vocabulary
+
+    from .decode import DecodeConfig, decode_batch
+
+    square = [m for m in methods if REGISTRY[m].square_input]
+    decode_cfg = DecodeConfig(
+        square_size=spec.method(square[0]).size if square else None,
+        square_normalize=spec.preprocess_params(square[0])["normalize"] if square else "clip",
+        maskclip=spec.preprocess("maskclip") if "maskclip" in methods else None,
+        need_masks=spec.requires_masks,
+        max_pixels=spec.resources.max_pixels,
+        storage_options=dict(spec.input.storage_options),
+        allowed_schemes=tuple(spec.input.allowed_schemes),
+        retries=spec.resources.retries,
+        annotation_frame=spec.input.annotation_frame,
+    )
+    first_pool = spec.method(methods[0]).resources
+    retries = spec.resources.task_retries
+    ds = _map_batches(
+        ds,
+        decode_batch,
+        fn_kwargs={"config": decode_cfg},
+        batch_format="numpy",
+        batch_size=first_pool.batch_size,
+        num_cpus=spec.resources.decode_cpus,
+        max_retries=retries,
+    )
+    vocab = None
+    if vocabulary is not None:
+        v = spec.vocabulary
+        vocab = Vocabulary(names=tuple(vocabulary), background=tuple(v.background), threshold=v.threshold)
+    out = spec.output
+    for index, name in enumerate(methods):
+        entry = REGISTRY[name]
+        later = {c for other in methods[index + 1 :] for c in REGISTRY[other].inputs}
+        settings = spec.method(name)
+        pool = settings.resources
+        config = ActorConfig(
+            method=name,
+            model=spec.model,
+            settings=settings,
+            templates=spec.templates(name) if entry.encodes_text else None,
+            vocabulary=vocab,
+            options=OutputOptions(
+                heatmap_encoding=out.heatmap_encoding,
+                heatmap_size=out.heatmap_size,
+                write_expl_maps=out.write_expl_maps,
+                prompt_source=prompt_sources.get(name),
+            ),
+            drop_columns=tuple(c for c in entry.inputs if c not in later),
+        )
+        ds = _map_batches(
+            ds,
+            MethodActor,
+            fn_constructor_kwargs={"config": config},
+            compute=ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
+            num_gpus=pool.num_gpus or None,
+            num_cpus=pool.num_cpus,
+            batch_size=pool.batch_size,
+            # resources=None breaks Ray Data's operator fusion before Ray 2.60 (AttributeError in _canonicalize)
+            **({"resources": dict(pool.custom_resources)} if pool.custom_resources else {}),
+            batch_format="numpy",
+            max_restarts=-1,
+            max_task_retries=-1,
+        )
+    return ds

@@ -6,9 +6,11 @@ Usable as a Ray Data callable class or as a plain function (no Ray, no torch imp
     out = decode_batch(batch, cfg)
 
 Input: a batch of manifest rows (``dict`` of numpy arrays or lists, or a ``pa.Table``) with ``image_id``,
-``image_uri`` and optionally ``masks`` (inline) or ``masks_uri`` (masks by reference, resolved on the worker:
+``image_uri`` or ``image`` (the encoded image's bytes, or a Hugging Face ``{bytes, path}`` struct: such a row is
+decoded from them, not fetched; its ``image_uri``, if any, names it in messages, else ``image bytes of <image_id>``)
+and optionally ``masks`` (inline) or ``masks_uri`` (masks by reference, resolved on the worker:
 :mod:`.mask_refs`), ``prompts``. Output: a ``dict[str, np.ndarray]`` with the same number of rows in the same order —
-every input column except ``masks`` and ``masks_uri`` (the raw mask inputs, heavy and no longer needed) passed
+every input column except ``image``, ``masks`` and ``masks_uri`` (the raw inputs, heavy and no longer needed) passed
 through unchanged, plus the decode columns of :mod:`clipmaps.schemas.batches`
 (:func:`output_columns` lists them for a config). Per row:
 
@@ -62,11 +64,12 @@ from clipmaps.schemas.batches import failed_rows
 from .fetch import fetch_bytes, is_transient
 from .image import DEFAULT_FORMATS, DEFAULT_MAX_PIXELS, load_image, to_rgb
 from .masks import decode_mask
-from .stage import OUTPUT_COLUMNS, DecodeConfig, DecodeStage, decode_batch, output_columns
+from .stage import IMAGE, OUTPUT_COLUMNS, DecodeConfig, DecodeStage, decode_batch, output_columns
 
 __all__ = [
     "DEFAULT_FORMATS",
     "DEFAULT_MAX_PIXELS",
+    "IMAGE",
     "OUTPUT_COLUMNS",
     "DecodeConfig",
     "DecodeStage",

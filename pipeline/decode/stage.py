@@ -31,6 +31,11 @@ from .mask_refs import MaskReferences, Resolved, no_rows_error, reference_form
 from .masks import ANNOTATION_FRAMES, AnnotationFrame, decode_mask, get_field
 from .preprocess import Preprocess
 
+#: Optional input column: the row's encoded image (bytes, or a Hugging Face ``{bytes, path}`` struct). A row whose
+#: ``image`` is set is decoded from it and its ``image_uri`` (if any) only names it in messages; the column is dropped
+#: from the output like the mask inputs.
+IMAGE = "image"
+
 #: Every column the stage can add, in order (:func:`output_columns` gives those of one config).
 OUTPUT_COLUMNS = (
     B.HEIGHT,
@@ -141,10 +146,14 @@ class DecodeStage:
             KeyError: the batch lacks ``image_id`` or ``image_uri`` (a wiring error, not a row's).
         """
         columns = _columns(batch)
-        if B.IMAGE_ID not in columns or B.IMAGE_URI not in columns:
-            raise KeyError(f"the decode stage needs columns {B.IMAGE_ID!r} and {B.IMAGE_URI!r}; got {list(columns)}")
-        n = len(columns[B.IMAGE_URI])
-        uris, ids = columns[B.IMAGE_URI], columns[B.IMAGE_ID]
+        if B.IMAGE_ID not in columns or (B.IMAGE_URI not in columns and IMAGE not in columns):
+            raise KeyError(
+                f"the decode stage needs columns {B.IMAGE_ID!r} and {B.IMAGE_URI!r} or {IMAGE!r}; got {list(columns)}"
+            )
+        ids = columns[B.IMAGE_ID]
+        n = len(ids)
+        images = columns.get(IMAGE)
+        uris = [_shown_uri(columns, images, i) for i in range(n)]
         masks_col = columns.get("masks")
         # the manifest's optional width/height (the annotation's frame) share their names with the decoded size
         # written below: read them before they are replaced
@@ -166,6 +175,7 @@ class DecodeStage:
                 self._mask_uris(masks_col[i] if masks_col is not None else None),
                 None if refs.get(i) in groups else refs.get(i),
                 str(ids[i]),
+                _inline_bytes(images[i]) if images is not None else None,
             )
             for i in todo
         ]
@@ -192,13 +202,13 @@ class DecodeStage:
                         out[name][i] = columns[name][i] if has_error[i] else None
         for i, f in fetched.items():
             declared = _declared(declared_h, declared_w, i)
-            row = self._row(columns[B.IMAGE_URI][i], masks_col[i] if masks_col is not None else None, f, declared)
+            row = self._row(uris[i], masks_col[i] if masks_col is not None else None, f, declared)
             for name, value in row.items():
                 out[name][i] = value
 
         result: dict[str, np.ndarray] = {}
         for name, values in columns.items():
-            if name not in ("masks", B.MASKS_URI) and name not in out:
+            if name not in ("masks", B.MASKS_URI, IMAGE) and name not in out:
                 result[name] = values if isinstance(values, np.ndarray) else _objects(n, values)
         result.update(out)
         return B.conform(result, names)  # a failed row's arrays: the declared empty fill
@@ -236,10 +246,18 @@ class DecodeStage:
             if get_field(m, "uri") is not None and get_field(m, "rle") is None and get_field(m, "polygon") is None
         }
 
-    def _fetch(self, uri: str, mask_uris: dict[int, str], ref: str | None = None, image_id: str = "") -> _Fetched:
+    def _fetch(
+        self,
+        uri: str,
+        mask_uris: dict[int, str],
+        ref: str | None = None,
+        image_id: str = "",
+        data: bytes | None = None,
+    ) -> _Fetched:
         res = _Fetched()
         try:
-            res.data = fetch_bytes(uri, self.config)
+            # a row that carries its encoded image (an ``image`` column) is not fetched: its masks may still be
+            res.data = data if data is not None else fetch_bytes(uri, self.config)
         except RowError as e:
             res.error = e
             return res
@@ -399,6 +417,29 @@ def output_columns(config: DecodeConfig) -> tuple[str, ...]:
     if not config.need_masks:
         skip |= {B.MASK_IDS, B.MASKS_SQUARE, B.MASK_AREA, B.MASK_BBOX, B.MASK_RLE, B.MASK_ERRORS}
     return tuple(c for c in OUTPUT_COLUMNS if c not in skip)
+
+
+def _inline_bytes(value: Any) -> bytes | None:
+    """A row's ``image`` cell as bytes: ``bytes``, a Hugging Face image struct's ``bytes`` (``{bytes, path}``), or
+    None when absent (null, NaN from Ray's round trip, an empty value)."""
+    if isinstance(value, Mapping):
+        value = value.get("bytes")
+    if isinstance(value, np.ndarray) and value.dtype == np.uint8:
+        value = value.tobytes()
+    if isinstance(value, (bytes, bytearray, memoryview)) and len(value):
+        return bytes(value)
+    return None
+
+
+def _shown_uri(columns: dict[str, Any], images: Any, i: int) -> str:
+    """What messages name a row's image by: its ``image_uri`` when it has one, else ``image bytes of <image_id>``
+    for a row whose image is inline."""
+    uris = columns.get(B.IMAGE_URI)
+    if uris is not None and B.present(uris[i]):
+        return str(uris[i])
+    if images is not None and _inline_bytes(images[i]) is not None:
+        return f"image bytes of {columns[B.IMAGE_ID][i]}"
+    return ""
 
 
 def _declared(heights: Any, widths: Any, i: int) -> tuple[int, int] | None:
