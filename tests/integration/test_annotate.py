@@ -12,6 +12,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from ray.data.expressions import col
 
 from clipmaps.jobs.demo import write_scenes
 from clipmaps.pipeline import annotate
@@ -59,7 +60,10 @@ def both(ray_local, tmp_path_factory):
     del raw["input"], raw["output"]  # annotate needs neither
     ds = ray.data.read_parquet(str(source))
     out = annotate(ds, raw)
-    out.filter(lambda r: r["image_id"] != "skip-me").write_parquet(str(folder / "annotated"))
+    out.filter(expr=col("image_id") != "skip-me").write_parquet(str(folder / "annotated"))
+    # the README's filter, on the rows written
+    kept = ray.data.read_parquet(str(folder / "annotated")).filter(expr=col("error_stage").is_null())
+    assert sorted(kept.unique("image_id")) == sorted(r["image_id"] for r in rows)
     annotated = pads.dataset(folder / "annotated", format="parquet").to_table()
     return rows, folder / "run", annotated
 
