@@ -102,8 +102,9 @@ class LinearizedBlock:
         rows.aligned = True
         return rows
 
-    def attention_gradient(self, t: Tensor, image: Tensor | None = None) -> Tensor:
-        """``∂⟨t_m, f_image[m]⟩/∂A`` for rows ``t`` ``[M, D]`` → ``[M, H, N, N]`` (differentiable in ``t``).
+    def attention_gradient(self, t: Tensor, image: Tensor | None = None, *, relevance: bool = False) -> Tensor:
+        """``∂⟨t_m, f_image[m]⟩/∂A`` for rows ``t`` ``[M, D]`` → ``[M, H, N, N]`` (differentiable in ``t``); with
+        ``relevance``, its ReLU averaged over heads and query rows instead, ``[M, N]``.
 
         ``image`` ``[M]`` (int64) says which image of the batch each row belongs to; default all image 0 (a block
         from :meth:`for_rows` takes none: its rows are already aligned).
@@ -129,12 +130,40 @@ class LinearizedBlock:
         d_o = self.block.ls_1(d_y) @ self.out_weight  # [M, N, C], merged heads before out_proj
         m, n, _ = d_o.shape
         d_o = d_o.view(m, n, self.heads, self.head_dim).transpose(1, 2)  # [M, H, N, hd]
-        return d_o @ pick(self.v).transpose(-2, -1)  # [M, H, N, N]
+        if relevance and t.requires_grad:  # MaskInversion: the map's own backward (see _GradientRelevance)
+            return _GradientRelevance.apply(d_o, pick(self.v))
+        g = d_o @ pick(self.v).transpose(-2, -1)  # [M, H, N, N]
+        return g.relu_().mean(dim=(1, 2)) if relevance else g
 
     def relevance(self, t: Tensor, image: Tensor | None = None) -> Tensor:
         """LeGrad's per-patch relevance ``[M, N - 1]``: ReLU of the gradient, mean over heads and query rows,
         class column dropped (arguments as :meth:`attention_gradient`)."""
-        return self.attention_gradient(t, image).relu_().mean(dim=(1, 2))[:, 1:]  # in place: the map is large
+        return self.attention_gradient(t, image, relevance=True)[:, 1:]
+
+
+class _GradientRelevance(torch.autograd.Function):
+    """``relu(d_o @ vᵀ).mean(heads, query rows)`` with a backward that keeps only the sign of the map.
+
+    ``d_o`` ``[M, H, N, hd]``, ``v`` ``[M, H, N, hd]`` (constant) → ``[M, N]``. Autograd's own backward would
+    materialise the ``[M, H, N, N]`` map three more times (the mean's expanded gradient, its division, the ReLU's
+    mask); here the backward turns the saved map into the ReLU's 0/1 mask in place and makes one batched product:
+    ``∂/∂d_o = mask @ (w ⊙ v)`` with ``w`` the incoming gradient per key divided by ``H·N``.
+    """
+
+    @staticmethod
+    def forward(ctx, d_o: Tensor, v: Tensor) -> Tensor:
+        g = (d_o @ v.transpose(-2, -1)).relu_()  # [M, H, N, N]
+        ctx.save_for_backward(g, v)
+        return g.mean(dim=(1, 2))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        g, v = ctx.saved_tensors
+        heads, n = g.shape[1], g.shape[2]
+        w = grad / (heads * n)  # [M, N]: each key's share of the mean
+        # the saved map turned into the ReLU's 0/1 mask in place (no new [M, H, N, N] tensor): it is used only here,
+        # so this backward runs once per forward (no retain_graph)
+        return g.sign_() @ (w[:, None, :, None] * v), None
 
 
 def trace_blocks(

@@ -41,3 +41,19 @@ def test_closed_form_matches_autograd(tiny_vit, images):
         reference = autograd_attention_gradient(tower, index, x[b], t[rows])
         rel = (closed[rows] - reference).norm() / reference.norm()
         assert rel < 1e-5, (b, rel)
+
+
+def test_relevance_backward_matches_autograd():
+    """MaskInversion's map-to-relevance step has its own backward (a boolean mask, no stored map): same gradient as
+    autograd through ReLU and mean."""
+    from clipmaps.actors.methods.legrad import _GradientRelevance
+
+    g = torch.Generator().manual_seed(0)
+    d_o = torch.randn(3, 2, 9, 4, generator=g, dtype=torch.float64)
+    v = torch.randn(3, 2, 9, 4, generator=g, dtype=torch.float64)
+    weights = torch.randn(3, 9, generator=g, dtype=torch.float64)
+    a = d_o.clone().requires_grad_(True)
+    (_GradientRelevance.apply(a, v) * weights).sum().backward()
+    b = d_o.clone().requires_grad_(True)
+    (F.relu(b @ v.transpose(-2, -1)).mean(dim=(1, 2)) * weights).sum().backward()
+    torch.testing.assert_close(a.grad, b.grad)
