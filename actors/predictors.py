@@ -24,6 +24,8 @@ from .methods.gem import GEM
 from .methods.legrad import LeGrad
 from .methods.maskclip import MaskCLIP
 from .methods.maskinversion import MaskInversion
+from .methods.pooled import PooledLeGrad, pooled_family
+from .methods.pooled_maskinversion import PooledMaskInversion
 from .models import LoadedModel
 from .params import params_of
 from .registry import ORIGINAL_GEM, REGISTRY
@@ -331,7 +333,10 @@ class LeGradPredictor(Predictor):
 
     def __init__(self, lm, settings, **kwargs):
         super().__init__(lm, settings, **kwargs)
-        self.legrad = LeGrad(lm.model, lm.tokenizer, self.params, text_encoder=self.text)
+        if pooled_family(lm.model) is not None:  # SigLIP / CoCa: LeGrad through the attention-pooling head
+            self.legrad = PooledLeGrad(lm.model, lm.tokenizer, self.params, text_encoder=self.text)
+        else:
+            self.legrad = LeGrad(lm.model, lm.tokenizer, self.params, text_encoder=self.text)
         self.templates = self.legrad.templates
 
     def run(self, rows: dict) -> Prediction:
@@ -349,7 +354,10 @@ class MaskInversionPredictor(Predictor):
 
     def __init__(self, lm, settings, **kwargs):
         super().__init__(lm, settings, **kwargs)
-        self.maskinversion = MaskInversion(lm.model, self.params)
+        if pooled_family(lm.model) is not None:
+            self.maskinversion = PooledMaskInversion(lm.model, self.params, tokenizer=lm.tokenizer)
+        else:
+            self.maskinversion = MaskInversion(lm.model, self.params)
 
     def run(self, rows: dict) -> Prediction:
         x = self.stack(rows[cols.PIXELS_SQUARE])

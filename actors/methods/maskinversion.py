@@ -28,8 +28,7 @@ from torch import Tensor, nn
 from ..params import MaskInversionParams
 from ..vit import VisionTower, min_max
 from .legrad import relevance_maps, trace_blocks
-
-OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
+from .optim import make_optimizer
 
 
 @dataclass
@@ -102,7 +101,7 @@ class MaskInversion:
         init = e0[image]  # [M, D]
         e0_unit = F.normalize(init, dim=-1)
         emb = init.clone().requires_grad_(True)
-        optimizer = OPTIMIZERS[p.optimizer]([emb], lr=p.lr, weight_decay=p.wd)
+        optimizer = make_optimizer([emb], p.optimizer, lr=p.lr, weight_decay=p.wd)
         loss = expl = None
         # with iterations=0 the loop still evaluates once (loss and maps of the initial embedding), no step
         for _ in range(max(p.iterations, 1)):

@@ -1,4 +1,4 @@
-"""MaskInversion on SigLIP and CoCa backbones, and the optimiser MaskInversion's settings name.
+"""MaskInversion on SigLIP and CoCa backbones.
 
 Upstream ``maskinversion-torch`` 1.1 subclasses LeGrad's wrapper, so on these families the explainability map it
 optimises is LeGrad's attention-pool map (:mod:`.pooled`, last block by default, SigLIP's empty-text correction
@@ -13,44 +13,16 @@ the embedding up to the ReLU, :mod:`.pooled`), no backbone work.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..params import MaskInversionParams, OptimizerSettings
+from ..params import MaskInversionParams
 from .maskinversion import RegionEmbeddings, soft_dice_loss
+from .optim import make_optimizer
 from .pooled import PooledTower, empty_text_embedding, final_maps, layer_sum, trace_images
-
-#: The optimiser classes ``OptimizerSettings.name`` selects.
-OPTIMIZER_CLASSES = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
-
-
-def make_optimizer(
-    params_list: Iterable[Tensor], settings: str | OptimizerSettings, *, lr: float, weight_decay: float
-) -> torch.optim.Optimizer:
-    """The optimiser MaskInversion's ``optimizer`` setting names, over ``params_list``.
-
-    Args:
-        params_list: the tensors to optimise (the mask embeddings).
-        settings: a name (``"adamw"``, ``"adam"``, ``"sgd"``) or :class:`OptimizerSettings`.
-        lr: learning rate (``MaskInversionParams.lr``).
-        weight_decay: ``MaskInversionParams.wd``; an ``OptimizerSettings.weight_decay`` that is set wins.
-
-    Returns:
-        a ``torch.optim`` optimiser; torch's own defaults for every field left unset (AdamW: betas (0.9, 0.999),
-        eps 1e-8, as upstream, which passes only ``lr`` and ``weight_decay``).
-
-    Raises:
-        ValueError: an unknown name, or a field the named optimiser does not take (``betas`` for SGD).
-    """
-    if isinstance(settings, str):
-        settings = OptimizerSettings(name=settings)
-    cls = OPTIMIZER_CLASSES[settings.name]
-    kwargs = settings.torch_kwargs()
-    kwargs.setdefault("weight_decay", weight_decay)
-    return cls(list(params_list), lr=lr, **kwargs)
 
 
 class PooledMaskInversion:

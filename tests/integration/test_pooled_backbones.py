@@ -42,7 +42,6 @@ def _read(out, name):
     return pads.dataset(out / name, format="parquet").to_table()
 
 
-@pytest.mark.xfail(strict=False, reason="dispatch not wired yet")
 def test_siglip_runs_legrad_and_maskinversion_through_ray(finished_job):
     spec, result, out = finished_job
     assert result.counts.get("errors", 0) == 0, _read(out, "errors").to_pylist()

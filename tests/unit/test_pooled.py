@@ -12,8 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from clipmaps.actors.methods.optim import make_optimizer
 from clipmaps.actors.methods.pooled import PooledLeGrad, PooledTower, pooled_family, relevance
-from clipmaps.actors.methods.pooled_maskinversion import PooledMaskInversion, make_optimizer
+from clipmaps.actors.methods.pooled_maskinversion import PooledMaskInversion
 from clipmaps.actors.models import load_model
 from clipmaps.actors.params import LeGradParams, MaskInversionParams, OptimizerSettings
 
