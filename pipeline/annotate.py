@@ -62,8 +62,9 @@ from clipmaps.schemas.datasets import RLE
 
 from . import fingerprint as fp
 from .decode.stage import IMAGE
+from .inputs import check_rows, image_bytes
 from .sinks import ERROR_REGION_ID, Provenance, SinkConfig, SinkStage
-from .sources import MANIFEST_READ, row_problems
+from .sources import MANIFEST_READ
 from .spec import JobSpec, SpecError, load_spec
 
 logger = logging.getLogger(__name__)
@@ -283,7 +284,9 @@ def validate_rows(batch: pa.Table, allowed_schemes: tuple[str, ...]) -> pa.Table
         ValueError: a column has a type that cannot be cast to the manifest's (naming the column and both types).
     """
     n = batch.num_rows
-    images = _image_present(batch[IMAGE]) if IMAGE in batch.column_names else pa.array([False] * n)
+    images = image_bytes(batch[IMAGE]) if IMAGE in batch.column_names else None
+    if images is not None:  # the Hugging Face struct becomes its bytes: one form on the workers
+        batch = batch.set_column(batch.column_names.index(IMAGE), IMAGE, images)
     columns = {}
     for f in MANIFEST_READ:
         if f.name not in batch.column_names:
@@ -296,18 +299,7 @@ def validate_rows(batch: pa.Table, allowed_schemes: tuple[str, ...]) -> pa.Table
                 f"annotate: column {f.name!r} is {batch.schema.field(f.name).type}, which does not cast to the "
                 f"manifest's {f.type}: {e}"
             ) from None
-    # a row with inline bytes stands for its image_uri in the checks (its scheme is allowed by construction)
-    stand_in = pa.scalar(f"{allowed_schemes[0]}://inline-image", pa.string())
-    columns["image_uri"] = pc.if_else(images, stand_in, columns["image_uri"])
-    table = pa.table(columns, schema=MANIFEST_READ)
-    problems = row_problems(table, allowed_schemes=allowed_schemes, duplicates=False)
-    if IMAGE in batch.column_names:
-        problems = [
-            ("MissingImage", "the row has neither image bytes nor an image_uri", None)
-            if p is not None and p[0] == "MissingImageUri"
-            else p
-            for p in problems
-        ]
+    problems = check_rows(pa.table(columns, schema=MANIFEST_READ), images, allowed_schemes)
     failed = pa.array([p is not None for p in problems], pa.bool_())
     out = batch
     for name in ("masks", "prompts", cols.MASKS_URI, IMAGE):
@@ -322,16 +314,6 @@ def validate_rows(batch: pa.Table, allowed_schemes: tuple[str, ...]) -> pa.Table
     out = out.append_column(cols.ERROR_TYPE, pa.array([p[0] if p else None for p in problems], pa.string()))
     out = out.append_column(cols.ERROR_MESSAGE, pa.array([p[1] if p else None for p in problems], pa.string()))
     return out.append_column(ERROR_REGION_ID, pa.array([p[2] if p else None for p in problems], pa.string()))
-
-
-def _image_present(col: pa.ChunkedArray) -> pa.Array:
-    """``bool`` per row: the ``image`` cell holds bytes (a binary value, or a struct whose ``bytes`` is set)."""
-    arr = col.combine_chunks()
-    if pa.types.is_struct(arr.type):
-        arr = pc.struct_field(arr, "bytes") if arr.type.get_field_index("bytes") >= 0 else pa.nulls(len(arr))
-    if pa.types.is_null(arr.type):
-        return pa.array([False] * len(arr))
-    return pc.fill_null(pc.greater(pc.binary_length(arr), 0), False)
 
 
 def annotation_rows(batch: dict[str, np.ndarray], sink: SinkConfig, schema: pa.Schema, kinds: dict) -> pa.Table:

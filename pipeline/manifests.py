@@ -46,6 +46,7 @@ from clipmaps.schemas.datasets import MANIFEST
 from clipmaps.schemas.errors import ManifestError
 from clipmaps.schemas.storage import filesystem, has_glob_characters, redact_uri
 
+from .inputs import IMAGE, image_bytes, image_digests, image_type_problem
 from .sources import (
     _COMPRESSION_EXT,
     _CSV_EXT,
@@ -301,7 +302,13 @@ def _count_parquet(fs, path: str, shown: str) -> FileCount:
     with fs.open(path, "rb") as f:
         meta = pq.ParquetFile(f).metadata
         schema = meta.schema.to_arrow_schema()
-    _check_columns(schema.names, shown)
+    names = schema.names
+    if IMAGE in names:  # images inside the file: the column stands for image_uri, and is not an extra column
+        problem = image_type_problem(schema.field(IMAGE).type)
+        if problem is not None:
+            raise ManifestError(f"manifest {shown}: {problem}")
+        names = [n for n in names if n != IMAGE] + (["image_uri"] if "image_uri" not in names else [])
+    _check_columns(names, shown)
     columns = [n for n in MANIFEST.names if n in schema.names]
     _conform_arrow(schema.empty_table().select(columns), shown)  # a column of the wrong type: refused now
     flags = {c: c in schema.names and _parquet_has_values(meta, c) for c in FLAG_COLUMNS}
@@ -395,6 +402,8 @@ class RowsRead:
     table: pa.Table
     problems: dict[int, tuple[str, str]]
     digest: str
+    #: a Parquet file's inline images (``binary``, null where a row has none), or None (no ``image`` column)
+    images: pa.Array | None = None
 
 
 def read_rows(
@@ -474,7 +483,13 @@ def _csv_records(f, header, skip: int, *, header_first: bool):
         yield rec, ",".join(values)
 
 
-def _normalise(file: ManifestFile, start: int, records: Iterable, ids_only: bool = False) -> RowsRead:
+def _normalise(
+    file: ManifestFile,
+    start: int,
+    records: Iterable,
+    ids_only: bool = False,
+    image_hashes: list[str | None] | None = None,
+) -> RowsRead:
     rows, problems = [], {}
     digest = hashlib.sha256()
     shown = redact_uri(file.uri)
@@ -501,7 +516,10 @@ def _normalise(file: ManifestFile, start: int, records: Iterable, ids_only: bool
             digest.update(json.dumps({"unreadable": text}).encode() + b"\n")
             continue
         rows.append(row)
-        digest.update(_canonical([row.get(c) for c in DIGEST_COLUMNS]) + b"\n")
+        values = [row.get(c) for c in DIGEST_COLUMNS]
+        if image_hashes is not None and image_hashes[i] is not None:
+            values.append({IMAGE: image_hashes[i]})  # only rows with inline bytes: other digests stay as they were
+        digest.update(_canonical(values) + b"\n")
     table = pa.Table.from_pylist(rows, schema=MANIFEST_READ)
     return RowsRead(table=table, problems=problems, digest=digest.hexdigest()[:32])
 
@@ -515,6 +533,8 @@ def _read_parquet_rows(fs, path: str, file: ManifestFile, start: int, rows: int,
     with fs.open(path, "rb") as f:
         pf = pq.ParquetFile(f)
         names = ["image_id"] if ids_only else [n for n in MANIFEST.names if n in pf.schema_arrow.names]
+        if not ids_only and IMAGE in pf.schema_arrow.names:
+            names.append(IMAGE)
         groups, first, seen = [], None, 0
         for g in range(pf.metadata.num_row_groups):
             n = pf.metadata.row_group(g).num_rows
@@ -531,8 +551,16 @@ def _read_parquet_rows(fs, path: str, file: ManifestFile, start: int, rows: int,
             position += b.num_rows
             if position >= start + rows:
                 break
-    objs = pa.Table.from_batches(parts).to_pylist() if parts else []
-    return _normalise(file, start, ((o, o) for o in objs), ids_only)
+    table = pa.Table.from_batches(parts) if parts else None
+    images = None
+    if table is not None and IMAGE in table.column_names:
+        # kept as one Arrow array (never Python objects per row) beside the normalised rows
+        images = image_bytes(table[IMAGE])
+        table = table.drop_columns([IMAGE])
+    objs = table.to_pylist() if table is not None else []
+    got = _normalise(file, start, ((o, o) for o in objs), ids_only, image_digests(images, len(objs)))
+    got.images = images
+    return got
 
 
 def _canonical(value: Any) -> bytes:

@@ -36,9 +36,10 @@ from clipmaps.schemas import batches as cols
 from clipmaps.schemas.errors import ManifestError
 from clipmaps.schemas.storage import redact_uri
 
+from .inputs import IMAGE, IMAGE_TYPE, check_rows
 from .manifests import FileCount, ManifestFile, read_rows
 from .sinks import ERROR_REGION_ID, SHARD_DIGEST
-from .sources import MANIFEST_READ, row_problems
+from .sources import MANIFEST_READ
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ logger = logging.getLogger(__name__)
 READ_SCHEMA = pa.schema(
     [
         *MANIFEST_READ,
+        pa.field(IMAGE, IMAGE_TYPE),  # a Parquet manifest's inline image bytes; null for rows read by URI
         pa.field(cols.SHARD, pa.int64()),
         pa.field(SHARD_DIGEST, pa.string()),
         pa.field(cols.ERROR_STAGE, pa.string()),
@@ -187,7 +189,7 @@ def read_shard(
     """
     got = read_rows(file, header, seek.offset, seek.skip, shard.start, shard.rows, storage_options)
     table = got.table
-    problems = row_problems(table, allowed_schemes=allowed_schemes, duplicates=False)
+    problems = check_rows(table, got.images, allowed_schemes, duplicates=False)
     for i, (etype, message) in got.problems.items():
         problems[i] = (etype, message, None)
     for row, message in (duplicates or {}).items():
@@ -197,10 +199,11 @@ def read_shard(
     failed = np.array([p is not None for p in problems], dtype=bool)
     n = table.num_rows
     columns = {name: table[name] for name in MANIFEST_READ.names}
+    columns[IMAGE] = got.images if got.images is not None else pa.nulls(n, IMAGE_TYPE)
     if failed.any():  # a refused row carries only what its error row needs
         keep = pa.array(~failed)
-        for name in ("masks", "prompts", "masks_uri"):
-            columns[name] = pc.if_else(keep, table[name], pa.nulls(n, table[name].type))
+        for name in ("masks", "prompts", "masks_uri", IMAGE):
+            columns[name] = pc.if_else(keep, columns[name], pa.nulls(n, columns[name].type))
     columns[cols.SHARD] = pa.array(np.full(n, shard.id, dtype=np.int64))
     columns[SHARD_DIGEST] = pa.array([got.digest] * n, pa.string())
     columns[cols.ERROR_STAGE] = pa.array(["manifest" if p else None for p in problems], pa.string())
