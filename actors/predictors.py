@@ -67,6 +67,8 @@ class OutputOptions:
             ``JobSpec.prompt_source`` resolves it at plan time; None for a method without heatmaps.
         label_logits_budget: largest K·H·W of upsampled class logits held at once; larger label maps are computed
             at a reduced scale and resized with nearest neighbour.
+        label_confidence: label methods also write ``{method}__confidence``, the winning class's probability per
+            pixel as an 8-bit PNG.
     """
 
     heatmap_encoding: str = "png8"
@@ -74,6 +76,7 @@ class OutputOptions:
     write_expl_maps: bool = False
     prompt_source: str | None = None
     label_logits_budget: int = 1 << 26
+    label_confidence: bool = False
 
 
 @dataclass
@@ -98,11 +101,15 @@ class RowPrompts:
     collapsed: int = 0
 
 
-def _labels_batch(logits: torch.Tensor, rule: BackgroundRule, sizes: list[tuple[int, int]], budget: int) -> list[bytes]:
-    """``logits`` ``[B, K, h, w]`` → one PNG label map per image at its ``sizes[b]`` ``(height, width)``: bilinear
-    logits within the budget (K·H·W values; above it at a reduced scale, the labels resized with nearest neighbour),
-    images of equal size in one computation."""
+def _labels_batch(
+    logits: torch.Tensor, rule: BackgroundRule, sizes: list[tuple[int, int]], budget: int
+) -> tuple[list[bytes], list[bytes]]:
+    """``logits`` ``[B, K, h, w]`` → one PNG label map per image at its ``sizes[b]`` ``(height, width)``, and one
+    8-bit PNG of the winning class's probability (``round(255·p)``): bilinear logits within the budget (K·H·W values;
+    above it at a reduced scale, labels and confidences resized with nearest neighbour), images of equal size in one
+    computation."""
     out: list[bytes | None] = [None] * len(sizes)
+    conf_out: list[bytes | None] = [None] * len(sizes)
     groups: dict[tuple[int, int], list[int]] = {}
     for b, size in enumerate(sizes):
         groups.setdefault(tuple(size), []).append(b)
@@ -112,13 +119,16 @@ def _labels_batch(logits: torch.Tensor, rule: BackgroundRule, sizes: list[tuple[
         th, tw = max(1, round(height * scale)), max(1, round(width * scale))
         sub = logits if len(members) == len(sizes) else logits[members]
         up = F.interpolate(sub.float(), size=(th, tw), mode="bilinear", align_corners=False)
-        labels, _ = label_map(up, rule)
+        labels, confidence = label_map(up, rule)
         if (th, tw) != (height, width):
             labels = F.interpolate(labels[:, None].float(), size=(height, width), mode="nearest")[:, 0].long()
+            confidence = F.interpolate(confidence[:, None], size=(height, width), mode="nearest")[:, 0]
         arr = labels.cpu().numpy()
+        conf = torch.round(confidence.clamp(0, 1) * 255).to(torch.uint8).cpu().numpy()
         for j, b in enumerate(members):
             out[b] = encode_label_map(arr[j])
-    return out
+            conf_out[b] = encode_label_map(conf[j])
+    return out, conf_out
 
 
 def _encode_maps(maps: torch.Tensor, size: tuple[int, int], encoding: str) -> list[bytes]:
@@ -172,7 +182,10 @@ class Predictor:
         """Every column :meth:`run` writes with these settings, as the registry declares them (their types and fill
         values are declared in ``schemas.batches.COLUMNS``)."""
         kinds = self.entry.output_kinds(
-            self.settings, vocabulary=self.vocabulary is not None, write_expl_maps=self.options.write_expl_maps
+            self.settings,
+            vocabulary=self.vocabulary is not None,
+            write_expl_maps=self.options.write_expl_maps,
+            label_confidence=self.options.label_confidence,
         )
         if cols.HEATMAPS in kinds:  # the per-prompt errors and the collapsed count travel with the maps
             kinds = (*kinds, *cols.PROMPT_KINDS)
@@ -292,9 +305,10 @@ class GEMPredictor(Predictor):
         if self.settings.labels and self.vocabulary is not None:
             logits = self.gem.class_logits(x, self.vocabulary.scored, features=features)
             sizes = [(int(rows[cols.HEIGHT][i]), int(rows[cols.WIDTH][i])) for i in range(n)]
-            out.columns[cols.col(name, cols.LABELS)] = _labels_batch(
-                logits, self.vocabulary.rule, sizes, self.options.label_logits_budget
-            )
+            labels, confidence = _labels_batch(logits, self.vocabulary.rule, sizes, self.options.label_logits_budget)
+            out.columns[cols.col(name, cols.LABELS)] = labels
+            if self.options.label_confidence:
+                out.columns[cols.col(name, cols.CONFIDENCE)] = confidence
         if self.settings.heatmaps:
             checked = [self.checked_prompts(rows, i) for i in range(n)]
             maps = _maps_for(self.gem.heatmaps, x, checked, features=features)
@@ -317,14 +331,18 @@ class MaskCLIPPredictor(Predictor):
         for i, pixels in enumerate(rows[cols.PIXELS_MASKCLIP]):
             groups.setdefault(tuple(pixels.shape), []).append(i)
         labels: list[bytes | None] = [None] * len(rows[cols.PIXELS_MASKCLIP])
+        confidences: list[bytes | None] = [None] * len(labels)
         for members in groups.values():
             x = self.stack([rows[cols.PIXELS_MASKCLIP][i] for i in members])
             logits = self.maskclip.class_logits(x, self.vocabulary.scored)
             sizes = [(int(rows[cols.HEIGHT][i]), int(rows[cols.WIDTH][i])) for i in members]
-            encoded = _labels_batch(logits, self.vocabulary.rule, sizes, self.options.label_logits_budget)
-            for i, png in zip(members, encoded):
-                labels[i] = png
-        return Prediction({cols.col(self.method, cols.LABELS): labels})
+            encoded, confidence = _labels_batch(logits, self.vocabulary.rule, sizes, self.options.label_logits_budget)
+            for i, png, conf in zip(members, encoded, confidence, strict=True):
+                labels[i], confidences[i] = png, conf
+        out = {cols.col(self.method, cols.LABELS): labels}
+        if self.options.label_confidence:
+            out[cols.col(self.method, cols.CONFIDENCE)] = confidences
+        return Prediction(out)
 
 
 class LeGradPredictor(Predictor):

@@ -136,14 +136,16 @@ class MethodEntry:
 
     # ------------------------------------------------------------------ what it writes
 
-    def output_kinds(self, settings: Any, *, vocabulary: bool, write_expl_maps: bool) -> tuple[str, ...]:
+    def output_kinds(
+        self, settings: Any, *, vocabulary: bool, write_expl_maps: bool, label_confidence: bool = False
+    ) -> tuple[str, ...]:
         """The in-flight output kinds (``schemas.batches`` names: ``labels``, ``heatmaps``…) the method writes
         with these settings; the actor emits ``col(name, kind)`` for each, on every batch."""
         if self.region_outputs:
             return (cols.EMBEDDINGS, cols.LOSS) + ((cols.EXPL_MAPS,) if write_expl_maps else ())
         kinds: tuple[str, ...] = ()
         if settings.labels and vocabulary:
-            kinds += (cols.LABELS,)
+            kinds += (cols.LABELS,) + ((cols.CONFIDENCE,) if label_confidence else ())
         if settings.heatmaps:
             kinds += cols.HEATMAP_KINDS
         return kinds
@@ -158,7 +160,8 @@ class MethodEntry:
     def output_fields(self, settings: Any) -> tuple[str, ...]:
         """The ``output.*`` fields this method's rows depend on with these settings (fingerprinted with it)."""
         heatmap = ("heatmap_encoding", "heatmap_size") if settings.heatmaps else ()
-        return heatmap + self.output_options
+        labels = ("label_confidence",) if getattr(settings, "labels", False) else ()
+        return heatmap + labels + self.output_options
 
     # ------------------------------------------------------------------ preprocessing as data
 

@@ -475,6 +475,7 @@ def model_stages(ds, spec: JobSpec, methods: list[str], vocabulary: list[str] | 
                 heatmap_size=out.heatmap_size,
                 write_expl_maps=out.write_expl_maps,
                 prompt_source=prompt_sources.get(name),
+                label_confidence=out.label_confidence,
             ),
             drop_columns=tuple(c for c in entry.inputs if c not in later),
         )

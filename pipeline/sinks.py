@@ -293,6 +293,7 @@ class SinkStage:
                     "height": h,
                     "width": w,
                     "label_map": label_col[i],
+                    "confidence": _value(batch.get(cols.col(prov.method, cols.CONFIDENCE)), i),
                     "vocabulary_id": prov.vocabulary_id or "",
                 }
             )
@@ -394,3 +395,8 @@ def _error(image_id, uri, method, region_id, stage, error_type, message) -> dict
         error_type=error_type,
         message=redact_text(str(message or "")),
     )
+
+
+def _value(column, i: int):
+    """Row ``i`` of an optional in-flight column (``None`` when the column is absent or the row has no value)."""
+    return column[i] if column is not None and cols.present(column[i]) else None

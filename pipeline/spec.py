@@ -81,8 +81,11 @@ class InputSpec(Section):
     Attributes:
         manifest: path or URI of the manifest (Parquet file or folder, JSON lines, CSV): one row per image with
             ``image_id``, ``image_uri`` and optional ``masks`` and ``prompts`` (``clipmaps.schemas.datasets``).
-        format: ``auto`` (from the name: ``.jsonl``/``.ndjson``, ``.csv``, else Parquet; ``.gz``/``.bz2``/``.xz``/
-            ``.zst`` looked through), or ``parquet``, ``jsonl``, ``csv``.
+        format: ``auto`` (from the name: ``.jsonl``/``.ndjson``, ``.csv``, ``.tar``, else Parquet; ``.gz``/``.bz2``/
+            ``.xz``/``.zst`` looked through), or ``parquet``, ``jsonl``, ``csv``, ``webdataset`` (tar shards of
+            ``{key}.jpg|png|webp`` + ``{key}.json``: ``clipmaps.pipeline.webdataset``). A Parquet manifest may carry
+            each image inside, in an ``image`` column (encoded bytes, or the Hugging Face ``{bytes, path}`` struct that
+            ``datasets.Dataset.to_parquet`` writes) in place of ``image_uri`` (``clipmaps.pipeline.inputs``).
         allowed_schemes: schemes image and mask URIs may use (bare paths are ``file``); others become error rows.
         storage_options: fsspec options for the manifest, images and masks. Redacted wherever the spec is written.
         limit: process only the first ``limit`` rows of the manifest.
@@ -94,7 +97,7 @@ class InputSpec(Section):
     """
 
     manifest: Str = Field(min_length=1)
-    format: Literal["auto", "parquet", "jsonl", "csv"] = "auto"
+    format: Literal["auto", "parquet", "jsonl", "csv", "webdataset"] = "auto"
     allowed_schemes: tuple[Str, ...] = Field(("file", "s3"), min_length=1)
     storage_options: dict[str, Any] = Field(default_factory=dict)
     limit: Int | None = Field(None, ge=1)
@@ -109,7 +112,7 @@ class InputSpec(Section):
         for suffix in (".gz", ".bz2", ".xz", ".zst"):
             name = name.removesuffix(suffix)
         ext = name.rsplit(".", 1)[-1] if "." in name else ""
-        return {"jsonl": "jsonl", "ndjson": "jsonl", "csv": "csv"}.get(ext, "parquet")
+        return {"jsonl": "jsonl", "ndjson": "jsonl", "csv": "csv", "tar": "webdataset"}.get(ext, "parquet")
 
     @field_validator("allowed_schemes")
     @classmethod
@@ -124,9 +127,9 @@ class InputSpec(Section):
         for suffix in (".gz", ".bz2", ".xz", ".zst"):
             name = name.removesuffix(suffix)
         ext = name.rsplit(".", 1)[-1] if "." in name else ""
-        if self.format == "auto" and ext and ext not in ("parquet", "pq", "jsonl", "ndjson", "csv"):
+        if self.format == "auto" and ext and ext not in ("parquet", "pq", "jsonl", "ndjson", "csv", "tar"):
             check([(("format",), f"cannot tell the format of {redact_uri(self.manifest)!r} from its name; set "
-                    "input.format to parquet, jsonl or csv")])  # fmt: skip
+                    "input.format to parquet, jsonl, csv or webdataset")])  # fmt: skip
         return self
 
 
@@ -140,6 +143,8 @@ class OutputSpec(Section):
         heatmap_encoding: ``png8`` (8-bit PNG of ``round(255·v)``) or ``float16`` (raw little-endian).
         heatmap_size: null = each image's original size; ``[h, w]`` = this size for every heatmap.
         write_expl_maps: also write MaskInversion's final explainability map per region.
+        label_confidence: label maps also carry ``confidence``, an 8-bit PNG of the winning class's probability
+            (softmax over the classes and background names at the model's logit scale), per pixel.
         overwrite: delete what is at ``uri`` first (otherwise a re-run resumes).
         shard_rows: manifest rows per shard, the unit of resume (see ``clipmaps.pipeline.resume``).
     """
@@ -149,6 +154,7 @@ class OutputSpec(Section):
     heatmap_encoding: Literal["png8", "float16"] = "png8"
     heatmap_size: tuple[Annotated[Int, Field(ge=1)], Annotated[Int, Field(ge=1)]] | None = None
     write_expl_maps: Bool = False
+    label_confidence: Bool = False
     overwrite: Bool = False
     shard_rows: Int = Field(64, ge=1)
 

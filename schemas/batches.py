@@ -49,6 +49,7 @@ MASKS_URI = "masks_uri"
 
 # -- method output kinds: the column is ``col(method, kind)`` ----------------------------------------------
 LABELS = "labels"
+CONFIDENCE = "confidence"
 HEATMAPS = "heatmaps"
 HEATMAP_PROMPTS = "heatmap_prompts"
 HEATMAP_HW = "heatmap_hw"
@@ -127,6 +128,7 @@ COLUMNS: dict[str, Column] = {
     ),
     MASKS_URI: Column(pa.string(), "the manifest's masks by reference (read and dropped by the decode stage)"),
     LABELS: Column(pa.binary(), "PNG label map at the image's size"),
+    CONFIDENCE: Column(pa.binary(), "8-bit PNG of the winning class's probability, round(255·p), label map size"),
     HEATMAPS: Column(pa.list_(pa.binary()), "one encoded heatmap per prompt"),
     HEATMAP_PROMPTS: Column(pa.list_(pa.string()), "the prompts, aligned with the heatmaps"),
     HEATMAP_HW: Column(pa.int64(), "[2] (h, w) of the encoded heatmaps; (0, 0) on rows without", 1, (2,)),

@@ -62,6 +62,7 @@ LABELS = pa.schema(
         pa.field("height", pa.int32(), nullable=False),
         pa.field("width", pa.int32(), nullable=False),
         pa.field("label_map", pa.binary(), nullable=False),  # PNG, uint8 (≤ 255 labels) or uint16; 0 = background
+        pa.field("confidence", pa.binary()),  # output.label_confidence: 8-bit PNG, round(255·p) of the winning class
         pa.field("vocabulary_id", pa.string(), nullable=False),
     ]
 )

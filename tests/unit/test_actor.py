@@ -46,7 +46,7 @@ def batch():
     }
 
 
-def _actor(method, write_expl_maps=False, **settings):
+def _actor(method, write_expl_maps=False, label_confidence=False, **settings):
     entry = REGISTRY[method]
     return MethodActor(
         ActorConfig(
@@ -56,7 +56,9 @@ def _actor(method, write_expl_maps=False, **settings):
             templates="photo" if entry.encodes_text else None,
             vocabulary=Vocabulary(names=("cat", "dog"), background=("sky",)),
             options=OutputOptions(
-                write_expl_maps=write_expl_maps, prompt_source="auto" if entry.settings().heatmaps else None
+                write_expl_maps=write_expl_maps,
+                prompt_source="auto" if entry.settings().heatmaps else None,
+                label_confidence=label_confidence,
             ),
         )
     )
@@ -105,7 +107,14 @@ def test_maskinversion_reports_rows_without_masks(batch):
 
 @pytest.mark.parametrize(
     "method, options",
-    [("gem", {"original": True}), ("maskclip", {}), ("legrad", {}), ("maskinversion", {"write_expl_maps": True})],
+    [
+        ("gem", {"original": True}),
+        ("gem", {"label_confidence": True}),
+        ("maskclip", {}),
+        ("maskclip", {"label_confidence": True}),
+        ("legrad", {}),
+        ("maskinversion", {"write_expl_maps": True}),
+    ],
 )
 def test_every_output_column_is_declared_and_always_written(batch, method, options):
     actor = _actor(method, **options)
@@ -177,3 +186,31 @@ def test_the_sink_writes_prompt_errors_and_counts_collapsed_prompts(batch, tmp_p
     assert sink.prompts_collapsed(out) == 1  # per image the most any output dropped, not once per output
     counts = sink({**out, cols.SHARD: np.zeros(3, np.int64)})
     assert counts["prompts_collapsed"].tolist() == [1]
+
+
+@pytest.mark.parametrize("method", ["gem", "maskclip"])
+def test_label_confidence_is_the_winning_probability_beside_each_label_map(batch, tmp_path, method):
+    """With ``output.label_confidence`` each label map has a same-size 8-bit confidence: the winning class's softmax
+    probability over the 2 classes and 1 background name, so never below 1/3; the label maps themselves do not
+    change; the sink writes it into ``labels/``."""
+    from clipmaps.pipeline.sinks import Provenance, SinkConfig, SinkStage
+
+    plain, with_conf = _actor(method)(batch), _actor(method, label_confidence=True)(batch)
+    assert cols.col(method, cols.CONFIDENCE) not in plain
+    assert list(plain[cols.col(method, cols.LABELS)]) == list(with_conf[cols.col(method, cols.LABELS)])
+    conf = with_conf[cols.col(method, cols.CONFIDENCE)]
+    assert conf[1] is None  # the failed row
+    for i in (0, 2):
+        c = decode_label_map(conf[i])
+        assert c.shape == (240, 320) and c.dtype == np.uint8
+        assert c.min() >= np.floor(255 / 3) and c.max() <= 255
+    sink = SinkStage(SinkConfig(str(tmp_path), {method: Provenance(method, "m", "w", "h", "v")}))
+    with_conf.update(
+        {
+            cols.IMAGE_URI: _objects(["a.png", "b.png", "c.png"]),
+            cols.ERROR_TYPE: _objects([None, "DecodeError", None]),  # row b failed upstream (the fixture's stage)
+            cols.ERROR_MESSAGE: _objects([None, "bad bytes", None]),
+        }
+    )
+    rows = sink.tables(with_conf)["labels"].to_pylist()
+    assert [r["confidence"] for r in rows] == [conf[0], conf[2]]
