@@ -9,6 +9,7 @@ it. (segment-anything calls this layer a predictor: the model plus batching and 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -30,6 +31,8 @@ from .models import LoadedModel
 from .params import params_of
 from .registry import ORIGINAL_GEM, REGISTRY
 from .text import PromptTooLong, TextEncoder, check_fits, text_key
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -250,7 +253,11 @@ class Predictor:
         """Run the method's hot paths through ``torch.compile`` (``model.compile: true``); ``options`` go to
         ``torch.compile``. Compilation happens on the first batches (and once more when the batch size first
         changes, after which shapes are dynamic)."""
-        getattr(self, self.method_attr).compile(**options)
+        method = getattr(self, self.method_attr, None) if self.method_attr else None
+        if method is None or not hasattr(method, "compile"):
+            logger.warning("%s: model.compile is set but this method has no compiled path; it runs eager", self.method)
+            return
+        method.compile(**options)
 
     def heatmap_columns(self, name: str, rows: dict, checked: list[RowPrompts], maps: list[torch.Tensor]) -> dict:
         """Heatmaps ``[P_i, h, w]`` per row → the encoded heatmap output columns of output ``name``, with each row's
