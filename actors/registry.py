@@ -236,6 +236,7 @@ REGISTRY: dict[str, MethodEntry] = {
             square_input=False,
             encodes_text=True,
             predictor="clipmaps.actors.predictors:MaskCLIPPredictor",
+            version=3,
             default_templates="ensemble85",
         ),
         MethodEntry(
@@ -252,7 +253,7 @@ REGISTRY: dict[str, MethodEntry] = {
             square_input=True,
             encodes_text=True,
             predictor="clipmaps.actors.predictors:GEMPredictor",
-            version=3,
+            version=4,
             default_templates="photo",
             baseline=ORIGINAL_GEM,
         ),
@@ -270,7 +271,7 @@ REGISTRY: dict[str, MethodEntry] = {
             square_input=True,
             encodes_text=True,
             predictor="clipmaps.actors.predictors:LeGradPredictor",
-            version=3,
+            version=4,
             default_templates="raw",
         ),
         MethodEntry(
@@ -287,6 +288,7 @@ REGISTRY: dict[str, MethodEntry] = {
             square_input=True,
             encodes_text=False,
             predictor="clipmaps.actors.predictors:MaskInversionPredictor",
+            version=3,
             region_outputs=True,
             output_options=("write_expl_maps",),
         ),
