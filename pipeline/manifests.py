@@ -59,6 +59,7 @@ from .sources import (
     _parse_prompt_string,
     _short,
 )
+from .webdataset import count_tar, shard_name, tar_records
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +126,7 @@ def list_manifest_files(uri: str, storage_options: dict, fmt: str = "auto") -> t
             infos = [i for i in fs.find(root, detail=True).values() if i.get("type", "file") == "file"]
             infos = [i for i in infos if _listed(posixpath.relpath(i["name"], root), fmt)]
             if not infos:
-                raise ManifestError(f"manifest folder {shown} holds no .parquet, .jsonl, .ndjson or .csv file")
+                raise ManifestError(f"manifest folder {shown} holds no .parquet, .jsonl, .ndjson, .csv or .tar file")
         elif has_glob_characters(path) and not fs.exists(path):
             root = _fixed_prefix(path)
             infos = [i for i in fs.glob(path, detail=True).values() if i.get("type", "file") == "file"]
@@ -149,8 +150,8 @@ def list_manifest_files(uri: str, storage_options: dict, fmt: str = "auto") -> t
         kind, compressed = file_format(name, fmt)
         if kind is None:
             raise ManifestError(
-                f"cannot read manifest {redact_uri(name)}: unknown format (expected a .parquet, .jsonl, .ndjson or "
-                ".csv file, or set input.format)"
+                f"cannot read manifest {redact_uri(name)}: unknown format (expected a .parquet, .jsonl, .ndjson, "
+                ".csv or .tar file, or set input.format)"
             )
         if not info.get("size") and len(infos) > 1:
             logger.warning("manifest file %s has 0 bytes; skipped", redact_uri(name))
@@ -176,7 +177,9 @@ def file_format(name: str, fmt: str = "auto") -> tuple[str | None, bool]:
     if compressed:
         lower = lower.rsplit(".", 1)[0]
     if fmt != "auto":
-        return fmt, compressed and fmt != "parquet"
+        return fmt, compressed and fmt not in ("parquet", "webdataset")
+    if lower.endswith(".tar") and not compressed:  # WebDataset shards (``clipmaps.pipeline.webdataset``)
+        return "webdataset", False
     if lower.endswith(_PARQUET_EXT) and not compressed:
         return "parquet", False
     if lower.endswith(_JSONL_EXT):
@@ -213,6 +216,10 @@ def count_file(file: ManifestFile, shard_rows: int, storage_options: dict) -> Fi
         fs, path = filesystem(file.uri, storage_options)
         if file.format == "parquet":
             return _count_parquet(fs, path, shown)
+        if file.format == "webdataset":
+            with fs.open(path, "rb") as f:
+                rows, offsets, flags = count_tar(f, shard_rows)
+            return FileCount(rows=rows, offsets=offsets, flags=flags)
         with _open_binary(fs, path, file) as f:
             if file.format == "jsonl":
                 count = _count_jsonl(f, shard_rows, file.compressed)
@@ -262,7 +269,7 @@ def sample_count(file: ManifestFile, shard_rows: int, storage_options: dict) -> 
     Raises:
         ManifestError: as :func:`count_file`.
     """
-    if file.format == "parquet" or (file.size <= SAMPLE_BYTES and not file.compressed):
+    if file.format in ("parquet", "webdataset") or (file.size <= SAMPLE_BYTES and not file.compressed):
         return count_file(file, shard_rows, storage_options)
     shown = redact_uri(file.uri)
     try:
@@ -431,6 +438,8 @@ def read_rows(
     fs, path = filesystem(file.uri, storage_options)
     if file.format == "parquet":
         return _read_parquet_rows(fs, path, file, start, rows, ids_only)
+    if file.format == "webdataset":
+        return _read_tar_rows(fs, path, file, offset, skip, start, rows, ids_only)
     with _open_binary(fs, path, file) as f:
         if offset is not None:
             f.seek(offset)
@@ -561,6 +570,24 @@ def _read_parquet_rows(fs, path: str, file: ManifestFile, start: int, rows: int,
     got = _normalise(file, start, ((o, o) for o in objs), ids_only, image_digests(images, len(objs)))
     got.images = images
     return got
+
+
+def _read_tar_rows(
+    fs, path: str, file: ManifestFile, offset: int | None, skip: int, start: int, rows: int, ids_only: bool
+) -> RowsRead:
+    """Samples ``[start, start + rows)`` of a WebDataset tar (``clipmaps.pipeline.webdataset``), with their images."""
+    with fs.open(path, "rb") as f:
+        got = list(tar_records(f, offset, skip, rows, shard_name(file.rel, file.uri)))
+    records = [None if g is None else (g[0], g[1]) for g in got]
+    images = None if ids_only else pa.array([g[2] if g is not None else None for g in got], pa.binary())
+    out = _normalise(file, start, iter(records), ids_only, None if ids_only else image_digests(images, len(got)))
+    out.images = images
+    if out.problems and not ids_only:  # a sample that failed to parse keeps its id (shard/key) on its error row
+        ids = out.table["image_id"].to_pylist()
+        for i in out.problems:
+            ids[i] = json.loads(got[i][1])["image_id"] if got[i] is not None else None
+        out.table = out.table.set_column(out.table.schema.get_field_index("image_id"), "image_id", pa.array(ids))
+    return out
 
 
 def _canonical(value: Any) -> bytes:
