@@ -75,7 +75,7 @@ def test_a_new_implementation_version_is_refused(monkeypatch):
 
     before = fingerprint()
     monkeypatch.setitem(registry.REGISTRY, "legrad", dataclasses.replace(registry.REGISTRY["legrad"], version=99))
-    assert differences(before, fingerprint()) == ["methods.legrad.implementation: 3 → 99"]
+    assert differences(before, fingerprint()) == ["methods.legrad.implementation: 4 → 99"]
 
 
 def test_prompt_source_of_auto_follows_the_manifest():
