@@ -32,6 +32,8 @@ the input's other columns       passed through unchanged, except ``image``, ``ma
                                 a method's, a refused prompt's); empty when all went well
 ``{name}__label_map``           ``binary``: the label map PNG (``labels/``'s ``label_map``), for each output name
                                 with label maps (``maskclip``, ``gem``, ``gem_original`` with a vocabulary)
+``{name}__confidence``          ``binary``: the winning class's probability as an 8-bit PNG (``labels/``'s
+                                ``confidence``), only with ``output.label_confidence``
 ``{name}__heatmaps``            ``list<struct<prompt, height int32, width int32, encoding, heatmap binary>>``
                                 (``heatmaps/``'s rows), for each output with heatmaps (``gem``, ``legrad``…)
 ``{name}__regions``             ``list<struct<region_id, embedding fixed_size_list<float32, D>, mask RLE, area
@@ -154,6 +156,8 @@ def output_schema(spec: JobSpec, input_schema: pa.Schema) -> pa.Schema:
     for name, kinds in output_kinds(spec).items():
         if "label_map" in kinds:
             fields.append(pa.field(f"{name}__label_map", pa.binary()))
+            if spec.output.label_confidence:
+                fields.append(pa.field(f"{name}__confidence", pa.binary()))
         if "heatmaps" in kinds:
             fields.append(pa.field(f"{name}__heatmaps", pa.list_(HEATMAP_ITEM)))
         if "regions" in kinds:
@@ -349,6 +353,8 @@ def annotation_rows(batch: dict[str, np.ndarray], sink: SinkConfig, schema: pa.S
             if "label_map" in what:
                 labels = got.get("labels")
                 row[f"{name}__label_map"] = labels[0]["label_map"] if labels else None
+                if f"{name}__confidence" in schema.names:
+                    row[f"{name}__confidence"] = labels[0].get("confidence") if labels else None
             if "heatmaps" in what:
                 items = [{k: h[k] for k in HEATMAP_ITEM.names} for h in got.get("heatmaps", [])]
                 row[f"{name}__heatmaps"] = items if usable else None

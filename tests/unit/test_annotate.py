@@ -52,7 +52,9 @@ def test_output_schema_columns():
     assert kinds["maskinversion"] == ("regions",)
     inp = pa.schema([("image_id", pa.string()), ("image", pa.binary()), ("caption", pa.string())])
     names = output_schema(spec, inp).names
-    assert "image" not in names and "caption" in names
+    assert "image" not in names and "caption" in names and "maskclip__confidence" not in names
+    confident = load_annotate_spec({**_raw_without_io(), "output": {"label_confidence": True}})
+    assert "maskclip__confidence" in output_schema(confident, inp).names
     assert {"maskclip__label_map", "gem__heatmaps", "legrad__heatmaps", "maskinversion__regions", "errors"} <= set(
         names
     )
