@@ -141,6 +141,8 @@ def _mean_confidence(ds: pads.Dataset | None) -> dict[str, float]:
             if r["confidence"]:
                 mean = float(decode_label_map(r["confidence"]).mean() / 255.0)
                 out[r["image_id"]] = min(mean, out.get(r["image_id"], 1.0))
+    if not out and ds.count_rows():  # the column exists in every output, filled only with output.label_confidence
+        raise SelectionError("this output's label maps carry no confidence: run the job with output.label_confidence")
     return out
 
 

@@ -33,8 +33,9 @@ def _label_maps(seed: int = 0) -> dict[str, np.ndarray]:
     return maps
 
 
-def _output(root: Path, maps: dict[str, np.ndarray], method: str = "maskclip", ids=None) -> Path:
+def _output(root: Path, maps: dict[str, np.ndarray], method: str = "maskclip", ids=None, confidence=None) -> Path:
     ids = ids or list(maps)
+    confidence = confidence or {}
     rows = [
         {
             "image_id": image_id,
@@ -45,6 +46,7 @@ def _output(root: Path, maps: dict[str, np.ndarray], method: str = "maskclip", i
             "height": m.shape[0],
             "width": m.shape[1],
             "label_map": encode_label_map(m),
+            "confidence": encode_label_map(confidence[image_id]) if image_id in confidence else None,
             "vocabulary_id": "v1",
         }
         for image_id, m in zip(ids, maps.values(), strict=True)
@@ -161,3 +163,13 @@ def test_fiftyone_dataset_where_fiftyone_runs(tmp_path, capsys):
     assert first["maskclip_labels"].mask.shape == (40, 60) and first["gem_a_cat"].map.shape == (40, 60)
     assert dataset.mask_targets["maskclip_labels"][1] == "cat"
     dataset.delete()
+
+
+def test_scores_are_the_mean_confidence_of_each_region(tmp_path):
+    maps = _label_maps()
+    conf = {k: np.where(m == 1, 200, 100).astype(np.uint8) for k, m in maps.items()}  # cats surer than the rest
+    out = _output(tmp_path / "out", maps, confidence=conf)
+    path = tmp_path / "ann.json"
+    assert main(["export", "coco", str(out), "--method", "maskclip", "-o", str(path)]) == 0
+    scores = {(a["image_id"], a["category_id"]): a["score"] for a in json.loads(path.read_text())["annotations"]}
+    assert scores[(100, 1)] == pytest.approx(200 / 255, abs=1e-6) and scores[(100, 3)] == pytest.approx(100 / 255)

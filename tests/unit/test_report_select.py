@@ -25,11 +25,9 @@ def _labels(shares: dict[str, float], confidence: dict[str, int] | None = None) 
         m.flat[: int(share * 100)] = 2  # "dog" pixels
         rows.append({"image_id": image_id, "method": "maskclip", "height": 10, "width": 10,
                      "label_map": encode_label_map(m), "vocabulary_id": "v"})  # fmt: skip
-    table = pa.Table.from_pylist([{f.name: r.get(f.name) for f in LABELS} for r in rows], schema=LABELS)
-    if confidence is not None:
-        conf = [encode_label_map(np.full((10, 10), confidence[r["image_id"]], np.uint8)) for r in rows]
-        table = table.append_column("confidence", pa.array(conf, pa.binary()))
-    return pads.dataset(table)
+    for r in rows if confidence is not None else []:
+        r["confidence"] = encode_label_map(np.full((10, 10), confidence[r["image_id"]], np.uint8))
+    return pads.dataset(pa.Table.from_pylist([{f.name: r.get(f.name) for f in LABELS} for r in rows], schema=LABELS))
 
 
 def test_each_kind_ranks_worst_or_largest_first():
@@ -59,7 +57,7 @@ def test_refusals_name_what_is_missing():
     kw = {"ids": ["i0"], "datasets": datasets, "vocabularies": VOCABS, "sample": 3}
     with pytest.raises(SelectionError, match="no vocabulary has that class; classes: cat, dog"):
         select_images("class:horse", **kw)
-    with pytest.raises(SelectionError, match="labels/ dataset has no 'confidence'"):
+    with pytest.raises(SelectionError, match="carry no confidence: run the job with output.label_confidence"):
         select_images("low-confidence", **kw)
     with pytest.raises(SelectionError, match="regions/ dataset has no 'loss'"):
         select_images("high-loss", **kw)
