@@ -105,3 +105,10 @@ def test_decode_reads_image_bytes_instead_of_fetching():
     assert list(out["height"]) == [10, 6, 0] and list(out["width"]) == [20, 8, 0]
     assert out["pixels_square"][0].shape == (3, 32, 32)
     assert out["error_stage"][2] == "decode" and "image bytes of broken" in out["error_message"][2]
+
+
+def test_validate_rows_without_an_image_column_is_the_manifest_check():
+    table = pa.table({"image_id": ["a", "b", "c"], "image_uri": ["x.jpg", " ", "gs://b/c.jpg"]})
+    out = validate_rows(table, ("file", "s3"))
+    assert out["error_type"].to_pylist() == [None, "MissingImageUri", "UnsupportedScheme"]
+    assert out.column_names[:2] == ["image_id", "image_uri"]  # the input's columns, unchanged, then the errors
