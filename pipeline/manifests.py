@@ -192,6 +192,8 @@ def file_format(name: str, fmt: str = "auto") -> tuple[str | None, bool]:
 def _listed(rel: str, fmt: str) -> bool:
     if any(part.startswith(("_", ".")) for part in rel.split("/")):
         return False
+    if fmt == "webdataset":  # img2dataset writes a .parquet and a _stats.json beside each tar: only tars are shards
+        return rel.lower().endswith(".tar")
     return fmt != "auto" or file_format(rel)[0] is not None
 
 

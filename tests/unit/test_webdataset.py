@@ -38,3 +38,13 @@ def test_members_group_into_samples_and_a_non_tar_is_refused(tmp_path):
     bad.write_bytes(b"not a tar at all" * 100)
     with pytest.raises(ManifestError, match="bad.tar"):
         count_file(ManifestFile(str(bad), "", "webdataset", False, 1600, "x"), 10, {})
+
+
+def test_a_folder_of_img2dataset_output_lists_only_its_tars(tmp_path):
+    from clipmaps.pipeline.manifests import list_manifest_files
+
+    for name in ("00000.tar", "00000.parquet", "00000_stats.json", "00001.tar"):
+        (tmp_path / name).write_bytes(b"x" * 10)
+    _, files = list_manifest_files(str(tmp_path), {}, "webdataset")
+    assert [f.rel for f in files] == ["00000.tar", "00001.tar"]
+    assert {f.format for f in files} == {"webdataset"}
