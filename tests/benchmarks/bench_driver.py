@@ -5,6 +5,7 @@ the files a job writes per dataset. Prints ``BENCH_FIGURES`` lines; not a timed 
     python tests/benchmarks/bench_driver.py memory --rows 10000 100000   # 50 RLE masks per row, every image missing
     python tests/benchmarks/bench_driver.py first-batch --rows 1000000    # no masks
     python tests/benchmarks/bench_driver.py files --images 1000 --shards 10
+    python tests/benchmarks/bench_driver.py sa1b --images 200 --masks 100 --size 640x480   # MaskInversion, by reference
 
 Each job runs as ``clipmaps run job.yaml`` in its own process (a fresh local Ray), as a user would; its peak RSS is
 ``VmHWM`` from ``/proc/<pid>/status``, read every 0.2 s while it runs (the kernel keeps the peak, so the last reading
@@ -199,18 +200,54 @@ def bench_files(args) -> None:
         )
 
 
+def bench_sa1b(args) -> None:
+    """An SA-1B-shaped MaskInversion job: per-image JSON masks by reference (``clipmaps manifest sa1b``'s layout, made
+    by ``bench_mask_refs.generate``), few iterations on the tiny model; regions written = masks, driver peak RSS."""
+    import pyarrow.dataset as pads
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_mask_refs import generate
+
+    width, height = (int(v) for v in args.size.split("x"))
+    with tempfile.TemporaryDirectory(dir=args.tmp, ignore_cleanup_errors=True) as tmp:
+        tmp = Path(tmp)
+        (tmp / "in").mkdir()
+        rows = generate(tmp / "in", args.images, args.masks, width, height)
+        with open(tmp / "manifest.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        job = _spec(
+            tmp / "manifest.jsonl",
+            tmp / "out",
+            "methods.gem=null",
+            f"output.shard_rows={args.shard_rows}",
+            "methods.maskinversion.resources.batch_size=4",
+        )
+        got = run_cli(job)
+        regions = pads.dataset(tmp / "out" / "regions", format="parquet").count_rows()
+        errors = pads.dataset(tmp / "out" / "errors", format="parquet").count_rows()
+        print(
+            f"BENCH_FIGURES sa1b: {args.images} images x {args.masks} masks by reference ({width}x{height}), "
+            f"MaskInversion 2 iterations at 64 px on clipmaps-tiny-vit: rc {got['rc']}, wall {got['wall_s']} s, "
+            f"regions {regions} (masks {args.images * args.masks}), error rows {errors}, driver VmHWM "
+            f"{got['peak_rss_mb']} MB",
+            flush=True,
+        )
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=("memory", "first-batch", "files"))
+    p.add_argument("what", choices=("memory", "first-batch", "files", "sa1b"))
     p.add_argument("--rows", type=int, nargs="+", default=[10_000, 100_000])
     p.add_argument("--masks", type=int, default=50)
     p.add_argument("--shard-rows", type=int, default=1000)
     p.add_argument("--images", type=int, default=1000)
     p.add_argument("--shards", type=int, default=10)
     p.add_argument("--stop-after", type=float, default=180, help="first-batch: stop the run after this many seconds")
+    p.add_argument("--size", default="640x480", help="sa1b: WIDTHxHEIGHT of the generated images")
     p.add_argument("--tmp", default=None, help="folder for the generated manifests and outputs")
     args = p.parse_args(argv)
-    {"memory": bench_memory, "first-batch": bench_first_batch, "files": bench_files}[args.what](args)
+    benches = {"memory": bench_memory, "first-batch": bench_first_batch, "files": bench_files, "sa1b": bench_sa1b}
+    benches[args.what](args)
 
 
 if __name__ == "__main__":
