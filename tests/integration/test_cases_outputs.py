@@ -173,6 +173,7 @@ def summary(stdout: str) -> dict[str, str]:
     return rows
 
 
+@pytest.mark.slow  # ~37 s; unit tests cover the literal-path helpers
 @pytest.mark.timeout(500)
 def test_pattern_paths_are_literal_through_a_resumed_run(tmp_path):
     images = 4
@@ -262,7 +263,7 @@ def test_a_failure_mid_run_names_the_workers_error(tmp_path):
     assert 1 <= attempt["complete_shards"] < 12
 
 
-@pytest.mark.slow  # ~40 s; literal local paths through a resumed run stay in the default run
+@pytest.mark.slow  # ~40 s; the unit tests of schemas/storage.py cover the literal-path helpers
 @pytest.mark.timeout(500)
 def test_pattern_keys_on_s3_are_literal(s3, tmp_path):
     """The same on the S3 server: image, manifest and output keys with ``[1]``, ``*``, ``?`` and ``{a,b}``, next to

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pyarrow.dataset as pads
+import pytest
 
 from tests.helpers.cases import BIN, CASES, make_case, needs_cases, run
 
@@ -54,6 +55,7 @@ def test_long_prompts_are_refused_per_prompt_never_cut(tmp_path):
     assert api.returncode != 0 and "PromptTooLong" in api.stderr and "holds 24" in api.stderr
 
 
+@pytest.mark.slow  # ~18 s; unit tests cover prompt collapse and its count
 def test_duplicate_prompts_give_one_row_each(tmp_path):
     work = make_case("duplicate-prompts", tmp_path)
     manifest = work / "manifest.jsonl"

@@ -840,6 +840,7 @@ def _table(fs, path):
     return pads.dataset(path, filesystem=fs, format="parquet").to_table()
 
 
+@pytest.mark.slow  # a RayJob entrypoint on a real Ray cluster, ~47 s with the next
 def test_cpu_smoke_entrypoint_runs_on_a_ray_cluster(smoke):
     result, fs, out = smoke["first"], smoke["fs"], smoke["output"]
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -853,6 +854,7 @@ def test_cpu_smoke_entrypoint_runs_on_a_ray_cluster(smoke):
     assert _table(fs, f"{out}/errors").num_rows == 0
 
 
+@pytest.mark.slow  # shares the cluster run above
 def test_a_retry_reruns_the_same_command_on_the_same_output(smoke):
     """What KubeRay does after a failed attempt: the same entrypoint, the same ConfigMap, the same output.uri. The
     sample input is kept, and the run continues in the existing output without writing anything twice."""
