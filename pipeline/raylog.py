@@ -27,6 +27,9 @@ KNOWN_NOISE = (
 )
 #: Loggers whose handlers print Ray's messages (``ray`` and ``ray.data`` do not propagate to the root).
 RAY_LOGGERS = ("ray", "ray.data")
+#: The loggers the known messages are logged on: a filter on the logger itself holds even when ``ray.init`` removes
+#: the ``ray`` logger's handler (it does; the note then reaches stderr through Python's last-resort handler).
+ORIGIN_LOGGERS = ("ray._private.authentication.authentication_token_setup", "ray.data._internal.progress")
 
 
 class KnownNoiseFilter(logging.Filter):
@@ -40,8 +43,22 @@ class KnownNoiseFilter(logging.Filter):
         return not message.startswith(KNOWN_NOISE)
 
 
+#: Ray's ``log_once`` key of the "Progress bars disabled" warning (ray/data/_internal/progress/__init__.py).
+PROGRESS_BARS_KEY = "ray_data_progress_manager_disabled"
+
+
 def quiet_known_noise() -> None:
-    """Add :class:`KnownNoiseFilter` to the handlers of Ray's loggers (idempotent). Call after importing Ray."""
+    """Keep Ray's known healthy-run messages out of the output (idempotent; call after importing Ray, before
+    ``ray.init``): :class:`KnownNoiseFilter` on the handlers of Ray's loggers, and the progress-bar warning's
+    ``log_once`` key spent — Ray Data sets up its own log handlers when a dataset first executes, after this runs,
+    and then warns once per process through them."""
+    from ray.util.debug import log_once
+
+    log_once(PROGRESS_BARS_KEY)  # marks the key as logged: Ray Data's own log_once check then stays silent
+    for name in ORIGIN_LOGGERS:
+        origin = logging.getLogger(name)
+        if not any(isinstance(f, KnownNoiseFilter) for f in origin.filters):
+            origin.addFilter(KnownNoiseFilter())
     for name in RAY_LOGGERS:
         for handler in logging.getLogger(name).handlers:
             if not any(isinstance(f, KnownNoiseFilter) for f in handler.filters):

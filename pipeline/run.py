@@ -117,10 +117,10 @@ def run(
 
     import ray
 
+    quiet_known_noise()  # before ray.init: the token-authentication note is logged while it starts
     own_ray = not ray.is_initialized()
     if own_ray:
         ray.init(address=ray_address(spec), include_dashboard=False, log_to_driver=False, configure_logging=False)
-    quiet_known_noise()
     restore = configure_ray_data(spec, progress_bars=sys.stderr.isatty() if progress_bars is None else progress_bars)
     try:
         plan = make_plan(spec)  # counts the manifest's rows with Ray tasks
