@@ -127,7 +127,8 @@ def assign(plan, state: OutputState, uri: str, *, verify: bool = True) -> list:
             )
             more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
             conflicts.append(
-                f"the manifest rows of complete shard(s) {shown}{more} changed (ids, URIs, masks or prompts)"
+                f"the manifest rows of complete shard(s) {shown}{more} changed "
+                "(ids, URIs, masks, prompts or inline image bytes)"
             )
         logger.info("checked %d complete shards of changed manifest files", len(found.verify))
     if conflicts:
