@@ -34,6 +34,40 @@ def check_prompt_lists(prompts: PromptLists, batch: int) -> list[list[str]]:
     return out
 
 
+def prompt_rows(
+    text,
+    templates,
+    prompts: PromptLists | None,
+    text_embeddings: Sequence[Tensor] | None,
+    batch: int,
+    device: torch.device,
+) -> tuple[Tensor, list[int]]:
+    """Every prompt of every image as one row: ``(t [M, D] float32 on device, counts)``, ``counts[b]`` rows per image.
+
+    Either ``prompts`` (one list per image, or one for all) encoded with ``text`` (a ``TextEncoder``) and
+    ``templates``, each distinct name once per call; or ``text_embeddings``, one ``[P_b, D]`` tensor per image.
+
+    Raises:
+        ValueError: both or neither given, a count that is not ``batch``, an empty or non-2-D embedding set."""
+    if (prompts is None) == (text_embeddings is None):
+        raise ValueError("give either prompts or text_embeddings")
+    if prompts is not None:
+        lists = check_prompt_lists(prompts, batch)
+        names = list(dict.fromkeys(n for plist in lists for n in plist))
+        where = {n: i for i, n in enumerate(names)}
+        table = text.encode(names, templates).to(device, torch.float32)
+        rows = torch.tensor([where[n] for plist in lists for n in plist], device=device)
+        return table[rows], [len(p) for p in lists]
+    if len(text_embeddings) != batch:
+        raise ValueError(f"got {len(text_embeddings)} text embedding sets for {batch} images")
+    for e in text_embeddings:
+        if e.ndim != 2 or e.shape[0] == 0:
+            raise ValueError(f"text embeddings must be [P>0, D], got {list(e.shape)}")
+    counts = [e.shape[0] for e in text_embeddings]
+    t = torch.cat(list(text_embeddings)).to(device, torch.float32) if batch else torch.zeros(0, 1, device=device)
+    return t, counts
+
+
 def patch_logits_to_maps(logits: Tensor, grid: tuple[int, int], size: tuple[int, int]) -> Tensor:
     """Patch scores ``[B, gh*gw, P]`` (row-major patches) → maps ``[B, P, h, w]`` by bilinear upsampling
     (``align_corners=False``)."""

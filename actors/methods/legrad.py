@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from ..params import LeGradParams
 from ..text import RAW_TEMPLATE, TextEncoder, resolve_templates
 from ..vit import VisionTower, activation_derivative, min_max, mlp_layers, rows_matmul
-from .common import PromptLists, check_prompt_lists
+from .common import PromptLists, prompt_rows
 
 
 class _LayerNormLinearization:
@@ -273,23 +273,7 @@ class LeGrad:
             one ``[P_i, h, w]`` float32 tensor per image.
         """
         batch = images.shape[0]
-        if (prompts is None) == (text_embeddings is None):
-            raise ValueError("give either prompts or text_embeddings")
-        if prompts is not None:
-            lists = check_prompt_lists(prompts, batch)
-            names = list(dict.fromkeys(n for plist in lists for n in plist))
-            where = {n: i for i, n in enumerate(names)}
-            table = self.text.encode(names, self.templates).to(images.device, torch.float32)
-            counts = [len(p) for p in lists]
-            t = table[torch.tensor([where[n] for plist in lists for n in plist], device=images.device)]
-        else:
-            if len(text_embeddings) != batch:
-                raise ValueError(f"got {len(text_embeddings)} text embedding sets for {batch} images")
-            for e in text_embeddings:
-                if e.ndim != 2 or e.shape[0] == 0:
-                    raise ValueError(f"text embeddings must be [P>0, D], got {list(e.shape)}")
-            counts = [e.shape[0] for e in text_embeddings]
-            t = torch.cat(list(text_embeddings)).to(images.device, torch.float32) if batch else images.new_zeros(0, 1)
+        t, counts = prompt_rows(self.text, self.templates, prompts, text_embeddings, batch, images.device)
         if batch == 0:
             return []
         image = torch.repeat_interleave(

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from ..params import LeGradParams, ModelInfo
 from ..text import RAW_TEMPLATE, TextEncoder, resolve_templates
-from .common import PromptLists, check_prompt_lists
+from .common import PromptLists, prompt_rows
 
 logger = logging.getLogger(__name__)
 
@@ -388,17 +388,11 @@ class PooledLeGrad:
     ) -> list[Tensor]:
         """The pre-min-max maps (:func:`layer_sum`) per image: SigLIP ``[P_i, gh, gw]``, CoCa ``[P_i, H, W]``."""
         batch = images.shape[0]
-        if (prompts is None) == (text_embeddings is None):
-            raise ValueError("give either prompts or text_embeddings")
-        if prompts is not None:
-            text_embeddings = [self.text.encode(p, self.templates) for p in check_prompt_lists(prompts, batch)]
-        elif len(text_embeddings) != batch:
-            raise ValueError(f"got {len(text_embeddings)} text embedding sets for {batch} images")
+        # every distinct prompt of the batch encoded once (the shared step of the ViT path), then split per image
+        rows, counts = prompt_rows(self.text, self.templates, prompts, text_embeddings, batch, images.device)
         traced = trace_images(self.tower, images, self.params.layers, self.empty)
-        out = []
         with torch.no_grad():
-            for image, t in zip(traced, text_embeddings):
-                if t.ndim != 2 or t.shape[0] == 0:
-                    raise ValueError(f"text embeddings must be [P>0, D], got {list(t.shape)}")
-                out.append(layer_sum(image, t.to(images.device, torch.float32), self.family, self.tower.patch_size))
-        return out
+            return [
+                layer_sum(image, t, self.family, self.tower.patch_size)
+                for image, t in zip(traced, torch.split(rows, counts), strict=True)
+            ]
