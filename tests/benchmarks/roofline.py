@@ -27,15 +27,14 @@ import platform
 import statistics
 import sys
 import time
-from collections import Counter
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # ``tests.helpers`` when run as a script
 import bench_inputs as bi  # noqa: E402
 
 import clipmaps.actors.models  # noqa: E402,F401  (registers clipmaps' small test architectures)
@@ -45,6 +44,7 @@ from clipmaps.actors.methods.maskclip import MaskCLIP  # noqa: E402
 from clipmaps.actors.methods.maskinversion import MaskInversion  # noqa: E402
 from clipmaps.actors.params import MaskInversionParams  # noqa: E402
 from clipmaps.actors.text import RAW_TEMPLATE, TextEncoder  # noqa: E402
+from tests.helpers.opcount import OpCounter  # noqa: E402
 
 METHODS = ("gem", "legrad", "maskinversion", "maskclip")
 #: Published dense (no sparsity) peak TFLOP/s by device-name fragment: (bf16 tensor cores, fp32 without TF32).
@@ -60,18 +60,6 @@ DENSE_PEAK_TFLOPS = {
     "L4": (121.0, 30.3),
     "A10G": (70.0, 31.2),
 }
-
-
-class OpCounter(TorchDispatchMode):
-    """Counts ATen operator calls (what a GPU launches kernels for)."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls: Counter = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.calls[str(func)] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
@@ -273,7 +261,7 @@ def measure(args, method: str, model, tokenizer, images, device, ceiling: Matmul
         "ceiling_samples_gflops": ceilings,
         "fraction_of_ceiling": flops / med / 1e9 / ceil,
         "best_fraction": flops / min(seconds) / 1e9 / max(ceilings),
-        "operator_calls": sum(ops.calls.values()),
+        "operator_calls": ops.total,
     }
     peak = dense_peak(device)
     if peak is not None:

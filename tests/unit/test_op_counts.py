@@ -10,12 +10,10 @@ and mask counts differ between images, so padding and flattening are exercised.
 from __future__ import annotations
 
 import logging
-from collections import Counter
 
 import numpy as np
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from clipmaps.actors.methods.gem import GEM
 from clipmaps.actors.methods.legrad import LeGrad
@@ -25,27 +23,12 @@ from clipmaps.actors.params import MaskCLIPParams, MaskInversionParams, ModelSpe
 from clipmaps.actors.predictors import OutputOptions, Vocabulary
 from clipmaps.actors.registry import REGISTRY
 from clipmaps.schemas import batches as cols
+from tests.helpers.opcount import OpCounter
 
 logger = logging.getLogger(__name__)
 LIMIT = 1.2
 BATCH = 8
 NAMES = ["red circle", "blue square", "green triangle", "yellow circle", "a dog"]
-
-
-class OpCounter(TorchDispatchMode):
-    """Counts every ATen operator call made while active (by overload name)."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls: Counter = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.calls[str(func)] += 1
-        return func(*args, **(kwargs or {}))
-
-    @property
-    def total(self) -> int:
-        return sum(self.calls.values())
 
 
 def count(fn) -> OpCounter:
