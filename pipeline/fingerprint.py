@@ -34,8 +34,12 @@ from clipmaps.actors.registry import ORIGINAL_GEM, REGISTRY
 from clipmaps.schemas.batches import MASKS_SQUARE
 
 from .spec import JobSpec
+from .webdataset import DEFAULT_MASKS, DEFAULT_PROMPTS
 
 VERSION = 2
+#: ``input.webdataset``'s defaults: left out of a fingerprint, so that a job keeping them (every job before the section
+#: existed) has the fingerprint and ``params_hash`` it had.
+WEBDATASET_DEFAULTS = {"prompts": DEFAULT_PROMPTS, "masks": DEFAULT_MASKS}
 #: Manifest columns a shard's digest covers.
 DIGEST_COLUMNS = ("image_id", "image_uri", "masks", "prompts", "width", "height", "masks_uri")
 
@@ -59,7 +63,10 @@ def method_fingerprint(
 ) -> dict[str, Any]:
     """Everything that decides ``method``'s rows, as plain data. A method that reads region masks
     (``schemas.batches.MASKS_SQUARE`` in its registry ``inputs``) also carries ``annotation_frame``
-    (``input.annotation_frame``): which frame the masks are read in decides which pixels each region covers.
+    (``input.annotation_frame``): which frame the masks are read in decides which pixels each region covers. A
+    method that reads the input's prompts or masks carries ``input.webdataset``'s ``prompts``/``masks`` under
+    ``{"input": {"webdataset": …}}`` when they differ from the defaults (:data:`WEBDATASET_DEFAULTS`, left out so
+    that jobs keeping them hash as before the section existed).
 
     Args:
         spec: the job.
@@ -80,6 +87,15 @@ def method_fingerprint(
     out.update({name: output[name] for name in e.output_fields(settings)})
     if MASKS_SQUARE in e.inputs:  # which frame masks are read in decides which pixels a region covers
         out["annotation_frame"] = spec.input.annotation_frame
+    section = spec.input.webdataset
+    if section is not None:  # where tar samples' prompts and masks come from: only what differs from the default
+        changed = {
+            k: getattr(section, k)
+            for k in _webdataset_read(method, source)
+            if getattr(section, k) != WEBDATASET_DEFAULTS[k]
+        }
+        if changed:
+            out["input"] = {"webdataset": changed}
     if e.encodes_text:
         templates = spec.templates(method)
         out["templates"] = templates if isinstance(templates, str) else list(templates)
@@ -90,6 +106,15 @@ def method_fingerprint(
             out["vocabulary_id"] = spec.vocabulary_id(method, class_names)
             out["threshold"] = v.threshold if settings.labels else None
     return out
+
+
+def _webdataset_read(method: str, prompt_source: str | None) -> tuple[str, ...]:
+    """The ``input.webdataset`` settings ``method``'s rows depend on: ``prompts`` when its heatmaps read the input's
+    prompts (prompt source ``manifest`` or ``auto``), ``masks`` when it reads region masks."""
+    e = REGISTRY.get(method)
+    return (("prompts",) if prompt_source in ("manifest", "auto") else ()) + (
+        ("masks",) if e is not None and MASKS_SQUARE in e.inputs else ()
+    )
 
 
 def job_fingerprint(
@@ -153,10 +178,23 @@ def differences(previous: dict[str, Any] | None, current: dict[str, Any]) -> lis
             lines.append(f"methods.{m}: {'added' if a is None else 'removed'} (the output holds "
                          f"{', '.join(sorted(previous['methods']))})")  # fmt: skip
         else:
-            walk(f"methods.{m}", a, b)
+            walk(f"methods.{m}", _with_defaults(m, a), _with_defaults(m, b))
     walk("model", previous.get("model"), current.get("model"))
     walk("output.shard_rows", previous.get("shard_rows"), current.get("shard_rows"))
     return lines
+
+
+def _with_defaults(method: str, fp: dict[str, Any]) -> dict[str, Any]:
+    """``fp`` with the ``input.webdataset`` defaults it leaves out filled in (for the settings ``method`` reads), so
+    that a refusal shows both values: ``methods.legrad.input.webdataset.prompts: "json:prompts" → "caption"``."""
+    read = _webdataset_read(method, fp.get("prompt_source"))
+    if not read:
+        return fp
+    given = (fp.get("input") or {}).get("webdataset") or {}
+    return {
+        **fp,
+        "input": {**(fp.get("input") or {}), "webdataset": {**{k: WEBDATASET_DEFAULTS[k] for k in read}, **given}},
+    }
 
 
 def _show(v: Any) -> str:

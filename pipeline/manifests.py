@@ -59,7 +59,7 @@ from .sources import (
     _parse_prompt_string,
     _short,
 )
-from .webdataset import count_tar, shard_name, tar_records
+from .webdataset import SampleFields, count_tar, shard_name, tar_records
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +81,8 @@ class ManifestFile:
         size: bytes.
         identity: ``"<size>:<ETag or mtime>"``: a changed identity makes a re-run check the file's complete shards'
             digests again.
+        webdataset: where a WebDataset tar's samples give prompts and masks (``input.webdataset``); None: the
+            defaults (``clipmaps.pipeline.webdataset.SampleFields``).
     """
 
     uri: str
@@ -89,6 +91,7 @@ class ManifestFile:
     compressed: bool
     size: int
     identity: str
+    webdataset: SampleFields | None = None
 
 
 @dataclass
@@ -220,7 +223,7 @@ def count_file(file: ManifestFile, shard_rows: int, storage_options: dict) -> Fi
             return _count_parquet(fs, path, shown)
         if file.format == "webdataset":
             with fs.open(path, "rb") as f:
-                rows, offsets, flags = count_tar(f, shard_rows)
+                rows, offsets, flags = count_tar(f, shard_rows, file.webdataset)
             return FileCount(rows=rows, offsets=offsets, flags=flags)
         with _open_binary(fs, path, file) as f:
             if file.format == "jsonl":
@@ -579,7 +582,7 @@ def _read_tar_rows(
 ) -> RowsRead:
     """Samples ``[start, start + rows)`` of a WebDataset tar (``clipmaps.pipeline.webdataset``), with their images."""
     with fs.open(path, "rb") as f:
-        got = list(tar_records(f, offset, skip, rows, shard_name(file.rel, file.uri)))
+        got = list(tar_records(f, offset, skip, rows, shard_name(file.rel, file.uri), file.webdataset))
     records = [None if g is None else (g[0], g[1]) for g in got]
     images = None if ids_only else pa.array([g[2] if g is not None else None for g in got], pa.binary())
     out = _normalise(file, start, iter(records), ids_only, None if ids_only else image_digests(images, len(got)))

@@ -255,6 +255,7 @@ def make_plan(spec: JobSpec, *, dry_run: bool = False) -> Plan:
             same text as another."""
     from .manifests import count_files, list_manifest_files, sample_count
     from .shards import cap_rows, fresh_shards
+    from .webdataset import with_sample_fields
 
     source_vocabulary = spec.vocabulary
     spec = resolve_vocabulary(with_io_defaults_spec(spec))
@@ -262,6 +263,7 @@ def make_plan(spec: JobSpec, *, dry_run: bool = False) -> Plan:
     options = dict(spec.input.storage_options)
     shard_rows = spec.output.shard_rows
     _, files = list_manifest_files(spec.input.manifest, options, spec.input.format)
+    files = with_sample_fields(files, spec.input.webdataset)  # as input.webdataset says (refused without tars)
     if dry_run:
         counts = [sample_count(f, shard_rows, options) for f in files]
     else:

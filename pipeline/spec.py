@@ -47,6 +47,7 @@ from clipmaps.schemas.storage import is_inside, redact_options, redact_uri
 
 from .vocabularies import PRESETS, check_names
 from .vocabularies import vocabulary_id as _vocabulary_id
+from .webdataset import DEFAULT_MASKS, DEFAULT_PROMPTS, json_field_problem, prompt_source_problem
 
 __all__ = [
     "METHODS",
@@ -60,6 +61,7 @@ __all__ = [
     "RunSpec",
     "SpecError",
     "VocabularySpec",
+    "WebDatasetSpec",
     "apply_overrides",
     "json_schema",
     "load_spec",
@@ -73,6 +75,51 @@ def _path(*parts: str) -> tuple[str, ...]:
 
 
 # ------------------------------------------------------------------------------------------------ sections
+
+
+class WebDatasetSpec(Section):
+    """Where a WebDataset sample's prompts and masks come from (``input.webdataset``; WebDataset tar inputs only:
+    on an input without tar shards the section is refused when the job is planned, since it would have no effect).
+    The defaults read ``{key}.json``'s ``prompts`` and ``masks`` fields; a changed setting is in the result
+    fingerprint of each method that reads it (``clipmaps.pipeline.fingerprint``), so a resumed output refuses it.
+
+    Attributes:
+        prompts: ``json:<field>``: that field of ``{key}.json`` (a string is one prompt, a list of strings the
+            prompts); ``caption``: the sample's caption, ``{key}.txt``, else ``{key}.json``'s ``caption`` field as
+            img2dataset writes it (one prompt, whitespace stripped; an empty caption is no prompts); ``none``: no
+            prompts from the input (heatmaps then need ``prompts: vocabulary``).
+        masks: the ``{key}.json`` field holding the sample's region masks (a list of mask objects: COCO RLE,
+            polygon, URI, as in a manifest's ``masks`` column).
+
+    A field of the wrong type in a sample is an error row naming its shard and key (``clipmaps.pipeline.webdataset``).
+    """
+
+    prompts: Str = DEFAULT_PROMPTS
+    masks: Str = DEFAULT_MASKS
+
+    @field_validator("prompts", mode="before")
+    @classmethod
+    def _not_a_mapping(cls, v: Any) -> Any:
+        if isinstance(v, dict) and list(v) == ["json"]:  # YAML reads `json: caption` as a mapping
+            check([((), "is a mapping {json: ...}: write json:<field> with no space after the colon (in quotes in "
+                    "YAML, e.g. 'json:caption')")])  # fmt: skip
+        return v
+
+    @field_validator("prompts")
+    @classmethod
+    def _prompt_source(cls, v: str) -> str:
+        problem = prompt_source_problem(v)
+        if problem is not None:
+            check([((), problem + _suggest(v, ["caption", "none", DEFAULT_PROMPTS]))])
+        return v
+
+    @field_validator("masks")
+    @classmethod
+    def _masks_field(cls, v: str) -> str:
+        problem = json_field_problem(v)
+        if problem is not None:
+            check([((), problem)])
+        return v
 
 
 class InputSpec(Section):
@@ -94,6 +141,8 @@ class InputSpec(Section):
             the oriented frame as is, else the stored frame mapped through the orientation; the oriented one when
             both have the same size), ``oriented`` (as displayed) or ``stored`` (the pixels as in the file, as tools
             that ignore EXIF show them). A mask that fits no frame allowed is a ``MaskSizeMismatch`` region error.
+        webdataset: where WebDataset samples' prompts and masks come from (:class:`WebDatasetSpec`); null = the
+            ``prompts`` and ``masks`` fields of ``{key}.json``.
     """
 
     manifest: Str = Field(min_length=1)
@@ -102,6 +151,7 @@ class InputSpec(Section):
     storage_options: dict[str, Any] = Field(default_factory=dict)
     limit: Int | None = Field(None, ge=1)
     annotation_frame: Literal["auto", "oriented", "stored"] = "auto"
+    webdataset: WebDatasetSpec | None = None
 
     @property
     def manifest_format(self) -> str:

@@ -1,6 +1,7 @@
 """WebDataset tar shards as input (``{key}.jpg`` + ``{key}.json``), on real local Ray with real tar files: one row per
 sample named ``<shard>/<key>``, the same label maps as the images read by URI, bad samples as error rows naming shard
-and key while the rest of the shard goes on, shards read from their counted offsets, and resume."""
+and key while the rest of the shard goes on, shards read from their counted offsets, and resume; LeGrad heatmaps
+prompted by the samples' captions (``input.webdataset.prompts: caption``), refused on resume with another source."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from clipmaps.jobs.demo import write_scenes
 from clipmaps.pipeline.manifests import ManifestFile, count_file, read_rows
 from clipmaps.pipeline.run import run
 from clipmaps.pipeline.spec import load_spec
+from clipmaps.schemas.errors import OutputConflict
 from tests.helpers.specs import JOB_SPEC
 
 SCENES = 3
@@ -117,3 +119,36 @@ def test_a_shard_read_from_its_offset_equals_a_read_from_the_start(runs):
     assert seeked.table.equals(scanned.table) and seeked.digest == scanned.digest
     assert seeked.table["image_id"].to_pylist() == ["shard-0001/000102", "shard-0001/000103"]
     assert seeked.images.to_pylist()[0] is None and seeked.images.to_pylist()[1][:2] == b"\xff\xd8"
+
+
+def test_legrad_heatmaps_prompted_by_the_captions(ray_local, tmp_path):
+    """img2dataset's layout (``{key}.jpg``, ``{key}.txt``, ``{key}.json`` with ``caption``): with ``prompts:
+    caption`` each sample's caption (stripped; from the JSON when there is no ``.txt``) is its one prompt, and the
+    JSON's own ``prompts`` are not read; a re-run with the default source is refused naming the field."""
+    rows = [json.loads(line) for line in write_scenes(tmp_path / "input", SCENES).read_text().splitlines()]
+    (tmp_path / "shards").mkdir()
+    captions = {}
+    with tarfile.open(tmp_path / "shards" / "00000.tar", "w") as tar:
+        for k, r in enumerate(rows):
+            key, caption = f"{k:09d}", r["prompts"][0]
+            _add(tar, f"{key}.jpg", Path(r["image_uri"].removeprefix("file://")).read_bytes())
+            if k < 2:
+                _add(tar, f"{key}.txt", f"  {caption}\n".encode())
+            meta = {"key": key, "status": "success", "caption": caption if k == 2 else "not read", "prompts": ["no"]}
+            _add(tar, f"{key}.json", json.dumps(meta).encode())
+            captions[f"00000/{key}"] = caption
+    sets = [
+        f"input.manifest={tmp_path / 'shards'}",
+        "input.format=webdataset",
+        f"output.uri={tmp_path / 'out'}",
+        "output.overwrite=false",
+        "methods.legrad.prompts=manifest",
+        *[f"methods.{m}=null" for m in ("maskclip", "gem", "maskinversion")],
+    ]
+    result = run(load_spec(JOB_SPEC, overrides=[*sets, "input.webdataset.prompts=caption"]), progress=lambda line: None)
+    assert result.ok and result.processed == SCENES
+    heatmaps = {(h["image_id"], h["prompt"]) for h in _read(tmp_path / "out", "heatmaps")}
+    assert heatmaps == set(captions.items())
+    with pytest.raises(OutputConflict) as info:
+        run(load_spec(JOB_SPEC, overrides=sets), progress=lambda line: None)
+    assert 'methods.legrad.input.webdataset.prompts: "caption" → "json:prompts"' in str(info.value)

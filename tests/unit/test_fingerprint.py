@@ -145,3 +145,42 @@ def test_an_output_without_complete_shards_accepts_a_changed_job():
 def test_a_changed_vocabulary_is_named_by_its_names():
     lines = differences(fingerprint(), fingerprint(["vocabulary.names=[cat, dog, chair]"]))
     assert 'methods.gem.vocabulary.names: ["cat","dog","sofa"] → ["cat","dog","chair"]' in lines
+
+
+def test_where_tar_samples_prompts_and_masks_come_from_is_named_with_both_values():
+    """``input.webdataset`` changes the prompts heatmaps use and the masks MaskInversion reads: a re-run with another
+    source is refused naming the field and both values (the default filled in where the fingerprint leaves it out)."""
+    from types import SimpleNamespace
+
+    from clipmaps.pipeline.resume import OutputState, conflicts
+
+    lines = differences(fingerprint(), fingerprint(["input.webdataset.prompts=caption"]))
+    assert lines == [
+        'methods.gem.input.webdataset.prompts: "json:prompts" → "caption"',
+        'methods.legrad.input.webdataset.prompts: "json:prompts" → "caption"',
+    ]  # the methods whose heatmaps read the input's prompts (prompts: auto with prompts present)
+    lines = differences(fingerprint(["input.webdataset.prompts=json:tags"]), fingerprint(["input.webdataset={}"]))
+    assert 'methods.legrad.input.webdataset.prompts: "json:tags" → "json:prompts"' in lines
+    lines = differences(fingerprint(), fingerprint(["input.webdataset.masks=segments"]))
+    assert lines == ['methods.maskinversion.input.webdataset.masks: "masks" → "segments"']
+    assert differences(fingerprint(["methods.legrad.prompts=vocabulary", "methods.gem.prompts=vocabulary"]),
+                       fingerprint(["methods.legrad.prompts=vocabulary", "methods.gem.prompts=vocabulary",
+                                    "input.webdataset.prompts=caption"])) == []  # fmt: skip
+    done = OutputState(job={"fingerprint": fingerprint()}, complete={0: {"digest": "d0"}})
+    plan = SimpleNamespace(spec=None, fingerprint=fingerprint(["input.webdataset.prompts=caption"]))
+    assert 'methods.legrad.input.webdataset.prompts: "json:prompts" → "caption"' in conflicts(done, plan)
+
+
+def test_the_default_webdataset_section_hashes_as_before_it_existed():
+    """Outputs written before ``input.webdataset`` existed stay resumable: the defaults, given or not, leave the
+    fingerprint and every ``params_hash`` as they were."""
+    before = fingerprint()
+    for given in (["input.webdataset={}"], ["input.webdataset.prompts=json:prompts", "input.webdataset.masks=masks"]):
+        assert fingerprint(given) == before
+        assert params_hashes(fingerprint(given)) == params_hashes(before)
+    assert "input" not in before["methods"]["legrad"]
+    changed = params_hashes(fingerprint(["input.webdataset.prompts=caption"]))
+    assert (
+        changed["legrad"] != params_hashes(before)["legrad"]
+        and changed["maskclip"] == params_hashes(before)["maskclip"]
+    )

@@ -1,14 +1,17 @@
-"""WebDataset tar reading without Ray: member keys, sample grouping, a file that is not a tar."""
+"""WebDataset tar reading without Ray: member keys, sample grouping, a file that is not a tar; ``input.webdataset``
+(prompts from the caption or a JSON field of choice, masks from a field of choice, wrong types as error rows)."""
 
 from __future__ import annotations
 
 import io
+import json
 import tarfile
+from dataclasses import replace
 
 import pytest
 
 from clipmaps.pipeline.manifests import ManifestFile, count_file, file_format, read_rows
-from clipmaps.pipeline.webdataset import shard_name, split_member
+from clipmaps.pipeline.webdataset import SampleFields, shard_name, split_member, with_sample_fields
 from clipmaps.schemas.errors import ManifestError
 
 
@@ -48,3 +51,169 @@ def test_a_folder_of_img2dataset_output_lists_only_its_tars(tmp_path):
     _, files = list_manifest_files(str(tmp_path), {}, "webdataset")
     assert [f.rel for f in files] == ["00000.tar", "00001.tar"]
     assert {f.format for f in files} == {"webdataset"}
+
+
+# ------------------------------------------------------------------------------------------------ input.webdataset
+
+
+def _tar(path, members) -> ManifestFile:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return ManifestFile(str(path), "", "webdataset", False, path.stat().st_size, "x")
+
+
+RLE = {"region_id": "r", "rle": {"size": [2, 2], "counts": "04"}}
+#: img2dataset's layout: a caption in {key}.txt and in the JSON's caption field, beside the JSON's own fields
+SAMPLES = [
+    ("a.jpg", b"\xff\xd8a"),
+    ("a.txt", b"  a red circle \n"),
+    ("a.json", json.dumps({"caption": "ignored: the .txt wins", "tags": ["x", "y"], "prompts": ["p"]}).encode()),
+    ("b.jpg", b"\xff\xd8b"),
+    ("b.json", json.dumps({"caption": " from the json ", "tags": "one tag", "segments": [RLE]}).encode()),
+    ("c.jpg", b"\xff\xd8c"),
+    ("c.txt", b" \n"),  # an empty caption: no prompts
+    ("c.json", json.dumps({"tags": None}).encode()),
+]
+
+
+def _read(f, fields, rows=3):
+    return read_rows(replace(f, webdataset=fields), None, None, 0, 0, rows, {})
+
+
+def test_prompts_from_the_caption(tmp_path):
+    f = _tar(tmp_path / "s.tar", SAMPLES)
+    caption = SampleFields(prompts="caption")
+    got = _read(f, caption)
+    assert not got.problems
+    assert got.table["prompts"].to_pylist() == [["a red circle"], ["from the json"], None]
+    assert got.table["masks"].to_pylist() == [None, None, None]
+    assert count_file(replace(f, webdataset=caption), 10, {}).flags == {
+        "prompts": True, "masks": False, "masks_uri": False}  # fmt: skip
+    empty = _tar(tmp_path / "e.tar", [("c.jpg", b"\xff\xd8c"), ("c.txt", b"   ")])
+    assert not count_file(replace(empty, webdataset=caption), 10, {}).flags["prompts"]
+
+
+def test_prompts_and_masks_from_fields_of_choice(tmp_path):
+    f = _tar(tmp_path / "s.tar", SAMPLES)
+    fields = SampleFields(prompts="json:tags", masks="segments")
+    got = _read(f, fields)
+    assert not got.problems
+    assert got.table["prompts"].to_pylist() == [["x", "y"], ["one tag"], None]  # a string is one prompt
+    masks = got.table["masks"].to_pylist()
+    assert masks[0] is None and masks[2] is None and masks[1][0]["rle"] == {"size": [2, 2], "counts": "04"}
+    assert count_file(replace(f, webdataset=fields), 10, {}).flags == {
+        "prompts": True, "masks": True, "masks_uri": False}  # fmt: skip
+    # the defaults read {key}.json's prompts and masks; none reads no prompts at all
+    assert _read(f, None).table["prompts"].to_pylist() == [["p"], None, None]
+    none = SampleFields(prompts="none")
+    assert _read(f, none).table["prompts"].to_pylist() == [None, None, None]
+    assert count_file(replace(f, webdataset=none), 10, {}).flags == {
+        "prompts": False, "masks": False, "masks_uri": False}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("fields", "meta", "named"),
+    [
+        (SampleFields(prompts="json:tags"), {"tags": 5}, "s-1/k2: k2.json field 'tags' (the prompts) must be a string "
+                                                         "or a list of strings, got int 5"),
+        (SampleFields(prompts="json:tags"), {"tags": ["a", 1]}, "k2.json field 'tags' (the prompts)"),
+        (SampleFields(prompts="json:prompts"), {"prompts": {"a": 1}}, "k2.json field 'prompts' (the prompts)"),
+        (SampleFields(prompts="caption"), {"caption": 3}, "k2.json field 'caption' (the caption) must be a string"),
+        (SampleFields(masks="segments"), {"segments": {"rle": 1}}, "k2.json field 'segments' (the masks) must be a "
+                                                                   "list of mask objects, got dict"),
+    ],
+)  # fmt: skip
+def test_a_field_of_the_wrong_type_is_an_error_row_naming_shard_and_key(tmp_path, fields, meta, named):
+    members = [("k1.jpg", b"\xff\xd81"), ("k1.json", b'{"tags": ["ok"], "caption": "ok", "prompts": "ok"}'),
+               ("k2.jpg", b"\xff\xd82"), ("k2.json", json.dumps(meta).encode()),
+               ("k3.jpg", b"\xff\xd83"), ("k3.txt", b"ok")]  # fmt: skip
+    f = replace(_tar(tmp_path / "s-1.tar", members), webdataset=fields)
+    got = read_rows(f, None, None, 0, 0, 3, {})
+    assert list(got.problems) == [1]
+    etype, message = got.problems[1]
+    assert etype == "MalformedRow" and named in message, message
+    assert got.table["image_id"].to_pylist() == ["s-1/k1", "s-1/k2", "s-1/k3"]  # the rest of the shard goes on
+    assert got.images.to_pylist()[2] == b"\xff\xd83"
+
+
+def test_a_caption_that_is_not_utf8_is_an_error_row(tmp_path):
+    f = _tar(tmp_path / "s.tar", [("k.jpg", b"\xff\xd8"), ("k.txt", b"caf\xe9")])
+    got = _read(f, SampleFields(prompts="caption"), rows=1)
+    assert "sample s/k: k.txt is not UTF-8 text" in got.problems[0][1]
+    assert not count_file(replace(f, webdataset=SampleFields(prompts="caption")), 10, {}).flags["prompts"]
+
+
+def test_the_default_fields_read_rows_and_digests_as_before(tmp_path):
+    """No section, the section with its defaults and the explicit default fields read the same rows and digest."""
+    f = _tar(tmp_path / "s.tar", SAMPLES + [("d.jpg", b"\xff\xd8d"), ("d.json", b'{"prompts": "cat", "masks": []}')])
+    reads = [_read(f, fields, rows=4) for fields in (None, SampleFields(), SampleFields("json:prompts", "masks"))]
+    assert all(r.table.equals(reads[0].table) and r.digest == reads[0].digest for r in reads)
+    assert reads[0].table["prompts"].to_pylist() == [["p"], None, None, ["cat"]]
+
+
+def test_the_section_is_refused_on_an_input_without_tar_shards(tmp_path):
+    """Refused, not ignored: a job that expects caption prompts must not run on the manifest's own (it is checked
+    when the files are listed, as ``format: auto`` decides a folder's format only then)."""
+    from clipmaps.pipeline.plan import make_plan
+    from clipmaps.pipeline.spec import load_spec
+    from clipmaps.schemas.errors import SpecError
+
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"image_id": "a", "image_uri": "/nowhere/a.png", "prompts": ["x"]}) + "\n")
+    raw = {"input": {"manifest": str(manifest), "webdataset": {"prompts": "caption"}},
+           "output": {"uri": str(tmp_path / "out")}, "model": {"name": "clipmaps-tiny-vit", "seed": 0},
+           "methods": {"legrad": {"size": 64}}}  # fmt: skip
+    with pytest.raises(
+        SpecError,
+        match=r"input\.webdataset: is set, but the input holds no WebDataset tar shards "
+        r"\(1 file\(s\) read as jsonl, e\.g\. '.*m\.jsonl'\)",
+    ):
+        make_plan(load_spec(raw), dry_run=True)
+    files = [ManifestFile("m.jsonl", "", "jsonl", False, 1, "x")]
+    assert with_sample_fields(files, None) == files
+
+
+def test_a_plan_reads_the_tars_as_the_section_says(tmp_path):
+    from clipmaps.pipeline.plan import make_plan
+    from clipmaps.pipeline.spec import load_spec
+
+    (tmp_path / "shards").mkdir()
+    _tar(tmp_path / "shards" / "s.tar", SAMPLES)
+    (tmp_path / "shards" / "s.parquet").write_bytes(b"img2dataset's sidecar")
+    raw = {"input": {"manifest": str(tmp_path / "shards"), "format": "webdataset",
+                     "webdataset": {"prompts": "caption"}},
+           "output": {"uri": str(tmp_path / "out")}, "model": {"name": "clipmaps-tiny-vit", "seed": 0},
+           "methods": {"legrad": {"size": 64}}}  # fmt: skip
+    plan = make_plan(load_spec(raw), dry_run=True)
+    assert [f.webdataset for f in plan.files] == [SampleFields(prompts="caption")]
+    assert plan.prompt_sources == {"legrad": "manifest"}
+    assert plan.fingerprint["methods"]["legrad"]["input"] == {"webdataset": {"prompts": "caption"}}
+    raw["input"]["webdataset"] = {"prompts": "none"}
+    with pytest.raises(Exception, match="methods.legrad.prompts"):  # no prompts, no vocabulary: refused by name
+        make_plan(load_spec(raw), dry_run=True)
+
+
+def test_a_bad_source_is_refused_at_load():
+    from clipmaps.pipeline.spec import load_spec
+    from clipmaps.schemas.errors import SpecError
+
+    raw = {"input": {"manifest": "shards/", "format": "webdataset"}, "output": {"uri": "out"},
+           "model": {"name": "clipmaps-tiny-vit", "seed": 0}, "methods": {"legrad": {}}}  # fmt: skip
+    cases = {
+        "input.webdataset.prompts=captions": "input.webdataset.prompts: 'captions' is not a prompt source: use "
+        "json:<field> (a field of {key}.json), caption or none (did you mean 'caption'?)",
+        "input.webdataset.prompts='json:'": "input.webdataset.prompts: 'json:' names no field",
+        "input.webdataset.prompts=json: tags": "input.webdataset.prompts: is a mapping {json: ...}: write "
+        "json:<field> with no space after the colon",
+        "input.webdataset.masks=' segments'": "input.webdataset.masks: field name ' segments' has whitespace",
+    }
+    for override, message in cases.items():
+        with pytest.raises(SpecError) as e:
+            load_spec(raw, [override])
+        assert message in str(e.value), override
+    assert load_spec(raw, ["input.webdataset.prompts=json:tags"]).input.webdataset.prompts == "json:tags"
+    with pytest.raises(ValueError, match="not a prompt source"):
+        SampleFields(prompts="txt")
