@@ -5,8 +5,9 @@ Ray Data pipeline), the CPU decode stage (``decode/``), sinks, resume and refusa
 Imports no torch at module level; the method registry it reads (``clipmaps.actors.registry``) is torch-free.
 """
 
-# the public step for the user's own Ray pipeline (``from clipmaps.pipeline import annotate``); the name is the
+# the public steps for the user's own Ray pipeline (``from clipmaps.pipeline import annotate``); the name is the
 # function, not the module of the same name (``clipmaps.pipeline.annotate`` as a module stays importable by path)
 from .annotate import annotate  # noqa: E402
+from .write import WriteResult, unwritten, write_outputs  # noqa: E402
 
-__all__ = ["annotate"]
+__all__ = ["WriteResult", "annotate", "unwritten", "write_outputs"]

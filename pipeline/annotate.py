@@ -65,7 +65,7 @@ from clipmaps.schemas.datasets import RLE
 from . import fingerprint as fp
 from .decode.stage import IMAGE
 from .inputs import check_rows, image_bytes
-from .sinks import ERROR_REGION_ID, Provenance, SinkConfig, SinkStage
+from .sinks import ERROR_REGION_ID, SinkConfig, SinkStage
 from .sources import MANIFEST_READ
 from .spec import JobSpec, SpecError, load_spec
 
@@ -186,6 +186,47 @@ def output_kinds(spec: JobSpec) -> dict[str, tuple[str, ...]]:
     return out
 
 
+def annotation_plan(
+    spec: str | os.PathLike | Mapping[str, Any] | JobSpec, *, has_prompts: bool, has_masks: bool | None = None
+):
+    """The :class:`~clipmaps.pipeline.plan.Plan` of rows given to :func:`annotate` (no manifest: no files, counts or
+    shards): the resolved spec, methods, vocabulary, prompt sources, result fingerprint and ``params_hash`` per
+    output. :func:`annotate` and :func:`clipmaps.pipeline.write.write_outputs` both build it, so the rows written
+    carry the provenance of the job that computed them.
+
+    Args:
+        spec: as :func:`annotate`'s.
+        has_prompts: the rows have a ``prompts`` column (decides the ``auto`` prompt source, as a manifest's does).
+        has_masks: the rows have ``masks`` or ``masks_uri`` (MaskInversion needs them); None skips that check (the
+            rows :func:`annotate` returns no longer carry masks).
+
+    Raises:
+        SpecError: as :func:`annotate`.
+    """
+    from . import plan as planning
+
+    loaded = load_annotate_spec(spec)
+    job = planning.resolve_vocabulary(planning.with_io_defaults_spec(loaded))
+    planning.check_vocabulary_text(job, loaded.vocabulary)
+    if has_masks is not None:
+        job.check_manifest(has_masks=has_masks, has_prompts=has_prompts)
+    methods = job.enabled_methods()
+    fingerprint = fp.job_fingerprint(job, manifest_has_prompts=has_prompts)
+    return planning.Plan(
+        spec=job,
+        files=[],
+        counts=[],
+        rows=[],
+        vocabulary=list(job.vocabulary.class_names()) if job.vocabulary is not None else None,
+        methods=methods,
+        prompt_sources={
+            m: job.prompt_source(m, manifest_has_prompts=has_prompts) for m in methods if job.method(m).heatmaps
+        },
+        fingerprint=fingerprint,
+        params_hash=fp.params_hashes(fingerprint),
+    )
+
+
 def annotate(ds, spec: str | os.PathLike | Mapping[str, Any] | JobSpec):
     """Annotate the rows of ``ds`` with the methods of ``spec``; lazy (nothing runs until the result is consumed).
 
@@ -204,11 +245,8 @@ def annotate(ds, spec: str | os.PathLike | Mapping[str, Any] | JobSpec):
         SpecError: the spec is invalid or does not fit the dataset (MaskInversion without ``masks``/``masks_uri``,
             manifest prompts without a ``prompts`` column, a vocabulary name too long for the text tower).
     """
-    from .plan import _map_batches, check_vocabulary_text, model_stages, resolve_vocabulary, with_io_defaults_spec
+    from .plan import _map_batches, model_stages
 
-    loaded = load_annotate_spec(spec)
-    job = resolve_vocabulary(with_io_defaults_spec(loaded))
-    check_vocabulary_text(job, loaded.vocabulary)
     schema = ds.schema()
     if schema is None:
         raise ValueError("annotate: the dataset's schema is unknown (an empty dataset?)")
@@ -218,17 +256,11 @@ def annotate(ds, spec: str | os.PathLike | Mapping[str, Any] | JobSpec):
             f"annotate needs an {cols.IMAGE_ID!r} column and an {IMAGE!r} (encoded bytes) or {cols.IMAGE_URI!r} "
             f"column; the dataset has {names}"
         )
-    has_prompts = cols.PROMPTS in names
-    job.check_manifest(has_masks="masks" in names or cols.MASKS_URI in names, has_prompts=has_prompts)
-    methods = job.enabled_methods()
-    fingerprint = fp.job_fingerprint(job, manifest_has_prompts=has_prompts)
-    hashes = fp.params_hashes(fingerprint)
-    vocabulary = list(job.vocabulary.class_names()) if job.vocabulary is not None else None
-    prompt_sources = {
-        m: job.prompt_source(m, manifest_has_prompts=has_prompts) for m in methods if job.method(m).heatmaps
-    }
-    arrow_schema = _arrow_schema(schema)
-    out_schema = output_schema(job, arrow_schema)
+    plan = annotation_plan(
+        spec, has_prompts=cols.PROMPTS in names, has_masks="masks" in names or cols.MASKS_URI in names
+    )
+    job = plan.spec
+    out_schema = output_schema(job, _arrow_schema(schema))
     ds = _map_batches(
         ds,
         validate_rows,
@@ -238,21 +270,10 @@ def annotate(ds, spec: str | os.PathLike | Mapping[str, Any] | JobSpec):
         num_cpus=job.resources.decode_cpus,
         max_retries=job.resources.task_retries,
     )
-    ds = model_stages(ds, job, methods, vocabulary, prompt_sources)
-    provenance = {
-        name: Provenance(
-            method=name,
-            model=job.model.name,
-            weights=job.model.weights_id,
-            params_hash=hashes[name],
-            vocabulary_id=job.vocabulary_id(REGISTRY[name].parent or name)
-            if job.vocabulary is not None and REGISTRY[REGISTRY[name].parent or name].encodes_text
-            else None,
-        )
-        for m in methods
-        for name in REGISTRY[m].outputs(job.method(m))
-    }
-    sink = SinkConfig(output_uri=PLACEHOLDER_OUTPUT, methods=provenance, heatmap_encoding=job.output.heatmap_encoding)
+    ds = model_stages(ds, job, plan.methods, plan.vocabulary, plan.prompt_sources)
+    sink = SinkConfig(
+        output_uri=PLACEHOLDER_OUTPUT, methods=plan.provenance(), heatmap_encoding=job.output.heatmap_encoding
+    )
     return _map_batches(
         ds,
         annotation_rows,
@@ -383,6 +404,7 @@ __all__ = [
     "ERROR_ITEM",
     "HEATMAP_ITEM",
     "annotate",
+    "annotation_plan",
     "annotation_rows",
     "load_annotate_spec",
     "output_kinds",

@@ -110,6 +110,23 @@ class Plan:
             return None
         return self.spec.vocabulary_id(method)
 
+    def provenance(self):
+        """Output name → the :class:`~clipmaps.pipeline.sinks.Provenance` its result rows carry (method, model,
+        weights, params_hash, vocabulary id)."""
+        from .sinks import Provenance
+
+        spec = self.spec
+        return {
+            name: Provenance(
+                method=name,
+                model=spec.model.name,
+                weights=spec.model.weights_id,
+                params_hash=self.params_hash[name],
+                vocabulary_id=self.vocabulary_id(name),
+            )
+            for name in self.outputs
+        }
+
     def describe(self) -> str:
         """The plan as a few human-readable lines."""
         s = self.spec
@@ -363,7 +380,7 @@ def build_dataset(plan: Plan, shards: list | None = None):
     import ray
 
     from .shards import ManifestDatasource
-    from .sinks import Provenance, SinkConfig, sink_batch
+    from .sinks import SinkConfig, sink_batch
 
     spec = plan.spec
     shards = sorted(plan.shards.values(), key=lambda s: s.id) if shards is None else shards
@@ -383,19 +400,9 @@ def build_dataset(plan: Plan, shards: list | None = None):
     ds = model_stages(ds, spec, plan.methods, plan.vocabulary, plan.prompt_sources)
     retries = spec.resources.task_retries
     out = spec.output
-    provenance = {
-        name: Provenance(
-            method=name,
-            model=spec.model.name,
-            weights=spec.model.weights_id,
-            params_hash=plan.params_hash[name],
-            vocabulary_id=plan.vocabulary_id(name),
-        )
-        for name in plan.outputs
-    }
     sink = SinkConfig(
         output_uri=out.uri,
-        methods=provenance,
+        methods=plan.provenance(),
         heatmap_encoding=out.heatmap_encoding,
         storage_options=dict(out.storage_options),
     )

@@ -32,7 +32,8 @@ class ProgressLine:
     """Counts images done and prints a line at most every ``interval_s`` seconds.
 
     Args:
-        total: images this attempt has to process (rows of the shards still to do).
+        total: images this attempt has to process (rows of the shards still to do); None when unknown (the rows of
+            a user's dataset given to ``clipmaps.pipeline.write.write_outputs``): the line shows no share or ETA.
         say: where lines go (the CLI prints them; the library default logs them).
         interval_s: least seconds between two lines (the first comes after ``interval_s`` too).
         done_before: images of shards finished by earlier attempts, shown as done but not in the rate.
@@ -41,14 +42,14 @@ class ProgressLine:
 
     def __init__(
         self,
-        total: int,
+        total: int | None,
         say: Callable[[str], None],
         *,
         interval_s: float = 30.0,
         done_before: int = 0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.total = int(total)
+        self.total = None if total is None else int(total)
         self.say = say
         self.interval_s = float(interval_s)
         self.done_before = int(done_before)
@@ -78,6 +79,8 @@ class ProgressLine:
         elapsed = max(now - self._start, 1e-9)
         rate = self.rows / elapsed
         done = self.done_before + self.rows
+        if self.total is None:
+            return f"progress  {done:,} images  {rate:.2f} images/s  {self.errors:,} errors"
         whole = self.done_before + self.total
         pct = f" ({100.0 * done / whole:.1f}%)" if whole else ""
         left = max(self.total - self.rows, 0)

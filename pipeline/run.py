@@ -150,16 +150,7 @@ def run(
                 "attempts": [*_previous_attempts(state), attempt],
             }
             resume.write_job(fs, root, {**doc, "versions": versions()})
-            write_vocabulary(plan, fs, root)
-            # every dataset exists from the start, with its schema, whatever the methods write and however the run
-            # ends: readers (pandas, DuckDB, Polars, datasets) fail on a missing folder but read a 0-row file
-            write_empty_datasets(fs, root, model_info(spec.model.name).embed_dim)
-            write_card(plan, fs, root)
-            # the errors dataset always exists too (rows the manifest stage refuses are written by the sink, per shard,
-            # like every failed row)
-            path = posixpath.join(root, "errors", "part-manifest.parquet")
-            if not fs.exists(path):
-                write_table(ERRORS.empty_table(), fs, path)
+            write_skeleton(plan, fs, root)
         except OSError as e:  # the output cannot be written (a path under a file, permission, a bucket gone…)
             raise _output_failed(e, plan, fs, root, doc, attempt) from e
         t0 = time.time()
@@ -365,6 +356,22 @@ def configure_ray_data(spec: JobSpec, *, progress_bars: bool = False) -> Callabl
         ctx.execution_no_progress_timeout_s, ctx.enable_progress_bars = before
 
     return restore
+
+
+def write_skeleton(plan: Plan, fs, root: str) -> None:
+    """What an output holds from the start of every attempt, whatever its methods write and however it ends: the
+    vocabulary, every dataset's folder with a 0-row file of its schema (readers — pandas, DuckDB, Polars,
+    ``datasets`` — fail on a missing folder but read a 0-row file), ``errors/part-manifest.parquet`` and the
+    dataset card. Used by :func:`run` and :func:`clipmaps.pipeline.write.write_outputs`.
+
+    Raises:
+        OSError: the output cannot be written."""
+    write_vocabulary(plan, fs, root)
+    write_empty_datasets(fs, root, model_info(plan.spec.model.name).embed_dim)
+    write_card(plan, fs, root)
+    path = posixpath.join(root, "errors", "part-manifest.parquet")
+    if not fs.exists(path):
+        write_table(ERRORS.empty_table(), fs, path)
 
 
 def write_card(plan: Plan, fs, root: str) -> None:

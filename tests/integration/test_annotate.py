@@ -15,7 +15,7 @@ import yaml
 from ray.data.expressions import col
 
 from clipmaps.jobs.demo import write_scenes
-from clipmaps.pipeline import annotate
+from clipmaps.pipeline import annotate, write_outputs
 from clipmaps.pipeline.run import run
 from clipmaps.pipeline.spec import SpecError, load_spec
 from clipmaps.schemas.datasets import MANIFEST
@@ -60,14 +60,16 @@ def both(ray_local, tmp_path_factory):
 
     raw = yaml.safe_load(JOB_SPEC.read_text())
     del raw["input"], raw["output"]  # annotate needs neither
+    del raw["methods"]["legrad"]  # the run's methods
     ds = ray.data.read_parquet(str(source))
-    out = annotate(ds, raw)
-    out.filter(expr=col("image_id") != "skip-me").write_parquet(str(folder / "annotated"))
+    out = annotate(ds, raw).filter(expr=col("image_id") != "skip-me").materialize()  # computed once, for both writers
+    out.write_parquet(str(folder / "annotated"))
+    write_outputs(out, str(folder / "written"), raw)  # clipmaps' datasets, as `clipmaps run` writes them
     # the README's filter, on the rows written
     kept = ray.data.read_parquet(str(folder / "annotated")).filter(expr=col("error_stage").is_null())
     assert sorted(kept.unique("image_id")) == sorted(r["image_id"] for r in rows)
     annotated = pads.dataset(folder / "annotated", format="parquet").to_table()
-    return rows, folder / "run", annotated
+    return rows, folder / "run", annotated, folder / "written"
 
 
 def _read(out, name):
@@ -75,7 +77,7 @@ def _read(out, name):
 
 
 def test_one_row_per_input_row_and_errors_as_rows(both):
-    rows, _, annotated = both
+    rows, _, annotated, _ = both
     got = annotated.to_pylist()
     ids = sorted(r["image_id"] for r in got)
     assert ids == sorted([r["image_id"] for r in rows] + ["corrupt", "no-image"])
@@ -95,7 +97,7 @@ def test_one_row_per_input_row_and_errors_as_rows(both):
 
 
 def test_outputs_equal_what_clipmaps_run_writes(both):
-    rows, run_out, annotated = both
+    rows, run_out, annotated, _ = both
     by_id = {r["image_id"]: r for r in annotated.to_pylist()}
     labels = _read(run_out, "labels")
     assert labels
@@ -114,6 +116,31 @@ def test_outputs_equal_what_clipmaps_run_writes(both):
         m = mine[reg["region_id"]]
         assert m["area"] == reg["area"] and m["bbox"] == reg["bbox"] and m["mask"] == reg["mask"]
         np.testing.assert_allclose(m["embedding"], reg["embedding"], atol=1e-5)
+
+
+def test_write_outputs_writes_what_clipmaps_run_writes(both):
+    """annotate → write_outputs gives `clipmaps run`'s rows for the same images and spec, dataset by dataset; the
+    rows that failed before the methods are error rows; run's rows carry file URIs, these images came as bytes."""
+    rows, run_out, _, written = both
+
+    def rows_of(out, name, skip=("image_uri", "uri")):
+        got = [{k: v for k, v in r.items() if k not in skip} for r in _read(out, name)]
+        return sorted(got, key=lambda r: json.dumps(r, sort_keys=True, default=repr))
+
+    for name in ("labels", "heatmaps"):
+        assert rows_of(written, name) == rows_of(run_out, name) and rows_of(written, name)
+    mine, theirs = (
+        rows_of(written, "regions", ("image_uri", "embedding")),
+        rows_of(run_out, "regions", ("image_uri", "embedding")),
+    )
+    assert mine == theirs and len(mine) == sum(len(r["masks"]) for r in rows)
+    errors = {(e["image_id"], e["stage"], e["error_type"]) for e in _read(written, "errors")}
+    assert errors == {("corrupt", "decode", "ImageDecodeError"), ("no-image", "manifest", "MissingImage")} or (
+        {e[0] for e in errors} == {"corrupt", "no-image"}
+    )
+    assert not _read(run_out, "errors")
+    job = json.loads((written / "_job.json").read_text())
+    assert job["writer"] == "write_outputs" and job["counts"] == {"rows": SCENES + 2, "duplicate_ids": 0}
 
 
 def test_refuses_a_dataset_without_image_columns(ray_local):

@@ -1,0 +1,463 @@
+"""clipmaps' datasets from the rows of :func:`clipmaps.pipeline.annotate.annotate`: :func:`write_outputs`, with
+resume (:func:`unwritten`) and markers.
+
+::
+
+    from clipmaps.pipeline import annotate, unwritten, write_outputs
+
+    ds = ray.data.read_parquet("s3://bucket/images/")              # image_id, image or image_uri, …
+    ds = unwritten(ds, "s3://bucket/out")                          # resume: leave out the images already written
+    ds = annotate(ds, "job.yaml").filter(my_filter)                # the user's own steps in between
+    result = write_outputs(ds, "s3://bucket/out", "job.yaml")      # labels/, heatmaps/, regions/, errors/, …
+
+The output is laid out as ``clipmaps run`` lays out its own (``labels/``, ``heatmaps/``, ``regions/``, ``errors/``,
+``vocabulary/``, the dataset card ``README.md``, ``_job.json``), with the same schemas and the same row builder's
+values, so every clipmaps tool (``report``, ``export coco``, ``index``, ``query``) and every Parquet reader opens it.
+
+How rows are written (exactly once, nothing mixed):
+
+* Ray tasks take about ``rows_per_file`` annotated rows at a time (a Ray Data batch). Each writes its batch's rows
+  of each dataset as one file, ``<dataset>/part-w<token>.parquet`` (``token``: 16 hex digits of the SHA-256 of the
+  batch's ``image_id`` values, so a retried task replaces its own files), then its marker
+  ``_written/part-w<token>.parquet`` — the batch's image ids, one column — last. Every write is atomic
+  (``clipmaps.schemas.storage.write_bytes``).
+* A result file whose token has no marker is the work of a task that did not finish: every call removes such files
+  before it writes and again at its end.
+* :func:`unwritten` leaves out of a dataset the rows whose ``image_id`` a marker holds (a Ray Data left-anti join:
+  the ids are read by Ray tasks, never by the driver), so a re-run after a failure computes only the rest.
+* ``_job.json`` records the spec (input section left out, secrets redacted), the result fingerprint
+  (``clipmaps.pipeline.fingerprint``) and one entry per call. A call whose spec would change results is refused
+  (:class:`~clipmaps.schemas.errors.OutputConflict`, naming each field and both values) while the output holds
+  written rows; so is an output of ``clipmaps run`` (its resume is by manifest shard), unless ``overwrite``.
+* ``image_id`` values should be unique (``clipmaps run`` refuses repeats as error rows; rows given to annotate are not
+  checked). At its end, :func:`write_outputs` counts the ids the markers hold more than once (Ray tasks) and reports
+  them (:attr:`WriteResult.duplicates`, a warning naming the first few, ``_job.json``).
+
+Why not Ray Data's ``write_parquet``: one annotated row becomes rows of four datasets, and resume needs to know which
+input rows are finished; markers per written batch give both with plain files on any fsspec store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import posixpath
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from clipmaps.actors.registry import model_info
+from clipmaps.schemas import batches as cols
+from clipmaps.schemas.datasets import ERRORS, HEATMAPS, LABELS, regions_schema
+from clipmaps.schemas.errors import OutputConflict
+from clipmaps.schemas.storage import TMP_PREFIX, filesystem, redact_text, redact_uri, remove, write_table
+
+from . import resume
+from .annotate import annotation_plan, output_kinds
+from .fingerprint import differences
+from .progress import ProgressLine
+from .sinks import EMPTY_FILE, Provenance
+from .spec import JobSpec
+
+logger = logging.getLogger(__name__)
+
+#: Folder (under the output root) of the markers: one Parquet file of ``image_id`` per written batch.
+WRITTEN = "_written"
+#: ``_job.json``'s ``writer`` for an output of :func:`write_outputs` (``clipmaps run`` writes none).
+WRITER = "write_outputs"
+#: A marker's schema.
+WRITTEN_SCHEMA = pa.schema([pa.field("image_id", pa.string())])
+#: Counts each batch's task returns (and :class:`WriteResult` sums).
+COUNTS = ("rows", "failed_rows", "labels", "heatmaps", "regions", "errors")
+DATASETS = ("labels", "heatmaps", "regions", "errors")
+
+
+def file_name(token: str) -> str:
+    """``part-w<token>.parquet``: a written batch's file in each dataset, and its marker."""
+    return f"part-w{token}.parquet"
+
+
+def token_of(name: str) -> str | None:
+    """The token of a :func:`file_name` (None for another name, e.g. ``part-empty.parquet``)."""
+    base = posixpath.basename(name)
+    if base.startswith("part-w") and base.endswith(".parquet"):
+        return base[len("part-w") : -len(".parquet")]
+    return None
+
+
+@dataclass(frozen=True)
+class WriterConfig:
+    """What a writing task needs (pickled to Ray workers)."""
+
+    output_uri: str
+    storage_options: dict
+    provenance: dict[str, Provenance]
+    kinds: dict[str, tuple[str, ...]]
+    embed_dim: int
+
+
+@dataclass
+class WriteResult:
+    """What :func:`write_outputs` did.
+
+    Attributes:
+        output_uri: where (redacted).
+        counts: this call's totals: ``rows`` (annotated rows written), ``failed_rows`` (rows that failed before any
+            method), and the rows written to ``labels``, ``heatmaps``, ``regions``, ``errors``.
+        batches: written batches (markers) of this call.
+        total_rows: image ids the output's markers hold after this call (earlier calls included).
+        duplicates: image ids held more than once.
+        seconds: wall time of the call.
+    """
+
+    output_uri: str
+    counts: dict[str, int] = field(default_factory=dict)
+    batches: int = 0
+    total_rows: int = 0
+    duplicates: int = 0
+    seconds: float = 0.0
+
+
+# ------------------------------------------------------------------------------------------------ on the workers
+def dataset_tables(table: pa.Table, config: WriterConfig) -> dict[str, pa.Table]:
+    """Annotated rows (:func:`clipmaps.pipeline.annotate.output_schema`) → the rows of ``labels``, ``heatmaps``,
+    ``regions`` and ``errors`` that ``clipmaps run`` writes for the same images (its schemas, the provenance of
+    ``config``, URIs redacted). A method column that is null on a row (the method failed there, its error is in
+    ``errors``) adds nothing.
+
+    Raises:
+        KeyError: a column of ``config.kinds`` is missing (checked up front by :func:`write_outputs`)."""
+    labels: list[dict] = []
+    heatmaps: list[dict] = []
+    regions: list[dict] = []
+    errors: list[dict] = []
+    has_uri = cols.IMAGE_URI in table.column_names
+    for row in table.to_pylist():
+        image_id = row[cols.IMAGE_ID]
+        uri = redact_uri(row[cols.IMAGE_URI]) if has_uri and row[cols.IMAGE_URI] is not None else None
+        for e in row.get("errors") or []:
+            errors.append(
+                {
+                    "image_id": image_id,
+                    "uri": uri,
+                    **{k: e[k] for k in ("method", "region_id", "stage", "error_type")},
+                    "message": redact_text(e["message"]),
+                }
+            )
+        for name, kinds in config.kinds.items():
+            prov = config.provenance[name]
+            base = {
+                "image_id": image_id,
+                "image_uri": uri,
+                "method": name,
+                "model": prov.model,
+                "weights": prov.weights,
+                "params_hash": prov.params_hash,
+            }
+            label_map = row.get(f"{name}__label_map") if "label_map" in kinds else None
+            if label_map is not None:
+                labels.append(
+                    {
+                        **base,
+                        "height": row[cols.HEIGHT],
+                        "width": row[cols.WIDTH],
+                        "label_map": label_map,
+                        "confidence": row.get(f"{name}__confidence"),
+                        "vocabulary_id": prov.vocabulary_id or "",
+                    }
+                )
+            for h in (row.get(f"{name}__heatmaps") if "heatmaps" in kinds else None) or []:
+                heatmaps.append({**base, **h})
+            for r in (row.get(f"{name}__regions") if "regions" in kinds else None) or []:
+                regions.append({**base, **r})
+    return {
+        "labels": pa.Table.from_pylist(labels, schema=LABELS),
+        "heatmaps": pa.Table.from_pylist(heatmaps, schema=HEATMAPS),
+        "regions": pa.Table.from_pylist(regions, schema=regions_schema(config.embed_dim)),
+        "errors": pa.Table.from_pylist(errors, schema=ERRORS),
+    }
+
+
+def write_batch(table: pa.Table, config: WriterConfig) -> pa.Table:
+    """Write one batch of annotated rows (a Ray task): one file per non-empty dataset, then the marker. Returns one
+    row of :data:`COUNTS` and the batch's ``token``.
+
+    Raises:
+        OSError: the output cannot be written (Ray retries the task)."""
+    fs, root = filesystem(config.output_uri, config.storage_options)
+    ids = [str(i) for i in table[cols.IMAGE_ID].to_pylist()]
+    token = hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
+    counts = {"rows": table.num_rows}
+    counts["failed_rows"] = (
+        table.num_rows - table[cols.ERROR_STAGE].null_count if cols.ERROR_STAGE in table.column_names else 0
+    )
+    for name, rows in dataset_tables(table, config).items():
+        counts[name] = rows.num_rows
+        if rows.num_rows:
+            write_table(rows, fs, posixpath.join(root, name, file_name(token)))
+    write_table(pa.table({"image_id": ids}, schema=WRITTEN_SCHEMA), fs, posixpath.join(root, WRITTEN, file_name(token)))
+    return pa.table({**{k: [counts[k]] for k in COUNTS}, "token": [token]})
+
+
+# ------------------------------------------------------------------------------------------------ on the driver
+def written_tokens(fs, root: str) -> set[str]:
+    """Tokens of the batches whose marker is in place (a listing: one entry per batch, nothing per image)."""
+    folder = posixpath.join(root, WRITTEN)
+    fs.invalidate_cache()
+    if not fs.exists(folder):
+        return set()
+    return {t for t in (token_of(p) for p in fs.ls(folder, detail=False)) if t is not None}
+
+
+def remove_unmarked(fs, root: str, tokens: set[str]) -> int:
+    """Delete result files of batches without a marker, and temporary files; returns how many."""
+    removed = 0
+    fs.invalidate_cache()
+    for name in (*DATASETS, WRITTEN):
+        folder = posixpath.join(root, name)
+        if not fs.exists(folder):
+            continue
+        for path in fs.ls(folder, detail=False):
+            base = posixpath.basename(path)
+            token = token_of(base)
+            if base.startswith(TMP_PREFIX) or (token is not None and token not in tokens):
+                remove(fs, path)
+                removed += 1
+    return removed
+
+
+def unwritten(ds, output_uri: str, *, storage_options: Mapping[str, Any] | None = None, num_partitions: int = 0):
+    """``ds`` without the rows whose ``image_id`` an earlier :func:`write_outputs` to ``output_uri`` wrote (lazy; a
+    Ray Data left-anti join on ``image_id``: the ids are read by Ray tasks). ``ds`` unchanged when nothing is written
+    yet. Row order is not kept.
+
+    Args:
+        ds: a ``ray.data.Dataset`` with an ``image_id`` column (the input of :func:`~.annotate.annotate`).
+        output_uri: the output :func:`write_outputs` writes.
+        storage_options: fsspec options for ``output_uri``.
+        num_partitions: hash partitions of the join (0: one per 64 markers, at least 1 and at most 200).
+
+    Raises:
+        ValueError: ``ds`` has no ``image_id`` column.
+    """
+    import pyarrow.fs as pafs
+    import ray
+
+    schema = ds.schema()
+    if schema is None or cols.IMAGE_ID not in schema.names:
+        raise ValueError(f"unwritten: the dataset needs an {cols.IMAGE_ID!r} column")
+    fs, root = filesystem(output_uri, storage_options)
+    tokens = written_tokens(fs, root)
+    if not tokens:
+        return ds
+    paths = [posixpath.join(root, WRITTEN, file_name(t)) for t in sorted(tokens)]
+    done = ray.data.read_parquet(paths, filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(fs)), schema=WRITTEN_SCHEMA)
+    parts = num_partitions or _partitions(len(paths))
+    return ds.join(done, join_type="left_anti", num_partitions=parts, on=(cols.IMAGE_ID,))
+
+
+def _partitions(markers: int) -> int:
+    """Hash partitions for a shuffle over the ids of ``markers`` written batches: one per 64, 1 to 200 (Ray Data's
+    default of 200 costs seconds of scheduling on a small output)."""
+    return min(200, max(1, markers // 64))
+
+
+def write_outputs(
+    ds,
+    output_uri: str,
+    spec: str | os.PathLike | Mapping[str, Any] | JobSpec,
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+    rows_per_file: int | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> WriteResult:
+    """Write the rows of :func:`~.annotate.annotate` as clipmaps' datasets under ``output_uri`` (module docstring);
+    runs ``ds``.
+
+    Args:
+        ds: annotate's rows (after any filters of the user's); its schema must have each output column of ``spec``.
+        output_uri: a local folder or fsspec URI.
+        spec: the spec given to annotate (path, mapping or :class:`~.spec.JobSpec`): it names the provenance every
+            row carries and the result fingerprint the output is checked against.
+        storage_options: fsspec options for ``output_uri``.
+        overwrite: delete what a job wrote at ``output_uri`` first.
+        rows_per_file: about how many annotated rows each written file holds (default ``output.shard_rows``).
+        progress: receives a progress line every ``run.progress_interval_s`` and at the end (default: logged).
+
+    Returns:
+        :class:`WriteResult`.
+
+    Raises:
+        ValueError: ``ds`` lacks ``image_id``/``errors`` or an output column of ``spec`` (not annotate's rows, or
+            another spec's).
+        SpecError: the spec is invalid.
+        OutputConflict: the output holds rows of a job with another result fingerprint, or ``clipmaps run``'s output.
+        Exception: a failure of the pipeline (Ray's error); ``_job.json`` records the call as failed, what is written
+            is kept, and :func:`unwritten` + a new call finish the rest.
+    """
+    from .plan import _map_batches, sink_retry_exceptions
+    from .run import versions, write_skeleton
+
+    started = time.time()
+    say = progress or (lambda line: logger.info("%s", line))
+    schema = ds.schema()
+    names = list(schema.names) if schema is not None else []
+    plan = annotation_plan(spec, has_prompts=cols.PROMPTS in names)
+    job = plan.spec
+    kinds = output_kinds(job)
+    needed = [cols.IMAGE_ID, "errors", cols.HEIGHT, cols.WIDTH]
+    suffix = {"label_map": "label_map", "heatmaps": "heatmaps", "regions": "regions"}
+    needed += [f"{name}__{suffix[k]}" for name, ks in kinds.items() for k in ks]
+    missing = [c for c in needed if c not in names]
+    if missing:
+        raise ValueError(
+            f"write_outputs: the dataset lacks {missing}: pass the rows annotate(ds, spec) returns, and the same spec"
+        )
+    options = dict(storage_options or {})
+    fs, root = filesystem(output_uri, options)
+    shown = redact_uri(output_uri)
+    state = resume.read_state(fs, root)
+    tokens = written_tokens(fs, root)
+    if overwrite:
+        resume.clear_output(fs, root)
+        remove(fs, posixpath.join(root, WRITTEN), recursive=True)
+        remove(fs, posixpath.join(root, "README.md"))
+        state, tokens = resume.OutputState(job=None), set()
+    elif state.job is not None and (state.job.get("writer") != WRITER or state.complete):
+        raise OutputConflict(
+            f"{shown} holds the output of `clipmaps run` (resumed by manifest shard), not of write_outputs; write to "
+            "another output_uri, or pass overwrite=True to replace it"
+        )
+    elif state.job is None and state.complete:
+        raise OutputConflict(f"{shown} holds shard markers but no {resume.JOB_JSON}; use another output_uri")
+    elif state.job is not None and tokens:
+        diff = differences(state.job.get("fingerprint"), plan.fingerprint)
+        if diff:
+            raise OutputConflict(
+                f"{shown} holds rows of a job with other results; writing would mix them: " + "; ".join(diff)
+                + ". Write to another output_uri, or pass overwrite=True"
+            )  # fmt: skip
+    elif state.job is not None and state.job.get("fingerprint") != plan.fingerprint:  # nothing written: replace
+        resume.clear_output(fs, root)
+        state = resume.OutputState(job=None)
+    removed = remove_unmarked(fs, root, tokens)
+    if removed:
+        logger.info("removed %d result files of batches an earlier call did not finish", removed)
+
+    spec_doc = job.to_dict(redact=True)
+    spec_doc.pop("input", None)
+    spec_doc["output"] = {**spec_doc.get("output", {}), "uri": shown}
+    attempt: dict[str, Any] = {"started_at": _now(), "status": "running", "pid": os.getpid()}
+    doc = {
+        "writer": WRITER,
+        "spec": spec_doc,
+        "fingerprint": plan.fingerprint,
+        "status": "running",
+        "attempts": [*state.attempts, attempt],
+    }
+    fs.makedirs(root, exist_ok=True)
+    resume.write_job(fs, root, {**doc, "versions": versions()})
+    write_skeleton(plan, fs, root)
+
+    config = WriterConfig(
+        output_uri=output_uri,
+        storage_options=options,
+        provenance=plan.provenance(),
+        kinds=kinds,
+        embed_dim=model_info(job.model.name).embed_dim,
+    )
+    counts = dict.fromkeys(COUNTS, 0)
+    batches = 0
+    line = ProgressLine(None, say if job.run.progress else (lambda _: None), interval_s=job.run.progress_interval_s)
+    try:
+        out = _map_batches(
+            ds,
+            write_batch,
+            fn_kwargs={"config": config},
+            batch_format="pyarrow",
+            batch_size=rows_per_file or job.output.shard_rows,
+            num_cpus=0.25,
+            max_retries=job.resources.task_retries,
+            retry_exceptions=sink_retry_exceptions(),
+        )
+        for batch in out.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0):
+            for row in batch.to_pylist():
+                batches += 1
+                for k in COUNTS:
+                    counts[k] += int(row[k])
+                line.update(int(row["rows"]), int(row["failed_rows"]))
+        line.finish()
+    except BaseException as e:
+        attempt.update(status="failed", finished_at=_now(), error=redact_text(f"{type(e).__name__}: {e}")[:2000])
+        doc.update(status="failed")
+        try:
+            resume.write_job(fs, root, {**doc, "versions": versions()})
+        except OSError:
+            logger.warning("could not record the failed call in %s", resume.JOB_JSON)
+        raise
+    tokens = written_tokens(fs, root)
+    strays = remove_unmarked(fs, root, tokens)
+    if strays:
+        logger.warning("removed %d result files without a marker (a task of an earlier call finished late)", strays)
+    total, duplicates, examples = _written_ids(fs, root, tokens)
+    if duplicates:
+        logger.warning(
+            "%d image ids were written more than once (image_id values should be unique), e.g. %s",
+            duplicates,
+            ", ".join(repr(x) for x in examples),
+        )
+    result = WriteResult(
+        output_uri=shown,
+        counts=counts,
+        batches=batches,
+        total_rows=total,
+        duplicates=duplicates,
+        seconds=time.time() - started,
+    )
+    attempt.update(status="finished", finished_at=_now(), counts=counts, batches=batches)
+    doc.update(status="finished", counts={"rows": total, "duplicate_ids": duplicates})
+    resume.write_job(fs, root, {**doc, "versions": versions()})
+    return result
+
+
+def _written_ids(fs, root: str, tokens: set[str]) -> tuple[int, int, list[str]]:
+    """``(ids in the markers, ids held more than once, up to 5 of them)``, by Ray tasks."""
+    import pyarrow.fs as pafs
+    import ray
+    from ray.data.expressions import col
+
+    if not tokens:
+        return 0, 0, []
+    paths = [posixpath.join(root, WRITTEN, file_name(t)) for t in sorted(tokens)]
+    done = ray.data.read_parquet(paths, filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(fs)), schema=WRITTEN_SCHEMA)
+    per_id = done.groupby(cols.IMAGE_ID, num_partitions=_partitions(len(paths))).count().materialize()
+    repeated = per_id.filter(expr=col("count()") > 1).materialize()
+    examples = [r[cols.IMAGE_ID] for r in repeated.take(5)]
+    return int(per_id.sum("count()") or 0), repeated.count(), examples
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+__all__ = [
+    "COUNTS",
+    "EMPTY_FILE",
+    "WRITTEN",
+    "WRITTEN_SCHEMA",
+    "WriteResult",
+    "WriterConfig",
+    "dataset_tables",
+    "file_name",
+    "remove_unmarked",
+    "token_of",
+    "unwritten",
+    "write_batch",
+    "write_outputs",
+    "written_tokens",
+]
