@@ -20,7 +20,7 @@ import difflib
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
 
 from clipmaps.schemas.storage import redact_uri
 
@@ -114,6 +114,10 @@ class PoolSpec(Section):
         custom_resources: Ray custom resources each actor reserves, e.g. ``{accelerator_node: 1}``.
         torch_threads: torch CPU threads per actor; null = Ray's ``OMP_NUM_THREADS`` (``floor(num_cpus)``, at
             least 1). Measured: a CPU pool on a fraction of a CPU ran at 0.57x a bare loop with one thread.
+        memory: host memory each actor reserves with Ray's scheduler (bytes, or a size such as ``"2GiB"``; Ray's
+            ``memory`` resource); null reserves none. Set it on shared clusters so that Ray does not place more
+            actors on a node than its memory holds; Ray Data's high-memory warning suggests a value from what the
+            actors used (README, "What a run prints").
     """
 
     batch_size: Int = Field(8, ge=1)
@@ -123,6 +127,7 @@ class PoolSpec(Section):
     max_actors: Int = Field(1, ge=1)
     custom_resources: dict[str, Annotated[float, Field(gt=0)]] = Field(default_factory=dict)
     torch_threads: Int | None = Field(None, ge=1)
+    memory: ByteSize | None = Field(None, gt=0)
 
     @field_validator("num_gpus")
     @classmethod
@@ -136,7 +141,7 @@ class PoolSpec(Section):
     def _not_builtin(cls, v: dict[str, float]) -> dict[str, float]:
         for name in v:
             if name in ("CPU", "GPU", "memory"):
-                raise ValueError(f"{name!r}: use num_cpus / num_gpus instead")
+                raise ValueError(f"{name!r}: use num_cpus / num_gpus / memory instead")
         return v
 
     @model_validator(mode="after")

@@ -498,6 +498,7 @@ def model_stages(ds, spec: JobSpec, methods: list[str], vocabulary: list[str] | 
             batch_size=pool.batch_size,
             # resources=None breaks Ray Data's operator fusion before Ray 2.60 (AttributeError in _canonicalize)
             **({"resources": dict(pool.custom_resources)} if pool.custom_resources else {}),
+            **({"memory": int(pool.memory)} if pool.memory else {}),
             batch_format="numpy",
             max_restarts=-1,
             max_task_retries=-1,

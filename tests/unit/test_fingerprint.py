@@ -89,6 +89,7 @@ def test_prompt_source_of_auto_follows_the_manifest():
         "methods.gem.resources.batch_size=32",
         "methods.gem.resources.max_actors=8",
         "methods.maskinversion.resources.torch_threads=2",
+        "methods.maskinversion.resources.memory=2GiB",
         "resources.decode_cpus=2",
         "resources.retries=0",
         "run.max_error_fraction=0.5",
