@@ -62,7 +62,6 @@ from clipmaps.actors.registry import REGISTRY, model_info
 from clipmaps.schemas import batches as cols
 from clipmaps.schemas.datasets import RLE
 
-from . import fingerprint as fp
 from .decode.stage import IMAGE
 from .inputs import check_rows, image_bytes
 from .sinks import ERROR_REGION_ID, SinkConfig, SinkStage
@@ -210,21 +209,7 @@ def annotation_plan(
     planning.check_vocabulary_text(job, loaded.vocabulary)
     if has_masks is not None:
         job.check_manifest(has_masks=has_masks, has_prompts=has_prompts)
-    methods = job.enabled_methods()
-    fingerprint = fp.job_fingerprint(job, manifest_has_prompts=has_prompts)
-    return planning.Plan(
-        spec=job,
-        files=[],
-        counts=[],
-        rows=[],
-        vocabulary=list(job.vocabulary.class_names()) if job.vocabulary is not None else None,
-        methods=methods,
-        prompt_sources={
-            m: job.prompt_source(m, manifest_has_prompts=has_prompts) for m in methods if job.method(m).heatmaps
-        },
-        fingerprint=fingerprint,
-        params_hash=fp.params_hashes(fingerprint),
-    )
+    return planning.job_plan(job, has_prompts=has_prompts)
 
 
 def annotate(ds, spec: str | os.PathLike | Mapping[str, Any] | JobSpec):

@@ -292,13 +292,30 @@ def make_plan(spec: JobSpec, *, dry_run: bool = False) -> Plan:
     has_masks = any(c.flags.get("masks") or c.flags.get("masks_uri") for c in used)
     has_prompts = any(c.flags.get("prompts") for c in used)
     spec.check_manifest(has_masks=has_masks, has_prompts=has_prompts)
+    return job_plan(
+        spec,
+        has_prompts=has_prompts,
+        files=files,
+        counts=counts,
+        rows=rows,
+        shards={s.id: s for s in fresh_shards(rows, shard_rows)},
+        estimated=any(c.estimated for c in counts),
+    )
+
+
+def job_plan(spec: JobSpec, *, has_prompts: bool, files=(), counts=(), rows=(), **fields) -> Plan:
+    """The :class:`Plan` of ``spec`` (vocabulary resolved, I/O defaults merged) whose input has a ``prompts`` column
+    or not (``has_prompts``: decides the ``auto`` prompt source and the fingerprint): its methods, vocabulary,
+    prompt sources, result fingerprint and ``params_hash`` per output; ``files``/``counts``/``rows`` and other
+    ``fields`` as given (a manifest's, from :func:`make_plan`; none for the rows given to
+    :func:`clipmaps.pipeline.annotate.annotate`)."""
     methods = spec.enabled_methods()
     fingerprint = fp.job_fingerprint(spec, manifest_has_prompts=has_prompts)
     return Plan(
         spec=spec,
-        files=files,
-        counts=counts,
-        rows=rows,
+        files=list(files),
+        counts=list(counts),
+        rows=list(rows),
         vocabulary=list(spec.vocabulary.class_names()) if spec.vocabulary is not None else None,
         methods=methods,
         prompt_sources={
@@ -306,8 +323,7 @@ def make_plan(spec: JobSpec, *, dry_run: bool = False) -> Plan:
         },
         fingerprint=fingerprint,
         params_hash=fp.params_hashes(fingerprint),
-        shards={s.id: s for s in fresh_shards(rows, shard_rows)},
-        estimated=any(c.estimated for c in counts),
+        **fields,
     )
 
 
