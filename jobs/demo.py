@@ -70,14 +70,15 @@ def demo_overrides(cfg: DemoConfig, manifest: Path) -> list[str]:
     return sets
 
 
-def run_demo(cfg: DemoConfig, progress=None):
-    """Write the scenes, run the packaged demo spec on them; return ``(spec, RunResult)``."""
+def run_demo(cfg: DemoConfig, progress=None, progress_bars: bool | None = None):
+    """Write the scenes, run the packaged demo spec on them; return ``(spec, RunResult)`` (``progress`` and
+    ``progress_bars`` as :func:`clipmaps.pipeline.run.run`'s)."""
     from clipmaps.pipeline.run import run
     from clipmaps.pipeline.spec import load_spec
 
     manifest = write_scenes(cfg.folder / "input", cfg.scenes)
     spec = load_spec(DEMO_SPEC, overrides=demo_overrides(cfg, manifest))
-    return spec, run(spec, progress=progress)
+    return spec, run(spec, progress=progress, progress_bars=progress_bars)
 
 
 HOW_TO_READ = """\
@@ -109,6 +110,11 @@ def run_demo_cli(args: argparse.Namespace) -> int:
         seed=args.seed,
         size=args.size,
     )
+    if args.quiet:  # errors only, as `clipmaps run -q`: the exit code says how it went
+        _, result = run_demo(cfg, progress=lambda line: None, progress_bars=False)
+        if not result.ok:
+            print(f"clipmaps demo: error fraction {result.error_fraction:.2%} is above the limit", file=sys.stderr)
+        return 0 if result.ok else 3
     spec, result = run_demo(cfg, progress=print)
     out = Path(spec.output.uri)
     print(summary_table(result))

@@ -59,6 +59,7 @@ class ProgressLine:
         self.lines = 0
         self._start = clock()
         self._last = self._start
+        self._said: tuple[int, int] | None = None
 
     def update(self, rows: int, errors: int = 0) -> None:
         """Add a finished batch's ``rows`` (images) and ``errors`` (error rows); print if the interval has passed."""
@@ -69,8 +70,9 @@ class ProgressLine:
             self._emit(now)
 
     def finish(self) -> None:
-        """Print the final line (always, when anything was done)."""
-        if self.rows or not self.lines:
+        """Print the final line: always, unless the last line printed already said the same counts (a timer line
+        that came with the last batch)."""
+        if self._said != (self.rows, self.errors) or not self.lines:
             self._emit(self.clock())
 
     def line(self, now: float | None = None) -> str:
@@ -91,6 +93,7 @@ class ProgressLine:
         self.say(self.line(now))
         self.lines += 1
         self._last = now
+        self._said = (self.rows, self.errors)
 
 
 __all__ = ["ProgressLine", "format_duration"]

@@ -41,3 +41,13 @@ def test_nothing_to_do_says_so_once():
 
 def test_durations():
     assert [format_duration(s) for s in (0, 59.4, 61, 3725)] == ["0s", "59s", "1m01s", "1h02m05s"]
+
+
+def test_the_final_line_is_not_a_repeat_of_a_timer_line_with_the_same_counts():
+    clock, lines = Clock(), []
+    p = ProgressLine(4, lines.append, interval_s=30, clock=clock)
+    clock.t += 39  # the only batch comes after the interval: its timer line already says 4/4
+    p.update(4, 0)
+    clock.t += 1
+    p.finish()
+    assert lines == ["progress  4/4 images (100.0%)  0.10 images/s  ETA 0s  0 errors"]
