@@ -14,6 +14,12 @@ import sys
 from .commands import COMMANDS
 
 
+def printer(args: argparse.Namespace):
+    """``print`` for a command's progress and summary lines, or a function that prints nothing under ``-q/--quiet``
+    (errors only; errors go to stderr either way)."""
+    return (lambda line: None) if getattr(args, "quiet", False) else print
+
+
 def _run(args: argparse.Namespace) -> int:
     """``clipmaps run``: exit 0 done, 2 the job cannot run as configured (spec, manifest, weights, a refused
     output: nothing to resume), 3 too many images with errors, 4 a stage failed for good (re-run to resume)."""

@@ -206,6 +206,7 @@ def run_export_cli(args) -> int:
 
     from clipmaps.schemas.storage import filesystem
 
+    from .cli import printer
     from .outputs import parse_storage_options
 
     outputs = JobOutputs(args.output, parse_storage_options(args.storage_option))
@@ -230,7 +231,7 @@ def run_export_cli(args) -> int:
     except (OSError, ValueError) as e:
         print(f"clipmaps export: {redact_uri(str(e))}", file=sys.stderr)
         return 2
-    print(
+    printer(args)(
         f"wrote {args.out}: {counts['images']} images, {counts['annotations']} annotations, "
         f"{counts['categories']} categories"
     )

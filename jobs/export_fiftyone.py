@@ -124,6 +124,7 @@ def run_export_fiftyone_cli(args) -> int:
     """``clipmaps export fiftyone``: exit 0 built, 2 cannot (no FiftyOne, nothing to export)."""
     import sys
 
+    from .cli import printer
     from .outputs import parse_storage_options
 
     outputs = JobOutputs(args.output, parse_storage_options(args.storage_option))
@@ -133,7 +134,7 @@ def run_export_fiftyone_cli(args) -> int:
     except ConfigError as e:
         print(f"clipmaps export: {e}", file=sys.stderr)
         return 2
-    print(f"FiftyOne dataset {args.name!r}: {len(dataset)} samples; open it with fiftyone.launch_app(...)")
+    printer(args)(f"FiftyOne dataset {args.name!r}: {len(dataset)} samples; open it with fiftyone.launch_app(...)")
     return 0
 
 

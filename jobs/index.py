@@ -561,6 +561,8 @@ def _warn_if_stale(outputs: JobOutputs, meta: dict) -> None:
 # ---------------------------------------------------------------------------------------------- CLI
 def run_index_cli(args: argparse.Namespace) -> int:
     """``clipmaps index`` (arguments: :func:`clipmaps.jobs.commands.add_index_parser`); returns the exit code."""
+    from .cli import printer
+
     so: dict = {}
     try:
         so = parse_storage_options(args.storage_option)
@@ -575,14 +577,14 @@ def run_index_cli(args: argparse.Namespace) -> int:
             m=args.m,
             ef_construction=args.ef_construction,
             ef_search=args.ef_search,
-            progress=print,
+            progress=printer(args),
         )
     except (OSError, ValueError) as e:  # RegionIndexError and the other ConfigErrors are ValueErrors, as Arrow's
         text = redact_text(str(e), storage_options=so, uris=[args.output_uri])
         print(f"clipmaps index: error: {text}", file=sys.stderr)
         return 2
     m = result.meta
-    print(
+    printer(args)(
         f"clipmaps index: {m['count']} regions, {m['dim']}-d, {m['kind']} "
         f"({'exhaustive search' if m['kind'] == 'exact' else 'HNSW'}), image URIs "
         f"{'from the manifest' if m['image_uris'] else 'not available'}, {result.seconds:.1f} s -> {result.uri}"

@@ -31,6 +31,8 @@ def _storage_options(values: list[str] | None) -> dict:
 def run_manifest_cli(args: argparse.Namespace) -> int:
     """Run ``clipmaps manifest …`` from parsed arguments; prints a one-line summary, then one line per kind of
     annotation problem found (:class:`AnnotationReport`). Returns the exit code."""
+    from .cli import printer
+
     so: dict = {}
     ids = AnnotationReport()
     try:
@@ -60,9 +62,10 @@ def run_manifest_cli(args: argparse.Namespace) -> int:
         n_masks = ids.masks
     counted = f"{n_masks} masks" if args.source != "folder" or not refs else "masks in folders"
     by_ref = f" ({refs} image(s) with masks by reference, masks_uri)" if refs else ""
-    print(f"clipmaps manifest: {table.num_rows} images, {counted}{by_ref} -> {redact_uri(args.output)}")
+    say = printer(args)
+    say(f"clipmaps manifest: {table.num_rows} images, {counted}{by_ref} -> {redact_uri(args.output)}")
     for line in ids.lines():
-        print(f"clipmaps manifest: warning: {line}")
+        say(f"clipmaps manifest: warning: {line}")
     return 0
 
 

@@ -883,6 +883,8 @@ def render_cards(d: ReportData) -> str:
 # ---------------------------------------------------------------------------------------------- CLI
 def run_report_cli(args: argparse.Namespace) -> int:
     """``clipmaps report`` (arguments: :func:`clipmaps.jobs.commands.add_report_parser`); returns the exit code."""
+    from .cli import printer
+
     so: dict = {}
     try:
         so = parse_storage_options(args.storage_option)
@@ -894,7 +896,7 @@ def run_report_cli(args: argparse.Namespace) -> int:
             select=args.select,
             storage_options=so,
             max_heatmaps=args.max_heatmaps,
-            progress=print,
+            progress=printer(args),
         )
     except (ConfigError, OSError, ValueError) as e:  # ReportError, SelectionError
         uris = [args.output_uri, args.output]
@@ -903,7 +905,7 @@ def run_report_cli(args: argparse.Namespace) -> int:
     page = join_uri(dest, "index.html")
     fs, _ = filesystem(dest, so)
     shown_page = Path(page).resolve().as_uri() if is_local(fs) else redact_uri(page)
-    print(f"clipmaps report: {shown_page}")
+    printer(args)(f"clipmaps report: {shown_page}")
     return 0
 
 

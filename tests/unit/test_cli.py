@@ -257,3 +257,16 @@ def test_version_and_logging_flags_before_or_after_the_subcommand(capsys):
     with pytest.raises(SystemExit):  # both at once, split around the subcommand
         main(["-v", "schema", "-q"])
     assert "exclude each other" in capsys.readouterr().err
+
+
+def test_quiet_silences_the_summary_lines_of_every_command(tmp_path, capsys):
+    """``-q`` is errors only for the commands that print a summary (here ``manifest``; ``export``, ``index``,
+    ``report`` and ``demo`` share :func:`clipmaps.jobs.cli.printer`)."""
+    from PIL import Image
+
+    for i in range(2):
+        Image.new("RGB", (8, 8), (i * 90, 10, 10)).save(tmp_path / f"img{i}.png")
+    assert main(["manifest", "folder", str(tmp_path), "-o", str(tmp_path / "m.jsonl")]) == 0
+    assert "2 images" in capsys.readouterr().out
+    assert main(["manifest", "folder", str(tmp_path), "-o", str(tmp_path / "m2.jsonl"), "-q"]) == 0
+    assert capsys.readouterr().out == "" and (tmp_path / "m2.jsonl").exists()
