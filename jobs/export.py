@@ -87,6 +87,11 @@ def export_coco(
     categories = _categories(outputs, vocab_ids, categories_from)
     coco_id = _image_ids(ids)
     uris = None if "image_uri" in names else _manifest_uris(outputs)
+    if outputs.job and not (outputs.spec.get("output") or {}).get("label_confidence"):
+        logger.warning(
+            "every annotation's score is 1.0: the job ran without output.label_confidence, so its label maps carry "
+            "no class probabilities (re-run with it for scores that rank the regions)"
+        )
 
     out.write("{")
     info = {"description": description or f"clipmaps {method} label maps from {outputs.shown()}", "version": "1.0"}

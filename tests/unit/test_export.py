@@ -173,3 +173,13 @@ def test_scores_are_the_mean_confidence_of_each_region(tmp_path):
     assert main(["export", "coco", str(out), "--method", "maskclip", "-o", str(path)]) == 0
     scores = {(a["image_id"], a["category_id"]): a["score"] for a in json.loads(path.read_text())["annotations"]}
     assert scores[(100, 1)] == pytest.approx(200 / 255, abs=1e-6) and scores[(100, 3)] == pytest.approx(100 / 255)
+
+
+def test_a_job_without_label_confidence_is_told_its_scores_are_all_one(tmp_path, caplog):
+    out = _output(tmp_path / "out", _label_maps())
+    (out / "_job.json").write_text(json.dumps({"spec": {"output": {"uri": str(out), "label_confidence": False}}}))
+    path = tmp_path / "ann.json"
+    with caplog.at_level("WARNING", logger="clipmaps.jobs.export"):
+        assert main(["export", "coco", str(out), "--method", "maskclip", "-o", str(path)]) == 0
+    assert {a["score"] for a in json.loads(path.read_text())["annotations"]} == {1.0}
+    assert "output.label_confidence" in caplog.text
