@@ -202,14 +202,14 @@ def add_k8s_parser(sub) -> argparse.ArgumentParser:
         type=int,
         default=0,
         metavar="SCENES",
-        help="first write SCENES generated scenes to input.manifest (smoke test)",
+        help="first write SCENES generated scenes to input.uri (smoke test)",
     )
     p.add_argument("-o", "--output", default=None, help="file to write (default: stdout)")
     p.set_defaults(func=Handler("clipmaps.jobs.k8s:_render_cli"))
     sample = commands.add_parser(
         "sample-input",
-        help="write generated scenes and their manifest to a job spec's input.manifest",
-        description="Write generated scenes (JPEGs with masks and prompts) beside input.manifest and the JSON-lines "
+        help="write generated scenes and their manifest to a job spec's input.uri",
+        description="Write generated scenes (JPEGs with masks and prompts) beside input.uri and the JSON-lines "
         "manifest itself; nothing is written when the manifest exists.",
     )
     sample.add_argument("spec", help="job spec YAML file")

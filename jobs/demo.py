@@ -54,7 +54,7 @@ def write_scenes(folder: Path, count: int) -> Path:
 def demo_overrides(cfg: DemoConfig, manifest: Path) -> list[str]:
     """``--set`` overrides that point the packaged demo spec at ``cfg``."""
     out = cfg.folder / "output"
-    sets = [f"input.manifest={manifest.resolve()}", f"output.uri={out.resolve()}", f"model.name={cfg.model}"]
+    sets = [f"input.uri={manifest.resolve()}", f"output.uri={out.resolve()}", f"model.name={cfg.model}"]
     if (cfg.pretrained, cfg.weights, cfg.seed) != (DEMO_TAG, None, None):
         sets += ["model.pretrained=null", "model.weights=null", "model.seed=null"]
         sets.append(

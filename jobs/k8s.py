@@ -105,7 +105,7 @@ class RenderOptions:
         backoff_limit: retries of a failed job, each on a new RayCluster (same spec, same output: it resumes).
         active_deadline_seconds: limit on each attempt's duration (a job stopped by it is not retried).
         ttl_seconds_after_finished: how long the finished RayCluster stays for inspection before deletion.
-        sample_input: > 0 = first write that many generated scenes to ``input.manifest`` (``clipmaps k8s
+        sample_input: > 0 = first write that many generated scenes to ``input.uri`` (``clipmaps k8s
             sample-input``), for a smoke test that needs nothing but a bucket.
     """
 
@@ -216,7 +216,7 @@ def check_spec(spec, options: RenderOptions) -> list[str]:
             f"run.ray_address is {spec.run.ray_address!r}: in a RayJob the driver joins the job's own "
             "cluster; leave it null (or auto)"
         )
-    locations = [("input.manifest", spec.input.manifest), ("output.uri", spec.output.uri)]
+    locations = [("input.uri", spec.input.uris[0]), ("output.uri", spec.output.uri)]  # one store per input
     if spec.model.weights:
         locations.append(("model.weights", spec.model.weights))
     if spec.vocabulary is not None and spec.vocabulary.file:
@@ -242,10 +242,9 @@ def check_spec(spec, options: RenderOptions) -> list[str]:
         )
     elif spec.model.precision == "bf16" and options.gpus_per_worker == 0:
         problems.append("model.precision bf16 needs GPU workers")
-    if options.sample_input and spec.input.manifest_format != "jsonl":
+    if options.sample_input and (spec.input.manifest_format != "jsonl" or not isinstance(spec.input.uri, str)):
         problems.append(
-            f"--sample-input writes a JSON-lines manifest, but input.manifest {redact_uri(spec.input.manifest)!r} "
-            "is not .jsonl"
+            f"--sample-input writes a JSON-lines manifest, but input.uri {spec.input.shown!r} is not one .jsonl file"
         )
     if problems:
         raise K8sError("; ".join(problems))
@@ -473,23 +472,22 @@ def dump_manifests(objects: Sequence[Mapping], header: str = "") -> str:
 
 def write_sample_input(spec, scenes: int = 6) -> tuple[str, bool]:
     """Write ``scenes`` generated scenes (``jobs.synth.scene_set``: JPEGs, masks, prompts, ground truth; what
-    ``clipmaps demo`` uses) next to ``input.manifest`` and the JSON-lines manifest itself, through fsspec with
-    ``input.storage_options``.
+    ``clipmaps demo`` uses) next to ``input.uri`` (one ``.jsonl`` file) and the JSON-lines manifest itself, through
+    fsspec with ``input.storage_options``.
 
     Does nothing when the manifest already exists, so a retried smoke job reuses its input. Returns
     ``(manifest URI, written)``.
     """
     from .synth.scene_set import write_scene_set
 
-    if spec.input.manifest_format != "jsonl":
-        raise K8sError(
-            f"sample input is a JSON-lines manifest; input.manifest {redact_uri(spec.input.manifest)!r} is not .jsonl"
-        )
-    fs, path = filesystem(spec.input.manifest, spec.input.storage_options)
+    uri = spec.input.uri
+    if spec.input.manifest_format != "jsonl" or not isinstance(uri, str):
+        raise K8sError(f"sample input is a JSON-lines manifest; input.uri {spec.input.shown!r} is not one .jsonl file")
+    fs, path = filesystem(uri, spec.input.storage_options)
     if fs.exists(path):
-        return spec.input.manifest, False
-    write_scene_set(spec.input.manifest, scenes, storage_options=dict(spec.input.storage_options))
-    return spec.input.manifest, True
+        return uri, False
+    write_scene_set(uri, scenes, storage_options=dict(spec.input.storage_options))
+    return uri, True
 
 
 # --------------------------------------------------------------------------------------------------- CLI

@@ -3,7 +3,7 @@
 Under a job's output URI (a local path or any fsspec URI) the pipeline writes ``_job.json`` (the spec, counts,
 attempts) and one Parquet dataset per output kind, ``labels/``, ``heatmaps/``, ``regions/``, ``errors/`` and
 ``vocabulary/`` (schemas in :mod:`clipmaps.schemas.datasets`). Rows name their input image by ``image_id``; the
-image's URI is in the job's manifest (``spec.input.manifest``).
+image's URI is in the job's manifest (``spec.input.uri``; ``manifest`` in older ``_job.json`` files).
 
 Storage options: the output is read with the options the caller gives (``--storage-option``). The input (manifest,
 images, files beside the manifest) is read with ``_job.json``'s ``spec.input.storage_options`` updated with the
@@ -78,20 +78,33 @@ def is_local(fs) -> bool:
 
 # ---------------------------------------------------------------------------------------------- inputs
 def read_manifest_columns(
-    uri: str, columns: Sequence[str], storage_options: dict | None = None, image_ids: Sequence[str] | None = None
+    uri: str | Sequence[str],
+    columns: Sequence[str],
+    storage_options: dict | None = None,
+    image_ids: Sequence[str] | None = None,
+    *,
+    fmt: str = "auto",
+    split: str | None = None,
 ) -> pa.Table:
-    """Some columns of a manifest (Parquet: only those columns and, with ``image_ids``, only those rows are
-    read; JSONL/CSV go through :func:`clipmaps.pipeline.sources.read_manifest_table`)."""
-    fs, path = filesystem(uri, storage_options)
-    name = path.rsplit("/", 1)[-1].lower()
-    if fs.isdir(path) or name.endswith((".parquet", ".pq")):
-        ds = pads.dataset(path, filesystem=fs, format="parquet")
+    """Some columns of a job's input (``input.uri``: one entry or a list, brace patterns expanded; listed as the
+    pipeline lists it, :func:`clipmaps.pipeline.manifests.list_manifest_files`). Parquet files: only those columns
+    and, with ``image_ids``, only those rows are read. Other files are read whole and normalised as a run reads them
+    (:func:`clipmaps.pipeline.manifests.read_rows`; a WebDataset tar's images are read too)."""
+    from clipmaps.pipeline.manifests import count_file, list_manifest_files, read_rows
+
+    options = dict(storage_options or {})
+    _, files = list_manifest_files(uri, options, fmt, split=split)
+    if all(f.format == "parquet" for f in files):
+        fs, _ = filesystem(files[0].uri, options)
+        ds = pads.dataset([filesystem(f.uri, options)[1] for f in files], filesystem=fs, format="parquet")
         cols = [c for c in columns if c in ds.schema.names]
         flt = pc.field("image_id").isin(list(image_ids)) if image_ids is not None else None
         return ds.to_table(columns=cols, filter=flt)
-    from clipmaps.pipeline.sources import read_manifest_table
-
-    table = read_manifest_table(uri, storage_options=storage_options)
+    parts = []
+    for f in files:
+        count = count_file(f, 1 << 30, options)
+        parts.append(read_rows(f, count.header, None, 0, 0, count.rows, options).table)
+    table = pa.concat_tables(parts)
     if image_ids is not None:
         table = table.filter(pc.is_in(table["image_id"], value_set=pa.array(list(image_ids), pa.string())))
     return table.select([c for c in columns if c in table.column_names])
@@ -153,9 +166,18 @@ class JobOutputs:
         return self.job.get("spec") or {}
 
     @property
+    def input_uri(self) -> str | list[str] | None:
+        """The job's input as its spec gives it (``spec.input.uri``, or ``manifest`` in older ``_job.json`` files):
+        one entry or a list; None when ``_job.json`` names none."""
+        section = self.spec.get("input") or {}
+        return section.get("uri") or section.get("manifest") or None
+
+    @property
     def manifest_uri(self) -> str | None:
-        """The job's manifest (``spec.input.manifest``), if ``_job.json`` names one."""
-        return (self.spec.get("input") or {}).get("manifest") or None
+        """The job's input as one string, for messages and the files beside it: :attr:`input_uri`, or a list's first
+        entry."""
+        value = self.input_uri
+        return value if value is None or isinstance(value, str) else value[0]
 
     @cached_property
     def input_options(self) -> dict:
@@ -184,9 +206,17 @@ class JobOutputs:
     def manifest(self, columns: Sequence[str], image_ids: Sequence[str] | None = None) -> pa.Table:
         """Columns of the job's manifest (only the rows of ``image_ids`` when given); raises when ``_job.json``
         names no manifest or it cannot be read."""
-        if self.manifest_uri is None:
+        if self.input_uri is None:
             raise ConfigError(f"{self.shown(JOB_FILE)} names no input manifest", stage="output")
-        return read_manifest_columns(self.manifest_uri, columns, self.input_options, image_ids)
+        section = self.spec.get("input") or {}
+        return read_manifest_columns(
+            self.input_uri,
+            columns,
+            self.input_options,
+            image_ids,
+            fmt=section.get("format") or "auto",
+            split=section.get("split"),
+        )
 
     def image_uris(self) -> pa.Table:
         """``image_id → image_uri`` from the job's manifest: one row per id (its first), null ids left out."""

@@ -682,6 +682,16 @@ def render(d: ReportData) -> str:
     return "\n".join(out)
 
 
+def _input_of(spec: dict) -> str:
+    """A recorded spec's ``input.uri`` (``input.manifest`` in older ``_job.json`` files) for the page, redacted: the
+    pattern as written, or a list's first entry and how many more; ``-`` when there is none."""
+    from clipmaps.pipeline.uris import describe
+
+    section = spec.get("input") or {}
+    value = section.get("uri") or section.get("manifest")
+    return describe(value) if value else "-"
+
+
 def render_run(d: ReportData, spec: dict, model: dict) -> str:
     job = d.job
     weights = (
@@ -693,7 +703,7 @@ def render_run(d: ReportData, spec: dict, model: dict) -> str:
         ("output", _e(redact_uri(d.output_uri))),
         ("status", _e(job.get("status", "no _job.json"))),
         ("ok", _e(job.get("ok"))),
-        ("manifest", _e(redact_uri((spec.get("input") or {}).get("manifest") or "-"))),
+        ("input", _e(_input_of(spec))),
         ("model", _e(f"{model.get('name', '-')} ({weights or '-'}), precision {model.get('precision', '-')}")),
     ]
     voc = spec.get("vocabulary") or {}

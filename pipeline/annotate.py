@@ -113,7 +113,7 @@ def region_item(dim: int) -> pa.DataType:
 
 def load_annotate_spec(source: str | os.PathLike | Mapping[str, Any] | JobSpec) -> JobSpec:
     """A job spec for :func:`annotate`: a YAML path, a mapping of the same shape or a :class:`JobSpec`; ``input`` and
-    ``output`` may be left out (placeholders fill ``input.manifest`` and ``output.uri``, which annotate never reads;
+    ``output`` may be left out (placeholders fill ``input.uri`` and ``output.uri``, which annotate never reads;
     ``input.allowed_schemes``, ``storage_options`` and ``annotation_frame`` are used when given). The CLI's
     :func:`clipmaps.pipeline.spec.load_spec` still requires both.
 
@@ -135,7 +135,8 @@ def load_annotate_spec(source: str | os.PathLike | Mapping[str, Any] | JobSpec) 
     if not isinstance(raw, Mapping):
         raise SpecError((), f"a job spec must be a mapping of sections, got {type(raw).__name__}")
     raw = dict(raw)
-    raw["input"] = {"manifest": PLACEHOLDER_INPUT, **dict(raw.get("input") or {})}
+    given = dict(raw.get("input") or {})  # input.uri, or its older name input.manifest, may be given
+    raw["input"] = given if given.get("uri") or given.get("manifest") else {**given, "uri": PLACEHOLDER_INPUT}
     raw["output"] = {"uri": PLACEHOLDER_OUTPUT, **dict(raw.get("output") or {})}
     return load_spec(raw)
 

@@ -1,24 +1,32 @@
 """Manifest files read by Ray workers: listing, row counts, and reading one row range (a shard) of one file.
 
-``input.manifest`` names one of (a path with glob characters that exists is taken literally):
+``input.uri`` (or its older name ``input.manifest``) is one entry or a list of entries; each entry may hold brace
+patterns (``shard-{0000..0099}.tar``, ``{train,val}/``: ``clipmaps.pipeline.uris``), and each string it expands to
+names one of (a path with pattern characters that exists is taken literally):
 
 * **a file** — ``.parquet``/``.pq``, ``.jsonl``/``.ndjson`` or ``.csv`` (text optionally ``.gz``/``.bz2``/``.xz``/
-  ``.zst``); ``input.format`` overrides the extension;
-* **a folder** — every manifest file under it, recursively, in path order (names starting with ``_`` or ``.`` are
-  skipped, as Spark/Hive writers' ``_SUCCESS`` and ``.crc`` files; with ``input.format`` set, every other file);
-* **a glob pattern** — ``s3://bucket/manifests/part-*.jsonl`` (fsspec's glob: ``*``, ``?``, ``[...]``, ``**``), the
-  files in path order.
+  ``.zst``), ``.tar`` (WebDataset) or ``.arrow`` (Arrow stream); ``input.format`` overrides the extension;
+* **a folder** — every input file under it, recursively, in path order (names starting with ``_`` or ``.`` are
+  skipped, as Spark/Hive writers' ``_SUCCESS`` and ``.crc`` files; with ``input.format`` set, every other file; with
+  ``webdataset``/``arrow`` only ``.tar``/``.arrow`` files). A folder written by ``datasets``' ``save_to_disk``
+  (``state.json``, or ``dataset_dict.json`` and ``input.split``) is its data files (``clipmaps.pipeline.hfdatasets``);
+* **a glob pattern** — ``s3://bucket/manifests/part-*.jsonl`` (fsspec's glob: ``*``, ``?``, ``[...]``, ``**``).
 
-Paths are recorded relative to the *manifest root* (the folder, or the pattern's fixed prefix), so a shard marker
-stays valid when the bucket is mounted elsewhere; a manifest that is one file is recorded as ``""``, so the file may be
-renamed or moved (its rows are what counts: a re-run compares their digests). The driver lists the files and holds one
-:class:`ManifestFile` per file; it never reads rows:
+All files are read in path order. Paths are recorded relative to the *manifest root*, so a shard marker stays valid
+when the bucket is mounted elsewhere. For one entry without braces the root is the folder, or the glob's fixed
+prefix; a manifest that is one plain file is recorded as ``""``, so the file may be renamed or moved (its rows are
+what counts: a re-run compares their digests). For a list or a brace pattern the root is the common folder of what
+the entries fix (``clipmaps.pipeline.uris.entry_folder``), so that growing a range or a list keeps the recorded
+paths: the new files become new shards, the finished ones are kept. Entries that do not exist are refused together
+(how many, and the first few); the existence of many files in one folder is read from one listing of it. The driver
+lists the files and holds one :class:`ManifestFile` per file; it never reads rows:
 
 * row counts: Parquet from the footer (and whether it has masks/prompts from the column statistics); JSONL and CSV
   by one Ray task per file (:func:`count_file`) that also returns the byte offset of every ``shard_rows``-th row, so
   that the task reading a shard seeks to it instead of scanning from the start. A compressed text file cannot seek:
   its shards read (decompress) from the start of the file, which costs O(file) per shard; split big compressed
-  manifests into several files, or use Parquet.
+  manifests into several files, or use Parquet. Arrow streams (``datasets`` folders) from their messages' metadata,
+  noting the record batch holding every ``shard_rows``-th row (``clipmaps.pipeline.hfdatasets``).
 * rows: :func:`read_rows` (in a worker) reads rows ``[start, start + rows)`` of a file and normalises them
   (``clipmaps.pipeline.sources``' rules); a row that cannot be parsed or has a value of the wrong type becomes an
   error of that row (naming the file and row), not of the whole manifest.
@@ -36,7 +44,7 @@ import io
 import json
 import logging
 import posixpath
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +54,15 @@ from clipmaps.schemas.datasets import MANIFEST
 from clipmaps.schemas.errors import ManifestError
 from clipmaps.schemas.storage import filesystem, has_glob_characters, redact_uri
 
+from .hfdatasets import (
+    DATASET_DICT_FILE,
+    count_stream,
+    data_files,
+    folder_kind,
+    missing_id_message,
+    read_stream_rows,
+    split_folder,
+)
 from .inputs import IMAGE, image_bytes, image_digests, image_type_problem
 from .sources import (
     _COMPRESSION_EXT,
@@ -59,6 +76,7 @@ from .sources import (
     _parse_prompt_string,
     _short,
 )
+from .uris import common_folder, describe, entries_of, entry_folder, expand, is_pattern, mixed_store_problem, relative
 from .webdataset import SampleFields, count_tar, shard_name, tar_records
 
 logger = logging.getLogger(__name__)
@@ -76,7 +94,7 @@ class ManifestFile:
     Attributes:
         uri: the file's full URI (``s3://bucket/key``, a local path).
         rel: its path relative to the manifest root (what markers record); ``""`` for a one-file manifest.
-        format: ``parquet``, ``jsonl`` or ``csv``.
+        format: ``parquet``, ``jsonl``, ``csv``, ``webdataset`` or ``arrow``.
         compressed: a compressed text file (read from its start; no seeking).
         size: bytes.
         identity: ``"<size>:<ETag or mtime>"``: a changed identity makes a re-run check the file's complete shards'
@@ -101,6 +119,7 @@ class FileCount:
     Attributes:
         rows: rows in the file.
         offsets: byte offset of rows ``0, k, 2k, …`` (``k`` = ``shard_rows``); empty for Parquet and compressed files.
+            For an Arrow stream, the offset of the record batch holding that row (see ``offset_rows``).
         header: a CSV file's column names.
         flags: column → whether some row has a non-empty value (``masks``, ``prompts``, ``masks_uri``).
         estimated: ``rows`` (and ``flags``) come from a sample (:func:`sample_count`), not the whole file.
@@ -111,78 +130,216 @@ class FileCount:
     header: list[str] | None = None
     flags: dict[str, bool] = field(default_factory=dict)
     estimated: bool = False
+    #: the row each offset is at, when it is not ``k`` times ``shard_rows`` (an Arrow record batch's first row)
+    offset_rows: list[int] = field(default_factory=list)
 
 
 # ------------------------------------------------------------------------------------------------ listing
-def list_manifest_files(uri: str, storage_options: dict, fmt: str = "auto") -> tuple[str, list[ManifestFile]]:
-    """The manifest files ``uri`` names (see the module docstring), sorted by relative path, and the root.
+def list_manifest_files(
+    uri: str | Sequence[str], storage_options: dict, fmt: str = "auto", *, split: str | None = None
+) -> tuple[str | None, list[ManifestFile]]:
+    """The input files ``uri`` names (see the module docstring), sorted by path, and the manifest root (None: one
+    plain file, recorded as ``""``).
+
+    Args:
+        uri: ``input.uri``: one entry or a list; an entry may hold brace patterns (``clipmaps.pipeline.uris``).
+        fmt: ``input.format``.
+        split: ``input.split``, the split of a ``datasets`` DatasetDict folder (``clipmaps.pipeline.hfdatasets``).
 
     Raises:
-        ManifestError: nothing there, no manifest file in a folder or matching a pattern, a file of unknown format,
-            a single file of 0 bytes, or the store cannot be listed (naming the redacted URI).
+        ManifestError: nothing there (for a list or pattern: how many entries do not exist, and the first few), no
+            input file in a folder or matching a pattern, a file of unknown format, a single file of 0 bytes, entries
+            in different stores, a DatasetDict without a chosen split, or the store cannot be listed (naming the
+            redacted URI).
     """
-    shown = redact_uri(uri)
+    entries = entries_of(uri)
+    shown = describe(uri)
+    if not entries:
+        raise ManifestError("input.uri names no file, folder or pattern")
+    problem = mixed_store_problem(entries)
+    if problem is not None:
+        raise ManifestError(f"input.uri: {problem}")
     try:
-        fs, path = filesystem(uri, storage_options)
-        if fs.isdir(path):
-            root = path.rstrip("/")
-            infos = [i for i in fs.find(root, detail=True).values() if i.get("type", "file") == "file"]
-            infos = [i for i in infos if _listed(posixpath.relpath(i["name"], root), fmt)]
-            if not infos:
-                raise ManifestError(f"manifest folder {shown} holds no .parquet, .jsonl, .ndjson, .csv or .tar file")
-        elif has_glob_characters(path) and not fs.exists(path):
-            root = _fixed_prefix(path)
-            infos = [i for i in fs.glob(path, detail=True).values() if i.get("type", "file") == "file"]
-            if not infos:
-                raise ManifestError(f"manifest pattern {shown} matches no file")
-        else:
-            try:
-                info = fs.info(path)
-            except FileNotFoundError:
-                raise ManifestError(f"cannot read manifest {shown}: file not found") from None
-            if info.get("size") == 0:
-                raise ManifestError(f"manifest {shown} is empty: the file has 0 bytes")
-            root, infos = None, [info]  # one file: recorded as "" (renaming or moving it keeps its shards)
+        listing = _Listing(storage_options, fmt, split, single=isinstance(uri, str))
+        for entry in entries:
+            listing.add(entry)
+        return listing.result(shown)
     except ManifestError:
         raise
     except Exception as e:  # noqa: BLE001 - bad protocol, permissions, unreachable store
         raise ManifestError(f"cannot read manifest {shown}: {type(e).__name__}: {_short(str(e))}") from None
-    files = []
-    for info in sorted(infos, key=lambda i: i["name"]):
-        name = info["name"]
-        kind, compressed = file_format(name, fmt)
-        if kind is None:
+
+
+#: Entries of one folder above which their existence is read from one listing of the folder, not one request each.
+_LIST_PARENT_ABOVE = 16
+
+
+class _Listing:
+    """The files of ``input.uri``'s entries, gathered entry by entry (driver side; state per file, never per row)."""
+
+    def __init__(self, storage_options: dict, fmt: str, split: str | None, *, single: bool):
+        self.options, self.fmt, self.split, self.single = storage_options, fmt, split, single
+        self.fs = None
+        self.remote = False
+        self.found: dict[str, tuple[dict, str | None]] = {}  # path → (fsspec info, format forced by the folder)
+        self.folders: list[str | None] = []  # per entry, the folder it fixes (None: one plain file, recorded as "")
+        self.missing: list[str] = []
+        self.expanded = 0
+        self.used_split = False
+
+    def add(self, entry: str) -> None:
+        fs, path = filesystem(entry, self.options)
+        self.fs, self.remote = fs, "://" in entry
+        pattern = is_pattern(path) and not fs.exists(path)  # an existing path with braces is taken literally
+        items = expand(path) if pattern else [path]
+        self.expanded += len(items)
+        one = self.single and not pattern
+        plain = []
+        for item in items:
+            if has_glob_characters(item) and not fs.exists(item):
+                infos = [i for i in fs.glob(item, detail=True).values() if i.get("type", "file") == "file"]
+                if not infos and one:
+                    raise ManifestError(f"manifest pattern {redact_uri(entry)} matches no file")
+                if not infos:
+                    self.missing.append(self._shown(item))
+                self._take(infos)
+                if not pattern:
+                    self.folders.append(entry_folder(item, kind="pattern"))
+            else:
+                plain.append(item)
+        if pattern:
+            self.folders.append(entry_folder(path, kind="pattern"))
+        for item, info in self._infos(plain).items():
+            if info is None:
+                if one:
+                    raise ManifestError(f"cannot read manifest {redact_uri(entry)}: file not found")
+                self.missing.append(self._shown(item))
+            elif info.get("type") == "directory":
+                folder = self._folder(item, entry if one else self._shown(item))
+                if not pattern:
+                    self.folders.append(folder)
+            else:
+                if one and info.get("size") == 0:
+                    raise ManifestError(f"manifest {redact_uri(entry)} is empty: the file has 0 bytes")
+                self._take([info])
+                if not pattern:
+                    self.folders.append(None if one else entry_folder(item, kind="file"))
+
+    def _infos(self, paths: list[str]) -> dict[str, dict | None]:
+        """Path → fsspec info (None: not there), by one listing per folder holding many of them, else one request
+        each. Cached listings of those folders are dropped first (a re-run in the same process sees new files)."""
+        out: dict[str, dict | None] = dict.fromkeys(paths)
+        by_parent: dict[str, list[str]] = {}
+        for p in paths:
+            by_parent.setdefault(posixpath.dirname(p.rstrip("/")), []).append(p)
+        for parent, group in by_parent.items():
+            self.fs.invalidate_cache(parent)
+            if len(group) > _LIST_PARENT_ABOVE:
+                try:
+                    listed = {i["name"].rstrip("/"): i for i in self.fs.ls(parent, detail=True)}
+                except FileNotFoundError:
+                    listed = {}
+                for p in group:
+                    out[p] = listed.get(p.rstrip("/"))
+                continue
+            for p in group:
+                try:
+                    out[p] = self.fs.info(p)
+                except FileNotFoundError:
+                    out[p] = None
+        return out
+
+    def _folder(self, path: str, shown: str) -> str:
+        """List a folder (a ``datasets`` save_to_disk folder by its ``state.json``/``dataset_dict.json``); returns the
+        folder its files are recorded under (a DatasetDict's split folder)."""
+        root = path.rstrip("/")
+        found = {i["name"]: i for i in self.fs.find(root, detail=True).values() if i.get("type", "file") == "file"}
+        kind = folder_kind(set(found), root) if self.fmt in ("auto", "arrow") else None
+        if kind == "dataset_dict":
+            root = split_folder(self.fs, root, self.split, redact_uri(shown))
+            if folder_kind(set(found), root) != "dataset":
+                raise ManifestError(f"{redact_uri(shown)}: split folder {posixpath.basename(root)!r} has no state.json")
+        elif kind == "dataset" and self.split is not None and posixpath.basename(root) != self.split:
+            parent = posixpath.dirname(root)
+            if self.fs.exists(posixpath.join(parent, DATASET_DICT_FILE)):  # pointed into another split's folder
+                raise ManifestError(
+                    f"{redact_uri(shown)} is the split {posixpath.basename(root)!r} of a DatasetDict, but input.split "
+                    f"is {self.split!r}"
+                )
+        if kind is not None:
+            self.used_split = True
+            self._take(data_files(self.fs, root, self.split, found, redact_uri(shown)), forced="arrow")
+            return root
+        infos = [i for name, i in found.items() if _listed(posixpath.relpath(name, root), self.fmt)]
+        if not infos:
             raise ManifestError(
-                f"cannot read manifest {redact_uri(name)}: unknown format (expected a .parquet, .jsonl, .ndjson, "
-                ".csv or .tar file, or set input.format)"
+                f"manifest folder {redact_uri(shown)} holds no .parquet, .jsonl, .ndjson, .csv, .tar or .arrow file"
             )
-        if not info.get("size") and len(infos) > 1:
-            logger.warning("manifest file %s has 0 bytes; skipped", redact_uri(name))
-            continue
-        version = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""
-        files.append(
-            ManifestFile(
-                uri=fs.unstrip_protocol(name) if "://" in uri else name,
-                rel="" if root is None else posixpath.relpath(name, root),
-                format=kind,
-                compressed=compressed,
-                size=int(info.get("size") or 0),
-                identity=f"{int(info.get('size') or 0)}:{str(version).strip(chr(34))}",
+        self._take(infos)
+        return root
+
+    def _take(self, infos: Iterable[dict], forced: str | None = None) -> None:
+        for info in infos:
+            name = info["name"]
+            if name in self.found:
+                logger.warning("input file %s is named by more than one entry; read once", redact_uri(name))
+                continue
+            self.found[name] = (info, forced)
+
+    def _shown(self, path: str) -> str:
+        return redact_uri(self.fs.unstrip_protocol(path) if self.remote else path)
+
+    def result(self, shown: str) -> tuple[str | None, list[ManifestFile]]:
+        if self.missing:
+            n = len(self.missing)
+            raise ManifestError(
+                f"{n} of {self.expanded} entries of input {shown} do not exist: {', '.join(self.missing[:5])}"
+                + (", …" if n > 5 else "")
             )
-        )
-    return root, files
+        if self.split is not None and not self.used_split:
+            raise ManifestError(
+                f"input.split is {self.split!r}, but input {shown} is not a datasets folder written by save_to_disk"
+            )
+        root = None if self.folders == [None] else common_folder([f or "" for f in self.folders])
+        files = []
+        for name, (info, forced) in sorted(self.found.items()):
+            kind, compressed = (forced, False) if forced else file_format(name, self.fmt)
+            if kind is None:
+                raise ManifestError(
+                    f"cannot read manifest {self._shown(name)}: unknown format (expected a .parquet, .jsonl, "
+                    ".ndjson, .csv, .tar or .arrow file, or set input.format)"
+                )
+            if not info.get("size") and len(self.found) > 1:
+                logger.warning("manifest file %s has 0 bytes; skipped", self._shown(name))
+                continue
+            version = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""
+            files.append(
+                ManifestFile(
+                    uri=self.fs.unstrip_protocol(name) if self.remote else name,
+                    rel="" if root is None else relative(name, root),
+                    format=kind,
+                    compressed=compressed,
+                    size=int(info.get("size") or 0),
+                    identity=f"{int(info.get('size') or 0)}:{str(version).strip(chr(34))}",
+                )
+            )
+        return root, files
 
 
 def file_format(name: str, fmt: str = "auto") -> tuple[str | None, bool]:
-    """``(format, compressed)`` of a manifest file by its name (``fmt`` overrides the extension)."""
+    """``(format, compressed)`` of an input file by its name (``fmt`` overrides the extension; ``manifest`` reads
+    Parquet, JSON lines and CSV by their extensions only)."""
     lower = name.lower()
     compressed = lower.endswith(_COMPRESSION_EXT)
     if compressed:
         lower = lower.rsplit(".", 1)[0]
-    if fmt != "auto":
-        return fmt, compressed and fmt not in ("parquet", "webdataset")
-    if lower.endswith(".tar") and not compressed:  # WebDataset shards (``clipmaps.pipeline.webdataset``)
-        return "webdataset", False
+    if fmt not in ("auto", "manifest"):
+        return fmt, compressed and fmt not in ("parquet", "webdataset", "arrow")
+    if fmt == "auto" and not compressed:
+        if lower.endswith(".tar"):  # WebDataset shards (``clipmaps.pipeline.webdataset``)
+            return "webdataset", False
+        if lower.endswith(".arrow"):  # Arrow IPC streams (``clipmaps.pipeline.hfdatasets``)
+            return "arrow", False
     if lower.endswith(_PARQUET_EXT) and not compressed:
         return "parquet", False
     if lower.endswith(_JSONL_EXT):
@@ -197,15 +354,9 @@ def _listed(rel: str, fmt: str) -> bool:
         return False
     if fmt == "webdataset":  # img2dataset writes a .parquet and a _stats.json beside each tar: only tars are shards
         return rel.lower().endswith(".tar")
-    return fmt != "auto" or file_format(rel)[0] is not None
-
-
-def _fixed_prefix(pattern: str) -> str:
-    """The folder part of a glob pattern before its first pattern character."""
-    head = pattern
-    for ch in "*?[":
-        head = head.split(ch, 1)[0]
-    return head.rsplit("/", 1)[0] if "/" in head else ""
+    if fmt == "arrow":
+        return rel.lower().endswith(".arrow")
+    return fmt not in ("auto", "manifest") or file_format(rel, fmt)[0] is not None
 
 
 # ------------------------------------------------------------------------------------------------ counting
@@ -219,6 +370,8 @@ def count_file(file: ManifestFile, shard_rows: int, storage_options: dict) -> Fi
     shown = redact_uri(file.uri)
     try:
         fs, path = filesystem(file.uri, storage_options)
+        if file.format == "arrow":
+            return _count_arrow(fs, path, shard_rows, shown)
         if file.format == "parquet":
             return _count_parquet(fs, path, shown)
         if file.format == "webdataset":
@@ -274,7 +427,7 @@ def sample_count(file: ManifestFile, shard_rows: int, storage_options: dict) -> 
     Raises:
         ManifestError: as :func:`count_file`.
     """
-    if file.format in ("parquet", "webdataset") or (file.size <= SAMPLE_BYTES and not file.compressed):
+    if file.format in ("parquet", "webdataset", "arrow") or (file.size <= SAMPLE_BYTES and not file.compressed):
         return count_file(file, shard_rows, storage_options)
     shown = redact_uri(file.uri)
     try:
@@ -314,6 +467,14 @@ def _count_parquet(fs, path: str, shown: str) -> FileCount:
     with fs.open(path, "rb") as f:
         meta = pq.ParquetFile(f).metadata
         schema = meta.schema.to_arrow_schema()
+    _check_schema(schema, shown)
+    flags = {c: c in schema.names and _parquet_has_values(meta, c) for c in FLAG_COLUMNS}
+    return FileCount(rows=meta.num_rows, flags=flags)
+
+
+def _check_schema(schema: pa.Schema, shown: str) -> None:
+    """Refuse an Arrow schema (Parquet, Arrow stream) without the manifest's required columns, with an ``image``
+    column that holds no image bytes, or with a manifest column of the wrong type."""
     names = schema.names
     if IMAGE in names:  # images inside the file: the column stands for image_uri, and is not an extra column
         problem = image_type_problem(schema.field(IMAGE).type)
@@ -323,8 +484,21 @@ def _count_parquet(fs, path: str, shown: str) -> FileCount:
     _check_columns(names, shown)
     columns = [n for n in MANIFEST.names if n in schema.names]
     _conform_arrow(schema.empty_table().select(columns), shown)  # a column of the wrong type: refused now
-    flags = {c: c in schema.names and _parquet_has_values(meta, c) for c in FLAG_COLUMNS}
-    return FileCount(rows=meta.num_rows, flags=flags)
+
+
+def _count_arrow(fs, path: str, shard_rows: int, shown: str) -> FileCount:
+    """Count an Arrow stream file from its messages' metadata (``clipmaps.pipeline.hfdatasets``); flags say which
+    optional columns exist (their values are not read)."""
+    with fs.open(path, "rb", block_size=1 << 16) as f:  # small reads: metadata only, bodies are skipped
+        try:
+            count = count_stream(f, shard_rows)
+        except ValueError as e:
+            raise ManifestError(f"cannot read manifest {shown}: {e}") from None
+    if "image_id" not in count.schema.names:
+        raise ManifestError(missing_id_message(shown, count.schema.names))
+    _check_schema(count.schema, shown)
+    flags = {c: c in count.schema.names for c in FLAG_COLUMNS}
+    return FileCount(rows=count.rows, offsets=count.offsets, offset_rows=count.offset_rows, flags=flags)
 
 
 def _parquet_has_values(meta, column: str) -> bool:
@@ -441,6 +615,8 @@ def read_rows(
         ManifestError / OSError: the file cannot be read (the task is retried, then the job stops naming it).
     """
     fs, path = filesystem(file.uri, storage_options)
+    if file.format == "arrow":
+        return _read_arrow_rows(fs, path, file, offset, skip, start, rows, ids_only)
     if file.format == "parquet":
         return _read_parquet_rows(fs, path, file, start, rows, ids_only)
     if file.format == "webdataset":
@@ -565,7 +741,22 @@ def _read_parquet_rows(fs, path: str, file: ManifestFile, start: int, rows: int,
             position += b.num_rows
             if position >= start + rows:
                 break
-    table = pa.Table.from_batches(parts) if parts else None
+    return _table_rows(file, start, pa.Table.from_batches(parts) if parts else None, ids_only)
+
+
+def _read_arrow_rows(
+    fs, path: str, file: ManifestFile, offset: int | None, skip: int, start: int, rows: int, ids_only: bool
+) -> RowsRead:
+    """Rows ``[start, start + rows)`` of an Arrow stream file: from the record batch at ``offset`` (counted), only the
+    batches that hold them are decoded."""
+    wanted = ["image_id"] if ids_only else [*MANIFEST.names, IMAGE]
+    with fs.open(path, "rb") as f:
+        table = read_stream_rows(f, offset, skip, rows, wanted)
+    return _table_rows(file, start, table, ids_only)
+
+
+def _table_rows(file: ManifestFile, start: int, table: pa.Table | None, ids_only: bool) -> RowsRead:
+    """Normalise rows read from a columnar file (Parquet, Arrow), its ``image`` column kept as bytes and digested."""
     images = None
     if table is not None and IMAGE in table.column_names:
         # kept as one Arrow array (never Python objects per row) beside the normalised rows

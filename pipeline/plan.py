@@ -134,8 +134,7 @@ class Plan:
         about = "about " if self.estimated else ""
         files = f" from {len(self.files)} files" if len(self.files) > 1 else ""
         lines = [
-            f"input     {redact_uri(s.input.manifest)}: {about}{self.total} images in {about}{len(self.shards)} "
-            f"shards{files}",
+            f"input     {s.input.shown}: {about}{self.total} images in {about}{len(self.shards)} shards{files}",
             f"model     {m.name} ({m.weights_id}), {m.info.family}, precision {m.precision}, device {m.device}",
             f"output    {redact_uri(s.output.uri)}",
         ]
@@ -252,7 +251,7 @@ def with_io_defaults_spec(spec: JobSpec) -> JobSpec:
     image_s3 = "s3://x" if {"s3", "s3a"} & set(i.allowed_schemes) else None
     return spec.model_copy(
         update={
-            "input": i.model_copy(update={"storage_options": merged(i.storage_options, i.manifest, image_s3)}),
+            "input": i.model_copy(update={"storage_options": merged(i.storage_options, *i.uris, image_s3)}),
             "output": o.model_copy(update={"storage_options": merged(o.storage_options, o.uri)}),
             "model": m.model_copy(update={"storage_options": merged(m.storage_options, m.weights)}),
         }
@@ -279,7 +278,7 @@ def make_plan(spec: JobSpec, *, dry_run: bool = False) -> Plan:
     check_vocabulary_text(spec, source_vocabulary)
     options = dict(spec.input.storage_options)
     shard_rows = spec.output.shard_rows
-    _, files = list_manifest_files(spec.input.manifest, options, spec.input.format)
+    _, files = list_manifest_files(spec.input.uri, options, spec.input.format, split=spec.input.split)
     files = with_sample_fields(files, spec.input.webdataset)  # as input.webdataset says (refused without tars)
     if dry_run:
         counts = [sample_count(f, shard_rows, options) for f in files]
@@ -287,7 +286,7 @@ def make_plan(spec: JobSpec, *, dry_run: bool = False) -> Plan:
         counts = count_files(files, shard_rows, options, retries=spec.resources.task_retries)
     rows = cap_rows(counts, spec.input.limit)
     if not sum(rows):
-        raise ManifestError(f"manifest {redact_uri(spec.input.manifest)} is empty: it has no rows")
+        raise ManifestError(f"manifest {spec.input.shown} is empty: it has no rows")
     used = [c for c, n in zip(counts, rows) if n]
     has_masks = any(c.flags.get("masks") or c.flags.get("masks_uri") for c in used)
     has_prompts = any(c.flags.get("prompts") for c in used)

@@ -547,7 +547,7 @@ def _error_text(error: BaseException, spec: JobSpec) -> str:
 
 
 def _uris(spec: JobSpec) -> tuple:
-    return (spec.input.manifest, spec.output.uri, spec.model.weights, spec.vocabulary.file if spec.vocabulary else None)
+    return (*spec.input.uris, spec.output.uri, spec.model.weights, spec.vocabulary.file if spec.vocabulary else None)
 
 
 def _options(spec: JobSpec) -> tuple:

@@ -78,11 +78,13 @@ class Seek:
 
 
 def seek_for(count: FileCount, start: int, shard_rows: int) -> Seek:
-    """The nearest counted row at or before ``start`` (offsets are counted every ``shard_rows`` rows)."""
+    """The nearest counted row at or before ``start`` (offsets are counted every ``shard_rows`` rows; an Arrow
+    stream's offset is its record batch's, which starts at ``count.offset_rows[k]``)."""
     if not count.offsets:
         return Seek(None, start)
     k = min(start // shard_rows, len(count.offsets) - 1)
-    return Seek(count.offsets[k], start - k * shard_rows)
+    at = count.offset_rows[k] if count.offset_rows else k * shard_rows
+    return Seek(count.offsets[k], start - at)
 
 
 def describe_range(rel: str | None, start: int, rows: int) -> str:

@@ -2,7 +2,7 @@
 
 The same spec drives ``clipmaps run JOB.yaml [--set key.path=value …]``, the Python API and the Kubernetes job::
 
-    input:  {manifest: s3://bucket/manifest.parquet, storage_options: {client_kwargs: {endpoint_url: …}}}
+    input:  {uri: s3://bucket/manifest.parquet, storage_options: {client_kwargs: {endpoint_url: …}}}
     output: {uri: s3://bucket/out}
     model:  {name: ViT-B-16, pretrained: openai}
     vocabulary: {preset: coco80, background: [background]}      # optional
@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import BaseModel, Field, Strict, ValidationError, create_model, field_validator, model_validator
 
 from clipmaps.actors.params import Bool, Int, ModelSpec, PoolSpec, Problems, Section, Str, check, template_problems
 from clipmaps.actors.registry import METHODS, REGISTRY, UnknownModel
@@ -45,6 +45,7 @@ from clipmaps.actors.registry import entry as method_entry
 from clipmaps.schemas.errors import SpecError
 from clipmaps.schemas.storage import is_inside, redact_options, redact_uri
 
+from .uris import describe, entries_of, expand, first_expansion, fixed_prefix, has_braces, mixed_store_problem
 from .vocabularies import PRESETS, check_names
 from .vocabularies import vocabulary_id as _vocabulary_id
 from .webdataset import DEFAULT_MASKS, DEFAULT_PROMPTS, json_field_problem, prompt_source_problem
@@ -75,6 +76,42 @@ def _path(*parts: str) -> tuple[str, ...]:
 
 
 # ------------------------------------------------------------------------------------------------ sections
+
+
+#: ``input.uri``: one path or URI, or a non-empty list of them.
+_Location = (
+    Annotated[str, Strict(), Field(min_length=1)]
+    | Annotated[tuple[Annotated[str, Strict(), Field(min_length=1)], ...], Field(min_length=1)]
+)
+
+
+def _location_problem(value: Any) -> tuple[tuple[str, ...], str] | None:
+    """Why ``value`` is not one path or URI or a non-empty list of them, as ``(path, reason)``, or None."""
+    if isinstance(value, str):
+        return ((), "is empty: give a path or URI") if not value else None
+    if not isinstance(value, (list, tuple)):
+        return (), f"must be a path or URI, or a list of them; got {type(value).__name__} {_got(value)}"
+    if not value:
+        return (), "is an empty list: give a path or URI, or a list of them"
+    for i, v in enumerate(value):
+        if not isinstance(v, str) or not v:
+            return (f"[{i}]",), f"must be a non-empty path or URI, got {_got(v)}"
+    return None
+
+
+#: The extensions ``input.format: auto`` / ``manifest`` know (a name without one is a folder).
+_KNOWN_EXTENSIONS = {
+    "auto": ("parquet", "pq", "jsonl", "ndjson", "csv", "tar", "arrow"),
+    "manifest": ("parquet", "pq", "jsonl", "ndjson", "csv"),
+}
+
+
+def _extension(entry: str) -> str:
+    """The lower-case extension of an entry's (first expanded) name, compression suffixes looked through."""
+    name = first_expansion(entry).split("?", 1)[0].rstrip("/").lower().rsplit("/", 1)[-1]
+    for suffix in (".gz", ".bz2", ".xz", ".zst"):
+        name = name.removesuffix(suffix)
+    return name.rsplit(".", 1)[-1] if "." in name else ""
 
 
 class WebDatasetSpec(Section):
@@ -126,13 +163,22 @@ class InputSpec(Section):
     """Where the images come from.
 
     Attributes:
-        manifest: path or URI of the manifest (Parquet file or folder, JSON lines, CSV): one row per image with
-            ``image_id``, ``image_uri`` and optional ``masks`` and ``prompts`` (``clipmaps.schemas.datasets``).
-        format: ``auto`` (from the name: ``.jsonl``/``.ndjson``, ``.csv``, ``.tar``, else Parquet; ``.gz``/``.bz2``/
-            ``.xz``/``.zst`` looked through), or ``parquet``, ``jsonl``, ``csv``, ``webdataset`` (tar shards of
-            ``{key}.jpg|png|webp`` + ``{key}.json``: ``clipmaps.pipeline.webdataset``). A Parquet manifest may carry
-            each image inside, in an ``image`` column (encoded bytes, or the Hugging Face ``{bytes, path}`` struct that
-            ``datasets.Dataset.to_parquet`` writes) in place of ``image_uri`` (``clipmaps.pipeline.inputs``).
+        uri: where the input is: one path or URI, or a list of them, each a file, a folder or a glob pattern, and each
+            may hold brace patterns (``s3://b/shards/shard-{0000..0099}.tar``, ``{train,val}``; expanded with
+            ``braceexpand``: ``clipmaps.pipeline.uris``). By default a manifest (Parquet, JSON lines, CSV): one row
+            per image with ``image_id``, ``image_uri`` and optional ``masks`` and ``prompts``
+            (``clipmaps.schemas.datasets``). All entries live in one store (scheme and bucket).
+        manifest: the older name of ``uri`` (give one of the two).
+        format: ``auto`` (from the name: ``.jsonl``/``.ndjson``, ``.csv``, ``.tar``, ``.arrow``, else Parquet;
+            ``.gz``/``.bz2``/``.xz``/``.zst`` looked through; a folder with ``state.json`` or ``dataset_dict.json`` is a
+            ``datasets`` save_to_disk folder), ``manifest`` (Parquet, JSON lines or CSV by the extension), or
+            ``parquet``, ``jsonl``, ``csv``, ``webdataset`` (tar shards of ``{key}.jpg|png|webp`` + ``{key}.json``:
+            ``clipmaps.pipeline.webdataset``), ``arrow`` (Arrow stream files, a ``datasets`` save_to_disk folder:
+            ``clipmaps.pipeline.hfdatasets``). Parquet and Arrow inputs may carry each image inside, in an ``image``
+            column (encoded bytes, or the Hugging Face ``{bytes, path}`` struct that ``datasets`` writes) in place of
+            ``image_uri`` (``clipmaps.pipeline.inputs``).
+        split: the split to read of a ``datasets`` ``DatasetDict`` folder (``dataset_dict.json``); required there
+            unless ``uri`` points at the split's folder.
         allowed_schemes: schemes image and mask URIs may use (bare paths are ``file``); others become error rows.
         storage_options: fsspec options for the manifest, images and masks. Redacted wherever the spec is written.
         limit: process only the first ``limit`` rows of the manifest.
@@ -145,8 +191,10 @@ class InputSpec(Section):
             ``prompts`` and ``masks`` fields of ``{key}.json``.
     """
 
-    manifest: Str = Field(min_length=1)
-    format: Literal["auto", "parquet", "jsonl", "csv", "webdataset"] = "auto"
+    uri: _Location | None = None
+    manifest: _Location | None = Field(None, exclude=True, json_schema_extra={"deprecated": True})
+    format: Literal["auto", "manifest", "parquet", "jsonl", "csv", "webdataset", "arrow"] = "auto"
+    split: Str | None = Field(None, min_length=1)
     allowed_schemes: tuple[Str, ...] = Field(("file", "s3"), min_length=1)
     storage_options: dict[str, Any] = Field(default_factory=dict)
     limit: Int | None = Field(None, ge=1)
@@ -154,15 +202,45 @@ class InputSpec(Section):
     webdataset: WebDatasetSpec | None = None
 
     @property
+    def uris(self) -> tuple[str, ...]:
+        """The entries of ``uri`` as written (one string: one entry)."""
+        return tuple(entries_of(self.uri)) if self.uri is not None else ()
+
+    @property
+    def shown(self) -> str:
+        """``uri`` for messages, redacted: the pattern as written, or a list's first entry and how many more."""
+        return describe(self.uri or ())
+
+    @property
     def manifest_format(self) -> str:
-        """``parquet``, ``jsonl`` or ``csv``: ``format``, or what ``auto`` reads from the name."""
-        if self.format != "auto":
+        """``parquet``, ``jsonl``, ``csv``, ``webdataset`` or ``arrow``: ``format``, or what ``auto`` reads from the
+        (first) entry's name (a folder: ``parquet``; listing tells it apart)."""
+        if self.format not in ("auto", "manifest"):
             return self.format
-        name = self.manifest.split("?", 1)[0].rstrip("/").lower().rsplit("/", 1)[-1]
-        for suffix in (".gz", ".bz2", ".xz", ".zst"):
-            name = name.removesuffix(suffix)
-        ext = name.rsplit(".", 1)[-1] if "." in name else ""
-        return {"jsonl": "jsonl", "ndjson": "jsonl", "csv": "csv", "tar": "webdataset"}.get(ext, "parquet")
+        ext = _extension(self.uris[0])
+        kinds = {"jsonl": "jsonl", "ndjson": "jsonl", "csv": "csv"}
+        if self.format == "auto":
+            kinds.update(tar="webdataset", arrow="arrow")
+        return kinds.get(ext, "parquet")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_location(cls, data: Any) -> Any:
+        """``manifest`` is the older name of ``uri``: exactly one of the two, moved to ``uri``."""
+        if not isinstance(data, Mapping):
+            return data
+        uri, manifest = data.get("uri"), data.get("manifest")
+        if uri is not None and manifest is not None:
+            check([(("uri",), "give input.uri or input.manifest (its older name), not both")])
+        if uri is None and manifest is None:
+            check([(("uri",), "required but missing (the input's path or URI; input.manifest is its older name)")])
+        name, value = ("uri", uri) if uri is not None else ("manifest", manifest)
+        problem = _location_problem(value)
+        if problem is not None:
+            check([((name, *problem[0]), problem[1])])
+        if manifest is not None:
+            data = {**{k: v for k, v in data.items() if k != "manifest"}, "uri": manifest}
+        return data
 
     @field_validator("allowed_schemes")
     @classmethod
@@ -173,13 +251,28 @@ class InputSpec(Section):
 
     @model_validator(mode="after")
     def _known_format(self) -> InputSpec:
-        name = self.manifest.split("?", 1)[0].rstrip("/").lower().rsplit("/", 1)[-1]
-        for suffix in (".gz", ".bz2", ".xz", ".zst"):
-            name = name.removesuffix(suffix)
-        ext = name.rsplit(".", 1)[-1] if "." in name else ""
-        if self.format == "auto" and ext and ext not in ("parquet", "pq", "jsonl", "ndjson", "csv", "tar"):
-            check([(("format",), f"cannot tell the format of {redact_uri(self.manifest)!r} from its name; set "
-                    "input.format to parquet, jsonl, csv or webdataset")])  # fmt: skip
+        problems: list[tuple[tuple[str, ...], str]] = []
+        many = not isinstance(self.uri, str)
+        for i, entry in enumerate(self.uris):
+            where = ("uri", f"[{i}]") if many else ("uri",)
+            try:
+                expand(entry)
+            except ValueError as e:
+                problems.append((where, str(e)))
+                continue
+            ext = _extension(entry)
+            if self.format in ("auto", "manifest") and ext and ext not in _KNOWN_EXTENSIONS[self.format]:
+                shown = redact_uri(entry)
+                why = (f"cannot tell the format of {shown!r} from its name" if self.format == "auto" else
+                       f"'manifest' reads .parquet, .jsonl and .csv files, and {shown!r} is none")  # fmt: skip
+                problems.append((("format",), f"{why}; set input.format to parquet, jsonl, csv, webdataset or arrow"))
+        mixed = mixed_store_problem(self.uris)
+        if mixed is not None:
+            problems.append((("uri",), mixed))
+        if self.split is not None and self.format not in ("auto", "arrow"):
+            problems.append((("split",), f"selects a split of a datasets DatasetDict folder (input.format auto or "
+                             f"arrow), but input.format is {self.format!r}"))  # fmt: skip
+        check(problems)
         return self
 
 
@@ -426,10 +519,17 @@ class JobSpec(Section):
         if self.output.write_expl_maps and self.methods.maskinversion is None:
             add("output.write_expl_maps", "only MaskInversion writes explainability maps, and methods.maskinversion "
                 "is not set")  # fmt: skip
-        out, manifest = self.output.uri, self.input.manifest
-        if is_inside(out, manifest) or is_inside(manifest, out):
-            add("output.uri", f"{redact_uri(out)!r} and the input manifest {redact_uri(manifest)!r} overlap; writing "
-                "there (or overwrite) could clobber the input")  # fmt: skip
+        out = self.output.uri
+        for manifest in self.input.uris:
+            # every expansion lies in the folder before the first brace: expand only when that folder overlaps
+            folder = fixed_prefix(manifest).rsplit("/", 1)[0] if has_braces(manifest) else manifest
+            near = is_inside(out, folder) or is_inside(folder, out)
+            expanded = expand(manifest) if near and has_braces(manifest) else [manifest]
+            clash = next((e for e in expanded if is_inside(out, e) or is_inside(e, out)), None)
+            if clash is not None:
+                add("output.uri", f"{redact_uri(out)!r} and the input manifest {redact_uri(clash)!r} overlap; "
+                    "writing there (or overwrite) could clobber the input")  # fmt: skip
+                break
         return problems
 
     # ------------------------------------------------------------------ what runs
@@ -468,7 +568,7 @@ class JobSpec(Section):
             raise SpecError(
                 ("methods", method, "prompts"),
                 f"{REGISTRY[method].display} heatmaps need prompts, but the manifest "
-                f"{redact_uri(self.input.manifest)!r} has no 'prompts' column ({fix} to use class names as prompts)",
+                f"{self.input.shown!r} has no 'prompts' column ({fix} to use class names as prompts)",
             )
         return source
 
@@ -479,7 +579,7 @@ class JobSpec(Section):
             SpecError: MaskInversion without masks, heatmaps without prompts; every problem at once."""
         problems: list[tuple[tuple[str, ...], str]] = []
         if self.requires_masks and not has_masks:
-            shown = redact_uri(self.input.manifest)
+            shown = self.input.shown
             reason = f"needs region masks, but no row of the manifest {shown!r} has any (give a manifest with masks, "
             problems.append((_path("methods.maskinversion"), reason + "or remove methods.maskinversion)"))
         for m in self.enabled_methods():
@@ -653,7 +753,8 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[st
     The value is parsed as YAML (``5``, ``0.5``, ``true``, ``[cat, dog]``, ``{}``, ``s3://b/x``); ``null`` (or
     nothing after ``=``) removes the key, so its default applies (``methods.legrad=null`` stops LeGrad). Missing
     intermediate mappings are created (``methods.legrad.layers=3`` enables LeGrad). Paths are checked against the
-    spec's fields, with suggestions for typos.
+    spec's fields, with suggestions for typos. ``input.uri`` and ``input.manifest`` name one thing: setting either
+    replaces both.
 
     Raises:
         SpecError: a malformed override, an unknown key, or a value that is not YAML.
@@ -699,10 +800,17 @@ def _apply_override(out: dict[str, Any], item: str) -> None:
         elif not isinstance(child, dict):
             raise SpecError(parts[: i + 1], f"--set {item!r}: is {_got(child)}, not a mapping")
         node = child
+    if parts[:-1] == ["input"] and parts[-1] in _INPUT_NAMES:  # one input, two names: the override replaces both
+        for name in _INPUT_NAMES:
+            node.pop(name, None)
     if value is None:
         node.pop(parts[-1], None)
     else:
         node[parts[-1]] = value
+
+
+#: ``input.uri`` and its older name.
+_INPUT_NAMES = ("uri", "manifest")
 
 
 def _is_mapping_field(path: Sequence[str]) -> bool:

@@ -122,7 +122,7 @@ def test_examples_cover_what_they_promise():
     assert {demo.method(m).size for m in demo.enabled_methods()} == {96}
     coco = load_spec(EXAMPLES / "coco-gem-maskclip.yaml")
     assert coco.vocabulary.preset == "coco80" and coco.methods.gem.resources.num_gpus == 1
-    assert uri_scheme(coco.input.manifest) == "s3" and uri_scheme(coco.output.uri) == "s3"
+    assert uri_scheme(coco.input.uri) == "s3" and uri_scheme(coco.output.uri) == "s3"
     assert load_spec(EXAMPLES / "regions-maskinversion.yaml").enabled_methods() == ["maskinversion"]
 
 
@@ -135,7 +135,7 @@ def test_examples_cover_what_they_promise():
         # unknown key, with a suggestion
         (lambda d: d["methods"]["gem"].update(dept=5), "methods.gem.dept: unknown key (did you mean 'depth'?)"),
         (lambda d: d.update(ouptut={}), "ouptut: unknown key (did you mean 'output'?)"),
-        (lambda d: d["input"].update(zzz=1), "input.zzz: unknown key (expected one of: manifest,"),
+        (lambda d: d["input"].update(zzz=1), "input.zzz: unknown key (expected one of: uri, manifest,"),
         # wrong type
         (
             lambda d: d["methods"]["gem"].update(depth="five"),
@@ -164,7 +164,7 @@ def test_examples_cover_what_they_promise():
         ),
         # missing required
         (lambda d: d.pop("output"), "output: required but missing"),
-        (lambda d: d["input"].pop("manifest"), "input.manifest: required but missing"),
+        (lambda d: d["input"].pop("manifest"), "input.uri: required but missing"),
         # weight sources
         (lambda d: d["model"].update(seed=0), "model: give exactly one of pretrained"),
         (lambda d: d["model"].pop("pretrained"), "model: give exactly one of pretrained"),
@@ -438,7 +438,7 @@ def test_redaction_removes_planted_secrets():
         assert s not in text, s
     redacted = spec.to_dict()
     assert redacted["input"]["storage_options"]["client_kwargs"]["endpoint_url"] == "http://minio:9000"
-    assert redacted["input"]["manifest"] == "s3://***@bucket/m.parquet?X-Amz-Signature=***&versionId=3"
+    assert redacted["input"]["uri"] == "s3://***@bucket/m.parquet?X-Amz-Signature=***&versionId=3"
     assert redacted["output"]["uri"] == "s3://***@bucket/out"
     assert "AKIAPLANTED1" in json.dumps(spec.to_dict(redact=False))  # the runner still has them
     # hashes do not depend on credentials in the weights URI
