@@ -191,6 +191,12 @@ class InputSpec(Section):
             ``prompts`` and ``masks`` fields of ``{key}.json``.
     """
 
+    # editors: exactly one of uri and its older name manifest
+    model_config = {
+        **Section.model_config,
+        "json_schema_extra": {"oneOf": [{"required": [n]} for n in ("uri", "manifest")]},
+    }
+
     uri: _Location | None = None
     manifest: _Location | None = Field(None, exclude=True, json_schema_extra={"deprecated": True})
     format: Literal["auto", "manifest", "parquet", "jsonl", "csv", "webdataset", "arrow"] = "auto"

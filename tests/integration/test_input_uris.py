@@ -1,7 +1,7 @@
 """``input.uri`` forms on real local Ray with MaskCLIP alone (the input is what is tested): a brace pattern of
 WebDataset tars on S3 (SeaweedFS) whose range grows — the re-run keeps the finished shards and processes the new tar
-only —, a list of two Parquet files in different folders, and the split of a ``datasets`` DatasetDict written by
-``save_to_disk`` (Arrow stream files), whose label maps equal the list's for the same images."""
+only —, a list of two Parquet files in different folders, a ``datasets`` folder written by ``save_to_disk`` (Arrow
+stream files) and the split of a DatasetDict, whose label maps equal the list's for the same images."""
 
 from __future__ import annotations
 
@@ -112,20 +112,33 @@ def test_a_list_of_two_parquet_files(two_parquet_files, scenes):
     assert _markers(out) == {"a/part.parquet", "b/part.parquet"}  # below the entries' common folder
 
 
-def test_the_split_of_a_saved_dataset_dict(two_parquet_files, scenes, tmp_path):
-    def split(rows):
-        ds = datasets.Dataset.from_dict(
-            {
-                "image_id": [r["image_id"] for r in rows],
-                "image": [{"bytes": _image(r), "path": None} for r in rows],
-                "prompts": [r["prompts"] for r in rows],
-                "label": list(range(len(rows))),  # a column clipmaps does not read
-            }
-        )
-        return ds.cast_column("image", datasets.Image())
+def _dataset(rows: list[dict]):
+    """The rows as a ``datasets`` dataset with an ``Image`` feature holding the files' bytes."""
+    ds = datasets.Dataset.from_dict(
+        {
+            "image_id": [r["image_id"] for r in rows],
+            "image": [{"bytes": _image(r), "path": None} for r in rows],
+            "prompts": [r["prompts"] for r in rows],
+            "label": list(range(len(rows))),  # a column clipmaps does not read
+        }
+    )
+    return ds.cast_column("image", datasets.Image())
 
+
+def test_a_saved_dataset_folder(two_parquet_files, scenes, tmp_path):
+    folder = tmp_path / "ds"
+    _dataset(scenes[2:]).save_to_disk(str(folder))
+    out = tmp_path / "out"
+    spec = load_spec(JOB_SPEC, overrides=[f"input.uri={folder}", f"output.uri={out}", *METHODS])
+    result = run(spec, progress=lambda line: None)
+    assert result.ok and result.total == 1 and result.processed == 1
+    image_id = scenes[2]["image_id"]
+    assert _labels(out) == {image_id: _labels(two_parquet_files[1])[image_id]}  # Parquet's bytes there
+
+
+def test_the_split_of_a_saved_dataset_dict(two_parquet_files, scenes, tmp_path):
     folder = tmp_path / "dd"
-    datasets.DatasetDict({"train": split(scenes[:2]), "test": split(scenes[2:])}).save_to_disk(
+    datasets.DatasetDict({"train": _dataset(scenes[:2]), "test": _dataset(scenes[2:])}).save_to_disk(
         str(folder), num_shards={"train": 2, "test": 1}
     )
     out = tmp_path / "out"

@@ -9,6 +9,7 @@ import json
 import tarfile
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from clipmaps.pipeline import uris
@@ -166,6 +167,20 @@ def test_the_spec_takes_uri_or_its_older_name_manifest():
         assert load_spec(JOB_SPEC, overrides=[f"input.format={fmt}"]).input.format == fmt
 
 
+def test_editors_see_one_of_uri_and_manifest():
+    import jsonschema
+
+    from clipmaps.pipeline.spec import json_schema
+
+    validator = jsonschema.Draft202012Validator(json_schema())
+    raw = load_spec(JOB_SPEC).to_dict()
+    assert "uri" in raw["input"] and not list(validator.iter_errors(raw))
+    raw["input"]["uri"] = ["s3://b/a.tar", "s3://b/shard-{0..3}.tar"]
+    assert not list(validator.iter_errors(raw))
+    assert list(validator.iter_errors({**raw, "input": {**raw["input"], "manifest": "x.parquet"}}))  # both
+    assert list(validator.iter_errors({**raw, "input": {"format": "auto"}}))  # neither
+
+
 # ------------------------------------------------------------------------------------------------ save_to_disk
 def _image_ds(ids: list[str]):
     images = [{"bytes": b"\x89PNG fake " + i.encode(), "path": None} for i in ids]
@@ -236,3 +251,22 @@ def test_stream_offsets_point_at_record_batches(tmp_path):
         assert got["image_id"].to_pylist() == [str(i) for i in range(start, min(23, start + 4))]
     with pytest.raises(ValueError, match="not an Arrow IPC stream"):
         count_stream(io.BytesIO(b"PAR1" + json.dumps({"x": 1}).encode()), 5)
+
+
+def test_outputs_read_back_the_input_of_a_list_or_pattern(tmp_path):
+    from clipmaps.jobs.outputs import JobOutputs
+
+    schema = pa.schema([("image_id", pa.string()), ("image_uri", pa.string())])
+    for name, rows in (("a", [("a1", "/i/a1.jpg")]), ("b", [("b1", "/i/b1.jpg"), ("a1", "/i/again.jpg")])):
+        table = pa.Table.from_pylist([{"image_id": i, "image_uri": u} for i, u in rows], schema=schema)
+        pq.write_table(table, tmp_path / f"part-{name}.parquet")
+    (tmp_path / "part-c.jsonl").write_text(json.dumps({"image_id": "c1", "image_uri": "/i/c1.jpg"}) + "\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    entries = [str(tmp_path / "part-{a,b}.parquet"), str(tmp_path / "part-c.jsonl")]
+    (out / "_job.json").write_text(json.dumps({"spec": {"input": {"uri": entries}}}))
+    outputs = JobOutputs(str(out))
+    assert outputs.manifest_uri == entries[0]  # one string for messages and the files beside the input
+    assert outputs.image_uri_map() == {"a1": "/i/a1.jpg", "b1": "/i/b1.jpg", "c1": "/i/c1.jpg"}
+    (out / "_job.json").write_text(json.dumps({"spec": {"input": {"uri": entries[0]}}}))
+    assert JobOutputs(str(out)).manifest(["image_id"], image_ids=["b1"]).to_pylist() == [{"image_id": "b1"}]
