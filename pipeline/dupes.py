@@ -27,6 +27,8 @@ ROWS_PER_MAP = 200_000
 #: Rows per reduce bucket (the number of buckets grows with the manifest, at most :data:`MAX_BUCKETS`).
 ROWS_PER_BUCKET = 500_000
 MAX_BUCKETS = 64
+#: Files one map task of :func:`repeated_ids` reads (``write_outputs``' markers: a batch's ids each).
+FILES_PER_MAP = 256
 _ID_SCHEMA = pa.schema([("id", pa.string()), ("file", pa.int32()), ("row", pa.int64())])
 
 
@@ -40,8 +42,6 @@ def _map_ids(
 ) -> list[pa.Table] | pa.Table:
     """Ids of row ranges ``(start, rows, seek offset, skip)`` of ``file`` (number ``index``), split into ``buckets``
     tables of ``(id, file, row)``."""
-    import pandas as pd
-
     parts = []
     for start, rows, offset, skip in ranges:
         ids = read_rows(file, header, offset, skip, start, rows, storage_options, ids_only=True).table["image_id"]
@@ -56,12 +56,71 @@ def _map_ids(
             )
         )
     table = pa.concat_tables(parts) if parts else _ID_SCHEMA.empty_table()
-    table = table.filter(pc.is_valid(table["id"]))
+    return _split(table.filter(pc.is_valid(table["id"])), buckets)
+
+
+def _split(table: pa.Table, buckets: int) -> list[pa.Table] | pa.Table:
+    """``table`` (``_ID_SCHEMA``) split into ``buckets`` tables by a hash of ``id`` (the table itself for one)."""
+    import pandas as pd
+
     if buckets == 1:
         return table
     values = table["id"].to_numpy(zero_copy_only=False)
     bucket = pd.util.hash_array(values.astype(object)) % np.uint64(buckets)
     return [table.filter(pa.array(bucket == b)) for b in range(buckets)]
+
+
+def _map_id_files(uris: list[str], first: int, storage_options: dict, buckets: int) -> list[pa.Table] | pa.Table:
+    """The ``image_id`` column of the Parquet files ``uris`` (numbered from ``first``), split into ``buckets``
+    tables of ``(id, file, row)``."""
+    import pyarrow.parquet as pq
+
+    from clipmaps.schemas.storage import filesystem
+
+    parts = []
+    for k, uri in enumerate(uris):
+        fs, path = filesystem(uri, storage_options)
+        with fs.open(path, "rb") as f:
+            ids = pq.read_table(f, columns=["image_id"])["image_id"].cast(pa.string())
+        n = len(ids)
+        parts.append(
+            pa.table(
+                {"id": ids, "file": pa.array(np.full(n, first + k, np.int32)), "row": pa.array(np.arange(n))},
+                schema=_ID_SCHEMA,
+            )
+        )
+    table = pa.concat_tables(parts) if parts else _ID_SCHEMA.empty_table()
+    return _split(table.filter(pc.is_valid(table["id"])), buckets)
+
+
+def _reduce_counted(*tables: pa.Table) -> tuple[int, list[tuple[str, int, int, int, int]]]:
+    """``(rows, _reduce_ids(tables))``."""
+    return sum(t.num_rows for t in tables), _reduce_ids(*tables)
+
+
+def repeated_ids(
+    uris: list[str], storage_options: dict, *, retries: int = 3, examples: int = 5
+) -> tuple[int, int, list[str]]:
+    """``(ids, ids held more than once, up to examples of them)`` over the ``image_id`` columns of the Parquet files
+    ``uris`` — by Ray tasks (map: :data:`FILES_PER_MAP` files each; reduce: one per bucket), the driver receiving the
+    counts and the repeats only. ``ray`` must be initialised."""
+    import ray
+
+    if not uris:
+        return 0, 0, []
+    # sized by files: a marker holds about a batch of ids (the buckets only spread the reduce)
+    buckets = max(1, min(MAX_BUCKETS, -(-len(uris) * 1000 // ROWS_PER_BUCKET)))
+    mapper = ray.remote(_map_id_files).options(
+        num_returns=buckets, num_cpus=0.25, max_retries=retries, retry_exceptions=[OSError]
+    )
+    reducer = ray.remote(_reduce_counted).options(num_cpus=0.25, max_retries=retries)
+    mapped = []
+    for first in range(0, len(uris), FILES_PER_MAP):
+        refs = mapper.remote(uris[first : first + FILES_PER_MAP], first, storage_options, buckets)
+        mapped.append(refs if buckets > 1 else [refs])
+    reduced = ray.get([reducer.remote(*[m[b] for m in mapped]) for b in range(buckets)])
+    ids = sorted({r[0] for _, part in reduced for r in part})
+    return sum(n for n, _ in reduced), len(ids), ids[:examples]
 
 
 def _reduce_ids(*tables: pa.Table) -> list[tuple[str, int, int, int, int]]:
@@ -158,4 +217,4 @@ def find_duplicates(
     return dict(out), stats
 
 
-__all__ = ["find_duplicates"]
+__all__ = ["find_duplicates", "repeated_ids"]

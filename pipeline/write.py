@@ -57,7 +57,7 @@ from clipmaps.schemas.errors import OutputConflict
 from clipmaps.schemas.storage import TMP_PREFIX, filesystem, redact_text, redact_uri, remove, write_table
 
 from . import resume
-from .annotate import annotation_plan, output_kinds
+from .annotate import _arrow_schema, annotation_plan, annotation_rows, output_kinds
 from .fingerprint import differences
 from .progress import ProgressLine
 from .sinks import EMPTY_FILE, Provenance
@@ -188,6 +188,9 @@ def write_batch(table: pa.Table, config: WriterConfig) -> pa.Table:
 
     Raises:
         OSError: the output cannot be written (Ray retries the task)."""
+    missing = [c for c in required_columns(config.kinds) if c not in table.column_names]
+    if missing:
+        raise ValueError(f"write_outputs: a batch lacks {missing} (a step after annotate dropped them?)")
     fs, root = filesystem(config.output_uri, config.storage_options)
     ids = [str(i) for i in table[cols.IMAGE_ID].to_pylist()]
     token = hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
@@ -203,7 +206,40 @@ def write_batch(table: pa.Table, config: WriterConfig) -> pa.Table:
     return pa.table({**{k: [counts[k]] for k in COUNTS}, "token": [token]})
 
 
+def required_columns(kinds: dict[str, tuple[str, ...]]) -> list[str]:
+    """The columns annotated rows must have for outputs of ``kinds`` (:func:`~.annotate.output_kinds`)."""
+    return [cols.IMAGE_ID, "errors", cols.HEIGHT, cols.WIDTH] + [
+        f"{name}__{kind}" for name, ks in kinds.items() for kind in ks
+    ]
+
+
 # ------------------------------------------------------------------------------------------------ on the driver
+def rows_schema(ds) -> pa.Schema | None:
+    """The schema of the annotated rows in ``ds``, found without running the pipeline when it can be.
+
+    ``Dataset.schema()`` runs a lazy dataset's first block to learn its schema, which for annotate's rows means
+    starting every actor pool and computing a batch that the write computes again. So, in order: the schema
+    :func:`~.annotate.annotate` gave its rows, read from ``ds``'s logical plan (Ray Data's map operators keep their
+    ``fn`` and ``fn_kwargs``; it is also the schema annotate's fingerprint was computed for, whatever a later step
+    of the user's dropped); else a schema Ray already knows (a materialized or file-backed dataset); else
+    ``Dataset.schema()``. A later step that drops a needed column is caught by the writing tasks."""
+    stack = [getattr(getattr(ds, "_logical_plan", None), "dag", None)]
+    while stack:
+        op = stack.pop()
+        if op is None:
+            continue
+        if getattr(op, "fn", None) is annotation_rows:
+            schema = (getattr(op, "fn_kwargs", None) or {}).get("schema")
+            if isinstance(schema, pa.Schema):
+                return schema
+        stack.extend(getattr(op, "input_dependencies", None) or [])
+    known = ds.schema(fetch_if_missing=False)
+    if known is None:
+        logger.info("write_outputs: the dataset's schema is not known without running its first block")
+        known = ds.schema()
+    return _arrow_schema(known) if known is not None else None
+
+
 def written_tokens(fs, root: str) -> set[str]:
     """Tokens of the batches whose marker is in place (a listing: one entry per batch, nothing per image)."""
     folder = posixpath.join(root, WRITTEN)
@@ -305,15 +341,12 @@ def write_outputs(
 
     started = time.time()
     say = progress or (lambda line: logger.info("%s", line))
-    schema = ds.schema()
+    schema = rows_schema(ds)
     names = list(schema.names) if schema is not None else []
     plan = annotation_plan(spec, has_prompts=cols.PROMPTS in names)
     job = plan.spec
     kinds = output_kinds(job)
-    needed = [cols.IMAGE_ID, "errors", cols.HEIGHT, cols.WIDTH]
-    suffix = {"label_map": "label_map", "heatmaps": "heatmaps", "regions": "regions"}
-    needed += [f"{name}__{suffix[k]}" for name, ks in kinds.items() for k in ks]
-    missing = [c for c in needed if c not in names]
+    missing = [c for c in required_columns(kinds) if c not in names]
     if missing:
         raise ValueError(
             f"write_outputs: the dataset lacks {missing}: pass the rows annotate(ds, spec) returns, and the same spec"
@@ -404,7 +437,7 @@ def write_outputs(
     strays = remove_unmarked(fs, root, tokens)
     if strays:
         logger.warning("removed %d result files without a marker (a task of an earlier call finished late)", strays)
-    total, duplicates, examples = _written_ids(fs, root, tokens)
+    total, duplicates, examples = _written_ids(fs, root, tokens, options)
     if duplicates:
         logger.warning(
             "%d image ids were written more than once (image_id values should be unique), e.g. %s",
@@ -425,20 +458,13 @@ def write_outputs(
     return result
 
 
-def _written_ids(fs, root: str, tokens: set[str]) -> tuple[int, int, list[str]]:
-    """``(ids in the markers, ids held more than once, up to 5 of them)``, by Ray tasks."""
-    import pyarrow.fs as pafs
-    import ray
-    from ray.data.expressions import col
+def _written_ids(fs, root: str, tokens: set[str], storage_options: dict) -> tuple[int, int, list[str]]:
+    """``(ids in the markers, ids held more than once, up to 5 of them)``, by Ray tasks
+    (``clipmaps.pipeline.dupes.repeated_ids``)."""
+    from .dupes import repeated_ids
 
-    if not tokens:
-        return 0, 0, []
-    paths = [posixpath.join(root, WRITTEN, file_name(t)) for t in sorted(tokens)]
-    done = ray.data.read_parquet(paths, filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(fs)), schema=WRITTEN_SCHEMA)
-    per_id = done.groupby(cols.IMAGE_ID, num_partitions=_partitions(len(paths))).count().materialize()
-    repeated = per_id.filter(expr=col("count()") > 1).materialize()
-    examples = [r[cols.IMAGE_ID] for r in repeated.take(5)]
-    return int(per_id.sum("count()") or 0), repeated.count(), examples
+    uris = [fs.unstrip_protocol(posixpath.join(root, WRITTEN, file_name(t))) for t in sorted(tokens)]
+    return repeated_ids(uris, storage_options)
 
 
 def _now() -> str:

@@ -92,3 +92,8 @@ def test_write_outputs_and_unwritten_on_s3(ray_local, s3):
     inputs = ray.data.from_items([{"image_id": i} for i in ("a", "b", "c", "d", "e")])
     todo = unwritten(inputs, out, storage_options=s3.storage_options)
     assert todo.take_all() == [{"image_id": "e"}]
+    # a second call adds to the output; an id given again is written again, and counted as a repeat
+    again = write_outputs(
+        ray.data.from_arrow(annotated_rows(p, ("a", "e"))), out, raw_spec(), storage_options=s3.storage_options
+    )
+    assert again.counts["rows"] == 2 and again.total_rows == 6 and again.duplicates == 1
