@@ -100,6 +100,7 @@ def check_vocabulary(out: Path, names: list[str], background: list[str]) -> None
 
 
 # ---------------------------------------------------------------------------------------------- every dataset
+@pytest.mark.slow  # CLI run, ~20 s; also tests/unit/test_empty_datasets.py
 @pytest.mark.timeout(400)
 def test_empty_datasets_case(tmp_path):
     """The field case: no image can be read, so no method writes a row; every dataset still opens, empty."""
@@ -226,6 +227,7 @@ def test_an_output_that_cannot_be_created_names_the_cause(tmp_path):
     assert "NotADirectoryError" in message or "FileExistsError" in message
 
 
+@pytest.mark.slow  # CLI run of 12 shards, ~25 s
 @pytest.mark.timeout(400)
 def test_a_failure_mid_run_names_the_workers_error(tmp_path):
     """``labels/`` turns into a file after the first shard is written (what a full disk or a revoked permission

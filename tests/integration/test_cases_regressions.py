@@ -13,6 +13,7 @@ from tests.helpers.cases import BIN, CASES, make_case, needs_cases, run
 pytestmark = needs_cases
 
 
+@pytest.mark.slow  # 2 CLI runs, ~40 s; MPO frames and batch-of-one invariance also in tests/unit
 @pytest.mark.parametrize("name", ["mpo-multi-frame", "ragged-batch-of-one"])
 def test_case_passes_its_check(name, tmp_path):
     work = make_case(name, tmp_path)

@@ -31,6 +31,7 @@ def rows(out: Path, dataset: str) -> list[dict]:
     return pads.dataset(out / dataset, format="parquet").to_table().to_pylist()
 
 
+@pytest.mark.slow  # CLI run, ~24 s; the per-prompt refusal also in tests/unit/test_text.py
 def test_long_prompts_are_refused_per_prompt_never_cut(tmp_path):
     work = make_case("long-prompt-truncation", tmp_path)
     done = run(str(BIN / "clipmaps"), "run", "job.yaml", cwd=work)
@@ -84,6 +85,7 @@ def test_duplicate_prompts_give_one_row_each(tmp_path):
     assert job["counts"]["prompts_collapsed"] == 2
 
 
+@pytest.mark.slow  # 2 CLI runs, ~16 s; also tests/unit/test_text.py
 def test_vocabularies_the_tokenizer_cannot_tell_apart_are_refused(tmp_path):
     work = make_case("duplicate-prompts", tmp_path)
     done = run(
