@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import logging
 import posixpath
+import re
 from collections.abc import Sequence
 
 from braceexpand import UnbalancedBracesError, braceexpand
@@ -51,6 +52,8 @@ def expand(text: str, limit: int = MAX_EXPANDED) -> list[str]:
     """
     if not has_braces(text):
         return [text]
+    if range_bound(text) > limit:  # braceexpand builds each range whole: {0..999999999} would fill the memory
+        raise ValueError(f"{redact_uri(text)!r} expands to more than {limit:,} entries")
     try:
         out = list(itertools.islice(braceexpand(text), limit + 1))
     except UnbalancedBracesError as e:
@@ -60,6 +63,19 @@ def expand(text: str, limit: int = MAX_EXPANDED) -> list[str]:
     return out
 
 
+_RANGE = re.compile(r"(?<!\\)\{(-?\d+)\.\.(-?\d+)(?:\.\.(-?\d+))?\}")
+
+
+def range_bound(text: str) -> int:
+    """An upper bound of the strings the integer ranges of ``text`` (``{0000..0099}``, ``{0..90..10}``) expand to:
+    the product of their lengths (1 without ranges). Counted from the numbers, without expanding anything."""
+    bound = 1
+    for start, end, step in _RANGE.findall(text):
+        a, b, c = int(start), int(end), abs(int(step or 1)) or 1
+        bound *= abs(b - a) // c + 1
+    return bound
+
+
 def is_pattern(text: str) -> bool:
     """Whether brace expansion changes ``text`` (``{a}`` and ``{}`` are literal, as in bash).
 
@@ -67,6 +83,8 @@ def is_pattern(text: str) -> bool:
         ValueError: unbalanced braces."""
     if not has_braces(text):
         return False
+    if range_bound(text) > MAX_EXPANDED:  # a range this long is a pattern (and is not built to find out)
+        return True
     try:
         return list(itertools.islice(braceexpand(text), 2)) != [text]
     except UnbalancedBracesError as e:
@@ -75,6 +93,8 @@ def is_pattern(text: str) -> bool:
 
 def first_expansion(text: str) -> str:
     """The first string ``text`` expands to (itself for a literal or malformed pattern)."""
+    if range_bound(text) > MAX_EXPANDED:
+        return text
     try:
         return next(iter(braceexpand(text))) if has_braces(text) else text
     except (UnbalancedBracesError, StopIteration):

@@ -270,3 +270,16 @@ def test_outputs_read_back_the_input_of_a_list_or_pattern(tmp_path):
     assert outputs.image_uri_map() == {"a1": "/i/a1.jpg", "b1": "/i/b1.jpg", "c1": "/i/c1.jpg"}
     (out / "_job.json").write_text(json.dumps({"spec": {"input": {"uri": entries[0]}}}))
     assert JobOutputs(str(out)).manifest(["image_id"], image_ids=["b1"]).to_pylist() == [{"image_id": "b1"}]
+
+
+def test_a_huge_range_is_refused_before_anything_is_expanded():
+    """braceexpand builds a range whole: a typo's extra digits (1e9 strings) filled 24 GB before the cap applied."""
+    import time
+
+    t0 = time.monotonic()
+    with pytest.raises(ValueError, match="more than 1,000,000 entries"):
+        uris.expand("s3://b/shards/{0..999999999}.tar")
+    with pytest.raises(ValueError, match="more than 1,000,000 entries"):
+        uris.expand("s3://b/{0..9999}/{0..9999}.tar")  # two ranges: the product counts
+    assert time.monotonic() - t0 < 1.0
+    assert uris.range_bound("s-{0000..0099}-{0..90..10}.tar") == 100 * 10 and uris.range_bound(r"lit\{0..9}.tar") == 1
