@@ -43,6 +43,7 @@ import hashlib
 import logging
 import os
 import posixpath
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -65,6 +66,8 @@ from .spec import JobSpec
 
 logger = logging.getLogger(__name__)
 
+#: Terminal colour codes (Ray's task errors carry them).
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 #: Folder (under the output root) of the markers: one Parquet file of ``image_id`` per written batch.
 WRITTEN = "_written"
 #: ``_job.json``'s ``writer`` for an output of :func:`write_outputs` (``clipmaps run`` writes none).
@@ -214,6 +217,44 @@ def required_columns(kinds: dict[str, tuple[str, ...]]) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------ on the driver
+def annotate_kwargs(ds) -> dict | None:
+    """The keyword arguments :func:`~.annotate.annotate` gave its last step (``schema``: its rows' schema; ``sink``:
+    the provenance of every output it computed), read from ``ds``'s logical plan without running anything (Ray
+    Data's map operators keep their ``fn`` and ``fn_kwargs``); None when ``ds`` is not downstream of annotate (e.g.
+    annotated rows read back from files, or a materialized dataset)."""
+    stack = [getattr(getattr(ds, "_logical_plan", None), "dag", None)]
+    while stack:
+        op = stack.pop()
+        if op is None:
+            continue
+        if getattr(op, "fn", None) is annotation_rows:
+            return dict(getattr(op, "fn_kwargs", None) or {})
+        stack.extend(getattr(op, "input_dependencies", None) or [])
+    return None
+
+
+def provenance_mismatch(ds, plan) -> list[str]:
+    """Why the rows of ``ds`` must not be written with ``plan``'s provenance: one line per output whose model,
+    weights, params hash or vocabulary id annotate computed differently (empty when they agree, or when annotate's
+    settings cannot be read from ``ds``'s plan)."""
+    sink = (annotate_kwargs(ds) or {}).get("sink")
+    theirs = getattr(sink, "methods", None)
+    if not isinstance(theirs, dict):
+        return []
+    mine = plan.provenance()
+    lines = []
+    for name in sorted(set(theirs) | set(mine)):
+        a, b = theirs.get(name), mine.get(name)
+        if a is None or b is None:
+            lines.append(f"{name}: {'in the spec only' if a is None else 'in annotate' + chr(39) + 's rows only'}")
+        elif a != b:
+            fields = [f for f in ("model", "weights", "params_hash", "vocabulary_id") if getattr(a, f) != getattr(b, f)]
+            lines.append(
+                f"{name}: {', '.join(f'{f} {getattr(a, f)!r} (annotate) vs {getattr(b, f)!r}' for f in fields)}"
+            )
+    return lines
+
+
 def rows_schema(ds) -> pa.Schema | None:
     """The schema of the annotated rows in ``ds``, found without running the pipeline when it can be.
 
@@ -223,16 +264,9 @@ def rows_schema(ds) -> pa.Schema | None:
     ``fn`` and ``fn_kwargs``; it is also the schema annotate's fingerprint was computed for, whatever a later step
     of the user's dropped); else a schema Ray already knows (a materialized or file-backed dataset); else
     ``Dataset.schema()``. A later step that drops a needed column is caught by the writing tasks."""
-    stack = [getattr(getattr(ds, "_logical_plan", None), "dag", None)]
-    while stack:
-        op = stack.pop()
-        if op is None:
-            continue
-        if getattr(op, "fn", None) is annotation_rows:
-            schema = (getattr(op, "fn_kwargs", None) or {}).get("schema")
-            if isinstance(schema, pa.Schema):
-                return schema
-        stack.extend(getattr(op, "input_dependencies", None) or [])
+    schema = (annotate_kwargs(ds) or {}).get("schema")
+    if isinstance(schema, pa.Schema):
+        return schema
     known = ds.schema(fetch_if_missing=False)
     if known is None:
         logger.info("write_outputs: the dataset's schema is not known without running its first block")
@@ -289,6 +323,12 @@ def unwritten(ds, output_uri: str, *, storage_options: Mapping[str, Any] | None 
     fs, root = filesystem(output_uri, storage_options)
     tokens = written_tokens(fs, root)
     if not tokens:
+        state = resume.read_state(fs, root)
+        if state.complete or (state.job is not None and state.job.get("writer") != WRITER):
+            raise OutputConflict(
+                f"{redact_uri(output_uri)} holds the output of `clipmaps run` (resumed by manifest shard, not by "
+                "write_outputs' markers): unwritten cannot tell which of your rows it holds"
+            )
         return ds
     paths = [posixpath.join(root, WRITTEN, file_name(t)) for t in sorted(tokens)]
     done = ray.data.read_parquet(paths, filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(fs)), schema=WRITTEN_SCHEMA)
@@ -350,6 +390,12 @@ def write_outputs(
     if missing:
         raise ValueError(
             f"write_outputs: the dataset lacks {missing}: pass the rows annotate(ds, spec) returns, and the same spec"
+        )
+    mismatch = provenance_mismatch(ds, plan)
+    if mismatch:  # the rows would be labelled with another job's vocabulary and params: refused, never mixed
+        raise ValueError(
+            "write_outputs: the spec differs from the one annotate computed these rows with; pass the same spec: "
+            + "; ".join(mismatch)
         )
     options = dict(storage_options or {})
     fs, root = filesystem(output_uri, options)
@@ -426,7 +472,8 @@ def write_outputs(
                 line.update(int(row["rows"]), int(row["failed_rows"]))
         line.finish()
     except BaseException as e:
-        attempt.update(status="failed", finished_at=_now(), error=redact_text(f"{type(e).__name__}: {e}")[:2000])
+        text = _ANSI.sub("", f"{type(e).__name__}: {e}")  # Ray colours its task errors for terminals
+        attempt.update(status="failed", finished_at=_now(), error=redact_text(text)[:2000])
         doc.update(status="failed")
         try:
             resume.write_job(fs, root, {**doc, "versions": versions()})

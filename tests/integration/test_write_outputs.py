@@ -125,3 +125,24 @@ def test_refuses_a_spec_that_would_change_results(written, ray_local):
         write_outputs(annotate(ray.data.read_json(str(listing)), changed), str(out), changed)
     with pytest.raises(ValueError, match="maskclip__label_map"):  # not annotate's rows
         write_outputs(ray.data.read_json(str(listing)), str(out), _spec())
+
+
+def test_refuses_a_spec_other_than_annotates_and_a_clipmaps_run_output(written, ray_local, tmp_path):
+    """The rows would be labelled with another job's vocabulary and params (a user's slip, found in review): refused
+    before anything runs, naming the output and field."""
+    import ray
+
+    _, listing, _, _, _, _ = written
+    other = _spec()
+    other["vocabulary"]["names"] = other["vocabulary"]["names"][:5]
+    rows = annotate(ray.data.read_json(str(listing)), _spec())
+    with pytest.raises(ValueError, match="maskclip: .*params_hash .*vocabulary_id"):
+        write_outputs(rows, str(tmp_path / "fresh"), other)
+    assert not (tmp_path / "fresh" / "labels").exists()
+    # unwritten cannot read a `clipmaps run` output's shards as written ids
+    run_out = tmp_path / "run"
+    (run_out / "_shards").mkdir(parents=True)
+    (run_out / "_shards" / "0000000.json").write_text("{}")
+    (run_out / "_job.json").write_text(json.dumps({"fingerprint": {}}))
+    with pytest.raises(OutputConflict, match="clipmaps run"):
+        unwritten(ray.data.read_json(str(listing)), str(run_out))
