@@ -52,7 +52,7 @@ import pyarrow as pa
 
 from clipmaps.schemas.datasets import MANIFEST
 from clipmaps.schemas.errors import ManifestError
-from clipmaps.schemas.storage import filesystem, has_glob_characters, redact_uri
+from clipmaps.schemas.storage import filesystem, has_glob_characters, redact_text, redact_uri
 
 from .hfdatasets import (
     DATASET_DICT_FILE,
@@ -167,7 +167,8 @@ def list_manifest_files(
     except ManifestError:
         raise
     except Exception as e:  # noqa: BLE001 - bad protocol, permissions, unreachable store
-        raise ManifestError(f"cannot read manifest {shown}: {type(e).__name__}: {_short(str(e))}") from None
+        why = _short(redact_text(str(e), storage_options=storage_options, uris=entries))  # redacted before cutting
+        raise ManifestError(f"cannot read manifest {shown}: {type(e).__name__}: {why}") from None
 
 
 #: Entries of one folder above which their existence is read from one listing of the folder, not one request each.
@@ -390,7 +391,8 @@ def count_file(file: ManifestFile, shard_rows: int, storage_options: dict) -> Fi
     except FileNotFoundError:
         raise ManifestError(f"cannot read manifest {shown}: file not found") from None
     except Exception as e:  # noqa: BLE001 - corrupt Parquet, I/O errors
-        raise ManifestError(f"cannot read manifest {shown}: {type(e).__name__}: {_short(str(e))}") from None
+        why = _short(redact_text(str(e), storage_options=storage_options, uris=[file.uri]))
+        raise ManifestError(f"cannot read manifest {shown}: {type(e).__name__}: {why}") from None
 
 
 def count_files(
@@ -436,7 +438,8 @@ def sample_count(file: ManifestFile, shard_rows: int, storage_options: dict) -> 
             head = f.read(SAMPLE_BYTES)
             more = bool(f.read(1))
     except Exception as e:  # noqa: BLE001
-        raise ManifestError(f"cannot read manifest {shown}: {type(e).__name__}: {_short(str(e))}") from None
+        why = _short(redact_text(str(e), storage_options=storage_options, uris=[file.uri]))
+        raise ManifestError(f"cannot read manifest {shown}: {type(e).__name__}: {why}") from None
     if more:
         head = head[: head.rfind(b"\n") + 1]  # whole lines only
     sample = io.BytesIO(head)
@@ -493,7 +496,7 @@ def _count_arrow(fs, path: str, shard_rows: int, shown: str) -> FileCount:
         try:
             count = count_stream(f, shard_rows)
         except ValueError as e:
-            raise ManifestError(f"cannot read manifest {shown}: {e}") from None
+            raise ManifestError(f"cannot read manifest {shown}: {redact_text(str(e))}") from None
     if "image_id" not in count.schema.names:
         raise ManifestError(missing_id_message(shown, count.schema.names))
     _check_schema(count.schema, shown)

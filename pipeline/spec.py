@@ -43,7 +43,7 @@ from clipmaps.actors.params import Bool, Int, ModelSpec, PoolSpec, Problems, Sec
 from clipmaps.actors.registry import METHODS, REGISTRY, UnknownModel
 from clipmaps.actors.registry import entry as method_entry
 from clipmaps.schemas.errors import SpecError
-from clipmaps.schemas.storage import is_inside, redact_options, redact_uri
+from clipmaps.schemas.storage import is_inside, redact_options, redact_uri, userinfo_error
 
 from .uris import describe, entries_of, expand, first_expansion, fixed_prefix, has_braces, mixed_store_problem
 from .vocabularies import PRESETS, check_names
@@ -261,6 +261,10 @@ class InputSpec(Section):
         many = not isinstance(self.uri, str)
         for i, entry in enumerate(self.uris):
             where = ("uri", f"[{i}]") if many else ("uri",)
+            credentials = userinfo_error(entry)
+            if credentials is not None:
+                problems.append((where, credentials))
+                continue
             try:
                 expand(entry)
             except ValueError as e:
@@ -307,6 +311,12 @@ class OutputSpec(Section):
     overwrite: Bool = False
     shard_rows: Int = Field(64, ge=1)
 
+    @field_validator("uri")
+    @classmethod
+    def _no_credentials(cls, v: str) -> str:
+        check([((), problem)] if (problem := userinfo_error(v)) is not None else [])
+        return v
+
 
 class VocabularySpec(Section):
     """The class names for segmentation (and prompts for heatmaps with ``prompts: vocabulary``).
@@ -331,6 +341,12 @@ class VocabularySpec(Section):
     background: tuple[Str, ...] = ()
     templates: Str | tuple[Str, ...] = "photo"
     threshold: float | None = Field(None, gt=0, lt=1)
+
+    @field_validator("file")
+    @classmethod
+    def _no_credentials(cls, v: str | None) -> str | None:
+        check([((), problem)] if (problem := userinfo_error(v)) is not None else [])
+        return v
 
     @model_validator(mode="after")
     def _consistent(self) -> VocabularySpec:
@@ -495,6 +511,9 @@ class JobSpec(Section):
             problems.append((_path(path), reason))
 
         model = self.model
+        credentials = userinfo_error(model.weights)
+        if credentials is not None:
+            add("model.weights", credentials)
         try:
             info = model.info
         except UnknownModel as e:

@@ -317,6 +317,10 @@ def unwritten(ds, output_uri: str, *, storage_options: Mapping[str, Any] | None 
     import pyarrow.fs as pafs
     import ray
 
+    from clipmaps.schemas.storage import userinfo_error
+
+    if (credentials := userinfo_error(output_uri)) is not None:  # s3fs would quote the secret in its error
+        raise ValueError(f"unwritten: output_uri {credentials}")
     schema = ds.schema()
     if schema is None or cols.IMAGE_ID not in schema.names:
         raise ValueError(f"unwritten: the dataset needs an {cols.IMAGE_ID!r} column")
@@ -376,9 +380,13 @@ def write_outputs(
         Exception: a failure of the pipeline (Ray's error); ``_job.json`` records the call as failed, what is written
             is kept, and :func:`unwritten` + a new call finish the rest.
     """
+    from clipmaps.schemas.storage import userinfo_error
+
     from .plan import _map_batches, sink_retry_exceptions
     from .run import versions, write_skeleton
 
+    if (credentials := userinfo_error(output_uri)) is not None:  # s3fs would quote the secret in its error
+        raise ValueError(f"write_outputs: output_uri {credentials}")
     started = time.time()
     say = progress or (lambda line: logger.info("%s", line))
     schema = rows_schema(ds)

@@ -62,6 +62,15 @@ _WORD = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+")
 _MIN_SECRET_CHARS = 6
 _URI_IN_TEXT = re.compile(r"(?<![\w+.\-])[A-Za-z][A-Za-z0-9+.\-]+://[^\s'\"`<>]+")
 _PAIR_IN_TEXT = re.compile(r"(?<![\w.\-])(?P<name>[A-Za-z][\w.\-]*)=(?P<value>[^&\s'\"`<>,;)]+)")
+# "user:secret@host" without a scheme (botocore: Invalid bucket name "AKIA:secret@bucket"): the userinfo runs to
+# the last "@" of the word (a secret may hold "@", "/", "+" and ":"); "s3://…" (the colon of a scheme) and a word
+# inside a path are left to the URI pass.
+_USERINFO_IN_TEXT = re.compile(r"(?<![\w.~%+\-/:@*])[\w.~%+\-]+:(?!//)[^\s'\"`<>]+@(?=[\w\[])")
+#: Schemes of object stores (s3fs, gcsfs, adlfs, ocifs…): their filesystems take credentials from storage_options or
+#: the environment, never from a URI's ``user:pass@`` (s3fs reads it as part of the bucket name).
+OBJECT_STORE_SCHEMES = frozenset(
+    {"s3", "s3a", "s3n", "gs", "gcs", "az", "abfs", "abfss", "adl", "wasb", "wasbs", "oss", "r2", "oci", "cos"}
+)
 _QUOTED_PAIR = re.compile(r"(?P<q>['\"])(?P<name>[\w.\-]{1,64})(?P=q)(?P<sep>\s*:\s*)(?P<v>['\"])(?P<value>.*?)(?P=v)")
 
 
@@ -91,6 +100,24 @@ def scheme_error(uri: str, allowed: Iterable[str]) -> str | None:
     if scheme in names:
         return None
     return f"URI scheme {scheme!r} of {redact_uri(uri)} is not allowed (allowed: {', '.join(names)})"
+
+
+def userinfo_error(uri: Any) -> str | None:
+    """Why ``uri`` may not be used as an object-store location, or ``None``: an object-store URI
+    (:data:`OBJECT_STORE_SCHEMES`) with a ``user:pass@`` userinfo, which s3fs, gcsfs and adlfs cannot use (s3fs takes
+    it for part of the bucket name and quotes it in its errors). The message shows the URI redacted and says where
+    credentials go. ``http(s)`` basic auth is allowed (fsspec's HTTP filesystem sends it); non-strings pass."""
+    if not isinstance(uri, str) or uri_scheme(uri) not in OBJECT_STORE_SCHEMES:
+        return None
+    m = _SCHEME.match(uri)
+    userinfo, _ = _split_userinfo(uri[m.end() :])
+    if userinfo is None:
+        return None
+    return (
+        f"{redact_uri(uri)} carries credentials in the URI ('user:secret@'), which {uri_scheme(uri)}:// storage "
+        "cannot use: remove them and give them in storage_options (e.g. key/secret) or the environment "
+        "(AWS_ACCESS_KEY_ID…, GOOGLE_APPLICATION_CREDENTIALS, AZURE_STORAGE_…)"
+    )
 
 
 # ------------------------------------------------------------------------------------------------ locations
@@ -335,7 +362,8 @@ def redact_text(
     1. every secret value of ``storage_options`` (one mapping or several) and of ``uris`` (userinfo, its user and
        password parts, secret-like query values, also percent-decoded) is replaced wherever it appears — client
        libraries quote them without the scheme;
-    2. every URI in the text goes through :func:`redact_uri`;
+    2. every URI in the text goes through :func:`redact_uri`, and every ``user:secret@host`` without a scheme
+       (botocore's ``Invalid bucket name "AKIA:secret@bucket"``) loses its ``user:secret``;
     3. ``name=value`` and quoted ``'name': 'value'`` pairs with secret-like names (``Signature=…`` of an
        ``Authorization`` header, a repr of options) have their value replaced.
     """
@@ -343,6 +371,7 @@ def redact_text(
     for secret in sorted(secret_values(storage_options, uris), key=len, reverse=True):
         text = text.replace(secret, REDACTED)
     text = _URI_IN_TEXT.sub(lambda m: redact_uri(m.group()), text)
+    text = _USERINFO_IN_TEXT.sub(f"{REDACTED}@", text)
     text = _PAIR_IN_TEXT.sub(_hide_pair, text)
     return _QUOTED_PAIR.sub(_hide_quoted_pair, text)
 
@@ -462,6 +491,7 @@ __all__ = [
     "ATOMIC_PUT_PROTOCOLS",
     "DEFAULT_ALLOWED_SCHEMES",
     "GLOB_CHARACTERS",
+    "OBJECT_STORE_SCHEMES",
     "REDACTED",
     "SCHEME_PATTERN",
     "TMP_PREFIX",
@@ -482,6 +512,7 @@ __all__ = [
     "secret_values",
     "uri_scheme",
     "uri_schemes",
+    "userinfo_error",
     "with_io_defaults",
     "write_bytes",
     "write_table",

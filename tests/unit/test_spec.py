@@ -418,17 +418,18 @@ def test_redaction_removes_planted_secrets():
                "sigvalue55", "raypw66", "weightspw44"]  # fmt: skip
     raw = copy.deepcopy(BASE)
     raw["input"] = {
-        "manifest": f"s3://AKIAPLANTED1:{secrets[1]}@bucket/m.parquet?X-Amz-Signature=sigvalue55&versionId=3",
+        # userinfo only where it can be used: http basic auth (object stores refuse it, tested below)
+        "manifest": f"https://AKIAPLANTED1:{secrets[1]}@bucket/m.parquet?X-Amz-Signature=sigvalue55&versionId=3",
         "storage_options": {
             "key": "AKIAPLANTED1",
             "secret": secrets[1],
             "client_kwargs": {"endpoint_url": "http://minio:9000", "aws_session_token": "SESSIONTOKEN9"},
         },
     }
-    raw["output"] = {"uri": "s3://user:urlpass88@bucket/out", "storage_options": {"Password": "hunter2pw"}}
+    raw["output"] = {"uri": "https://user:urlpass88@bucket/out", "storage_options": {"Password": "hunter2pw"}}
     raw["model"] = {
         "name": "ViT-B-16",
-        "weights": "s3://u:weightspw44@models/vit.safetensors",
+        "weights": "https://u:weightspw44@models/vit.safetensors",
         "storage_options": {"credentials": {"private": "credblob77"}},
     }
     raw["run"] = {"ray_address": "ray://admin:raypw66@head:10001"}
@@ -438,11 +439,11 @@ def test_redaction_removes_planted_secrets():
         assert s not in text, s
     redacted = spec.to_dict()
     assert redacted["input"]["storage_options"]["client_kwargs"]["endpoint_url"] == "http://minio:9000"
-    assert redacted["input"]["uri"] == "s3://***@bucket/m.parquet?X-Amz-Signature=***&versionId=3"
-    assert redacted["output"]["uri"] == "s3://***@bucket/out"
+    assert redacted["input"]["uri"] == "https://***@bucket/m.parquet?X-Amz-Signature=***&versionId=3"
+    assert redacted["output"]["uri"] == "https://***@bucket/out"
     assert "AKIAPLANTED1" in json.dumps(spec.to_dict(redact=False))  # the runner still has them
     # hashes do not depend on credentials in the weights URI
-    other = load_spec({**raw, "model": {**raw["model"], "weights": "s3://u:rotated@models/vit.safetensors"}})
+    other = load_spec({**raw, "model": {**raw["model"], "weights": "https://u:rotated@models/vit.safetensors"}})
     assert params_hash(other, "gem") == params_hash(spec, "gem")
 
 
@@ -450,7 +451,7 @@ def test_errors_do_not_echo_secrets_in_uris():
     err = error_of(lambda d: d["input"].update(manifest="s3://AK:SECRETX@b/m.json"))
     assert "SECRETX" not in str(err)
     err = error_of(
-        lambda d: d["output"].update(uri="s3://AK:SECRETY@b/o") or d["input"].update(manifest="s3://b/o/m.pq")
+        lambda d: d["output"].update(uri="https://AK:SECRETY@b/o") or d["input"].update(manifest="https://b/o/m.pq")
     )
     assert "SECRETY" not in str(err) and "overlap" in str(err)
 
@@ -545,3 +546,75 @@ def test_pool_torch_threads_are_validated(tmp_path):
     assert spec.method("gem").resources.torch_threads == 2
     with pytest.raises(SpecError, match="torch_threads"):
         load_spec(DEMO_SPEC, overrides=["methods.gem.resources.torch_threads=0"])
+
+
+# ------------------------------------------------------------------------------------------------ credentials in URIs
+CREDENTIALS = "AKIAFAKE:SECRETXYZ1"
+
+
+def _no_secret(text: str) -> None:
+    assert "SECRETXYZ1" not in text and "AKIAFAKE" not in text
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ([f"input.uri=s3://{CREDENTIALS}@bucket/x/{{0..2}}.tar"], "input.uri:"),
+        ([f"input.uri=gs://{CREDENTIALS}@bucket/x.jsonl"], "input.uri:"),
+        ([f"input.uri=[s3://bucket/a.jsonl, abfss://{CREDENTIALS}@c/b.jsonl]"], "input.uri[1]:"),
+        ([f"input.manifest=s3a://{CREDENTIALS}@bucket/m.parquet"], "input.uri:"),
+        ([f"output.uri=s3://{CREDENTIALS}@bucket/out"], "output.uri:"),
+        (["model.pretrained=null", f"model.weights=az://{CREDENTIALS}@c/w.safetensors"], "model.weights:"),
+        (["vocabulary.names=null", f"vocabulary.file=gcs://{CREDENTIALS}@b/names.txt"], "vocabulary.file:"),
+    ],
+)
+def test_object_store_uris_with_userinfo_are_refused(overrides, field):
+    """s3fs, gcsfs and adlfs cannot use user:secret@ (s3fs quotes it in its errors as a bucket name): refused at
+    load time, naming the field and where credentials go, without the secret."""
+    raw = copy.deepcopy(BASE)
+    if any(o.startswith("input.manifest=") for o in overrides):
+        raw["input"] = {}
+    else:
+        del raw["input"]["manifest"]
+        raw["input"]["uri"] = "data/manifest.parquet"
+    with pytest.raises(SpecError) as info:
+        load_spec(raw, overrides)
+    text = str(info.value)
+    _no_secret(text)
+    assert field in text and "storage_options" in text and "***@" in text
+
+
+def test_http_basic_auth_in_weights_is_kept():
+    spec = spec_with(overrides=["model.pretrained=null", "model.weights=https://user:SECRETXYZ1@host/w.safetensors"])
+    assert spec.model.weights == "https://user:SECRETXYZ1@host/w.safetensors"
+    assert "SECRETXYZ1" not in json.dumps(spec.to_dict(redact=True))
+
+
+@pytest.mark.parametrize(
+    "sets",
+    [
+        ["input.uri=s3://AKIAFAKE:SECRETXYZ1@bucket/x/{0..2}.tar"],
+        ["input.uri=s3://AKIAFAKE:SECRETXYZ1@bucket/x.jsonl"],
+        ["input.uri=[s3://AKIAFAKE:SECRETXYZ1@bucket/x.jsonl, s3://bucket/y.jsonl]"],
+        ["output.uri=s3://AKIAFAKE:SECRETXYZ1@bucket/out"],
+    ],
+)
+def test_cli_dry_run_refuses_credentials_in_uris_with_exit_2(tmp_path, capsys, sets):
+    from clipmaps.jobs.cli import main
+
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump({**copy.deepcopy(BASE), "output": {"uri": str(tmp_path / "out")}}))
+    assert main(["run", str(job), "--dry-run", *[a for s in sets for a in ("--set", s)]]) == 2
+    out, err = capsys.readouterr()
+    _no_secret(out + err)
+    assert "Traceback" not in err and "storage_options" in err
+
+
+def test_write_outputs_and_unwritten_refuse_credentials_in_the_output_uri():
+    from clipmaps.pipeline.write import unwritten, write_outputs
+
+    uri = f"s3://{CREDENTIALS}@bucket/out"
+    for call in (lambda: write_outputs(None, uri, BASE), lambda: unwritten(None, uri)):
+        with pytest.raises(ValueError, match="storage_options") as info:
+            call()
+        _no_secret(str(info.value))

@@ -27,6 +27,7 @@ from clipmaps.schemas.storage import (
     secret_values,
     uri_scheme,
     uri_schemes,
+    userinfo_error,
     with_io_defaults,
     write_bytes,
     write_table,
@@ -194,6 +195,32 @@ def test_redact_text_without_being_told_the_secrets():
     assert redact_text('"X-Amz-Signature": "deadbeef"') == '"X-Amz-Signature": "***"'
     plain = "image 12 of s3://bucket/me@example.com/k.jpg: 3x4 pixels, max_attempts=5"
     assert redact_text(plain) == plain
+
+
+def test_redact_text_removes_scheme_less_userinfo_it_was_not_told_about():
+    """botocore quotes an s3 URI's userinfo as part of the bucket name, without the scheme."""
+    botocore = 'Parameter validation failed: Invalid bucket name "AKIAFAKE:SECRETXYZ1@bucket": Bucket name must'
+    assert redact_text(botocore) == 'Parameter validation failed: Invalid bucket name "***@bucket": Bucket name must'
+    assert redact_text(f"bucket AK:{SECRET}@bucket/x.png") == "bucket ***@bucket/x.png"  # '/', '+', '@' in it
+    assert redact_text(f"s3://AK:{SECRET}@b/k and AK:{SECRET}@b") == "s3://***@b/k and ***@b"
+    for plain in ("mail me@example.com at 04:17:24", "C:\\data\\x.png", "s3://bucket/k:1@2", "a.py:12 in f"):
+        assert redact_text(plain) == plain
+
+
+@pytest.mark.parametrize("scheme", ["s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "S3"])
+def test_object_store_uris_refuse_userinfo(scheme):
+    problem = userinfo_error(f"{scheme}://AKIAFAKE:{SECRET}@bucket/x/{{0..2}}.tar")
+    assert problem is not None and "AKIAFAKE" not in problem and SECRET not in problem
+    assert "***@bucket" in problem and "storage_options" in problem and "environment" in problem
+    assert userinfo_error(f"{scheme}://bucket/me@example.com/k.jpg") is None  # an "@" in a key is no userinfo
+    assert userinfo_error(f"{scheme}://bucket/k.jpg") is None
+
+
+def test_http_basic_auth_and_local_paths_are_not_refused():
+    assert userinfo_error(f"https://user:{SECRET}@host/w.safetensors") is None
+    assert userinfo_error("http://user:pw@host/w.safetensors") is None
+    assert userinfo_error("/data/a:b@c/x.parquet") is None
+    assert userinfo_error(None) is None
 
 
 def test_redact_error_keeps_the_type_and_drops_secret_causes():
