@@ -77,7 +77,7 @@ from .sources import (
     _short,
 )
 from .uris import common_folder, describe, entries_of, entry_folder, expand, is_pattern, mixed_store_problem, relative
-from .webdataset import SampleFields, count_tar, shard_name, tar_records
+from .webdataset import SampleFields, TruncatedTar, count_tar, shard_name, tar_records
 
 logger = logging.getLogger(__name__)
 
@@ -785,6 +785,8 @@ def _read_tar_rows(
         ids = out.table["image_id"].to_pylist()
         for i in out.problems:
             ids[i] = json.loads(got[i][1])["image_id"] if got[i] is not None else None
+            if got[i] is not None and isinstance(got[i][0], TruncatedTar):  # the tar cut off: its one error row
+                out.problems[i] = ("TruncatedTar", out.problems[i][1])
         out.table = out.table.set_column(out.table.schema.get_field_index("image_id"), "image_id", pa.array(ids))
     return out
 

@@ -20,8 +20,10 @@ The count task (one per tar, :func:`count_tar`) records the byte offset of every
 member header, so a shard's read seeks there and streams only its samples. A sample with an unreadable JSON member, a
 caption that is not UTF-8, or a prompts/masks field of the wrong type is an error row (``MalformedRow``) naming the
 shard, key and field; a sample without an image member is refused as ``MissingImage``; a corrupt image fails at
-decode (``image bytes of <shard>/<key>``); the other samples go on. Each image's SHA-256 is in the shard's digest, so
-resume refuses a shard whose images changed.
+decode (``image bytes of <shard>/<key>``); the other samples go on. A tar cut off (no end-of-archive marker where
+its members end, or its data ending inside a member) is one error row (``TruncatedTar``) in place of the sample being
+read there (which may be incomplete), naming the file, the byte and that sample; the samples before it are read.
+Each image's SHA-256 is in the shard's digest, so resume refuses a shard whose images changed.
 """
 
 from __future__ import annotations
@@ -114,26 +116,95 @@ def split_member(name: str) -> tuple[str, str]:
     return posixpath.join(folder, key) if folder else key, ext.lower()
 
 
-def _samples(f, offset: int | None) -> Iterator[tuple[int, str, dict[str, bytes]]]:
+@dataclass(frozen=True)
+class Truncation:
+    """Where a tar stops before its end-of-archive marker (cut off, or garbage where a header should be).
+
+    Attributes:
+        offset: header offset of the sample being read when the archive stopped (it may be incomplete, so it is
+            not yielded as a sample), or where the read started when no sample was being read: the byte a read seeks
+            to so that it meets this truncation at the same position as the count.
+        key: that sample's key; None when no sample was being read.
+        members: the extensions of its members that were read whole.
+        at: the file's size (where it was cut).
+        reason: what was found there.
+    """
+
+    offset: int
+    key: str | None
+    members: tuple[str, ...]
+    at: int
+    reason: str
+
+    def message(self, prefix: str) -> str:
+        """The error row's message, naming the shard's samples as ``<prefix>/<key>``."""
+        if self.key is None:
+            return (
+                f"the tar is truncated at byte {self.at} ({self.reason}): its members after byte {self.offset} are lost"
+            )
+        read = ", ".join(self.members) or "none"
+        return (
+            f"the tar is truncated at byte {self.at} ({self.reason}): sample {prefix}/{self.key} (header at byte "
+            f"{self.offset}, members read whole: {read}) may be incomplete, and the samples after it are lost"
+        )
+
+
+class TruncatedTar(ValueError):
+    """A tar's truncation as its one error row (``error_type`` ``TruncatedTar``), in :func:`tar_records`."""
+
+
+#: The end-of-archive marker's first block (a well-formed tar ends with at least two).
+_ZERO_BLOCK = bytes(tarfile.BLOCKSIZE)
+
+
+def _samples(f, offset: int | None) -> Iterator[tuple[int, str, dict[str, bytes]] | Truncation]:
     """Yield ``(header offset of its first member, key, {extension: bytes})`` per sample, in order, from byte
-    ``offset`` (a member header) or the start."""
+    ``offset`` (a member header) or the start; a :class:`Truncation` last, instead of the sample being read, when the
+    archive is cut off (no end-of-archive marker where the members end, or its data ends inside a member).
+
+    Raises:
+        tarfile.ReadError: the file is not a tar archive (nothing could be read from its start).
+    """
     base = 0
     if offset is not None:
         f.seek(offset)
         base = offset
     current: tuple[int, str, dict[str, bytes]] | None = None
+    reason = ""
+    seen = False
+    member: tarfile.TarInfo | None = None
     with tarfile.open(fileobj=f, mode="r|") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, ext = split_member(member.name)
-            if current is None or key != current[1]:
-                if current is not None:
-                    yield current
-                current = (base + member.offset, key, {})
-            data = tar.extractfile(member)
-            current[2][ext] = data.read() if data is not None else b""
-    if current is not None:
+        try:
+            for member in tar:
+                seen = True
+                if not member.isfile():
+                    continue
+                key, ext = split_member(member.name)
+                if current is None or key != current[1]:
+                    if current is not None:
+                        yield current
+                    current = (base + member.offset, key, {})
+                data = tar.extractfile(member)
+                current[2][ext] = data.read() if data is not None else b""
+            end = base + tar.offset
+            f.seek(end)
+            if f.read(tarfile.BLOCKSIZE) != _ZERO_BLOCK:
+                reason = f"no end-of-archive marker at byte {end}, where its members end"
+        except tarfile.ReadError as e:
+            if not seen and base == 0:
+                raise
+            cut = f" in member {member.name!r} (header at byte {base + member.offset})" if member else ""
+            reason = f"{type(e).__name__}: {e}{cut}"
+    if reason:
+        f.seek(0, 2)
+        yield Truncation(
+            offset=current[0] if current is not None else base,
+            key=current[1] if current is not None else None,
+            members=tuple(sorted(current[2])) if current is not None else (),
+            at=f.tell(),
+            reason=reason,
+        )
+    elif current is not None:
         yield current
 
 
@@ -207,15 +278,22 @@ def count_tar(f, shard_rows: int, fields: SampleFields | None = None) -> tuple[i
     (a ``json:<field>`` value other than null, ``""``, ``[]``; a non-empty caption), masks (the masks field, the same
     way) or ``masks_uri``, as ``fields`` says (None: the defaults); a sample that cannot be read sets no flag.
 
+    A truncated tar (:class:`Truncation`) counts its samples read whole and one row for the truncation, the error
+    row :func:`tar_records` yields in its place.
+
     Raises:
         tarfile.ReadError: the file is not a tar archive (the caller names the file)."""
     fields = fields or DEFAULT_FIELDS
     rows, offsets = 0, []
     flags = dict.fromkeys(FLAG_FIELDS, False)
-    for offset, key, members in _samples(f, None):
+    for got in _samples(f, None):
         if rows % shard_rows == 0:
-            offsets.append(offset)
+            offsets.append(got.offset if isinstance(got, Truncation) else got[0])
         rows += 1
+        if isinstance(got, Truncation):  # one error row, where the read meets it too
+            logger.warning("WebDataset tar truncated at byte %d: %s", got.at, got.reason)
+            break
+        _, key, members = got
         if all(flags.values()):
             continue
         try:
@@ -248,7 +326,7 @@ def tar_records(
     """Yield ``(row dict or exception, raw, image bytes)`` for ``rows`` samples after skipping ``skip`` from
     ``offset``, prompts and masks read as ``fields`` says (None: the defaults); ``None`` once the archive ends early
     (the caller reports a changed file). An exception (``ValueError``) names the sample (``<prefix>/<key>``) and what
-    is wrong with it."""
+    is wrong with it; a :class:`TruncatedTar` the tar's truncation, in the place :func:`count_tar` counted it."""
     fields = fields or DEFAULT_FIELDS
     samples = _samples(f, offset)
     for _ in range(skip):
@@ -258,6 +336,11 @@ def tar_records(
         if got is None:
             yield None
             return
+        if isinstance(got, Truncation):
+            image_id = f"{prefix}/{got.key}" if got.key is not None else f"{prefix}/#truncated"
+            raw = json.dumps({"image_id": image_id, "members": list(got.members), "truncated_at": got.at})
+            yield TruncatedTar(got.message(prefix)), raw, None
+            continue
         _, key, members = got
         image_id = f"{prefix}/{key}"
         image = next((members[e] for e in IMAGE_EXTENSIONS if e in members and members[e]), None)
@@ -336,6 +419,8 @@ __all__ = [
     "DEFAULT_PROMPTS",
     "IMAGE_EXTENSIONS",
     "SampleFields",
+    "TruncatedTar",
+    "Truncation",
     "count_tar",
     "json_field_problem",
     "prompt_source_problem",

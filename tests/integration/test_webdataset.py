@@ -30,8 +30,9 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def _write_shards(rows, folder: Path) -> dict[str, str]:
-    """Two tar shards: the scenes (split over both), plus a corrupt image, a broken JSON and a sample without an
-    image in the second. Returns image_id (``shard/key``) → the scene's image_id."""
+    """Three tar shards: the scenes (split over the first two), plus a corrupt image, a broken JSON and a sample
+    without an image in the second; the third cut inside its second sample's image (a truncated download). Returns
+    image_id (``shard/key``) → the scene's image_id."""
     folder.mkdir(parents=True)
     names = {}
     with tarfile.open(folder / "shard-0000.tar", "w") as tar:
@@ -52,6 +53,15 @@ def _write_shards(rows, folder: Path) -> dict[str, str]:
         _add(tar, "000103.jpg", Path(r["image_uri"].removeprefix("file://")).read_bytes())
         _add(tar, "000103.json", json.dumps({"prompts": r["prompts"], "masks": r["masks"]}).encode())
         names["shard-0001/000103"] = r["image_id"]
+    with tarfile.open(folder / "shard-0002.tar", "w") as tar:
+        r = rows[1]
+        _add(tar, "000200.jpg", Path(r["image_uri"].removeprefix("file://")).read_bytes())
+        _add(tar, "000200.json", json.dumps({"prompts": r["prompts"], "masks": r["masks"]}).encode())
+        names["shard-0002/000200"] = r["image_id"]
+        cut = tar.offset + 512 + 100  # 100 bytes into the next member's data
+        _add(tar, "000201.jpg", Path(r["image_uri"].removeprefix("file://")).read_bytes())
+    data = (folder / "shard-0002.tar").read_bytes()
+    (folder / "shard-0002.tar").write_bytes(data[:cut])
     return names
 
 
@@ -87,7 +97,8 @@ def runs(ray_local, tmp_path_factory):
 
 def test_samples_become_rows_and_bad_samples_error_rows(runs):
     folder, names, result, _ = runs
-    assert result.total == 6 and result.processed == 6  # 2 samples in shard-0000, 4 in shard-0001
+    # 2 samples in shard-0000, 4 in shard-0001, 1 and the truncation in shard-0002
+    assert result.total == 8 and result.processed == 8
     want = {(r["image_id"], r["method"]): r["label_map"] for r in _read(folder / "by-uri", "labels")}
     got = {(r["image_id"], r["method"]): r["label_map"] for r in _read(folder / "wds", "labels")}
     assert set(got) == {(i, m) for i in names for m in ("maskclip", "gem")}
@@ -100,6 +111,9 @@ def test_samples_become_rows_and_bad_samples_error_rows(runs):
     assert (bad_json["stage"], bad_json["error_type"]) == ("manifest", "MalformedRow")
     assert "000101.json" in bad_json["message"] and "shard-0001" in bad_json["message"]
     assert errors["shard-0001/000102"]["error_type"] == "MissingImage"
+    cut = errors["shard-0002/000201"]
+    assert (cut["stage"], cut["error_type"]) == ("manifest", "TruncatedTar")
+    assert "shard-0002.tar" in cut["message"] and "unexpected end of data" in cut["message"]
 
 
 def test_resume_keeps_every_finished_shard(runs):

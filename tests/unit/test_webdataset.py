@@ -217,3 +217,82 @@ def test_a_bad_source_is_refused_at_load():
     assert load_spec(raw, ["input.webdataset.prompts=json:tags"]).input.webdataset.prompts == "json:tags"
     with pytest.raises(ValueError, match="not a prompt source"):
         SampleFields(prompts="txt")
+
+
+# ------------------------------------------------------------------------------------------------ truncated tars
+
+
+def _cut_tar(tmp_path, name, cut) -> tuple[ManifestFile, dict[str, int]]:
+    """A tar of samples k0…k5 (an image and a JSON each) cut to its first ``cut(headers)`` bytes; the member header
+    offsets by name."""
+    path = tmp_path / name
+    members = []
+    for k in range(6):
+        members += [(f"k{k}.jpg", b"\xff\xd8" + bytes(3000)), (f"k{k}.json", json.dumps({"prompts": f"p{k}"}).encode())]
+    _tar(path, members)
+    with tarfile.open(path) as tar:
+        headers = {m.name: m.offset for m in tar.getmembers()}
+    path.write_bytes(path.read_bytes()[: cut(headers)])
+    return ManifestFile(str(path), name, "webdataset", False, path.stat().st_size, "x"), headers
+
+
+def _read_shards(f, count):
+    """Every row of ``f`` read shard by shard (2 rows each) from the counted offsets, as the driver reads them."""
+    ids, problems, digests = [], {}, []
+    for n, start in enumerate(range(0, count.rows, 2)):
+        rows = min(2, count.rows - start)
+        got = read_rows(f, None, count.offsets[n], 0, start, rows, {})
+        assert got.table.num_rows == rows
+        ids += got.table["image_id"].to_pylist()
+        problems.update({start + i: p for i, p in got.problems.items()})
+        digests.append(got.digest)
+        assert read_rows(f, None, count.offsets[n], 0, start, rows, {}).digest == got.digest  # deterministic
+    return ids, problems, digests
+
+
+@pytest.mark.parametrize(
+    ("cut", "error_row", "at"),
+    [
+        # at a member-header boundary: tarfile reads a shorter archive; k3's JSON is cut off with the rest
+        (lambda h: h["k3.json"], 3, "no end-of-archive marker"),
+        # inside a member's data: tarfile raises ReadError (unexpected end of data)
+        (lambda h: h["k4.jpg"] + 512 + 1000, 4, "ReadError: unexpected end of data in member 'k4.jpg'"),
+    ],
+    ids=["header-boundary", "mid-data"],
+)
+def test_a_truncated_tar_is_its_complete_samples_and_one_error_row(tmp_path, cut, error_row, at):
+    f, headers = _cut_tar(tmp_path, "cut.tar", cut)
+    count = count_file(f, 2, {})
+    assert count.rows == error_row + 1  # the complete samples, then one row for the truncation
+    assert count.flags["prompts"]
+    ids, problems, _ = _read_shards(f, count)
+    assert ids == [f"cut/k{k}" for k in range(error_row + 1)]  # the error row keeps the cut sample's id
+    assert list(problems) == [error_row]
+    etype, message = problems[error_row]
+    assert etype == "TruncatedTar"
+    assert message.startswith(f"manifest {f.uri} row {error_row}: the tar is truncated at byte {f.size} ")
+    assert at in message
+    assert f"sample cut/k{error_row} (header at byte {headers[f'k{error_row}.jpg']}" in message
+    whole = read_rows(f, None, None, 0, 0, count.rows, {})  # one read from the start: the same rows
+    assert whole.table["image_id"].to_pylist() == ids
+    assert whole.table["prompts"].to_pylist()[:error_row] == [[f"p{k}"] for k in range(error_row)]
+    assert whole.images.to_pylist()[error_row] is None
+    assert whole.problems == {error_row: (etype, message)}
+
+
+def test_a_tar_cut_in_its_end_marker_or_at_its_first_header(tmp_path):
+    # the members whole and one zero block of the end-of-archive marker: nothing is lost
+    f, headers = _cut_tar(tmp_path, "end.tar", lambda h: h["k5.json"] + 1024 + 512)
+    count = count_file(f, 2, {})
+    ids, problems, _ = _read_shards(f, count)
+    assert count.rows == 6 and not problems and ids[-1] == "end/k5"
+    # cut inside the first member: one error row and no sample
+    f, _ = _cut_tar(tmp_path, "first.tar", lambda h: 700)
+    count = count_file(f, 2, {})
+    assert (count.rows, count.offsets) == (1, [0])
+    _, problems, _ = _read_shards(f, count)
+    assert problems[0][0] == "TruncatedTar" and "sample first/k0" in problems[0][1]
+    # cut inside the first header: not a tar (the file is refused, as before)
+    f, _ = _cut_tar(tmp_path, "header.tar", lambda h: 100)
+    with pytest.raises(ManifestError, match="header.tar"):
+        count_file(f, 2, {})
