@@ -258,6 +258,15 @@ def with_io_defaults_spec(spec: JobSpec) -> JobSpec:
     )
 
 
+def option_schemes(spec: JobSpec) -> tuple[str, ...]:
+    """The URI schemes ``input.storage_options`` apply to when images and masks are read: the input's own, and the
+    object stores among ``input.allowed_schemes`` (a local manifest of ``s3://`` images takes the S3 endpoint and
+    keys); ``http``/``https`` image URIs only when the input itself is on the web (aiohttp refuses S3 client settings
+    such as ``endpoint_url``, which failed every https row of a job with S3 options)."""
+    own = {uri_scheme(u) for u in spec.input.uris}
+    return tuple(sorted(own | {s for s in spec.input.allowed_schemes if s not in ("http", "https")}))
+
+
 def make_plan(spec: JobSpec, *, dry_run: bool = False) -> Plan:
     """List the manifest's files and count their rows, resolve the vocabulary and prompt sources, check the
     vocabulary's text against the model's tokenizer (:func:`check_vocabulary_text`), fingerprint the job: everything
@@ -463,6 +472,7 @@ def model_stages(ds, spec: JobSpec, methods: list[str], vocabulary: list[str] | 
         need_masks=spec.requires_masks,
         max_pixels=spec.resources.max_pixels,
         storage_options=dict(spec.input.storage_options),
+        options_schemes=option_schemes(spec),
         allowed_schemes=tuple(spec.input.allowed_schemes),
         retries=spec.resources.retries,
         annotation_frame=spec.input.annotation_frame,

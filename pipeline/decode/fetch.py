@@ -87,7 +87,7 @@ def fetch_bytes(uri: Any, config: DecodeConfig, *, what: str = "image") -> bytes
     """
 
     def read() -> bytes:
-        with fsspec.open(uri, "rb", **config.storage_options) as f:
+        with fsspec.open(uri, "rb", **config.options_for(uri)) as f:
             return f.read()
 
     return with_retries(read, uri, config, what=what)

@@ -187,14 +187,14 @@ class MaskReferences:
         return {i: found[i] for i in ids if i in found}
 
     def _dataset(self, uri: str, shown: str) -> pads.Dataset:
-        key = (uri, json.dumps(self.config.storage_options, sort_keys=True, default=str))
+        key = (uri, json.dumps(self.config.options_for(uri), sort_keys=True, default=str))
         with _TABLES_LOCK:
             if key in _TABLES:
                 _TABLES.move_to_end(key)
                 return _TABLES[key]
 
         def open_dataset() -> pads.Dataset:
-            fs, path = filesystem(uri, self.config.storage_options)
+            fs, path = filesystem(uri, self.config.options_for(uri))
             dataset = pads.dataset(path.rstrip("/"), filesystem=fs, format="parquet")
             for fragment in dataset.get_fragments():
                 # keep each file's footer: a scan then reads only the row groups its statistics select
@@ -222,7 +222,7 @@ class MaskReferences:
     # -- folders
     def _folder(self, uri: str, image_id: str) -> Resolved:
         shown = redact_uri(uri)
-        fs, path = self._io(lambda: filesystem(uri, self.config.storage_options), uri, shown)
+        fs, path = self._io(lambda: filesystem(uri, self.config.options_for(uri)), uri, shown)
         path = path.rstrip("/")
         entries = self._io(lambda: fs.ls(path, detail=True), uri, shown)
         files = [e for e in entries if e.get("type") == "file"]

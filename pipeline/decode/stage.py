@@ -23,7 +23,7 @@ import pyarrow as pa
 from clipmaps.schemas import batches as B
 from clipmaps.schemas.encodings import mask_bbox, rle_encode
 from clipmaps.schemas.errors import RowError, short
-from clipmaps.schemas.storage import DEFAULT_ALLOWED_SCHEMES, redact_uri
+from clipmaps.schemas.storage import DEFAULT_ALLOWED_SCHEMES, redact_uri, uri_scheme
 
 from .fetch import fetch_bytes, read_error
 from .image import DEFAULT_FORMATS, DEFAULT_MAX_PIXELS, load_oriented
@@ -68,6 +68,8 @@ class DecodeConfig:
         need_masks: decode the rows' region masks (MaskInversion).
         max_pixels: largest ``width × height`` accepted (checked from the header, before decoding).
         storage_options: fsspec options for ``fsspec.open`` (credentials, endpoint…); never in messages.
+        options_schemes: the URI schemes ``storage_options`` apply to (None: every scheme); a URI of another
+            scheme is opened without them (:meth:`options_for`): an S3 ``endpoint_url`` breaks an https read.
         allowed_schemes: URI schemes that may be read (bare paths are ``file``).
         retries: extra attempts after a transient read error (connection, timeout, 5xx/throttling); missing
             files and permission errors are final.
@@ -84,12 +86,19 @@ class DecodeConfig:
     need_masks: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
     storage_options: dict = field(default_factory=dict)
+    options_schemes: tuple[str, ...] | None = None
     allowed_schemes: tuple[str, ...] = DEFAULT_ALLOWED_SCHEMES
     retries: int = 2
     retry_backoff_s: float = 0.2
     io_threads: int = 8
     formats: tuple[str, ...] | None = DEFAULT_FORMATS
     annotation_frame: AnnotationFrame = "auto"
+
+    def options_for(self, uri: str) -> dict:
+        """``storage_options`` for ``uri``: all of them for a scheme of :attr:`options_schemes`, none otherwise."""
+        if self.options_schemes is None or uri_scheme(uri) in self.options_schemes:
+            return self.storage_options
+        return {}
 
     def __post_init__(self):
         if self.square_size is not None and self.square_size < 1:

@@ -805,3 +805,20 @@ def test_a_forced_frame_refuses_the_other_one(tmp_path):
         decode_mask({"rle": rle_encode(oriented)}, 48, 32, annotation_frame="displayed")
     with pytest.raises(ValueError, match="annotation_frame must be one of"):
         DecodeConfig(annotation_frame="displayed")
+
+
+def test_input_storage_options_reach_only_the_stores_they_are_for():
+    """A job with S3 options and https images: aiohttp refused S3's endpoint_url on every https row (review)."""
+    from clipmaps.pipeline.plan import option_schemes
+    from clipmaps.pipeline.spec import load_spec
+    from tests.helpers.specs import JOB_SPEC
+
+    local = load_spec(JOB_SPEC, overrides=["input.allowed_schemes=[file,s3,https]"])
+    assert option_schemes(local) == ("file", "s3")
+    web = load_spec(JOB_SPEC, overrides=["input.uri=https://h/m.jsonl", "input.allowed_schemes=[https]"])
+    assert option_schemes(web) == ("https",)
+    options = {"client_kwargs": {"endpoint_url": "http://127.0.0.1:8333"}}
+    cfg = DecodeConfig(storage_options=options, options_schemes=option_schemes(local))
+    assert cfg.options_for("s3://b/a.png") == options and cfg.options_for("/data/a.png") == options
+    assert cfg.options_for("https://example.com/a.png") == {}
+    assert DecodeConfig(storage_options=options).options_for("https://x/a.png") == options  # None: every scheme
