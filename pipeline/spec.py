@@ -181,6 +181,8 @@ class InputSpec(Section):
             unless ``uri`` points at the split's folder.
         allowed_schemes: schemes image and mask URIs may use (bare paths are ``file``); others become error rows.
         storage_options: fsspec options for the manifest, images and masks. Redacted wherever the spec is written.
+            Images and masks get them on the input's own scheme and the object stores among ``allowed_schemes``;
+            ``http(s)`` ones only when the input itself is on the web (``clipmaps.pipeline.plan.option_schemes``).
         limit: process only the first ``limit`` rows of the manifest.
         annotation_frame: which frame region masks are drawn in when an image has an EXIF orientation: ``auto``
             (by each mask's size — an RLE's ``size``, a PNG mask's size, a polygon's declared ``width``/``height``:
