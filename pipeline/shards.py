@@ -129,6 +129,9 @@ def assign_shards(files: list[ManifestFile], rows: list[int], markers: dict[int,
     """Plan the shards of ``files`` (``rows`` per file, after ``input.limit``) against the output's ``markers``
     (shard id → marker with ``file``, ``start``, ``rows``, ``identity``); see the module docstring."""
     by_rel = {f.rel: i for i, f in enumerate(files)}
+    # every tail of every path ("wds/00000.tar" → "00000.tar"): a marker's path found only as a tail means the root
+    # moved up, which the refusal says instead of "no longer part of the manifest"
+    suffixes = {"/".join(f.rel.split("/")[k:]): i for i, f in enumerate(files) for k in range(1, f.rel.count("/") + 1)}
     shards: dict[int, Shard] = {}
     verify, conflicts = [], []
     covered: dict[int, list[tuple[int, int]]] = {}
@@ -140,7 +143,15 @@ def assign_shards(files: list[ManifestFile], rows: list[int], markers: dict[int,
             continue
         f = by_rel.get(rel)
         if f is None:
-            conflicts.append(f"{where}: the file is no longer part of the manifest")
+            moved = suffixes.get(rel)
+            if moved is not None:  # the same file under a longer path: the root the paths are recorded from moved
+                conflicts.append(
+                    f"{where}: the file is now recorded as {files[moved].rel!r}: the input's root folder moved up "
+                    "(an entry outside the folder of the others); keep the entries under one folder, or use a new "
+                    "output"
+                )
+            else:
+                conflicts.append(f"{where}: the file is no longer part of the manifest")
             continue
         if start + n > rows[f]:
             conflicts.append(f"{where}: the file now has {rows[f]} rows")

@@ -156,3 +156,14 @@ def test_parquet_ranges_cross_row_groups_and_counts_come_from_the_footer(tmp_pat
         assert got.table["image_id"].to_pylist() == [f"i{k}" for k in range(start, start + rows)], start
         ids = read_rows(f, None, None, 0, start, rows, {}, ids_only=True).table["image_id"]
         assert ids.to_pylist() == got.table["image_id"].to_pylist()
+
+
+def test_a_root_that_moved_up_is_named_as_such():
+    """An entry added outside the others' folder moves the root: every recorded path gains a folder (review)."""
+    files = _files(("00000.tar", "1:x"))
+    done = {s.id: _marker(s, files) for s in fresh_shards([2], 2)}
+    moved = _files(("wds/00000.tar", "1:x"), ("wds2/00009.tar", "1:y"))
+    a = assign_shards(moved, [2, 2], done, 2)
+    assert (
+        len(a.conflicts) == 1 and "now recorded as 'wds/00000.tar': the input's root folder moved up" in a.conflicts[0]
+    )
