@@ -324,6 +324,14 @@ class _Listing:
                     identity=f"{int(info.get('size') or 0)}:{str(version).strip(chr(34))}",
                 )
             )
+        kinds = {f.format for f in files}
+        if self.fmt == "auto" and "webdataset" in kinds and len(kinds) > 1:
+            # img2dataset writes a .parquet (and a _stats.json) beside each tar: read as a manifest, it lacks image_id
+            raise ManifestError(
+                f"input {shown} holds WebDataset tars and {', '.join(sorted(kinds - {'webdataset'}))} files "
+                "(img2dataset writes a .parquet beside each tar): set input.format: webdataset to read the tars "
+                "only, or name the files to read"
+            )
         return root, files
 
 

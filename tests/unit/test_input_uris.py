@@ -109,7 +109,7 @@ def test_an_entry_outside_the_common_folder_moves_the_root_and_resume_refuses(tm
     assert not kept.conflicts and [s.file for s in kept.todo] == [1]  # a file added beside: one new shard
     _, moved = list_manifest_files([str(tmp_path / "a" / "one.tar"), str(tmp_path / "b" / "three.tar")], {})
     assert [f.rel for f in moved] == ["a/one.tar", "b/three.tar"]
-    assert "no longer part of the manifest" in assign_shards(moved, [1, 1], marker, 64).conflicts[0]
+    assert "the input's root folder moved up" in assign_shards(moved, [1, 1], marker, 64).conflicts[0]
 
 
 def test_many_files_of_one_folder_are_found_by_one_listing(tmp_path):

@@ -296,3 +296,21 @@ def test_a_tar_cut_in_its_end_marker_or_at_its_first_header(tmp_path):
     f, _ = _cut_tar(tmp_path, "header.tar", lambda h: 100)
     with pytest.raises(ManifestError, match="header.tar"):
         count_file(f, 2, {})
+
+
+def test_an_img2dataset_folder_read_as_auto_says_to_set_the_format(tmp_path):
+    """img2dataset writes a .parquet beside each tar; read as a manifest it lacked image_id, with no hint (review)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from clipmaps.pipeline.manifests import list_manifest_files
+    from clipmaps.schemas.errors import ManifestError
+
+    with tarfile.open(tmp_path / "00000.tar", "w") as tar:
+        info = tarfile.TarInfo("k.jpg")
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"x"))
+    pq.write_table(pa.table({"key": ["k"], "caption": ["a cat"]}), tmp_path / "00000.parquet")
+    with pytest.raises(ManifestError, match="set input.format: webdataset"):
+        list_manifest_files(str(tmp_path), {}, "auto")
+    assert [f.rel for f in list_manifest_files(str(tmp_path), {}, "webdataset")[1]] == ["00000.tar"]
