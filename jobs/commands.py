@@ -303,7 +303,9 @@ def add_export_parser(sub) -> argparse.ArgumentParser:
         "class present in an image (compressed RLE, bbox, area, score).",
     )
     coco.add_argument("output", help="the job's output URI")
-    coco.add_argument("--method", required=True, help="whose label maps: maskclip, gem or gem_original")
+    coco.add_argument(
+        "--method", help="whose label maps: maskclip, gem or gem_original (default: the only one the output has)"
+    )
     coco.add_argument("-o", "--out", required=True, help="the JSON file to write")
     coco.add_argument(
         "--categories-from",

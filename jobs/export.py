@@ -47,7 +47,7 @@ READ_BATCH_ROWS = 64
 
 def export_coco(
     outputs: JobOutputs,
-    method: str,
+    method: str | None,
     out: TextIO,
     *,
     categories_from: dict | None = None,
@@ -57,7 +57,8 @@ def export_coco(
 
     Args:
         outputs: the job's outputs.
-        method: the ``method`` value of the label maps to export (``maskclip``, ``gem``, ``gem_original``).
+        method: the ``method`` value of the label maps to export (``maskclip``, ``gem``, ``gem_original``); None:
+            the only method the output has label maps of.
         out: a text stream the JSON is written to.
         categories_from: a loaded COCO instances document whose ``categories`` give the ids by name.
         description: ``info.description`` (default: names the output and method).
@@ -75,12 +76,17 @@ def export_coco(
     names = set(labels.schema.names)
     columns = [c for c in (*LABEL_COLUMNS, "image_uri", "confidence") if c in names]
     methods = pc.unique(labels.to_table(columns=["method"])["method"]).to_pylist()
+    if method is None and len(methods) == 1:
+        method = methods[0]
     if method not in methods:
-        raise ConfigError(
-            f"{outputs.shown('labels')} has no label maps of method {method!r}; it has: "
-            f"{', '.join(sorted(methods)) or 'none'}",
-            stage="export",
-        )
+        has = ", ".join(sorted(methods)) or "none"
+        if method is None:
+            text = f"{outputs.shown('labels')} has label maps of {has}: say which with --method"
+        else:
+            text = f"{outputs.shown('labels')} has no label maps of method {method!r}; it has: {has}"
+            if method in ("legrad", "maskinversion"):
+                text += " (LeGrad writes heatmaps and MaskInversion regions, not label maps)"
+        raise ConfigError(text, stage="export")
     row_filter = pc.field("method") == method
     ids = sorted(pc.unique(labels.to_table(columns=["image_id"], filter=row_filter)["image_id"]).to_pylist())
     vocab_ids = pc.unique(labels.to_table(columns=["vocabulary_id"], filter=row_filter)["vocabulary_id"]).to_pylist()

@@ -120,6 +120,10 @@ def test_refusals_name_what_is_wrong_and_leave_no_file(tmp_path, capsys):
     assert not path.exists() and not Path(f"{path}.tmp").exists()
     assert main(["export", "coco", str(tmp_path / "nothing"), "--method", "gem", "-o", str(path)]) == 2
     assert "no labels/ dataset" in capsys.readouterr().err
+    assert main(["export", "coco", str(out), "--method", "legrad", "-o", str(path)]) == 2
+    assert "LeGrad writes heatmaps" in capsys.readouterr().err
+    assert main(["export", "coco", str(out), "-o", str(path)]) == 0  # the only label-map method: no --method needed
+    assert json.loads(path.read_text())["annotations"]
 
 
 def _with_heatmaps(out: Path) -> np.ndarray:
