@@ -45,24 +45,30 @@ def _map_ids(
     parts = []
     for start, rows, offset, skip in ranges:
         ids = read_rows(file, header, offset, skip, start, rows, storage_options, ids_only=True).table["image_id"]
-        parts.append(
-            pa.table(
-                {
-                    "id": ids,
-                    "file": pa.array(np.full(len(ids), index, np.int32)),
-                    "row": pa.array(np.arange(start, start + len(ids), dtype=np.int64)),
-                },
-                schema=_ID_SCHEMA,
-            )
-        )
-    table = pa.concat_tables(parts) if parts else _ID_SCHEMA.empty_table()
-    return _split(table.filter(pc.is_valid(table["id"])), buckets)
+        parts.append(_id_table(ids, index, start))
+    return _split(parts, buckets)
 
 
-def _split(table: pa.Table, buckets: int) -> list[pa.Table] | pa.Table:
-    """``table`` (``_ID_SCHEMA``) split into ``buckets`` tables by a hash of ``id`` (the table itself for one)."""
+def _id_table(ids: pa.Array | pa.ChunkedArray, file: int, start: int) -> pa.Table:
+    """``(id, file, row)`` rows for ``ids``, the rows ``start``, ``start + 1``… of file number ``file``."""
+    n = len(ids)
+    return pa.table(
+        {
+            "id": ids,
+            "file": pa.array(np.full(n, file, np.int32)),
+            "row": pa.array(np.arange(start, start + n, dtype=np.int64)),
+        },
+        schema=_ID_SCHEMA,
+    )
+
+
+def _split(parts: list[pa.Table], buckets: int) -> list[pa.Table] | pa.Table:
+    """``parts`` (``_ID_SCHEMA``) joined, null ids left out, split into ``buckets`` tables by a hash of ``id`` (the
+    table itself for one)."""
     import pandas as pd
 
+    table = pa.concat_tables(parts) if parts else _ID_SCHEMA.empty_table()
+    table = table.filter(pc.is_valid(table["id"]))
     if buckets == 1:
         return table
     values = table["id"].to_numpy(zero_copy_only=False)
@@ -81,16 +87,8 @@ def _map_id_files(uris: list[str], first: int, storage_options: dict, buckets: i
     for k, uri in enumerate(uris):
         fs, path = filesystem(uri, storage_options)
         with fs.open(path, "rb") as f:
-            ids = pq.read_table(f, columns=["image_id"])["image_id"].cast(pa.string())
-        n = len(ids)
-        parts.append(
-            pa.table(
-                {"id": ids, "file": pa.array(np.full(n, first + k, np.int32)), "row": pa.array(np.arange(n))},
-                schema=_ID_SCHEMA,
-            )
-        )
-    table = pa.concat_tables(parts) if parts else _ID_SCHEMA.empty_table()
-    return _split(table.filter(pc.is_valid(table["id"])), buckets)
+            parts.append(_id_table(pq.read_table(f, columns=["image_id"])["image_id"].cast(pa.string()), first + k, 0))
+    return _split(parts, buckets)
 
 
 def _reduce_counted(*tables: pa.Table) -> tuple[int, list[tuple[str, int, int, int, int]]]:

@@ -46,6 +46,9 @@ logger = logging.getLogger(__name__)
 RESULT_DATASETS = ("labels", "heatmaps", "regions", "errors")
 MARKERS = "_shards"
 JOB_JSON = "_job.json"
+#: ``clipmaps.pipeline.write.write_outputs``' markers (one per written batch) and every output's dataset card.
+WRITTEN = "_written"
+CARD = "README.md"
 
 
 @dataclass
@@ -159,8 +162,8 @@ def check_resumable(state: OutputState, plan, uri: str) -> None:
 
 
 def clear_output(fs, root: str) -> None:
-    """Remove everything a job writes under ``root``."""
-    for name in (*RESULT_DATASETS, "vocabulary", MARKERS, STAGING, JOB_JSON):
+    """Remove everything a job (``clipmaps run`` or ``write_outputs``) writes under ``root``."""
+    for name in (*RESULT_DATASETS, "vocabulary", MARKERS, WRITTEN, STAGING, JOB_JSON, CARD):
         path = posixpath.join(root, name)
         remove(fs, path, recursive=True)  # literal: an output folder may be named like a glob pattern
 

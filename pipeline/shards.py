@@ -125,13 +125,16 @@ class Assignment:
     conflicts: list[str]
 
 
+def _moved_to(files: list[ManifestFile], rel: str) -> int | None:
+    """The file whose path ends with ``/rel`` (``wds/00000.tar`` for ``00000.tar``): the root the paths are recorded
+    from moved up. Only asked when a marker's file is missing, to word the refusal."""
+    return next((i for i, f in enumerate(files) if f.rel.endswith("/" + rel)), None)
+
+
 def assign_shards(files: list[ManifestFile], rows: list[int], markers: dict[int, dict], shard_rows: int) -> Assignment:
     """Plan the shards of ``files`` (``rows`` per file, after ``input.limit``) against the output's ``markers``
     (shard id → marker with ``file``, ``start``, ``rows``, ``identity``); see the module docstring."""
     by_rel = {f.rel: i for i, f in enumerate(files)}
-    # every tail of every path ("wds/00000.tar" → "00000.tar"): a marker's path found only as a tail means the root
-    # moved up, which the refusal says instead of "no longer part of the manifest"
-    suffixes = {"/".join(f.rel.split("/")[k:]): i for i, f in enumerate(files) for k in range(1, f.rel.count("/") + 1)}
     shards: dict[int, Shard] = {}
     verify, conflicts = [], []
     covered: dict[int, list[tuple[int, int]]] = {}
@@ -143,7 +146,7 @@ def assign_shards(files: list[ManifestFile], rows: list[int], markers: dict[int,
             continue
         f = by_rel.get(rel)
         if f is None:
-            moved = suffixes.get(rel)
+            moved = _moved_to(files, rel)
             if moved is not None:  # the same file under a longer path: the root the paths are recorded from moved
                 conflicts.append(
                     f"{where}: the file is now recorded as {files[moved].rel!r}: the input's root folder moved up "

@@ -112,6 +112,12 @@ def write_empty_datasets(fs, root: str, embed_dim: int) -> list[str]:
     return written
 
 
+def batch_token(ids: list[str]) -> str:
+    """16 hex digits of the SHA-256 of a batch's ``image_id`` values (in order): the name of its files, so that a
+    retried task writes the same names (the job runner's staged files, ``write_outputs``' batches)."""
+    return hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
+
+
 def shard_file(shard: int, token: str) -> str:
     """File name of rows of one shard: ``part-<shard>-<token>.parquet`` (16 hex digits of a hash: of the batch's
     image ids for a staged file, of the staged files' names for a shard's final file)."""
@@ -200,7 +206,7 @@ class SinkStage:
             sub = {k: [v[i] for i in rows] for k, v in batch.items()}
             digests.append(_text(sub[SHARD_DIGEST][0]) if SHARD_DIGEST in sub else None)
             ids = [str(i) for i in sub[cols.IMAGE_ID]]
-            token = hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
+            token = batch_token(ids)
             out[cols.SHARD].append(shard)
             out["rows"].append(len(rows))
             written = []

@@ -44,6 +44,20 @@ def has_braces(text: str) -> bool:
     return "{" in text or "}" in text
 
 
+def _expansions(text: str, count: int, limit: int = MAX_EXPANDED) -> list[str] | None:
+    """Up to ``count`` strings brace pattern ``text`` expands to; None when its ranges alone exceed ``limit``
+    (braceexpand builds each range whole: ``{0..999999999}`` would fill the memory, so it is not called).
+
+    Raises:
+        ValueError: unbalanced braces (naming the redacted entry)."""
+    if range_bound(text) > limit:
+        return None
+    try:
+        return list(itertools.islice(braceexpand(text), count))
+    except UnbalancedBracesError as e:
+        raise ValueError(f"{redact_uri(text)!r} is not a valid brace pattern ({e})") from None
+
+
 def expand(text: str, limit: int = MAX_EXPANDED) -> list[str]:
     """The strings brace pattern ``text`` stands for, in order (``[text]`` when it has none).
 
@@ -52,13 +66,8 @@ def expand(text: str, limit: int = MAX_EXPANDED) -> list[str]:
     """
     if not has_braces(text):
         return [text]
-    if range_bound(text) > limit:  # braceexpand builds each range whole: {0..999999999} would fill the memory
-        raise ValueError(f"{redact_uri(text)!r} expands to more than {limit:,} entries")
-    try:
-        out = list(itertools.islice(braceexpand(text), limit + 1))
-    except UnbalancedBracesError as e:
-        raise ValueError(f"{redact_uri(text)!r} is not a valid brace pattern ({e})") from None
-    if len(out) > limit:
+    out = _expansions(text, limit + 1, limit)
+    if out is None or len(out) > limit:
         raise ValueError(f"{redact_uri(text)!r} expands to more than {limit:,} entries")
     return out
 
@@ -83,22 +92,19 @@ def is_pattern(text: str) -> bool:
         ValueError: unbalanced braces."""
     if not has_braces(text):
         return False
-    if range_bound(text) > MAX_EXPANDED:  # a range this long is a pattern (and is not built to find out)
-        return True
-    try:
-        return list(itertools.islice(braceexpand(text), 2)) != [text]
-    except UnbalancedBracesError as e:
-        raise ValueError(f"{redact_uri(text)!r} is not a valid brace pattern ({e})") from None
+    out = _expansions(text, 2)
+    return out is None or out != [text]  # a range too long to build is a pattern
 
 
 def first_expansion(text: str) -> str:
-    """The first string ``text`` expands to (itself for a literal or malformed pattern)."""
-    if range_bound(text) > MAX_EXPANDED:
+    """The first string ``text`` expands to (itself for a literal, malformed or too long pattern)."""
+    if not has_braces(text):
         return text
     try:
-        return next(iter(braceexpand(text))) if has_braces(text) else text
-    except (UnbalancedBracesError, StopIteration):
+        out = _expansions(text, 1)
+    except ValueError:
         return text
+    return out[0] if out else text
 
 
 def fixed_prefix(text: str) -> str:

@@ -39,7 +39,6 @@ input rows are finished; markers per written batch give both with plain files on
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import posixpath
@@ -61,7 +60,7 @@ from . import resume
 from .annotate import _arrow_schema, annotation_plan, annotation_rows, output_kinds
 from .fingerprint import differences
 from .progress import ProgressLine
-from .sinks import EMPTY_FILE, Provenance
+from .sinks import EMPTY_FILE, Provenance, batch_token
 from .spec import JobSpec
 
 logger = logging.getLogger(__name__)
@@ -69,7 +68,7 @@ logger = logging.getLogger(__name__)
 #: Terminal colour codes (Ray's task errors carry them).
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 #: Folder (under the output root) of the markers: one Parquet file of ``image_id`` per written batch.
-WRITTEN = "_written"
+WRITTEN = resume.WRITTEN
 #: ``_job.json``'s ``writer`` for an output of :func:`write_outputs` (``clipmaps run`` writes none).
 WRITER = "write_outputs"
 #: A marker's schema.
@@ -139,6 +138,14 @@ def dataset_tables(table: pa.Table, config: WriterConfig) -> dict[str, pa.Table]
     regions: list[dict] = []
     errors: list[dict] = []
     has_uri = cols.IMAGE_URI in table.column_names
+    # only the columns rows are built from (a user's pass-through columns are not converted), and each output's
+    # provenance once per batch
+    wanted = [*required_columns(config.kinds), cols.IMAGE_URI, *(f"{n}__confidence" for n in config.kinds)]
+    table = table.select([c for c in dict.fromkeys(wanted) if c in table.column_names])
+    provenance = {
+        name: {"method": name, "model": p.model, "weights": p.weights, "params_hash": p.params_hash}
+        for name, p in config.provenance.items()
+    }
     for row in table.to_pylist():
         image_id = row[cols.IMAGE_ID]
         uri = redact_uri(row[cols.IMAGE_URI]) if has_uri and row[cols.IMAGE_URI] is not None else None
@@ -153,14 +160,7 @@ def dataset_tables(table: pa.Table, config: WriterConfig) -> dict[str, pa.Table]
             )
         for name, kinds in config.kinds.items():
             prov = config.provenance[name]
-            base = {
-                "image_id": image_id,
-                "image_uri": uri,
-                "method": name,
-                "model": prov.model,
-                "weights": prov.weights,
-                "params_hash": prov.params_hash,
-            }
+            base = {"image_id": image_id, "image_uri": uri, **provenance[name]}
             label_map = row.get(f"{name}__label_map") if "label_map" in kinds else None
             if label_map is not None:
                 labels.append(
@@ -196,7 +196,7 @@ def write_batch(table: pa.Table, config: WriterConfig) -> pa.Table:
         raise ValueError(f"write_outputs: a batch lacks {missing} (a step after annotate dropped them?)")
     fs, root = filesystem(config.output_uri, config.storage_options)
     ids = [str(i) for i in table[cols.IMAGE_ID].to_pylist()]
-    token = hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
+    token = batch_token(ids)
     counts = {"rows": table.num_rows}
     counts["failed_rows"] = (
         table.num_rows - table[cols.ERROR_STAGE].null_count if cols.ERROR_STAGE in table.column_names else 0
@@ -246,7 +246,8 @@ def provenance_mismatch(ds, plan) -> list[str]:
     for name in sorted(set(theirs) | set(mine)):
         a, b = theirs.get(name), mine.get(name)
         if a is None or b is None:
-            lines.append(f"{name}: {'in the spec only' if a is None else 'in annotate' + chr(39) + 's rows only'}")
+            where = "the spec only" if a is None else "annotate's rows only"
+            lines.append(f"{name}: in {where}")
         elif a != b:
             fields = [f for f in ("model", "weights", "params_hash", "vocabulary_id") if getattr(a, f) != getattr(b, f)]
             lines.append(
@@ -412,8 +413,6 @@ def write_outputs(
     tokens = written_tokens(fs, root)
     if overwrite:
         resume.clear_output(fs, root)
-        remove(fs, posixpath.join(root, WRITTEN), recursive=True)
-        remove(fs, posixpath.join(root, "README.md"))
         state, tokens = resume.OutputState(job=None), set()
     elif state.job is not None and (state.job.get("writer") != WRITER or state.complete):
         raise OutputConflict(

@@ -67,3 +67,15 @@ def test_the_progress_line_without_a_known_total():
     line.update(40, 2)
     line.finish()
     assert said == ["progress  40 images  4.00 images/s  2 errors"]
+
+
+def test_overwrite_clears_write_outputs_markers_and_the_card(tmp_path):
+    """`clipmaps run --overwrite` on a folder write_outputs wrote left `_written/` behind, and `unwritten` then took
+    the new output for holding those ids (review)."""
+    from clipmaps.pipeline.resume import clear_output
+
+    for name in ("_written/part-w0123456789abcdef.parquet", "labels/part-w0123456789abcdef.parquet", "README.md"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    clear_output(LocalFileSystem(), str(tmp_path))
+    assert not any(tmp_path.iterdir()) and written_tokens(LocalFileSystem(), str(tmp_path)) == set()
